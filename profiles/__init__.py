@@ -1,0 +1,1 @@
+"""xpeft.profiles: masks, training, baselines, the .xpm format, evaluation and the CLI."""

@@ -1,0 +1,87 @@
+"""Labelled text data from .tsv, .csv or .jsonl, chosen by the file extension."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from xpeft.adapters.encoder import TextInput
+from xpeft.adapters.errors import XPeftError
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+class DataError(XPeftError):
+    """A data file that is missing, of an unknown type, or lacks the named columns."""
+
+
+@dataclass
+class Dataset:
+    """Inputs (texts or text pairs) and their label names, in file order."""
+
+    inputs: list[TextInput]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def label_names(self) -> list[str]:
+        """Distinct labels, numerically sorted when they are all integers, else alphabetically."""
+        names = set(self.labels)
+        if all(n.lstrip("-").isdigit() for n in names):
+            return sorted(names, key=int)
+        return sorted(names)
+
+    def subset(self, size: int, seed: int = 0) -> Dataset:
+        """A fixed, seeded random subset (the whole set when ``size`` is larger)."""
+        if size >= len(self):
+            return self
+        index = sorted(random.Random(seed).sample(range(len(self)), size))
+        return Dataset([self.inputs[i] for i in index], [self.labels[i] for i in index])
+
+
+def _rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8", newline="") as f:
+        if suffix == ".tsv":
+            # GLUE-style TSV: quotes are literal text, never field delimiters.
+            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        if suffix == ".csv":
+            return list(csv.DictReader(f))
+        if suffix == ".jsonl":
+            rows = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise DataError("bad_data", f"{path}:{lineno} is not JSON: {exc}") from exc
+            return rows
+    raise DataError("bad_data", f"{path}: unknown extension {suffix!r}; use .tsv, .csv or .jsonl")
+
+
+def load_dataset(path: str | Path, text_col: str = "sentence", text_pair_col: str | None = None,
+                 label_col: str = "label") -> Dataset:
+    path = Path(path)
+    if path.is_dir():
+        raise DataError("bad_data", f"{path} is a folder; name the file (e.g. {path}/train.tsv)")
+    if not path.is_file():
+        raise DataError("bad_data", f"no data file at {path}")
+    rows = _rows(path)
+    if not rows:
+        raise DataError("bad_data", f"{path} has no rows")
+    columns = [text_col, label_col] + ([text_pair_col] if text_pair_col else [])
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise DataError("bad_data", f"{path} lacks column(s) {missing}; it has {sorted(rows[0])}")
+    inputs: list[TextInput] = []
+    labels: list[str] = []
+    for row in rows:
+        text = str(row[text_col])
+        inputs.append((text, str(row[text_pair_col])) if text_pair_col else text)
+        labels.append(str(row[label_col]))
+    return Dataset(inputs, labels)

@@ -1,0 +1,69 @@
+"""A profile: what one customer owns. Masks (or weights, or one adapter) plus a tiny head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from xpeft.adapters.bank import TENSOR_NAMES
+from xpeft.profiles.masks import mask_to_weights
+
+
+class ProfileKind(str, Enum):
+    HARD = "hard"  # two bit-packed k-hot masks over the bank
+    SOFT = "soft"  # two fp16 softmax weight tensors over the bank
+    HEAD_ONLY = "head_only"  # baseline: no adapter at all
+    ADAPTER = "adapter"  # baseline: one whole adapter of its own, fp16
+
+    @property
+    def uses_bank(self) -> bool:
+        return self in (ProfileKind.HARD, ProfileKind.SOFT)
+
+
+@dataclass(eq=False)  # identity, not tensor comparison
+class Profile:
+    """Everything needed to serve one profile against a given encoder and bank.
+
+    ``mask_*`` are bool ``(L, N)`` (hard), ``weights_*`` float ``(L, N)`` (soft), ``adapter`` holds
+    ``down (L,d,r)``, ``down_bias (L,r)``, ``up (L,r,d)``, ``up_bias (L,d)`` (adapter kind).
+    ``head_weight (C, d)`` and ``head_bias (C,)`` map the pooled embedding to the C labels.
+    """
+
+    kind: ProfileKind
+    bank_id: str
+    model_id: str
+    num_layers: int
+    num_adapters: int
+    hidden_size: int
+    bottleneck: int
+    labels: list[str]
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
+    k: int = 0
+    mask_down: torch.Tensor | None = None
+    mask_up: torch.Tensor | None = None
+    weights_down: torch.Tensor | None = None
+    weights_up: torch.Tensor | None = None
+    adapter: dict[str, torch.Tensor] | None = None
+    max_length: int = 128
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_down, w_up)``, each ``(L, N)`` fp32, for the bank kinds."""
+        if self.kind is ProfileKind.HARD:
+            assert self.mask_down is not None and self.mask_up is not None
+            return mask_to_weights(self.mask_down, self.k), mask_to_weights(self.mask_up, self.k)
+        if self.kind is ProfileKind.SOFT:
+            assert self.weights_down is not None and self.weights_up is not None
+            return self.weights_down.float(), self.weights_up.float()
+        raise ValueError(f"a {self.kind.value} profile has no mixing weights")
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        assert self.adapter is not None
+        return {name: self.adapter[name] for name in TENSOR_NAMES}

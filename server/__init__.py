@@ -1,0 +1,1 @@
+"""xpeft.server: the multi-profile HTTP service."""
