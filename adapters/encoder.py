@@ -159,7 +159,9 @@ def load_encoder(model: str = DEFAULT_MODEL, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0) -> AdapterEncoder:
     """Load an encoder by alias (``minilm``, ``random:bert-base``), folder, or hub name."""
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a server log or CLI stderr is no place for weight-loading bars
     try:
         if model in (DEFAULT_MODEL, "default"):
             path = default_model_dir()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from xpeft.adapters import kernels
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
 
 
@@ -99,6 +100,8 @@ def fuse_gather(index_down: torch.Tensor, index_up: torch.Tensor, bank: AdapterB
     layers = torch.arange(L, device=index_down.device).view(1, L, 1)
 
     def pick(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if table.is_cuda and kernels.enabled("gather", table):
+            return kernels.gather_mean_triton(table, index)  # reads the k rows without copying them
         # table (L, N, ...) -> (U, L, k, ...) -> mean over k -> layer-major (L, U, ...)
         return table[layers, index].mean(dim=2).transpose(0, 1).contiguous()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xpeft.adapters import kernels
+
 
 def apply_adapters(
     h: torch.Tensor,
@@ -25,6 +27,8 @@ def apply_adapters(
     ``rows (B,)`` maps rows to profiles (``None`` when U == 1). This is the reference path that
     runs everywhere; ``xpeft.adapters.kernels`` may replace it on CUDA.
     """
+    if h.is_cuda and kernels.enabled("apply", h, down, down_bias, up, up_bias):
+        return kernels.apply_adapters_triton(h, down, down_bias, up, up_bias, rows)
     if down.shape[0] == 1:
         z = torch.relu(torch.matmul(h, down[0]) + down_bias[0])
         return h + (torch.matmul(z, up[0]) + up_bias[0])

@@ -1,0 +1,227 @@
+"""Triton kernels for the GPU fast path, behind a dispatch that falls back to the torch reference.
+
+Two kernels, in the pattern of vLLM's ``lora/ops`` and Punica's SGMV:
+
+- :func:`gather_mean_triton`: gather fusion for hard masks. Each output block reads only the
+  k bank rows its profile selected and averages them in fp32. The grid runs profiles fastest,
+  so the profiles that share a layer and a column block read the same bank slab while it is
+  still in L2: the bank comes from device memory about once, like the GEMM, but unselected
+  adapters are never read.
+- :func:`apply_adapters_triton`: ``h + relu(h A_u + a_u) B_u + b_u`` for a tile of tokens of one
+  sequence (every token of a sequence belongs to one profile, so a row is a segment and needs no
+  sorting), down projection, bias, ReLU, up projection, bias and residual add in one launch.
+
+Triton is optional: without it, without CUDA, with gradients required, or with the kernel turned
+off, :func:`enabled` is false and ``layer.apply_adapters`` / ``fusion.fuse_gather`` run their torch
+code, which stays the reference. Which kernel is on by default is what the H200 measured
+(``MEASURED_FASTER``; docs/BENCHMARKS.md); the environment variable ``XPEFT_KERNELS`` overrides it:
+``off``, ``all``, or a comma list such as ``apply,gather``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+try:  # Triton is only on GPU machines; every import of xpeft must work without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+
+HAVE_TRITON = triton is not None
+KERNELS = ("apply", "gather")
+
+#: Kernels on by default on CUDA. Set from bench/gpu_check.py on an H200 (docs/BENCHMARKS.md):
+#: a kernel is on only where it measured faster than the torch path it replaces.
+MEASURED_FASTER: dict[str, bool] = {"apply": True, "gather": True}
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_override: dict[str, bool] | None = None
+
+
+def policy() -> dict[str, bool]:
+    """Which kernels may run: an active :func:`use_kernels` block, else ``XPEFT_KERNELS``, else measured."""
+    if _override is not None:
+        return dict(_override)
+    raw = os.environ.get("XPEFT_KERNELS", "").strip().lower()
+    if raw in ("", "auto", "default"):
+        return dict(MEASURED_FASTER)
+    if raw in ("off", "none", "0", "false", "torch"):
+        return dict.fromkeys(KERNELS, False)
+    if raw in ("all", "on", "1", "true", "triton"):
+        return dict.fromkeys(KERNELS, True)
+    chosen = {name.strip() for name in raw.split(",") if name.strip()}
+    unknown = chosen - set(KERNELS)
+    if unknown:
+        raise ValueError(f"XPEFT_KERNELS names unknown kernels {sorted(unknown)}; known: {KERNELS}")
+    return {name: name in chosen for name in KERNELS}
+
+
+@contextmanager
+def use_kernels(**switches: bool) -> Iterator[None]:
+    """Force kernels on or off inside a block (benchmarks compare both paths in one process)."""
+    global _override
+    unknown = set(switches) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; known: {KERNELS}")
+    previous = _override
+    _override = {**policy(), **switches}
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def enabled(name: str, *tensors: torch.Tensor) -> bool:
+    """True when kernel ``name`` should replace the torch path for these tensors.
+
+    Needs Triton, CUDA tensors of a supported dtype, no autograd (the kernels have no backward:
+    training keeps the torch path) and the policy's consent.
+    """
+    first = tensors[0]
+    if not (HAVE_TRITON and first.is_cuda and first.dtype in _SUPPORTED_DTYPES):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return policy().get(name, False)
+
+
+def _next_pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(1, n) - 1).bit_length())
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _apply_kernel(h_ptr, out_ptr, rows_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr,
+                      T, D, R, stride_hb, stride_ht, stride_ob, stride_ot,
+                      HAS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """One program: BLOCK_T tokens of sequence b, through the adapter of profile rows[b]."""
+        pid_t = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        if HAS_ROWS:
+            u = tl.load(rows_ptr + b).to(tl.int64)
+        else:
+            u = b * 0
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_t = offs_t < T
+        mask_r = offs_r < R
+        h_rows = h_ptr + b * stride_hb + offs_t[:, None] * stride_ht
+        o_rows = out_ptr + b * stride_ob + offs_t[:, None] * stride_ot
+        down_u = down_ptr + u * D * R  # (U, D, R) contiguous
+        up_u = up_ptr + u * R * D  # (U, R, D) contiguous
+
+        # z = relu(h A_u + a_u), (BLOCK_T, BLOCK_R), accumulated in fp32
+        z = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            offs_k = k0 + tl.arange(0, BLOCK_D)
+            mask_k = offs_k < D
+            hk = tl.load(h_rows + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            a = tl.load(down_u + offs_k[:, None] * R + offs_r[None, :],
+                        mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            z = tl.dot(hk, a, z, input_precision=PRECISION)
+        z += tl.load(down_bias_ptr + u * R + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        z = tl.maximum(z, 0.0).to(h_ptr.dtype.element_ty)  # the reference rounds z to h's dtype too
+
+        # out = h + z B_u + b_u, one column block at a time (the h tile is read again, from L2)
+        for n0 in range(0, D, BLOCK_D):
+            offs_n = n0 + tl.arange(0, BLOCK_D)
+            mask_n = offs_n < D
+            bw = tl.load(up_u + offs_r[:, None] * D + offs_n[None, :],
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            y = tl.dot(z, bw, input_precision=PRECISION)
+            y += tl.load(up_bias_ptr + u * D + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tile = mask_t[:, None] & mask_n[None, :]
+            hn = tl.load(h_rows + offs_n[None, :], mask=tile, other=0.0).to(tl.float32)
+            tl.store(o_rows + offs_n[None, :], (hn + y).to(out_ptr.dtype.element_ty), mask=tile)
+
+    @triton.jit
+    def _gather_mean_kernel(table_ptr, index_ptr, out_ptr, U, L, N, D, K,
+                            BLOCK: tl.constexpr):
+        """One program: columns [pid*BLOCK, +BLOCK) of profile u, layer l = mean of its K rows."""
+        u = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1)
+        layer = tl.program_id(2).to(tl.int64)
+        offs = pid_d * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        index_row = index_ptr + (u * L + layer) * K  # index (U, L, K) contiguous
+        for j in range(0, K):
+            i = tl.load(index_row + j).to(tl.int64)
+            acc += tl.load(table_ptr + (layer * N + i) * D + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + (layer * U + u) * D + offs, (acc / K).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _require_triton() -> None:
+    if not HAVE_TRITON:
+        raise RuntimeError("Triton is not installed: use the torch path (kernels.enabled() is False)")
+
+
+def apply_block_t(num_tokens: int) -> tuple[int, int]:
+    """(tokens per program, warps): whole short sequences, else 64-token tiles."""
+    if num_tokens <= 32:
+        return 32, 4
+    return 64, 4
+
+
+def apply_adapters_triton(h: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
+                          up_bias: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor | None = None,
+                          block_t: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Same contract as ``layer.apply_adapters``: ``h (B, T, d)``, ``down (U, d, r)`` ... ``rows (B,)``.
+
+    ``out`` may be given (checks poison it to prove every element is written); ``block_t`` and
+    ``num_warps`` override the tile choice for tuning runs. ``rows`` must hold valid profile
+    indices: the kernel does not check them (that would need a device sync).
+    """
+    _require_triton()
+    if h.dim() != 3:
+        raise ValueError(f"h must be (B, T, d), got {tuple(h.shape)}")
+    B, T, D = h.shape
+    R = down.shape[-1]
+    if rows is None and down.shape[0] != 1:
+        raise ValueError("rows must map each row to a profile when U > 1")
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    down, down_bias, up, up_bias = (t.contiguous() for t in (down, down_bias, up, up_bias))
+    if out is None:
+        out = torch.empty_like(h)
+    if rows is not None:
+        rows = rows.contiguous()
+    default_t, default_w = apply_block_t(T)
+    block_t = block_t or default_t
+    precision = "ieee" if h.dtype == torch.float32 else "tf32"  # ignored by Triton for 16-bit inputs
+    grid = (triton.cdiv(T, block_t), B)
+    _apply_kernel[grid](
+        h, out, rows if rows is not None else h, down, down_bias, up, up_bias,
+        T, D, R, h.stride(0), h.stride(1), out.stride(0), out.stride(1),
+        HAS_ROWS=rows is not None, PRECISION=precision,
+        BLOCK_T=block_t, BLOCK_D=64, BLOCK_R=_next_pow2(R), num_warps=num_warps or default_w,
+    )
+    return out
+
+
+def gather_mean_triton(table: torch.Tensor, index: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``table (L, N, ...)``, ``index (U, L, k)`` -> layer-major ``(L, U, ...)``: the mean of the k rows.
+
+    Same result as ``table[layers, index].mean(dim=2).transpose(0, 1)`` (``fusion.fuse_gather``),
+    without materialising the ``(U, L, k, ...)`` copy.
+    """
+    _require_triton()
+    L, N = table.shape[:2]
+    U, L2, K = index.shape
+    if L2 != L:
+        raise ValueError(f"index has {L2} layers, the table {L}")
+    flat = table.reshape(L, N, -1).contiguous()
+    D = flat.shape[-1]
+    out = torch.empty((L, U) + tuple(table.shape[2:]), device=table.device, dtype=table.dtype)
+    block = min(block, _next_pow2(D, floor=64))
+    grid = (U, triton.cdiv(D, block), L)
+    _gather_mean_kernel[grid](flat, index.contiguous(), out, U, L, N, D, K, BLOCK=block, num_warps=4)
+    return out
