@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from xpeft.adapters.bank import AdapterBank, create_random_bank
-from xpeft.adapters.encoder import AdapterEncoder, load_encoder
-from xpeft.profiles.data import Dataset
+# Tests never reach a model hub: a name that is not a local folder fails at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from xpeft.adapters.bank import AdapterBank, create_random_bank  # noqa: E402
+from xpeft.adapters.encoder import AdapterEncoder, load_encoder  # noqa: E402
+from xpeft.profiles.data import Dataset  # noqa: E402
 
 torch.set_num_threads(2)
 
