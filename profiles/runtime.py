@@ -6,7 +6,7 @@ run this same class; the server only adds its caches in front of :meth:`fuse`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +99,14 @@ class MultiProfileModel:
         logits = torch.einsum("bd,bcd->bc", pooled.float(), heads[row_index]) + biases[row_index]
         return [logits[i, : profiles[r].num_labels].cpu() for i, r in enumerate(rows)]
 
-    def predict_batch(self, requests: Sequence[tuple[Profile, Sequence[TextInput]]]) -> list[list[Prediction]]:
-        """Many profiles' requests in one forward; the answer keeps the request order."""
+    def predict_batch(self, requests: Sequence[tuple[Profile, Sequence[TextInput]]],
+                      fuse: Callable[[Sequence[Profile]], list[FusedAdapters]] | None = None,
+                      ) -> list[list[Prediction]]:
+        """Many profiles' requests in one forward; the answer keeps the request order.
+
+        ``fuse`` replaces :meth:`fuse` for the batch's distinct profiles (the server puts its
+        fused-weight cache there); it must return one ``U=1`` entry per profile, in order.
+        """
         distinct: dict[int, int] = {}
         profiles: list[Profile] = []
         inputs: list[TextInput] = []
@@ -113,7 +119,7 @@ class MultiProfileModel:
             rows.extend([u] * len(texts))
         if not inputs:
             return [[] for _ in requests]
-        logits = self.logits(inputs, rows, profiles, self.fuse(profiles))
+        logits = self.logits(inputs, rows, profiles, (fuse or self.fuse)(profiles))
         answers: list[list[Prediction]] = []
         start = 0
         for profile, texts in requests:
