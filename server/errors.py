@@ -1,0 +1,111 @@
+"""JSON errors everywhere: ``{"error": code, "message": ...}`` with a stable code per refusal.
+
+Every exception that can leave a route is mapped here, so a client never sees an HTML page or
+a bare stack trace, and the codes in docs/API.md are the only ones it has to handle.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.format import ProfileFormatError
+
+log = logging.getLogger("xpeft.server")
+
+
+class ApiError(Exception):
+    """An HTTP refusal with a stable code; ``extra`` fields are added to the JSON body."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 **extra: object) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+        self.extra = extra
+
+
+class StoreUnavailable(XPeftError):
+    """The profile store did not answer (down, timed out, or refused the connection)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("store_unavailable", message)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while reading a body past its limit; an HTTPException so FastAPI re-raises it as is."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
+
+
+# Default codes for errors that Starlette raises itself (unknown route, wrong method, ...).
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+                 422: "invalid_request", 429: "overloaded", 503: "unavailable"}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   **extra: object) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
+
+
+def profile_format_error(exc: ProfileFormatError) -> ApiError:
+    """``bank_mismatch`` is a conflict with this server's bank; every other defect is the file's."""
+    if exc.code == "bank_mismatch":
+        return ApiError(409, "bank_mismatch", exc.message)
+    return ApiError(422, "invalid_profile", f"{exc.code}: {exc.message}", detail=exc.code)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the JSON handlers on ``app``."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
+
+    @app.exception_handler(ProfileFormatError)
+    async def _format_error(_: Request, exc: ProfileFormatError) -> JSONResponse:
+        err = profile_format_error(exc)
+        return error_response(err.status, err.code, err.message, **err.extra)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        return error_response(503, exc.code, exc.message, {"Retry-After": "1"})
+
+    @app.exception_handler(XPeftError)
+    async def _xpeft_error(_: Request, exc: XPeftError) -> JSONResponse:
+        return error_response(422, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = _validation_message(exc)
+        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+            message += " (send the body as JSON with Content-Type: application/json)"
+        return error_response(422, "invalid_request", message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", f"{type(exc).__name__}: the server failed; see its log")

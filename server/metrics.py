@@ -1,0 +1,74 @@
+"""Prometheus metrics, registered on a per-app registry so several apps (and tests) never collide."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from xpeft.server.errors import StoreUnavailable
+
+T = TypeVar("T")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """Every metric the server exports; ``registry`` is what ``GET /metrics`` renders."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("xpeft_http_requests_total", "HTTP requests by route template, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("xpeft_http_request_seconds", "HTTP request latency by route template",
+                                 ["route", "method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("xpeft_batch_rows", "rows (texts) per forward", buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.batch_profiles = Histogram("xpeft_batch_profiles", "distinct profiles per forward",
+                                        buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("xpeft_batch_seconds", "model worker time per batch (fuse + forward)",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("xpeft_queue_wait_seconds", "time a predict waited before its batch ran",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("xpeft_queue_depth", "predict requests waiting for a batch", registry=r)
+        self.overloaded = Counter("xpeft_overloaded_total", "predicts refused because the queue was full",
+                                  registry=r)
+        self.cache_events = Counter("xpeft_cache_events_total", "cache hits, misses and evictions",
+                                    ["cache", "event"], registry=r)
+        self.cache_entries = Gauge("xpeft_cache_entries", "entries held", ["cache"], registry=r)
+        self.fused_bytes = Gauge("xpeft_fused_cache_bytes", "bytes of fused adapter weights held on the device",
+                                 registry=r)
+        self.fused_profiles = Counter("xpeft_fused_profiles_total", "profiles fused (cache misses of the worker)",
+                                      registry=r)
+        self.store_latency = Histogram("xpeft_store_seconds", "profile store operation latency", ["op"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.store_errors = Counter("xpeft_store_errors_total", "profile store operations that failed", ["op"],
+                                    registry=r)
+        self.invalidations = Counter("xpeft_invalidations_total", "change events applied to the caches",
+                                     ["kind"], registry=r)
+        self.invalidation_lag = Histogram("xpeft_invalidation_lag_seconds",
+                                          "time from a write in the store to its event reaching this replica",
+                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_ready = Gauge("xpeft_model_ready", "1 once the encoder is loaded", registry=r)
+
+    def cache_event(self, cache: str, event: str, count: int = 1) -> None:
+        if count:
+            self.cache_events.labels(cache, event).inc(count)
+
+    async def timed_store(self, op: str, call: Awaitable[T]) -> T:
+        """Await a store call, recording its latency, and its failure if it fails."""
+        start = time.perf_counter()
+        try:
+            return await call
+        except StoreUnavailable:
+            self.store_errors.labels(op).inc()
+            raise
+        finally:
+            self.store_latency.labels(op).observe(time.perf_counter() - start)
+
+    def set_queue_depth_source(self, source: Callable[[], float]) -> None:
+        self.queue_depth.set_function(source)

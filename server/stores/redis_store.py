@@ -1,0 +1,174 @@
+"""The shared store: Redis through redis-py's asyncio client, what replicas use together.
+
+Key layout (``P`` is the prefix, default ``xpeft``; the braces are a Redis Cluster hash tag
+that keeps every key in one slot, so the Lua scripts may touch them all)::
+
+    {P}:profile:<id>   hash   data (.xpm bytes), meta (JSON), version, created_at, updated_at
+    {P}:ids            zset   every id, score 0: lexicographic paging with ZRANGEBYLEX
+    {P}:seq            string the store-wide version counter (INCR)
+    {P}:events         pub/sub channel: JSON {"id", "version", "deleted", "at"} after each write
+
+A put or delete is one Lua script: counter, hash, index and publish happen atomically, so a
+reader sees either the old bytes with the old version or the new bytes with the new version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from xpeft.server.stores.base import (
+    ChangeEvent,
+    ProfileRecord,
+    ProfileStore,
+    StoredProfile,
+    StoreUnavailable,
+    now,
+)
+
+T = TypeVar("T")
+
+_PUT = """
+local seq = redis.call('INCR', KEYS[3])
+local created_at = redis.call('HGET', KEYS[1], 'created_at')
+local created = 0
+if not created_at then created = 1; created_at = ARGV[4] end
+redis.call('HSET', KEYS[1], 'data', ARGV[2], 'meta', ARGV[3], 'version', seq,
+           'created_at', created_at, 'updated_at', ARGV[4])
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+redis.call('PUBLISH', ARGV[5], cjson.encode({id=ARGV[1], version=seq, deleted=false, at=tonumber(ARGV[4])}))
+return {seq, created, created_at}
+"""
+
+_DELETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[3], cjson.encode({id=ARGV[1], version=seq, deleted=true, at=tonumber(ARGV[2])}))
+return seq
+"""
+
+_RECORD_FIELDS = ("version", "meta", "created_at", "updated_at")
+
+
+class RedisStore(ProfileStore):
+    """Profiles in Redis; see the module docstring for the key layout."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, prefix: str = "xpeft", timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        tag = "{" + prefix + "}"
+        self.ids_key = f"{tag}:ids"
+        self.seq_key = f"{tag}:seq"
+        self.channel = f"{tag}:events"
+        self._profile_prefix = f"{tag}:profile:"
+        # Few quick retries: a store that is down must surface as 503 within timeout_s, not hang.
+        self._redis = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+                                        health_check_interval=30)
+        self._put = self._redis.register_script(_PUT)
+        self._delete = self._redis.register_script(_DELETE)
+
+    def key(self, profile_id: str) -> str:
+        return self._profile_prefix + profile_id
+
+    async def _call(self, what: str, op: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(op, self.timeout_s)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis did not answer {what}: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _record(profile_id: str, values: list) -> ProfileRecord:
+        version, meta, created_at, updated_at = values
+        return ProfileRecord(profile_id, int(version), json.loads(meta), float(created_at), float(updated_at))
+
+    # -- contract --------------------------------------------------------------------------
+    async def put(self, profile_id: str, data: bytes, meta: dict) -> tuple[ProfileRecord, bool]:
+        stamp = now()
+        args = [profile_id, data, json.dumps(meta, separators=(",", ":")), repr(stamp), self.channel]
+        seq, created, created_at = await self._call(
+            "put", self._put(keys=[self.key(profile_id), self.ids_key, self.seq_key], args=args))
+        return ProfileRecord(profile_id, int(seq), dict(meta), float(created_at), stamp), bool(created)
+
+    async def get(self, profile_id: str) -> StoredProfile | None:
+        values = await self._call("get", self._redis.hmget(self.key(profile_id), *_RECORD_FIELDS, "data"))
+        if values[0] is None:
+            return None
+        record = self._record(profile_id, values[:4])
+        return StoredProfile(**record.__dict__, data=bytes(values[4]))
+
+    async def get_record(self, profile_id: str) -> ProfileRecord | None:
+        values = await self._call("get", self._redis.hmget(self.key(profile_id), *_RECORD_FIELDS))
+        return None if values[0] is None else self._record(profile_id, values)
+
+    async def delete(self, profile_id: str) -> int | None:
+        seq = await self._call("delete", self._delete(keys=[self.key(profile_id), self.ids_key, self.seq_key],
+                                                      args=[profile_id, repr(now()), self.channel]))
+        return int(seq) or None
+
+    async def list(self, cursor: str | None, limit: int) -> tuple[list[ProfileRecord], str | None]:
+        start = b"(" + cursor.encode() if cursor else b"-"
+        ids = await self._call("list", self._redis.zrangebylex(self.ids_key, start, b"+", start=0, num=limit + 1))
+        page = [i.decode() for i in ids[:limit]]
+        pipe = self._redis.pipeline(transaction=False)
+        for profile_id in page:
+            pipe.hmget(self.key(profile_id), *_RECORD_FIELDS)
+        rows = await self._call("list", pipe.execute()) if page else []
+        # An id deleted between the two reads is left out rather than shown half.
+        records = [self._record(i, v) for i, v in zip(page, rows, strict=True) if v[0] is not None]
+        return records, (page[-1] if len(ids) > limit else None)
+
+    async def versions(self, profile_ids: Iterable[str]) -> dict[str, int]:
+        ids = list(profile_ids)
+        if not ids:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        for profile_id in ids:
+            pipe.hget(self.key(profile_id), "version")
+        values = await self._call("versions", pipe.execute())
+        return {i: int(v) for i, v in zip(ids, values, strict=True) if v is not None}
+
+    async def current_seq(self) -> int:
+        value = await self._call("seq", self._redis.get(self.seq_key))
+        return int(value or 0)
+
+    async def watch(self) -> AsyncIterator[ChangeEvent]:
+        backoff = 0.05
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await asyncio.wait_for(pubsub.subscribe(self.channel), self.timeout_s)
+                # Whatever was published before the subscription is unknown to us.
+                yield ChangeEvent(None, await self.current_seq())
+                backoff = 0.05
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    event = json.loads(message["data"])
+                    yield ChangeEvent(event["id"], int(event["version"]), bool(event["deleted"]), event.get("at"))
+            except (RedisError, OSError, asyncio.TimeoutError, StoreUnavailable):
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+    async def ping(self) -> None:
+        await self._call("ping", self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()

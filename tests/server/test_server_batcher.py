@@ -1,0 +1,151 @@
+"""The micro-batcher in isolation: batching across profiles, limits, overload, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from xpeft.server.batcher import Job, MicroBatcher, Overloaded
+from xpeft.server.cache import CachedProfile
+from xpeft.server.metrics import Metrics
+
+
+def entry(name: str) -> CachedProfile:
+    return CachedProfile(name, 1, object())  # type: ignore[arg-type]  # the runner here never reads it
+
+
+class Recorder:
+    """A runner that records its batches and answers each input with its own text."""
+
+    def __init__(self, delay: float = 0.0, fail_first: bool = False) -> None:
+        self.batches: list[list[tuple[str, list]]] = []
+        self.delay = delay
+        self.fail_first = fail_first
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def __call__(self, jobs: Sequence[Job]) -> list[list]:
+        self.batches.append([(job.entry.id, list(job.inputs)) for job in jobs])
+        await self.release.wait()
+        await asyncio.sleep(self.delay)
+        if self.fail_first and len(self.batches) == 1:
+            raise RuntimeError("boom")
+        return [[f"{job.entry.id}:{x}" for x in job.inputs] for job in jobs]
+
+
+async def _with_batcher(batcher: MicroBatcher, coro):
+    task = asyncio.create_task(batcher.run())
+    try:
+        return await coro
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_requests_of_many_profiles_share_one_batch() -> None:
+    async def body() -> None:
+        runner = Recorder()
+        batcher = MicroBatcher(runner, max_batch_size=64, max_wait_s=0.05, max_queue=100)
+
+        async def go():
+            futures = [batcher.submit(entry(f"p{i}"), [f"t{i}", f"u{i}"]) for i in range(5)]
+            return await asyncio.gather(*futures)
+
+        answers = await _with_batcher(batcher, go())
+        assert len(runner.batches) == 1 and [j[0] for j in runner.batches[0]] == [f"p{i}" for i in range(5)]
+        assert answers == [[f"p{i}:t{i}", f"p{i}:u{i}"] for i in range(5)]  # each back to its own caller
+
+    asyncio.run(body())
+
+
+def test_batches_respect_max_rows_and_never_split_a_request() -> None:
+    async def body() -> None:
+        runner = Recorder()
+        runner.release.clear()  # hold the first batch so that the rest queue up
+        batcher = MicroBatcher(runner, max_batch_size=8, max_wait_s=0.01, max_queue=100)
+
+        async def go():
+            futures = [batcher.submit(entry(f"p{i}"), ["x", "y", "z"]) for i in range(7)]
+            await asyncio.sleep(0.05)
+            runner.release.set()
+            return await asyncio.gather(*futures)
+
+        await _with_batcher(batcher, go())
+        rows = [sum(len(x) for _, x in batch) for batch in runner.batches]
+        assert all(r <= 8 for r in rows) and sum(rows) == 21
+        assert rows[1:] == [6, 6, 3]  # 3-row requests: two fit in 8 rows, a third would split
+        assert sorted(p for batch in runner.batches for p, _ in batch) == [f"p{i}" for i in range(7)]
+
+    asyncio.run(body())
+
+
+def test_a_lone_request_waits_at_most_max_wait() -> None:
+    async def body() -> None:
+        runner = Recorder()
+        batcher = MicroBatcher(runner, max_batch_size=64, max_wait_s=0.1, max_queue=10)
+
+        async def go():
+            start = time.perf_counter()
+            await batcher.submit(entry("p"), ["x"])
+            return time.perf_counter() - start
+
+        waited = await _with_batcher(batcher, go())
+        assert 0.09 <= waited < 0.5
+
+        # a full batch does not wait
+        batcher = MicroBatcher(runner, max_batch_size=2, max_wait_s=5.0, max_queue=10)
+
+        async def full():
+            start = time.perf_counter()
+            await batcher.submit(entry("p"), ["x", "y"])
+            return time.perf_counter() - start
+
+        assert await _with_batcher(batcher, full()) < 1.0
+
+    asyncio.run(body())
+
+
+def test_full_queue_refuses_with_overloaded() -> None:
+    async def body() -> None:
+        metrics = Metrics()
+        runner = Recorder()
+        runner.release.clear()
+        batcher = MicroBatcher(runner, max_batch_size=1, max_wait_s=0, max_queue=2, metrics=metrics)
+
+        async def go():
+            first = batcher.submit(entry("a"), ["x"])
+            await asyncio.sleep(0.02)  # "a" is now running (held); two more fill the queue
+            queued = [batcher.submit(entry("b"), ["x"]), batcher.submit(entry("c"), ["x"])]
+            assert batcher.depth == 2
+            with pytest.raises(Overloaded):
+                batcher.submit(entry("d"), ["x"])
+            runner.release.set()
+            return await asyncio.gather(first, *queued)
+
+        answers = await _with_batcher(batcher, go())
+        assert answers == [["a:x"], ["b:x"], ["c:x"]]
+        assert metrics.registry.get_sample_value("xpeft_overloaded_total") == 1
+        assert metrics.registry.get_sample_value("xpeft_queue_depth") == 0
+
+    asyncio.run(body())
+
+
+def test_a_failed_batch_fails_its_requests_and_the_loop_goes_on() -> None:
+    async def body() -> None:
+        runner = Recorder(fail_first=True)
+        batcher = MicroBatcher(runner, max_batch_size=64, max_wait_s=0.01, max_queue=10)
+
+        async def go():
+            bad = [batcher.submit(entry("a"), ["x"]), batcher.submit(entry("b"), ["y"])]
+            results = await asyncio.gather(*bad, return_exceptions=True)
+            good = await batcher.submit(entry("c"), ["z"])
+            return results, good
+
+        results, good = await _with_batcher(batcher, go())
+        assert all(isinstance(r, RuntimeError) for r in results)
+        assert good == ["c:z"]
+
+    asyncio.run(body())

@@ -1,0 +1,199 @@
+"""Host and device caches, their invalidation, the sync loop, and the model worker on real MiniLM."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from xpeft.adapters.fusion import FusedAdapters
+from xpeft.profiles import format as xpm
+from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.server.batcher import Job
+from xpeft.server.cache import CachedProfile, FusedCache, ProfileCache, VersionFloors
+from xpeft.server.metrics import Metrics
+from xpeft.server.stores.sqlite_store import SQLiteStore
+from xpeft.server.sync import CacheSync
+from xpeft.server.worker import ModelWorker
+
+
+def fused_entry() -> FusedAdapters:
+    return FusedAdapters.zeros(2, 8, 4)  # 2 * (8*4 + 4 + 4*8 + 8) * 4 bytes = 608 bytes
+
+
+def sample(metrics: Metrics, cache: str, event: str) -> float:
+    return metrics.registry.get_sample_value("xpeft_cache_events_total", {"cache": cache, "event": event}) or 0.0
+
+
+def test_fused_cache_is_bounded_in_bytes_and_evicts_least_recent() -> None:
+    metrics = Metrics()
+    size = fused_entry().nbytes
+    cache = FusedCache(int(size * 2.5), VersionFloors(), metrics)
+    assert cache.put(("a", 1), fused_entry()) and cache.put(("b", 1), fused_entry())
+    assert cache.get(("a", 1)) is not None  # a is now the most recent
+    assert cache.put(("c", 1), fused_entry())
+    assert ("b", 1) not in cache and ("a", 1) in cache and ("c", 1) in cache
+    assert cache.nbytes == 2 * size <= cache.capacity_bytes
+    assert sample(metrics, "fused", "eviction") == 1 and sample(metrics, "fused", "hit") == 1
+    assert cache.get(("b", 1)) is None and sample(metrics, "fused", "miss") == 1
+    assert metrics.registry.get_sample_value("xpeft_fused_cache_bytes") == 2 * size
+    # one entry larger than the whole cache is used but never kept
+    tiny = FusedCache(size - 1, VersionFloors())
+    assert not tiny.put(("a", 1), fused_entry()) and len(tiny) == 0
+
+
+def test_fused_cache_refuses_and_drops_stale_versions() -> None:
+    floors = VersionFloors()
+    cache = FusedCache(10**6, floors)
+    cache.put(("a", 1), fused_entry())
+    cache.put(("a", 2), fused_entry())
+    cache.put(("b", 1), fused_entry())
+    assert cache.drop("a", below=2) == 1 and ("a", 2) in cache and ("a", 1) not in cache
+    floors.raise_to("a", 5)
+    assert not cache.put(("a", 4), fused_entry())  # a late writer of an old version is refused
+    assert cache.put(("a", 5), fused_entry())
+    assert cache.drop("a") == 2 and len(cache) == 1
+
+
+class SlowStore(SQLiteStore):
+    """A real SQLite store whose reads can be held, to force the load-versus-write race."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, poll_s=0.02)
+        self.gets = 0
+        self.hold = asyncio.Event()
+        self.hold.set()
+
+    async def get(self, profile_id: str):
+        self.gets += 1
+        result = await super().get(profile_id)
+        await self.hold.wait()
+        return result
+
+
+def make_cache(store, bank, size: int = 100) -> tuple[ProfileCache, Metrics]:
+    metrics = Metrics()
+    fused = FusedCache(10**8, VersionFloors(), metrics)
+    return ProfileCache(store, lambda data: xpm.decode(data, bank), size, fused, metrics), metrics
+
+
+def test_profile_cache_loads_once_for_many_callers(bank, profile_bytes, tmp_path) -> None:
+    async def body() -> None:
+        store = SlowStore(tmp_path / "s.sqlite3")
+        cache, metrics = make_cache(store, bank)
+        record, _ = await store.put("p", profile_bytes(1), {})
+        store.hold.clear()
+        waiting = [asyncio.create_task(cache.get("p")) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        store.hold.set()
+        entries = await asyncio.gather(*waiting)
+        assert store.gets == 1 and all(e is entries[0] for e in entries)
+        assert entries[0].version == record.version and entries[0].profile.labels == ["negative", "positive"]
+        assert await cache.get("p") is entries[0] and store.gets == 1  # now a hit
+        assert sample(metrics, "profile", "hit") == 1
+        assert await cache.get("nope") is None
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_a_load_that_races_a_newer_write_is_not_cached(bank, profile_bytes, tmp_path) -> None:
+    async def body() -> None:
+        store = SlowStore(tmp_path / "s.sqlite3")
+        cache, _ = make_cache(store, bank)
+        await store.put("p", profile_bytes(1), {})
+        store.hold.clear()
+        loading = asyncio.create_task(cache.get("p"))  # reads version 1, then is held
+        await asyncio.sleep(0.05)
+        record, _ = await store.put("p", profile_bytes(2, labels=["x", "y"]), {})
+        cache.invalidate("p", record.version)  # the event for version 2 arrives first
+        store.hold.set()
+        entry = await loading
+        assert entry.version == record.version and entry.profile.labels == ["x", "y"]
+        assert cache.cached_version("p") == record.version
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_host_cache_evicts_by_count_and_takes_fused_weights_along(bank, profile_bytes, tmp_path) -> None:
+    async def body() -> None:
+        store = SQLiteStore(tmp_path / "s.sqlite3")
+        cache, metrics = make_cache(store, bank, size=2)
+        for name in ("a", "b", "c"):
+            await store.put(name, profile_bytes(ord(name)), {})
+        a = await cache.get("a")
+        cache.fused.put(a.key, fused_entry())
+        await cache.get("b")
+        await cache.get("c")
+        assert len(cache) == 2 and cache.cached_version("a") is None and a.key not in cache.fused
+        assert sample(metrics, "profile", "eviction") == 1
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_sync_applies_events_and_catches_missed_ones(bank, profile_bytes, tmp_path) -> None:
+    async def body() -> None:
+        store = SQLiteStore(tmp_path / "s.sqlite3", poll_s=0.02)
+        cache, metrics = make_cache(store, bank)
+        sync = CacheSync(store, cache, metrics, check_s=10)
+        v1, _ = await store.put("p", profile_bytes(1), {})
+        assert (await cache.get("p")).version == v1.version
+        cache.fused.put(("p", v1.version), fused_entry())
+
+        # the feed: an event drops both caches' old copies
+        task = asyncio.create_task(sync._listen())
+        v2, _ = await store.put("p", profile_bytes(2), {})
+        for _ in range(100):
+            if cache.cached_version("p") is None:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.cached_version("p") is None and ("p", v1.version) not in cache.fused
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+        # with no feed, the version check notices within two checks
+        assert (await cache.get("p")).version == v2.version
+        await sync.check_once()  # nothing missed so far
+        assert cache.cached_version("p") == v2.version
+        v3, _ = await store.put("p", profile_bytes(3), {})  # nobody tells the cache
+        await sync.check_once()
+        assert cache.cached_version("p") == v2.version  # the feed may still deliver it
+        await sync.check_once()
+        assert cache.cached_version("p") is None
+        assert (await cache.get("p")).version == v3.version
+        assert metrics.registry.get_sample_value("xpeft_invalidations_total", {"kind": "missed"}) == 1
+
+        # a counter that went backwards means a reset store: everything goes
+        sync.seen = v3.version + 100
+        await sync.check_once()
+        assert len(cache) == 0
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_worker_fuses_cold_profiles_together_once_and_matches_the_model(encoder, bank, profile_bytes) -> None:
+    model = MultiProfileModel(encoder, bank)
+    metrics = Metrics()
+    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics), metrics)
+    worker.model = model
+    profiles = [CachedProfile(f"p{i}", 1, xpm.decode(profile_bytes(i, kind), bank))
+                for i, kind in enumerate(["hard", "soft", "adapter", "head_only"])]
+    calls = []
+    real_fuse = model.fuse
+    model.fuse = lambda ps: calls.append(len(ps)) or real_fuse(ps)  # type: ignore[method-assign]
+    texts = [["a fine day"], ["rain again", "sun"], ["meh"], ["wow"]]
+    jobs = [Job(p, t, None) for p, t in zip(profiles, texts, strict=True)]  # type: ignore[arg-type]
+    first = worker.run(jobs + [Job(profiles[0], ["twice"], None)])  # type: ignore[arg-type]
+    assert calls == [4]  # four distinct cold profiles, one batched fusion
+    second = worker.run(jobs)
+    assert calls == [4] and metrics.registry.get_sample_value("xpeft_fused_profiles_total") == 4
+    for p, t, got, again in zip(profiles, texts, first, second, strict=False):
+        expected = model.predict(p.profile, t)
+        assert [g.label for g in got] == [e.label for e in expected] == [a.label for a in again]
+        for g, e in zip(got, expected, strict=True):
+            assert g.score == pytest.approx(e.score, abs=1e-5)
+    worker.shutdown()
