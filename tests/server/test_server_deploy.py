@@ -1,0 +1,171 @@
+"""The deployment files, checked without a Docker engine (none runs on these machines).
+
+docker-compose.yml is validated by Debian's ``docker-compose config`` (schema and interpolation,
+no engine needed; .ci/run installs it) and by structural checks. The Dockerfile must install with
+scripts/install.sh (the README's step), build from files that exist, run as a non-root user and
+check /healthz; its other commands are run here, so the recipe cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xpeft.profiles.cli import main
+from xpeft.server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+NGINX = ROOT / "docker" / "nginx.conf"
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+def run_compose_config(path: Path) -> subprocess.CompletedProcess:
+    command = compose_command()
+    if command is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must validate docker-compose.yml: install Debian's docker-compose (see .ci/run)")
+        pytest.skip("no docker-compose here (.ci/run installs Debian's package)")
+    env = {**os.environ, "XPEFT_ADMIN_TOKEN": "validation-only"}
+    return subprocess.run([*command, "-f", str(path), "--project-directory", str(ROOT), "config", "-q"],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_compose_file_passes_docker_compose_config() -> None:
+    result = run_compose_config(COMPOSE)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_validation_rejects_a_broken_file(tmp_path: Path) -> None:
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("restart: unless-stopped", "restartt: unless-stopped"))
+    result = run_compose_config(broken)
+    assert result.returncode != 0 and "restartt" in (result.stderr + result.stdout)
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _replicas(compose: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in compose["services"].items() if "build" in svc}
+
+
+def test_compose_runs_redis_with_aof_on_a_volume_and_two_replicas_behind_the_lb() -> None:
+    compose = _compose()
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    volume, target = redis["volumes"][0].split(":")[:2]
+    assert target == "/data" and volume in compose["volumes"]
+    replicas = _replicas(compose)
+    assert len(replicas) >= 2
+    for svc in replicas.values():
+        assert svc["environment"]["XPEFT_REDIS_URL"].startswith("redis://redis:")
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+    lb = compose["services"]["lb"]
+    assert any(v.startswith("./docker/") for v in lb["volumes"])
+    assert set(replicas) <= set(lb["depends_on"])
+
+
+def test_compose_settings_are_real_settings() -> None:
+    """Every XPEFT_* variable the compose file sets is a field of Settings (a typo would be ignored)."""
+    fields = {f"XPEFT_{name.upper()}" for name in Settings.model_fields}
+    for name, svc in _replicas(_compose()).items():
+        unknown = {k for k in svc["environment"] if k.startswith("XPEFT_")} - fields
+        assert not unknown, f"{name} sets unknown settings {unknown}"
+        values = {k: v for k, v in svc["environment"].items() if "${" not in str(v)}
+        settings = Settings(**{k.removeprefix("XPEFT_").lower(): v for k, v in values.items()})
+        assert settings.redis_url and settings.max_profile_bytes > 0
+
+
+def test_nginx_balances_exactly_the_compose_replicas() -> None:
+    conf = NGINX.read_text()
+    assert conf.count("{") == conf.count("}")
+    upstream = re.search(r"upstream\s+(\w+)\s*\{(.*?)\}", conf, re.S)
+    assert upstream is not None
+    servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", upstream.group(2), re.M)
+    replicas = _replicas(_compose())
+    assert {host for host, _ in servers} == set(replicas)
+    assert {int(port) for _, port in servers} == {Settings().port}  # the image listens on XPEFT_PORT=8000
+    assert f"proxy_pass http://{upstream.group(1)}" in conf
+    body_limit = re.search(r"client_max_body_size\s+(\d+)m;", conf)
+    assert body_limit is not None
+    for svc in replicas.values():  # nginx must let the server's own JSON 413 through
+        assert int(body_limit.group(1)) * 2**20 > int(svc["environment"]["XPEFT_MAX_PROFILE_BYTES"])
+
+
+def _stages() -> list[list[str]]:
+    """Dockerfile instructions (continuations joined), split into stages."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+def test_dockerfile_is_multistage_non_root_with_a_healthcheck() -> None:
+    stages = _stages()
+    assert len(stages) >= 2
+    final = stages[-1]
+    users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    health = [line for line in final if line.upper().startswith("HEALTHCHECK ")]
+    assert health and "docker/healthcheck.py" in health[0]
+    assert "/healthz" in (ROOT / "docker" / "healthcheck.py").read_text()
+    assert any(line.upper().startswith("CMD ") and '"serve"' in line for line in final)
+    assert any("COPY --from=build" in line for line in final)
+    assert "VARIANT" in DOCKERFILE.read_text() and "cuda)" in DOCKERFILE.read_text()
+
+
+def test_dockerfile_installs_with_the_readme_install_script() -> None:
+    runs = [line for stage in _stages() for line in stage if line.upper().startswith("RUN ")]
+    assert any("scripts/install.sh" in line for line in runs)
+    readme = (ROOT / "README.md").read_text()
+    assert "scripts/install.sh" in readme
+    assert "scripts/install.sh" in (ROOT / "scripts" / "test.sh").read_text()  # what CI runs, too
+    for stage in _stages():
+        for line in stage:
+            if line.upper().startswith("COPY ") and "--from" not in line:
+                for source in shlex.split(line)[1:-1]:
+                    assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
+
+
+def test_dockerfile_bank_command_runs(tmp_path: Path, capsys) -> None:
+    """The image's `xpeft bank create` line, run here with the current CLI."""
+    runs = [line for stage in _stages() for line in stage if line.startswith("RUN xpeft ")]
+    assert len(runs) == 1
+    argv = shlex.split(runs[0])[2:]  # drop RUN xpeft
+    argv[argv.index("--out") + 1] = str(tmp_path / "bank.safetensors")
+    assert main(argv) == 0
+    assert "bank_id" in capsys.readouterr().out and (tmp_path / "bank.safetensors").stat().st_size > 0
+
+
+def test_healthcheck_script(cluster) -> None:
+    script = str(ROOT / "docker" / "healthcheck.py")
+    env = {**os.environ, "XPEFT_PORT": str(cluster.a.port)}
+    assert subprocess.run([sys.executable, script], env=env, timeout=30).returncode == 0
+    env["XPEFT_HEALTHCHECK_URL"] = f"{cluster.a.url}/no-such-page"
+    assert subprocess.run([sys.executable, script], env=env, capture_output=True, timeout=30).returncode == 1
