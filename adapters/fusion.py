@@ -100,7 +100,7 @@ def fuse_gather(index_down: torch.Tensor, index_up: torch.Tensor, bank: AdapterB
     layers = torch.arange(L, device=index_down.device).view(1, L, 1)
 
     def pick(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if table.is_cuda and kernels.enabled("gather", table):
+        if kernels.enabled("gather", table):  # CUDA + Triton only
             return kernels.gather_mean_triton(table, index)  # reads the k rows without copying them
         # table (L, N, ...) -> (U, L, k, ...) -> mean over k -> layer-major (L, U, ...)
         return table[layers, index].mean(dim=2).transpose(0, 1).contiguous()

@@ -27,7 +27,7 @@ def apply_adapters(
     ``rows (B,)`` maps rows to profiles (``None`` when U == 1). This is the reference path that
     runs everywhere; ``xpeft.adapters.kernels`` may replace it on CUDA.
     """
-    if h.is_cuda and kernels.enabled("apply", h, down, down_bias, up, up_bias):
+    if kernels.enabled("apply", h, down, down_bias, up, up_bias):  # CUDA + Triton only
         return kernels.apply_adapters_triton(h, down, down_bias, up, up_bias, rows)
     if down.shape[0] == 1:
         z = torch.relu(torch.matmul(h, down[0]) + down_bias[0])
