@@ -1,0 +1,350 @@
+"""One script for a GPU machine: check the Triton path against the CPU reference, then time everything.
+
+    OUT=/tmp/out python bench/gpu_check.py            # or: python -m bench.gpu_check --budget 200
+
+It budgets its own time (``--budget`` seconds, default 200, never past 215 s): checks first, then
+the tile sweep of the SGMV kernel, the fusion and apply micro-benchmarks, then whole-batch
+throughput, writing after every step, so a run cut short still leaves its results:
+
+- ``$OUT/gpu_check.json``: environment, each check (errors against the reference, pass or fail),
+  the tile sweep, the time used;
+- ``$OUT/bench_cuda.json``: the offline benchmark's schema, for ``python -m bench.report --gpu``.
+
+Without CUDA it runs what it can on the CPU (the torch path against float64, a small grid) and
+skips Triton, unless ``TRITON_INTERPRET=1`` lets Triton's interpreter run the kernels on the CPU.
+Exit status 1 when a check failed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+STARTED = time.monotonic()
+HARD_STOP_S = 215.0
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/gpu_check.py` from anywhere
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench.measure import (  # noqa: E402
+    bench_encoder,
+    device_weights,
+    make_profiles,
+    provenance,
+    random_bank,
+    random_inputs,
+    time_op,
+)
+from bench.offline import GRIDS, build_models, run_apply, run_fusion, run_throughput, write_json  # noqa: E402
+from xpeft.adapters import kernels  # noqa: E402
+from xpeft.adapters.fusion import FusedAdapters, fuse, fuse_gather  # noqa: E402
+from xpeft.adapters.layer import apply_adapters  # noqa: E402
+
+# (name, B, T, d, r, U): BERT-base and MiniLM shapes, ragged token counts, one profile without rows
+APPLY_CASES = [("bert_mixed", 5, 77, 768, 48, 3), ("bert_one", 4, 128, 768, 48, 1),
+               ("minilm_mixed", 6, 33, 384, 24, 4), ("short", 3, 9, 768, 48, 3)]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def triton_runs_here(device: torch.device) -> bool:
+    return kernels.HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def adapter_inputs(B: int, T: int, d: int, r: int, U: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """fp32 CPU inputs, scaled like a real layer (h ~ 1, adapter output ~ h)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, d, generator=g)
+    down = torch.randn(U, d, r, generator=g) * d**-0.5
+    down_bias = torch.randn(U, r, generator=g) * 0.5
+    up = torch.randn(U, r, d, generator=g) * r**-0.5
+    up_bias = torch.randn(U, d, generator=g) * 0.1
+    return h, down, down_bias, up, up_bias
+
+
+def check_apply(device: torch.device, dtypes: list[torch.dtype]) -> list[dict]:
+    """Each path's ``out`` and adapter delta ``out - h`` against float64 on the CPU; NaN-poisoned output."""
+    results = []
+    for seed, (name, B, T, d, r, U) in enumerate(APPLY_CASES):
+        cpu = adapter_inputs(B, T, d, r, U, seed)
+        rows_cpu = torch.randint(0, U, (B,), generator=torch.Generator().manual_seed(seed)) if U > 1 else None
+        for dtype in dtypes:
+            # the reference sees the same rounded inputs the device sees
+            rounded = [t.to(dtype) for t in cpu]
+            ref = apply_adapters(*(t.double() for t in rounded), rows_cpu)
+            h64 = rounded[0].double()
+            dev = [t.to(device) for t in rounded]
+            rows = rows_cpu.to(device) if rows_cpu is not None else None
+            paths: dict[str, Callable[[], torch.Tensor]] = {}
+
+            def torch_path(dev=dev, rows=rows) -> torch.Tensor:
+                with kernels.use_kernels(apply=False):
+                    return apply_adapters(*dev, rows)
+            paths["torch"] = torch_path
+            if triton_runs_here(device) and (device.type == "cuda" or dtype == torch.float32):
+                # (Triton's CPU interpreter computes bf16 dots wrongly: float32 only there)
+                def triton_path(dev=dev, rows=rows) -> torch.Tensor:
+                    out = torch.full_like(dev[0], float("nan"))
+                    return kernels.apply_adapters_triton(*dev, rows, out=out)
+                paths["triton"] = triton_path
+            for path, fn in paths.items():
+                row = {"check": "apply", "case": name, "shape": [B, T, d, r, U], "dtype": str(dtype), "path": path}
+                try:
+                    out = fn()
+                    row["rel_err_out"] = rel_err(out, ref)
+                    row["rel_err_delta"] = rel_err(out.double().cpu() - h64, ref - h64)
+                    row["passed"] = row["rel_err_delta"] < TOLERANCE[dtype]
+                except Exception as exc:  # a failed compile or launch is a result, not a crash
+                    row.update(passed=False, error=f"{type(exc).__name__}: {exc}"[:500])
+                results.append(row)
+    return results
+
+
+def check_dispatch(device: torch.device) -> list[dict]:
+    """``layer.apply_adapters`` routes to the kernel when the policy says so, and to torch otherwise."""
+    if not triton_runs_here(device) or device.type != "cuda":
+        return [{"check": "dispatch", "skipped": "needs CUDA and Triton", "passed": None}]
+    h, *weights = (t.to(device, torch.bfloat16) for t in adapter_inputs(4, 40, 768, 48, 2, 99))
+    rows = torch.tensor([0, 1, 1, 0], device=device)
+    direct = kernels.apply_adapters_triton(h, *weights, rows)
+    with kernels.use_kernels(apply=True):
+        routed = apply_adapters(h, *weights, rows)
+    with kernels.use_kernels(apply=False):
+        plain = apply_adapters(h, *weights, rows)
+    return [{"check": "dispatch", "routed_equals_kernel": bool(torch.equal(routed, direct)),
+             "torch_differs_from_kernel": not torch.equal(plain, direct),
+             "passed": bool(torch.equal(routed, direct))}]
+
+
+def check_gather(device: torch.device, dtypes: list[torch.dtype]) -> list[dict]:
+    """Triton gather, torch gather and the GEMM against a float64 CPU gather, BERT-base bank shapes."""
+    results = []
+    L, N, d, r, U, k = 12, 100, 768, 48, 5, 10
+    for dtype in dtypes:
+        g = torch.Generator().manual_seed(5)
+        rounded = random_bank_cpu(L, N, d, r, g).to(dtype=dtype)  # rounded once, then the same everywhere
+        index = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(2 * U * L)]).view(2, U, L, k)
+        ref = fuse_gather(index[0], index[1], rounded.to(dtype=torch.float64))
+        paths = gather_paths(rounded.to(device), index.to(device), device)
+        for path, fn in paths.items():
+            row = {"check": "gather", "shape": [L, N, d, r, U, k], "dtype": str(dtype), "path": path}
+            try:
+                fused = fn()
+                row["rel_err"] = max(rel_err(a, b) for a, b in zip(fused.tensors(), ref.tensors(), strict=True))
+                # the GEMM multiplies by 1/k rounded to the dtype: that rounding is its own error
+                row["passed"] = row["rel_err"] < TOLERANCE[dtype] * (2 if path == "gemm" else 1)
+            except Exception as exc:
+                row.update(passed=False, error=f"{type(exc).__name__}: {exc}"[:500])
+            results.append(row)
+    return results
+
+
+def gather_paths(bank, index: torch.Tensor, device: torch.device) -> dict[str, Callable[[], FusedAdapters]]:
+    """The fusions to compare: GEMM over k-hot / k weights, torch gather, Triton gather."""
+    N, k = bank.num_adapters, index.shape[-1]
+    masks = torch.zeros(index.shape[:-1] + (N,), device=device).scatter_(-1, index, 1.0 / k)
+
+    def gather_torch() -> FusedAdapters:
+        with kernels.use_kernels(gather=False):
+            return fuse_gather(index[0], index[1], bank)
+
+    def gather_triton() -> FusedAdapters:
+        return FusedAdapters(*(kernels.gather_mean_triton(t, index[0 if "down" in n else 1])
+                               for n, t in bank.tensors().items()))
+
+    paths = {"gemm": lambda: fuse(masks[0], masks[1], bank), "gather_torch": gather_torch}
+    if triton_runs_here(device):
+        paths["gather_triton"] = gather_triton
+    return paths
+
+
+def random_bank_cpu(L: int, N: int, d: int, r: int, g: torch.Generator):
+    from xpeft.adapters.bank import AdapterBank
+
+    return AdapterBank(torch.randn(L, N, d, r, generator=g) * d**-0.5, torch.randn(L, N, r, generator=g) * 0.5,
+                       torch.randn(L, N, r, d, generator=g) * r**-0.5, torch.randn(L, N, d, generator=g) * 0.1,
+                       model_id="check", bank_id="check")
+
+
+def check_end_to_end(encoder, model_name: str, device: torch.device, seq_len: int) -> list[dict]:
+    """Pooled embeddings of a mixed batch, kernels on and off, against the fp32 CPU encoder."""
+    B, U = 8, 8
+    bank = random_bank(encoder, 100, seed=3)
+    profiles = make_profiles(bank, U, seed=3)
+    fused = fuse(*device_weights(profiles, device), bank)
+    inputs = random_inputs(B, seq_len, device, seed=3)
+    rows = torch.arange(B, device=device) % U
+    reference_encoder = encoder if device.type == "cpu" and encoder.dtype == torch.float32 else \
+        bench_encoder(model_name, "cpu", torch.float32)
+    cpu_fused = fused.to("cpu", torch.float32)
+    ref = reference_encoder({k: v.cpu() for k, v in inputs.items()}, cpu_fused, rows.cpu()).double()
+    results = []
+    for path, on in (("torch", False), ("triton", True)):
+        if on and not (triton_runs_here(device) and device.type == "cuda"):
+            continue
+        with kernels.use_kernels(apply=on):
+            pooled = encoder(inputs, fused, rows)
+        err = rel_err(pooled, ref)
+        results.append({"check": "end_to_end", "model": model_name, "dtype": str(encoder.dtype), "path": path,
+                        "batch": B, "distinct": U, "rel_err": err, "passed": err < TOLERANCE[encoder.dtype]})
+    return results
+
+
+def sweep_apply_tiles(encoder, bank, seq_len: int, deadline: float) -> list[dict]:
+    """The SGMV kernel's time per tile shape at 64 distinct profiles, next to torch: picks the default."""
+    from bench.measure import apply_case
+
+    if not (kernels.HAVE_TRITON and encoder.device.type == "cuda"):
+        return [{"skipped": "needs CUDA and Triton"}]
+    h, weights, rows = apply_case(encoder, bank, 64, seq_len, 64)
+    with kernels.use_kernels(apply=False):
+        rows_out = [{"impl": "torch", "ms": time_op(lambda: apply_adapters(h, *weights, rows), encoder.device) * 1e3}]
+    for block_t in (16, 32, 64, 128):
+        for warps in (4, 8):
+            if time.monotonic() > deadline:
+                return rows_out
+            try:
+                ms = time_op(lambda bt=block_t, w=warps: kernels.apply_adapters_triton(
+                    h, *weights, rows, block_t=bt, num_warps=w), encoder.device) * 1e3
+                rows_out.append({"impl": "triton", "block_t": block_t, "num_warps": warps, "ms": ms})
+            except Exception as exc:
+                rows_out.append({"impl": "triton", "block_t": block_t, "num_warps": warps,
+                                 "error": f"{type(exc).__name__}: {exc}"[:300]})
+    return rows_out
+
+
+def launch_overhead(model, seq_len: int) -> list[dict]:
+    """Host cost per adapter call, and each forward's enqueue time against its synchronised time.
+
+    When enqueueing takes as long as finishing, the batch is bound by Python and launches, not
+    by the GPU, and every extra launch shows in the throughput.
+    """
+    from bench.measure import MixedBatch, apply_case, sync
+    from bench.offline import with_apply
+
+    encoder, bank, out = model.encoder, model.device_bank, []
+    h, weights, rows = apply_case(encoder, bank, 1, 16, 1)
+    for impl in ("torch", "triton") if kernels.HAVE_TRITON and encoder.device.type == "cuda" else ("torch",):
+        with kernels.use_kernels(apply=impl == "triton"):
+            apply_adapters(h, *weights, rows)
+            sync(encoder.device)
+            start = time.perf_counter()
+            for _ in range(200):
+                apply_adapters(h, *weights, rows)
+            host = (time.perf_counter() - start) / 200
+            sync(encoder.device)
+        out.append({"what": "apply, host time per call (B=1, T=16)", "impl": impl, "us": host * 1e6})
+    mb = MixedBatch(model, make_profiles(bank, 64, seed=11), 64, seq_len)
+    for name, fn in (("base", mb.base), ("warm torch", with_apply(mb.warm, "torch")),
+                     ("warm triton", with_apply(mb.warm, "triton"))):
+        fn()
+        enqueue, wall = [], []
+        for _ in range(7):
+            sync(encoder.device)
+            start = time.perf_counter()
+            fn()
+            enqueue.append(time.perf_counter() - start)
+            sync(encoder.device)
+            wall.append(time.perf_counter() - start)
+        out.append({"what": "forward B=64, U=64", "impl": name, "enqueue_ms": sorted(enqueue)[3] * 1e3,
+                    "wall_ms": sorted(wall)[3] * 1e3})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=200.0, help="seconds from start; capped at 215")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    args = parser.parse_args(argv)
+    deadline = STARTED + min(args.budget, HARD_STOP_S)
+    torch.set_grad_enabled(False)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    grid = GRIDS["cuda"] if cuda else replace(GRIDS["cpu"], batch=16, distinct=[1, 16], adapters=[100, 1000],
+                                             fusion_distinct=[1, 16], rounds=2, note="CPU smoke run of gpu_check")
+    dtypes = [torch.float32, torch.bfloat16]
+    report: dict = {"meta": {"device": device.type, "budget_s": min(args.budget, HARD_STOP_S),
+                             "triton_runs": triton_runs_here(device), "grid": asdict(grid), **provenance(device),
+                             "command": "python bench/gpu_check.py " + " ".join(sys.argv[1:] if argv is None
+                                                                              else argv)},
+                    "checks": [], "apply_tiles": [], "status": "running"}
+    bench: dict = {"meta": {"device": device.type, "command": report["meta"]["command"], "grid": asdict(grid),
+                            **provenance(device)}, "throughput": [], "fusion": [], "apply": []}
+
+    def save() -> None:
+        report["meta"]["elapsed_s"] = round(time.monotonic() - STARTED, 1)
+        write_json(args.out / "gpu_check.json", report)
+        write_json(args.out / f"bench_{device.type}.json", bench)
+
+    def step(name: str, fn: Callable[[], object]) -> None:
+        if time.monotonic() > deadline:
+            report.setdefault("skipped_steps", []).append(name)
+            return
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as exc:  # record and go on: later steps may still work
+            report.setdefault("errors", []).append({"step": name, "error": f"{type(exc).__name__}: {exc}"[:800]})
+        report.setdefault("step_s", {})[name] = round(time.monotonic() - t0, 1)
+        save()
+        print(f"[{time.monotonic() - STARTED:6.1f} s] {name}", flush=True)
+
+    save()
+    step("check_apply", lambda: report["checks"].extend(check_apply(device, dtypes)))
+    step("check_dispatch", lambda: report["checks"].extend(check_dispatch(device)))
+    step("check_gather", lambda: report["checks"].extend(check_gather(device, dtypes)))
+    encoder = bench_encoder(grid.model, device.type, getattr(torch, grid.dtype))
+    step("check_end_to_end", lambda: report["checks"].extend(
+        check_end_to_end(encoder, grid.model, device, grid.seq_len)))
+    models = build_models(encoder, grid)
+    first_bank = models[grid.adapters[0]].device_bank
+    step("apply_tiles", lambda: report["apply_tiles"].extend(sweep_apply_tiles(encoder, first_bank, grid.seq_len,
+                                                                               deadline)))
+    step("launch_overhead", lambda: report.__setitem__("launch_overhead", launch_overhead(
+        models[grid.adapters[0]], grid.seq_len)))
+    step("apply", lambda: run_apply(encoder, grid, models, bench["apply"], save, deadline))
+    step("fusion", lambda: run_fusion(grid, models, bench["fusion"], save, deadline))
+    step("throughput", lambda: run_throughput(encoder, grid, models, bench["throughput"], save, deadline,
+                                              min_group_s=15.0 if cuda else 0.0))
+    failed = [c for c in report["checks"] if c.get("passed") is False]
+    report["status"] = "failed checks" if failed else "ok"
+    bench["meta"]["wall_s"] = round(time.monotonic() - STARTED, 1)
+    save()
+    print_summary(report, bench)
+    return 1 if failed or report.get("errors") else 0
+
+
+def print_summary(report: dict, bench: dict) -> None:
+    """A short table last, since only the end of the output comes back from the device machine."""
+    for c in report["checks"]:
+        err = c.get("rel_err_delta", c.get("rel_err"))
+        print(f"{c['check']:<11} {c.get('case', ''):<13} {c.get('dtype', ''):<15} {c.get('path', ''):<14} "
+              f"err={err if err is None else f'{err:.2e}'} passed={c.get('passed')} {c.get('error', '')[:120]}")
+    for t in report["apply_tiles"] + report.get("launch_overhead", []):
+        print(t)
+    for r in bench["throughput"]:
+        if "error" in r:
+            print("error", r)
+        elif "ratio_to_base" in r:
+            print(f"B={r['batch']:<4} U={r['distinct']:<4} N={r['N']!s:<5} {r['variant']:<13} {r['apply']:<7} "
+                  f"{r['ms']:8.2f} ms  x{r['ratio_to_base']:.3f}")
+    for f in bench["fusion"]:
+        print("fusion", f)
+    print("errors", report.get("errors"), "skipped", report.get("skipped_steps"), "status", report["status"],
+          f"elapsed {report['meta']['elapsed_s']} s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
