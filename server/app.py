@@ -158,7 +158,7 @@ def _server(request: Request) -> ServerState:
 
 
 def _check_id(profile_id: str) -> str:
-    if not PROFILE_ID.match(profile_id):
+    if not PROFILE_ID.fullmatch(profile_id):
         raise ApiError(422, "invalid_profile_id",
                        f"profile ids match {PROFILE_ID.pattern} (1 to 128 characters); got {profile_id[:200]!r}")
     return profile_id
@@ -270,7 +270,7 @@ async def predict(profile_id: str, body: PredictRequest, request: Request) -> di
 async def bad_profile_path(rest: str, request: Request) -> None:
     """Ids with a slash (or other paths under /profiles/): a clear refusal instead of a bare 404."""
     head, _, tail = rest.partition("/")
-    if tail == "predict" and PROFILE_ID.match(head):
+    if tail == "predict" and PROFILE_ID.fullmatch(head):
         raise ApiError(405, "method_not_allowed", "predict takes POST")
     _check_id(rest)
     raise ApiError(404, "not_found", f"no route {request.url.path}")

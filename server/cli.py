@@ -42,6 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = build_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    if settings.admin_token is None:
+        logging.getLogger("xpeft.server").warning("XPEFT_ADMIN_TOKEN is not set: anyone who reaches this server "
+                                                  "may upload and delete profiles")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.access_log, timeout_graceful_shutdown=10)
 

@@ -169,3 +169,9 @@ def test_healthcheck_script(cluster) -> None:
     assert subprocess.run([sys.executable, script], env=env, timeout=30).returncode == 0
     env["XPEFT_HEALTHCHECK_URL"] = f"{cluster.a.url}/no-such-page"
     assert subprocess.run([sys.executable, script], env=env, capture_output=True, timeout=30).returncode == 1
+
+
+def test_every_setting_is_documented() -> None:
+    api = (ROOT / "docs" / "API.md").read_text()
+    missing = [f"XPEFT_{name.upper()}" for name in Settings.model_fields if f"`XPEFT_{name.upper()}`" not in api]
+    assert not missing, f"docs/API.md does not document {missing}"

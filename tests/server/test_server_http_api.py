@@ -6,6 +6,8 @@ for reads, and small limits (4 inputs, 300 characters, 64 KiB profiles, 4 KiB re
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import httpx
 import pytest
 
@@ -111,9 +113,9 @@ def test_refused_replacement_keeps_the_old_version(a, admin_headers, profile_byt
     assert answer.status_code == 200 and answer.json()["version"] == v1["version"]
 
 
-@pytest.mark.parametrize("bad_id", ["-lead", "a" * 129, "bad id", "a/b", "caf\u00e9", ".dot"])
+@pytest.mark.parametrize("bad_id", ["-lead", "a" * 129, "bad id", "a/b", "caf\u00e9", ".dot", "trailing\n"])
 def test_invalid_profile_ids(a, admin_headers, profile_bytes, bad_id) -> None:
-    path = "/profiles/" + httpx.URL("http://x/" + bad_id).raw_path.decode()[1:]
+    path = "/profiles/" + quote(bad_id, safe="/")
     assert_error(a.put(path, content=profile_bytes(1), headers=admin_headers), 422, "invalid_profile_id")
     assert_error(a.get(path), 422, "invalid_profile_id")
     assert_error(a.post(path + "/predict", json={"inputs": ["x"]}), 422, "invalid_profile_id")
@@ -246,3 +248,15 @@ def test_metrics_count_requests_batches_caches_and_store(a, admin_headers, profi
     assert "xpeft_queue_depth" in values and value("xpeft_model_ready") == 1
     assert 'xpeft_http_request_seconds_bucket{le="0.005",method="POST",route="/profiles/{profile_id}/predict"}' \
         in values
+
+
+def test_tokens_never_reach_the_log(cluster, c, admin_headers, reader_headers) -> None:
+    """Server c logs at info level, access log included; neither token may appear in it."""
+    c.get("/profiles", headers=reader_headers)
+    c.put("/profiles/log-1", content=b"junk", headers=admin_headers)
+    c.get("/profiles", headers={"Authorization": "Bearer a-wrong-token-to-log"})
+    log = cluster.c.log_path.read_text(errors="replace")
+    assert "GET /profiles" in log  # the log is really written
+    for secret in (admin_headers, reader_headers):
+        assert secret["Authorization"].split(" ", 1)[1] not in log
+    assert "a-wrong-token-to-log" not in log
