@@ -96,10 +96,13 @@ class FusedCache:
     def put(self, key: CacheKey, fused: FusedAdapters) -> bool:
         """Keep ``fused`` unless it is stale or alone larger than the whole cache."""
         size = fused.nbytes
-        if size > self.capacity_bytes or key[1] < self.floors.get(key[0]):
+        if size > self.capacity_bytes:
             return False
         evicted = 0
         with self._lock:
+            # checked under the lock: an invalidation raises the floor, then drops under this lock
+            if key[1] < self.floors.get(key[0]):
+                return False
             if key in self._entries:
                 return True
             while self._entries and self._nbytes + size > self.capacity_bytes:
