@@ -602,7 +602,7 @@ would keep in fp32 (measured + 2 bytes per adapter value).
 
 {main_table(res)}
 
-More metrics (mean over seeds; running train accuracy counts every batch of the run):
+{_bank_id_note(res)}More metrics (mean over seeds; running train accuracy counts every batch of the run):
 
 {detail_table(res)}
 
@@ -642,6 +642,19 @@ More metrics (mean over seeds; running train accuracy counts every batch of the 
 ```
 """)
     return "\n".join(sections)
+
+
+def _bank_id_note(res: Results) -> str:
+    """A bank rebuilt in a later session may differ in its last bits (GPU training is not bit-exact)."""
+    ids: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in res.runs:
+        if r["bank"] == "trained":
+            ids[(r["task"], r["bank"])].add(r["bank_id"])
+    split = [f"{res.title(task)} ({len(v)} ids)" for (task, _), v in sorted(ids.items()) if len(v) > 1]
+    if not split:
+        return ""
+    return ("Note: the trained bank was rebuilt by a resumed session, so its runs span more than one bank id: "
+            + ", ".join(split) + ".\n\n")
 
 
 def _sweep_table(res: Results) -> str:
