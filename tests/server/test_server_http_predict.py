@@ -113,7 +113,7 @@ def test_a_flood_gets_overloaded_not_unbounded_queues(cluster, admin_headers, re
     responses = asyncio.run(fire())
     codes = [r.status_code for r in responses]
     refused = [r for r in responses if r.status_code == 503]
-    assert set(codes) == {200, 503} and len(refused) >= 10, codes
+    assert set(codes) == {200, 503} and len(refused) >= 5, codes
     for r in refused:
         assert r.json()["error"] == "overloaded" and r.headers["retry-after"] == "1"
     answers = [r.json() for r in responses if r.status_code == 200]
