@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = STARTED + min(args.budget, HARD_STOP_S)
     torch.set_grad_enabled(False)
     cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(GRIDS["cpu"].threads or torch.get_num_threads())
     device = torch.device("cuda" if cuda else "cpu")
     grid = GRIDS["cuda"] if cuda else replace(GRIDS["cpu"], batch=16, distinct=[1, 16], adapters=[100, 1000],
                                              fusion_distinct=[1, 16], rounds=2, note="CPU smoke run of gpu_check")

@@ -111,8 +111,8 @@ def round_robin(variants: dict[str, Callable[[], object]], device: torch.device 
 
 
 def time_op(fn: Callable[[], object], device: torch.device | str, budget_s: float = 0.2,
-            repeats: int = 5) -> float:
-    """Median seconds per call of a short operation: ``repeats`` blocks of back-to-back calls."""
+            repeats: int = 5, estimator: str = "median") -> float:
+    """Seconds per call of a short operation: the median (or min) of ``repeats`` blocks of back-to-back calls."""
     fn()
     sync(device)
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def time_op(fn: Callable[[], object], device: torch.device | str, budget_s: floa
             fn()
         sync(device)
         blocks.append((time.perf_counter() - start) / per_block)
-    return statistics.median(blocks)
+    return min(blocks) if estimator == "min" else statistics.median(blocks)
 
 
 # -- workloads ------------------------------------------------------------------------------
@@ -263,10 +263,10 @@ def apply_case(encoder: AdapterEncoder, bank: AdapterBank, batch: int, seq_len: 
 
 
 def time_apply(encoder: AdapterEncoder, bank: AdapterBank, batch: int, seq_len: int, distinct: int,
-               use_triton: bool) -> float:
+               use_triton: bool, estimator: str = "median") -> float:
     h, weights, rows = apply_case(encoder, bank, batch, seq_len, distinct)
     with kernels.use_kernels(apply=use_triton), torch.no_grad():
-        return time_op(lambda: apply_adapters(h, *weights, rows), encoder.device)
+        return time_op(lambda: apply_adapters(h, *weights, rows), encoder.device, estimator=estimator)
 
 
 def gather_bytes(bank: AdapterBank, distinct: int, k: int) -> int:
@@ -275,15 +275,16 @@ def gather_bytes(bank: AdapterBank, distinct: int, k: int) -> int:
     return distinct * bank.num_layers * k * per_adapter
 
 
-def time_fusion(bank: AdapterBank, profiles: list[Profile], device: torch.device, method: str) -> float:
+def time_fusion(bank: AdapterBank, profiles: list[Profile], device: torch.device, method: str,
+                estimator: str = "median") -> float:
     """Seconds to fuse ``profiles``: ``gemm`` (mask matrix @ bank), ``gather_torch``, ``gather_triton``."""
     with torch.no_grad():
         if method == "gemm":
             weights = device_weights(profiles, device)
-            return time_op(lambda: fuse(*weights, bank), device)
+            return time_op(lambda: fuse(*weights, bank), device, estimator=estimator)
         index = device_indices(profiles, device)
         with kernels.use_kernels(gather=method == "gather_triton"):
-            return time_op(lambda: fuse_gather(*index, bank), device)
+            return time_op(lambda: fuse_gather(*index, bank), device, estimator=estimator)
 
 
 # -- provenance -----------------------------------------------------------------------------
