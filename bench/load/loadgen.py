@@ -3,6 +3,10 @@
 ``concurrency`` workers share one ordered list of requests; each sends its next request as soon as
 its previous one is answered. A pass ends when the list is used up or the deadline passes (then
 in-flight requests finish, nothing new starts), so it always stops by itself.
+
+Each worker has its own client and keep-alive connection: one client shared by 64 workers spent
+about 2.7 times more CPU per request in httpcore's pool (measured here on loopback), CPU that the
+server on the same cores would miss.
 """
 
 from __future__ import annotations
@@ -62,15 +66,15 @@ async def run_pass(base_url: str, plan: Sequence[PlannedRequest], concurrency: i
     check_loopback(base_url)
     result = PassResult()
     next_index = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s, headers=headers or {},
-                                 trust_env=False) as client:
-        start = time.perf_counter()
-        stop_at = start + deadline_s
-        cpu_start = time.process_time()
+    start = time.perf_counter()
+    stop_at = start + deadline_s
+    cpu_start = time.process_time()
 
-        async def worker() -> None:
-            nonlocal next_index
+    async def worker() -> None:
+        nonlocal next_index
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s, headers=headers or {},
+                                     trust_env=False) as client:
             while next_index < len(plan):
                 if time.perf_counter() >= stop_at:
                     result.stopped_by_deadline = True
@@ -91,7 +95,7 @@ async def run_pass(base_url: str, plan: Sequence[PlannedRequest], concurrency: i
                     result.rows_ok += len(req.texts)
                     result.latencies_s.append(elapsed)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        result.wall_s = time.perf_counter() - start
-        result.client_cpu_s = time.process_time() - cpu_start
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.wall_s = time.perf_counter() - start
+    result.client_cpu_s = time.process_time() - cpu_start
     return result

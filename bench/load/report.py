@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 
+from .stats import median
+
 TARGET_RATIO = 0.75
 TARGET_REDIS_BYTES = 4096
 FLAT_TOLERANCE = 0.10  # RSS may grow at most 10 % from the smallest to the largest stage
@@ -152,8 +154,8 @@ def _throughput(result: dict, img: dict[str, str]) -> list[str]:
         f"{tp['stored']:,} profiles stored in {fmt(tp['insert_s'])} s; the server was ready "
         f"{fmt(tp['server_startup_s'])} s after it started. The request sequence touches "
         f"{plan['distinct_profiles']:,} distinct profiles; the most popular one gets {plan['top1_share']:.1%} "
-        f"of the requests and the top 100 get {plan['top100_share']:.1%} (Zipf expects "
-        f"{plan['expected_top100_share']:.1%}). Cold is the first pass on the fresh server (every profile "
+        f"of the requests, and the 100 most requested get {plan['top100_share']:.1%} (the 100 most popular of "
+        f"the distribution: {plan['expected_top100_share']:.1%}). Cold is the first pass on the fresh server (every profile "
         "read from Redis, decoded and fused on first use); warm is the same sequence again, "
         f"{len(tp['http_warm'])} rounds. Offline runs the same sequence in the same process that generates "
         "the load, through the server's own batch step (`ModelWorker.run`: its fused-weight cache, of the "
@@ -284,23 +286,19 @@ def render_markdown(result: dict, img: dict[str, str], analysis: list[str] | Non
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _mid(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def _throughput_analysis(result: dict) -> list[str]:
     tp = result["throughput"]
     sm, warm, off = tp["summary"], tp["http_warm"], tp["offline_warm"]
     c = result["config"]
-    busy = _mid([w["server_batches"]["worker_busy"] for w in warm])
-    batch_ms = _mid([w["server_batches"]["mean_batch_ms"] for w in warm])
-    off_batch_ms = _mid([o["mean_batch_ms"] for o in off])
-    rows = _mid([w["server_batches"]["mean_rows"] for w in warm])
-    wait_ms = _mid([w["server_batches"]["mean_queue_wait_ms"] for w in warm])
-    server_ms = _mid([w["cpu"]["server_cpu_ms_per_seq"] for w in warm])
-    gen_ms = _mid([w["cpu"]["load_gen_cpu_ms_per_seq"] for w in warm])
-    off_ms = _mid([o["cpu"]["own_cpu_ms_per_seq"] for o in off])
-    other = _mid([w["cpu"]["other_processes_cpu_s"] / w["wall_s"] for w in warm])
+    busy = median([w["server_batches"]["worker_busy"] for w in warm])
+    batch_ms = median([w["server_batches"]["mean_batch_ms"] for w in warm])
+    off_batch_ms = median([o["mean_batch_ms"] for o in off])
+    rows = median([w["server_batches"]["mean_rows"] for w in warm])
+    wait_ms = median([w["server_batches"]["mean_queue_wait_ms"] for w in warm])
+    server_ms = median([w["cpu"]["server_cpu_ms_per_seq"] for w in warm])
+    gen_ms = median([w["cpu"]["load_gen_cpu_ms_per_seq"] for w in warm])
+    off_ms = median([o["cpu"]["own_cpu_ms_per_seq"] for o in off])
+    other = median([w["cpu"]["other_processes_cpu_s"] / w["wall_s"] for w in warm])
     cores = result["hardware"]["usable_cpus"]
     met = sm["ratio_warm"] >= TARGET_RATIO
     cold = tp["http_cold"]["server_batches"]
@@ -319,8 +317,13 @@ def _throughput_analysis(result: dict) -> list[str]:
         f"{fmt(off_ms, 2)} ms, so HTTP, JSON, validation, the event loop and the batcher cost about "
         f"{fmt(server_ms - off_ms, 2)} ms per request of {c['texts_per_request']} text(s); the load generator, on the "
         f"same {cores} CPUs, used {fmt(gen_ms, 2)} ms per request, and other users of the machine about "
-        f"{fmt(other, 2)} CPUs during the passes. With several texts per request (`--texts-per-request`) the "
-        "per-request costs are shared by more sequences.",
+        f"{fmt(other, 2)} CPUs during the passes. Serving over HTTP thus needs "
+        f"{fmt(server_ms + gen_ms, 2)} ms of CPU per sequence on this machine where offline needs {fmt(off_ms, 2)}: "
+        "on CPUs shared with the load generator and other users, throughput follows that CPU. An estimate, "
+        "not a measurement: with the load generator on other cores, the server's CPU efficiency (offline CPU "
+        f"per sequence over server CPU per sequence) would allow about {fmt(off_ms / server_ms, 2)}× offline. "
+        "With several texts per request (`--texts-per-request`) the per-request costs are shared by more "
+        "sequences.",
         f"- Batching: with {c['concurrency']} closed-loop clients and one text per request the batches held "
         f"{fmt(rows)} rows: while one batch runs, the clients it answered are still sending, so about half the "
         f"clients wait for the next batch. Latency is that queue wait ({fmt(wait_ms)} ms on average) plus the "
@@ -360,8 +363,9 @@ def _memory_analysis(result: dict) -> list[str]:
             "- Cache resets: the replicas emptied their caches "
             + " and ".join(f"{v:,.0f}" for v in resets.values())
             + " times while profiles were being stored, logging 'the store was reset', though nothing was "
-            "reset: see the server log above. It also forgets the version floors, so the storing figure above "
-            "leaves out the per-id floors that a replica otherwise keeps for every id written.")
+            "reset: see the server logs above. Emptying the caches gives memory back (so 'Δ while storing' "
+            "can be negative) and also forgets the version floors, so the storing figures leave out the "
+            "per-id floor that a replica otherwise keeps for every id written.")
     return lines
 
 

@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
     token = uuid.uuid4().hex
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    result: dict = {"command": "python -m bench.load.run " + shlex.join(sys.argv[1:] if argv is None else argv),
+    command = shlex.join(["python", "-m", "bench.load.run", *(sys.argv[1:] if argv is None else argv)])
+    result: dict = {"command": command,
                     "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "quick": args.quick, "hardware": hardware(), "git": git_state()}
     torch.set_num_threads(config.torch_threads)  # the offline model; the servers get XPEFT_TORCH_THREADS
