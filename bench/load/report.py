@@ -349,14 +349,24 @@ def _memory_analysis(result: dict) -> list[str]:
         + ("Within the 4 KB target." if ms["redis_ok"] else "Over the 4 KB target."),
         f"- Server memory, glibc as is: RSS after traffic went {mib(ms['rss_first'])} → {mib(ms['rss_last'])} MiB "
         f"({ms['growth_share']:+.1%}); with the fixed mmap threshold {mib(fixed['rss_first'])} → "
-        f"{mib(fixed['rss_last'])} MiB ({fixed['growth_share']:+.1%}), same events, same requests, same cache "
-        f"contents. Storing {last['stored']:,} profiles alone moved RSS by {mib(ms['storing_growth'])} MiB "
-        f"({fmt(ms['storing_growth_per_profile'], 1)} bytes per profile stored). "
-        + ("What grows is traffic, not profiles stored: the difference between the two replicas is heap "
-           "fragmentation from large per-batch and evicted fused-weight tensors, and the decoded-profile cache "
-           "(bounded by count, not bytes) fills with every distinct profile requested."
+        f"{mib(fixed['rss_last'])} MiB ({fixed['growth_share']:+.1%}), with the same events and requests, both "
+        f"fused caches full ({mib(mem['fused_cache_capacity'])} MiB) and "
+        + " and ".join(f"{v['profile_cache_entries']:,.0f}" for v in last["servers"].values())
+        + f" decoded profiles cached at the end. Storing {last['stored']:,} profiles alone moved the first "
+        f"replica's RSS by {mib(ms['storing_growth'])} MiB ({fmt(ms['storing_growth_per_profile'], 1)} bytes per "
+        "profile stored). "
+        + ("What grows is traffic, not profiles stored, and the two replicas differ only in the allocator "
+           "setting, so the extra growth is the allocator's: large, variably sized per-batch tensors and "
+           "evicted fused weights come from glibc's heap once its dynamic mmap threshold has risen, and the "
+           "fragmented heap is not given back (peak RSS equals RSS). "
            if fixed["growth"] < ms["growth"] else
-           "The fixed mmap threshold did not reduce the growth in this run."),
+           "The fixed mmap threshold did not reduce the growth in this run. ")
+        + "The fixed threshold has a price: the same requests ran at "
+        + " against ".join(f"{fmt(median([st['servers'][name]['traffic']['sequences_per_s'] for st in mem['stages']]))}"
+                           for name in last["servers"])
+        + " sequences/s (median over the stages, " + " against ".join(last["servers"]) + "), since every large "
+        "tensor is then a fresh mmap with its page faults; the replicas took their traffic one after the "
+        "other, so machine noise falls on them differently.",
     ]
     if any(resets.values()):
         lines.append(
