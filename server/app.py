@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from xpeft.adapters.bank import AdapterBank
@@ -25,21 +25,23 @@ from xpeft.adapters.encoder import DEFAULT_MODEL, TextInput, load_encoder
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel, best_device
-from xpeft.server.auth import require_admin, require_reader
+from xpeft.server.auth import Authorizer, require_admin, require_profile_access, require_reader
 from xpeft.server.batcher import MicroBatcher, Overloaded
 from xpeft.server.cache import FusedCache, ProfileCache, VersionFloors
 from xpeft.server.errors import ApiError, install_error_handlers
 from xpeft.server.metrics import Metrics
-from xpeft.server.middleware import BodyLimitMiddleware, MetricsMiddleware
+from xpeft.server.middleware import Admission, AdmissionMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from xpeft.server.schemas import ErrorBody, Health, PredictRequest, PredictResponse, ProfileList, ProfileMeta
-from xpeft.server.settings import Settings
+from xpeft.server.settings import PROFILE_ID_PATTERN, Settings
 from xpeft.server.stores import ProfileStore, open_store
 from xpeft.server.sync import CacheSync
 from xpeft.server.worker import ModelWorker
 
 log = logging.getLogger("xpeft.server")
 
-PROFILE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
+# Lone surrogates survive JSON decoding but no tokenizer takes them: refuse them at the door.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,12 +57,32 @@ class ServerState:
     worker: ModelWorker
     batcher: MicroBatcher
     sync: CacheSync
+    auth: Authorizer
+    admission: Admission
     model_error: str | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
     def model_ready(self) -> bool:
         return self.worker.model is not None
+
+    async def drain(self) -> int:
+        """After SIGTERM: refuse new requests, wait for those in flight, then answer any still queued.
+
+        Waits at least ``drain_delay_s`` (load balancers see /readyz turn 503 and stop sending) and
+        at most ``drain_delay_s + drain_timeout_s``. Returns how many requests were still in flight.
+        """
+        settings = self.settings
+        self.admission.begin_drain()
+        log.warning("shutting down: refusing new requests, draining %d in flight (at most %g s)",
+                    self.admission.in_flight, settings.drain_delay_s + settings.drain_timeout_s)
+        await asyncio.sleep(settings.drain_delay_s)
+        if await self.admission.wait_idle(settings.drain_timeout_s):
+            return 0
+        left = self.admission.in_flight
+        log.warning("drain timeout: %d requests still in flight; queued predictions get 503 shutting_down", left)
+        self.batcher.fail_pending(ApiError(503, "shutting_down", "the server is shutting down"))
+        return left
 
 
 def _package_version() -> str:
@@ -96,7 +118,8 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     batcher = MicroBatcher(worker.run_async, settings.max_batch_size, settings.max_wait_ms / 1000,
                            settings.max_queue, metrics)
     state = ServerState(settings, metrics, store, bank, profiles, worker, batcher,
-                        CacheSync(store, profiles, metrics, settings.version_check_s))
+                        CacheSync(store, profiles, metrics, settings.version_check_s), Authorizer(settings),
+                        Admission(settings.max_in_flight, metrics))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -119,16 +142,35 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
 
     app = FastAPI(title="xpeft", version=_package_version(), lifespan=lifespan,
                   description="Multi-profile X-PEFT inference: one frozen encoder and adapter bank, many profiles.",
-                  responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 413: {"model": ErrorBody},
-                             422: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+                  responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 408: {"model": ErrorBody},
+                             413: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    app.openapi = lambda: _openapi_with_limits(app, settings)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_profile_bytes=settings.max_profile_bytes,
-                       max_request_bytes=settings.max_request_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also counts 413s
+                       max_request_bytes=settings.max_request_bytes, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(AdmissionMiddleware, admission=state.admission)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also counts 413s and refusals
     app.include_router(router)
     return app
+
+
+def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict:
+    """The generated schema plus this replica's limits, so that a client (or a fuzzer) generating
+    valid requests from it is never refused for a limit the schema did not state."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        inputs = schema["components"]["schemas"]["PredictRequest"]["properties"]["inputs"]
+        inputs.update(minItems=1, maxItems=settings.max_inputs)
+        for variant in inputs["items"]["anyOf"]:
+            for text in variant.get("prefixItems", [variant]):
+                text["maxLength"] = settings.max_text_chars
+        for param in schema["paths"]["/profiles"]["get"]["parameters"]:
+            if param["name"] == "limit":
+                param["schema"]["anyOf"][0]["maximum"] = settings.max_list_limit
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def _load_model(state: ServerState) -> None:
@@ -153,6 +195,11 @@ _OCTET_BODY = {"requestBody": {"required": True, "description": "the .xpm profil
                                                                                    "format": "binary"}}}}}
 
 
+# The pattern is in the OpenAPI schema; _check_id enforces it with the stable code invalid_profile_id.
+_ID_DOC = "1 to 128 characters: letters, digits, '.', '_', '-'; the first a letter or digit"
+ProfileIdPath = Path(..., description=_ID_DOC, json_schema_extra={"pattern": PROFILE_ID_PATTERN})
+
+
 def _server(request: Request) -> ServerState:
     return request.app.state.server
 
@@ -170,14 +217,25 @@ def _not_found(profile_id: str) -> ApiError:
 
 def _validate_profile(data: bytes, bank: AdapterBank) -> dict:
     """Decode all of it against the served bank (any ProfileFormatError refuses the upload)."""
-    xpm.decode(data, bank)
-    return {**xpm.read_info(data).as_dict(), "sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        xpm.decode(data, bank)
+        info = xpm.read_info(data)
+        if type(info.max_length) is not int:  # JSON true passes an isinstance(int) check
+            raise xpm.ProfileFormatError("bad_header", f"max_length={info.max_length!r} is not an integer")
+    except xpm.ProfileFormatError:
+        raise
+    except Exception as exc:
+        # Untrusted bytes that trip the decoder itself (a header field of an unexpected type, say) are
+        # still a malformed file: refuse it (422), never a 500; the traceback shows the decoder's gap.
+        log.warning("the profile decoder failed on an upload; refusing it", exc_info=True)
+        raise xpm.ProfileFormatError("bad_header", f"the file could not be decoded ({type(exc).__name__})") from exc
+    return {**info.as_dict(), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 @router.put("/profiles/{profile_id}", response_model=ProfileMeta, dependencies=[Depends(require_admin)],
             openapi_extra=_OCTET_BODY, tags=["profiles"],
             responses={201: {"model": ProfileMeta, "description": "created"}, 409: {"model": ErrorBody}})
-async def put_profile(profile_id: str, request: Request, response: Response) -> dict:
+async def put_profile(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
     """Upload (create or replace) a profile: 201 when new, 200 when replaced; nothing is stored if refused."""
     _check_id(profile_id)
     state = _server(request)
@@ -189,9 +247,9 @@ async def put_profile(profile_id: str, request: Request, response: Response) -> 
     return record.as_dict()
 
 
-@router.get("/profiles/{profile_id}", response_model=ProfileMeta, dependencies=[Depends(require_reader)],
+@router.get("/profiles/{profile_id}", response_model=ProfileMeta, dependencies=[Depends(require_profile_access)],
             tags=["profiles"], responses={404: {"model": ErrorBody}})
-async def get_profile(profile_id: str, request: Request) -> dict:
+async def get_profile(request: Request, profile_id: str = ProfileIdPath) -> dict:
     """A profile's metadata and current version."""
     _check_id(profile_id)
     state = _server(request)
@@ -203,7 +261,7 @@ async def get_profile(profile_id: str, request: Request) -> dict:
 
 @router.delete("/profiles/{profile_id}", dependencies=[Depends(require_admin)], tags=["profiles"],
                responses={404: {"model": ErrorBody}})
-async def delete_profile(profile_id: str, request: Request) -> dict:
+async def delete_profile(request: Request, profile_id: str = ProfileIdPath) -> dict:
     """Delete a profile; every replica stops serving it within a second."""
     _check_id(profile_id)
     state = _server(request)
@@ -215,8 +273,11 @@ async def delete_profile(profile_id: str, request: Request) -> dict:
 
 
 @router.get("/profiles", response_model=ProfileList, dependencies=[Depends(require_reader)], tags=["profiles"])
-async def list_profiles(request: Request, cursor: str | None = Query(None, description="next_cursor of the last page"),
-                        limit: int | None = Query(None, ge=1, description="page size (default 100)")) -> dict:
+async def list_profiles(request: Request,
+                        cursor: str | None = Query(None, description="next_cursor of the last page (a profile id)",
+                                                   json_schema_extra={"pattern": PROFILE_ID_PATTERN}),
+                        limit: int | None = Query(None, ge=1, description="page size (default 100, at most "
+                                                                           "XPEFT_MAX_LIST_LIMIT)")) -> dict:
     """Profiles in id order, one page at a time."""
     state = _server(request)
     limit = limit or min(100, state.settings.max_list_limit)
@@ -238,12 +299,15 @@ def _inputs(body: PredictRequest, settings: Settings) -> list[TextInput]:
             if len(text) > settings.max_text_chars:
                 raise ApiError(422, "invalid_request",
                                f"inputs[{i}] has {len(text)} characters; at most {settings.max_text_chars}")
+            if _SURROGATE.search(text):
+                raise ApiError(422, "invalid_request", f"inputs[{i}] holds a lone UTF-16 surrogate: not text")
     return list(body.inputs)
 
 
-@router.post("/profiles/{profile_id}/predict", response_model=PredictResponse, dependencies=[Depends(require_reader)],
-             tags=["predict"], responses={404: {"model": ErrorBody}, 504: {"model": ErrorBody}})
-async def predict(profile_id: str, body: PredictRequest, request: Request) -> dict:
+@router.post("/profiles/{profile_id}/predict", response_model=PredictResponse,
+             dependencies=[Depends(require_profile_access)], tags=["predict"],
+             responses={404: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+async def predict(body: PredictRequest, request: Request, profile_id: str = ProfileIdPath) -> dict:
     """Labels and scores for each input, all from one version of the profile."""
     _check_id(profile_id)
     state = _server(request)
@@ -251,6 +315,14 @@ async def predict(profile_id: str, body: PredictRequest, request: Request) -> di
     if not state.model_ready:
         raise ApiError(503, "not_ready", state.model_error or "the model is still loading",
                        headers={"Retry-After": "1"})
+    timeout = state.settings.request_timeout_s
+    try:  # one deadline for all of it: store lookup, queue and forward
+        return await asyncio.wait_for(_predict(state, profile_id, inputs), timeout)
+    except asyncio.TimeoutError as exc:
+        raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from exc
+
+
+async def _predict(state: ServerState, profile_id: str, inputs: list[TextInput]) -> dict:
     entry = await state.profiles.get(profile_id)
     if entry is None:
         raise _not_found(profile_id)
@@ -259,10 +331,7 @@ async def predict(profile_id: str, body: PredictRequest, request: Request) -> di
     except Overloaded as exc:
         raise ApiError(503, "overloaded", f"the server is busy: {exc}; retry later",
                        headers={"Retry-After": "1"}) from exc
-    try:
-        predictions = await asyncio.wait_for(future, state.settings.request_timeout_s)
-    except asyncio.TimeoutError as exc:
-        raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from exc
+    predictions = await future
     return {"profile": profile_id, "version": entry.version, "predictions": [p.as_dict() for p in predictions]}
 
 
@@ -271,7 +340,7 @@ async def bad_profile_path(rest: str, request: Request) -> None:
     """Ids with a slash (or other paths under /profiles/): a clear refusal instead of a bare 404."""
     head, _, tail = rest.partition("/")
     if tail == "predict" and PROFILE_ID.fullmatch(head):
-        raise ApiError(405, "method_not_allowed", "predict takes POST")
+        raise ApiError(405, "method_not_allowed", "predict takes POST", headers={"Allow": "POST"})
     _check_id(rest)
     raise ApiError(404, "not_found", f"no route {request.url.path}")
 
@@ -289,6 +358,8 @@ async def healthz(request: Request) -> dict:
 async def readyz(request: Request) -> dict:
     """Ready to predict: the model is loaded and the store answers."""
     state = _server(request)
+    if state.admission.draining:
+        raise ApiError(503, "shutting_down", "this replica is shutting down")
     if not state.model_ready:
         raise ApiError(503, "not_ready", state.model_error or "the model is still loading")
     await state.metrics.timed_store("ping", state.store.ping())
@@ -299,7 +370,9 @@ async def readyz(request: Request) -> dict:
                                           "device": str(model.encoder.device)}}
 
 
-@router.get("/metrics", tags=["ops"], response_class=Response)
+@router.get("/metrics", tags=["ops"], response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,17 +1,26 @@
-"""Bearer-token checks: the admin token guards writes, the optional API token guards reads.
+"""Bearer tokens: the admin token guards writes, the API token reads, and per-tenant predict tokens
+one tenant's profiles (those whose id starts with one of the token's prefixes).
 
-Tokens are compared with ``hmac.compare_digest`` (no timing leak) and never logged: they live in
-``SecretStr`` settings and only the Authorization header carries them.
+Tokens never reach a log: they live in ``SecretStr`` settings and in the :class:`Authorizer`, and
+only the Authorization header carries them. Comparisons take constant time: the admin and API
+tokens are each compared with ``hmac.compare_digest``, all of them, without stopping at a match.
+A tenant token is found through a keyed hash (HMAC-SHA256 under a key drawn at startup; its timing
+tells nothing about any token without the key) and then confirmed with ``compare_digest``, so that
+thousands of tenants cost one dictionary lookup, not thousands of comparisons.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import secrets
+from collections.abc import Iterable
 
 from fastapi import Request
 from pydantic import SecretStr
 
 from xpeft.server.errors import ApiError
+from xpeft.server.settings import Settings
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -24,32 +33,115 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def check_token(request: Request, accepted: list[SecretStr | None]) -> None:
-    """Pass when no token is configured, or the bearer token equals one of ``accepted``.
+def _secret(value: SecretStr | None) -> bytes | None:
+    return None if value is None else value.get_secret_value().encode()
 
-    Missing token: 401 ``unauthorized``; a token that matches none: 403 ``forbidden``.
-    """
-    secrets = [s.get_secret_value().encode() for s in accepted if s is not None]
-    if not secrets:
-        return
-    token = _bearer(request)
-    if token is None:
-        raise ApiError(401, "unauthorized", "this endpoint needs an Authorization: Bearer <token> header",
-                       headers=_CHALLENGE)
-    given = token.encode()
-    # compare against every secret, without stopping early, so timing says nothing about which
-    matched = [hmac.compare_digest(given, secret) for secret in secrets]
-    if not any(matched):
+
+def _any_equal(given: bytes, candidates: Iterable[bytes]) -> bool:
+    """Constant time: every candidate is compared, whatever matched before."""
+    matched = False
+    for candidate in candidates:
+        matched |= hmac.compare_digest(given, candidate)
+    return matched
+
+
+def _missing() -> ApiError:
+    return ApiError(401, "unauthorized", "this endpoint needs an Authorization: Bearer <token> header",
+                    headers=_CHALLENGE)
+
+
+class Authorizer:
+    """The tokens of one app, fixed at startup; each ``check_*`` raises 401 / 403 or returns."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.admin = _secret(settings.admin_token)
+        self.api = _secret(settings.api_token)
+        self._key = secrets.token_bytes(32)
+        self._tenants: dict[bytes, tuple[bytes, tuple[str, ...]]] = {
+            self._digest(token.encode()): (token.encode(), prefixes)
+            for token, prefixes in settings.tenant_prefixes().items()
+        }
+
+    @property
+    def tenants(self) -> int:
+        return len(self._tenants)
+
+    @property
+    def reads_open(self) -> bool:
+        """Reads and predictions need no token only when neither API nor tenant tokens exist."""
+        return self.api is None and not self._tenants
+
+    def _digest(self, token: bytes) -> bytes:
+        return hmac.new(self._key, token, hashlib.sha256).digest()
+
+    def _tenant(self, given: bytes) -> tuple[str, ...] | None:
+        """The prefixes of the tenant token ``given``, or ``None``."""
+        entry = self._tenants.get(self._digest(given))
+        if entry is None or not hmac.compare_digest(given, entry[0]):
+            return None
+        return entry[1]
+
+    def _privileged(self, given: bytes) -> bool:
+        """The admin or the API token (both may read and predict everything)."""
+        return _any_equal(given, [s for s in (self.admin, self.api) if s is not None])
+
+    def check_admin(self, request: Request) -> None:
+        """PUT and DELETE: the admin token, when one is set (else writes are open)."""
+        if self.admin is None:
+            return
+        token = _bearer(request)
+        if token is None:
+            raise _missing()
+        if not _any_equal(token.encode(), [self.admin]):
+            raise ApiError(403, "forbidden", "this endpoint needs the admin token")
+
+    def check_reader(self, request: Request) -> None:
+        """Listing profiles: the API or the admin token; tenant tokens may not see other tenants' ids."""
+        if self.reads_open:
+            return
+        token = _bearer(request)
+        if token is None:
+            raise _missing()
+        given = token.encode()
+        if self._privileged(given):
+            return
+        if self._tenant(given) is not None:
+            raise ApiError(403, "forbidden", "a predict token may only use its own profiles, one id at a time")
         raise ApiError(403, "forbidden", "the bearer token is not valid for this endpoint")
+
+    def check_profile(self, request: Request, profile_id: str) -> None:
+        """Predict and metadata of one profile: API or admin token, or a tenant token with a matching prefix."""
+        if self.reads_open:
+            return
+        token = _bearer(request)
+        if token is None:
+            raise _missing()
+        given = token.encode()
+        if self._privileged(given):
+            return
+        prefixes = self._tenant(given)
+        if prefixes is None:
+            raise ApiError(403, "forbidden", "the bearer token is not valid for this endpoint")
+        if not profile_id.startswith(prefixes):
+            raise ApiError(403, "forbidden", "this token may not use that profile: its id has none of the "
+                                             "token's prefixes")
+
+
+def _authorizer(request: Request) -> Authorizer:
+    return request.app.state.server.auth
 
 
 async def require_admin(request: Request) -> None:
-    """Dependency of PUT and DELETE: the admin token, when ``XPEFT_ADMIN_TOKEN`` is set."""
-    check_token(request, [request.app.state.settings.admin_token])
+    """Dependency of PUT and DELETE."""
+    _authorizer(request).check_admin(request)
 
 
 async def require_reader(request: Request) -> None:
-    """Dependency of reads and predict: the API or the admin token, when ``XPEFT_API_TOKEN`` is set."""
-    settings = request.app.state.settings
-    if settings.api_token is not None:
-        check_token(request, [settings.api_token, settings.admin_token])
+    """Dependency of ``GET /profiles``."""
+    _authorizer(request).check_reader(request)
+
+
+async def require_profile_access(request: Request) -> None:
+    """Dependency of predict and ``GET /profiles/{id}``: the id comes from the path (read here, not
+    declared as a parameter, so that the route's own declaration, with its pattern, is the schema's)."""
+    _authorizer(request).check_profile(request, request.path_params.get("profile_id", ""))

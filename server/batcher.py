@@ -111,15 +111,40 @@ class MicroBatcher:
                     self.metrics.queue_wait.observe(started - job.enqueued)
             try:
                 answers = await self.runner(batch)
-            except Exception as exc:  # the whole batch failed: every request gets the error
-                log.exception("batch of %d requests failed", len(batch))
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+            except Exception as exc:
+                if len(batch) == 1:
+                    log.exception("a request failed in the model worker")
+                    self._fail(batch[0], exc)
+                    continue
+                # One request must not sink the others of its batch (another tenant's, say): run
+                # each alone, so only the one that fails by itself gets the error.
+                log.warning("batch of %d requests failed (%s: %s); running them one by one", len(batch),
+                            type(exc).__name__, exc)
+                if self.metrics is not None:
+                    self.metrics.batch_retries.inc()
+                await self._run_alone(batch)
                 continue
             for job, answer in zip(batch, answers, strict=True):
                 if not job.future.done():
                     job.future.set_result(answer)
+
+    async def _run_alone(self, batch: list[Job]) -> None:
+        for job in batch:
+            if job.future.done():
+                continue
+            try:
+                (answer,) = await self.runner([job])
+            except Exception as exc:
+                log.exception("a request failed in the model worker")
+                self._fail(job, exc)
+            else:
+                if not job.future.done():
+                    job.future.set_result(answer)
+
+    @staticmethod
+    def _fail(job: Job, exc: BaseException) -> None:
+        if not job.future.done():
+            job.future.set_exception(exc)
 
     def fail_pending(self, exc: BaseException) -> None:
         """On shutdown: answer every queued request with ``exc``."""

@@ -161,7 +161,7 @@ class ProfileCache:
         self.floors = fused.floors
         self.metrics = metrics
         self._entries: OrderedDict[str, CachedProfile] = OrderedDict()
-        self._loading: dict[str, asyncio.Future[CachedProfile | None]] = {}
+        self._loading: dict[str, asyncio.Future[CachedProfile | None]] = {}  # one read per id at a time
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -179,21 +179,19 @@ class ProfileCache:
             return entry
         self.metrics.cache_event("profile", "miss")
         pending = self._loading.get(profile_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[CachedProfile | None] = asyncio.get_running_loop().create_future()
-        self._loading[profile_id] = future
-        try:
-            result = await self._load(profile_id)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, nobody else must log it
-            raise
-        else:
-            future.set_result(result)
-        finally:
+        if pending is None:
+            # A task of its own: a caller that times out (or disconnects) must not cancel the read
+            # that the other callers of the same id are waiting for.
+            pending = asyncio.ensure_future(self._load(profile_id))
+            self._loading[profile_id] = pending
+            pending.add_done_callback(lambda task: self._loaded(profile_id, task))
+        return await asyncio.shield(pending)
+
+    def _loaded(self, profile_id: str, task: asyncio.Future[CachedProfile | None]) -> None:
+        if self._loading.get(profile_id) is task:
             del self._loading[profile_id]
-        return result
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters re-raise it; nobody else must log it
 
     async def _load(self, profile_id: str) -> CachedProfile | None:
         for _ in range(5):

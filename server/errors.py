@@ -46,9 +46,17 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
 
 
+class BodyTimeout(StarletteHTTPException):
+    """The request body did not arrive in time (a slow or stalled client)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {timeout_s:g} s",
+                         headers={"Connection": "close"})
+
+
 # Default codes for errors that Starlette raises itself (unknown route, wrong method, ...).
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+                 405: "method_not_allowed", 408: "request_timeout", 413: "too_large", 415: "unsupported_media_type",
                  422: "invalid_request", 429: "overloaded", 503: "unavailable"}
 
 
@@ -70,6 +78,17 @@ def _validation_message(exc: RequestValidationError) -> str:
         where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` header of a 405: every documented route's methods for this path (Starlette names
+    only those of the first route that matched, and FastAPI has one route per method)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        documented = getattr(route, "include_in_schema", False) and getattr(route, "methods", None)
+        if documented and route.path_regex.match(request.url.path):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -100,10 +119,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_request", message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(exc.status_code, "http_error")
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status, headers = exc.status_code, getattr(exc, "headers", None)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+        if status == 400:  # a body that cannot be parsed (not UTF-8, say): the same refusal as bad JSON
+            status, message = 422, f"{message} (send the body as JSON with Content-Type: application/json)"
+        if status == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return error_response(status, _STATUS_CODES.get(status, "http_error"), message, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -37,6 +37,12 @@ class Metrics:
         self.queue_depth = Gauge("xpeft_queue_depth", "predict requests waiting for a batch", registry=r)
         self.overloaded = Counter("xpeft_overloaded_total", "predicts refused because the queue was full",
                                   registry=r)
+        self.in_flight = Gauge("xpeft_in_flight_requests", "HTTP requests being handled (probes aside)", registry=r)
+        self.admission_refused = Counter("xpeft_admission_refused_total",
+                                         "requests refused at the door: in_flight (limit reached), draining",
+                                         ["reason"], registry=r)
+        self.batch_retries = Counter("xpeft_batch_isolations_total",
+                                     "failed batches re-run one request at a time", registry=r)
         self.cache_events = Counter("xpeft_cache_events_total", "cache hits, misses and evictions",
                                     ["cache", "event"], registry=r)
         self.cache_entries = Gauge("xpeft_cache_entries", "entries held", ["cache"], registry=r)

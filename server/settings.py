@@ -6,17 +6,24 @@ environment (docker-compose sets nothing else).
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The profile-id pattern (app.py checks ids with it); a tenant prefix is a valid id itself.
+PROFILE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
+
 
 class Settings(BaseSettings):
     """All server settings; each field reads ``XPEFT_<FIELD NAME IN CAPITALS>``."""
 
-    model_config = SettingsConfigDict(env_prefix="XPEFT_", extra="ignore")
+    # hide_input_in_errors: a refused value may hold a token; errors must never echo it
+    model_config = SettingsConfigDict(env_prefix="XPEFT_", extra="ignore", hide_input_in_errors=True)
 
     # what to serve
     bank: Path | None = Field(None, description="bank file (.safetensors); required")
@@ -40,7 +47,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="rows (texts) per forward")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="queued requests before 503 overloaded")
-    request_timeout_s: float = Field(30.0, gt=0, description="a predict waiting longer gets 504 timeout")
+    request_timeout_s: float = Field(30.0, gt=0, description="a predict taking longer (lookup, queue and forward) "
+                                                             "gets 504 timeout")
 
     # caches
     profile_cache_size: int = Field(10_000, ge=1, description="decoded profiles kept on the host")
@@ -52,10 +60,22 @@ class Settings(BaseSettings):
     max_inputs: int = Field(64, ge=1, description="inputs per predict")
     max_text_chars: int = Field(4096, ge=1, description="characters per text (each side of a pair)")
     max_list_limit: int = Field(1000, ge=1, description="largest page of GET /profiles")
+    max_in_flight: int = Field(2048, ge=1, description="requests handled at once (health, readiness and metrics "
+                                                        "aside) before 503 overloaded")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this (408 "
+                                                          "request_timeout)")
+
+    # graceful shutdown (SIGTERM): refuse new requests, let in-flight ones finish, then exit
+    drain_timeout_s: float = Field(10.0, ge=0, description="after SIGTERM, how long in-flight requests may take")
+    drain_delay_s: float = Field(0.0, ge=0, description="after SIGTERM, the least time new requests are still "
+                                                        "answered 503 shutting_down before the port closes")
 
     # auth: SecretStr keeps tokens out of reprs and logs
     admin_token: SecretStr | None = Field(None, description="bearer token for PUT and DELETE")
     api_token: SecretStr | None = Field(None, description="bearer token for reads and predict (admin works too)")
+    predict_tokens: SecretStr | None = Field(None, description='per-tenant tokens, JSON {"<token>": ["<id prefix>", '
+                                                               '...]}: predict and read only those profiles')
+    predict_tokens_file: Path | None = Field(None, description="the same JSON in a file (a mounted secret)")
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True
@@ -69,4 +89,45 @@ class Settings(BaseSettings):
                 setattr(self, name, None)
         if self.redis_url == "":
             self.redis_url = None
+        if self.predict_tokens is not None and not self.predict_tokens.get_secret_value().strip():
+            self.predict_tokens = None
+        tenants = self.tenant_prefixes()  # refuse a malformed table at startup, not at the first request
+        if tenants and self.admin_token is None:
+            raise ValueError("predict tokens need XPEFT_ADMIN_TOKEN: without it anyone may overwrite any "
+                             "tenant's profiles")
+        others = {s.get_secret_value() for s in (self.admin_token, self.api_token) if s is not None}
+        if others & tenants.keys():
+            raise ValueError("a predict token must differ from the admin and API tokens")
         return self
+
+    def tenant_prefixes(self) -> dict[str, tuple[str, ...]]:
+        """Predict token -> the profile-id prefixes it may use, from both sources (file entries last).
+
+        Error messages name an entry by position, never by its token.
+        """
+        sources: list[tuple[str, str]] = []
+        if self.predict_tokens is not None:
+            sources.append(("XPEFT_PREDICT_TOKENS", self.predict_tokens.get_secret_value()))
+        if self.predict_tokens_file is not None:
+            try:
+                sources.append((str(self.predict_tokens_file), self.predict_tokens_file.read_text()))
+            except OSError as exc:
+                raise ValueError(f"cannot read predict_tokens_file: {exc.strerror}") from None
+        table: dict[str, tuple[str, ...]] = {}
+        for where, text in sources:
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError(f"{where} is not JSON") from None
+            if not isinstance(raw, dict):
+                raise ValueError(f'{where} must be a JSON object {{"<token>": ["<prefix>", ...]}}')
+            for n, (token, prefixes) in enumerate(raw.items(), 1):
+                if not token or token != token.strip() or any(c.isspace() for c in token):
+                    raise ValueError(f"{where}: token {n} is empty or holds whitespace")
+                prefixes = [prefixes] if isinstance(prefixes, str) else prefixes
+                if (not isinstance(prefixes, list) or not prefixes
+                        or not all(isinstance(p, str) and _PROFILE_ID.fullmatch(p) for p in prefixes)):
+                    raise ValueError(f"{where}: token {n} needs a list of profile-id prefixes, each matching "
+                                     f"{PROFILE_ID_PATTERN}")
+                table[token] = tuple(prefixes)
+        return table

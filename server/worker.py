@@ -14,12 +14,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from xpeft.adapters.encoder import AdapterEncoder
 from xpeft.adapters.fusion import FusedAdapters
 from xpeft.profiles.profile import Profile
 from xpeft.profiles.runtime import MultiProfileModel, Prediction
 from xpeft.server.batcher import Job
 from xpeft.server.cache import CacheKey, FusedCache
 from xpeft.server.metrics import Metrics
+
+MIN_TOKENS = 4  # [CLS] a [SEP] b [SEP] needs at least 3 for the tokenizer to truncate a pair
+
+
+def token_limit(encoder: AdapterEncoder) -> int:
+    """The most tokens one input may have: the encoder's positions (and its tokenizer's own limit)."""
+    candidates = [getattr(encoder.model.config, "max_position_embeddings", None),
+                  getattr(encoder.tokenizer, "model_max_length", None)]
+    usable = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]  # 1e30: "no limit"
+    return min(usable) if usable else 512
 
 
 class ModelWorker:
@@ -49,6 +60,16 @@ class ModelWorker:
         """One forward for all jobs (called on the worker thread)."""
         assert self.model is not None, "the model is not loaded"
         start = time.perf_counter()
+        limit = token_limit(self.model.encoder)
+        for job in jobs:
+            # A valid file may declare max_length from 1 to 65536; the encoder has a fixed number of
+            # positions, and a tokenizer does not truncate at all below its special tokens (3 for a
+            # pair), so either end would send an input too long and fail. Clamping is idempotent
+            # and only this thread reads the field, so the decoded profile is updated in place.
+            declared = job.entry.profile.max_length
+            usable = min(max(int(declared), MIN_TOKENS), limit)
+            if type(declared) is not int or declared != usable:
+                job.entry.profile.max_length = usable
         keys = {id(job.entry.profile): job.entry.key for job in jobs}
         answers = self.model.predict_batch([(job.entry.profile, job.inputs) for job in jobs],
                                            fuse=lambda profiles: self.fuse_cached(profiles, keys))

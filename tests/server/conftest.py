@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
@@ -27,54 +22,20 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.profiles import format as xpm
 from xpeft.profiles.synthetic import random_profile
 
+# bench/ is not an installed package: `python -m pytest` finds it from the repository root, plain `pytest` not.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.reliability.harness import RedisServer, ServerProcess, redis_answers  # noqa: E402
+
 ADMIN = "admin-token-for-tests"
 READER = "reader-token-for-tests"
-STARTUP_TIMEOUT_S = 120
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
-    except (redis.RedisError, OSError):
-        return False
-
-
-class RedisServer:
-    """A redis-server process of our own (no persistence), e.g. one that a test may stop."""
-
-    def __init__(self, port: int | None = None) -> None:
-        if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed (CI installs it)")
-        self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="xpeft-redis-")
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not _answers(self.url):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+def new_redis_server(aof: bool = False) -> RedisServer:
+    """A private redis-server (bench/reliability/harness.py), or a skip where none is installed."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (CI installs it)")
+    return RedisServer(aof=aof)
 
 
 @pytest.fixture(scope="session")
@@ -83,12 +44,12 @@ def redis_url() -> Iterator[str]:
     if url:
         yield url
         return
-    if _answers("redis://127.0.0.1:6379/0"):
+    if redis_answers("redis://127.0.0.1:6379/0"):
         yield "redis://127.0.0.1:6379/0"
         return
-    server = RedisServer()
+    server = new_redis_server()
     yield server.url
-    server.stop()
+    server.close()
 
 
 @pytest.fixture(scope="session")
@@ -120,57 +81,6 @@ def profile_bytes(bank: AdapterBank):
 
 # -- server processes -----------------------------------------------------------------------
 @dataclass
-class ServerProcess:
-    """One ``xpeft serve`` process on loopback."""
-
-    name: str
-    env: dict[str, str]
-    bank_path: Path
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("XPEFT_")}
-        env.update({"XPEFT_TORCH_THREADS": "1", "XPEFT_LOG_LEVEL": "warning", **self.env})
-        cmd = [sys.executable, "-m", "xpeft.profiles.cli", "serve", "--bank", str(self.bank_path),
-               "--host", "127.0.0.1", "--port", str(self.port)]
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server {self.name} did not become ready; log:\n{self.log_text()}")
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-        self.log.close()
-
-
-@dataclass
 class Cluster:
     """The servers every HTTP test shares (started together: startup is the slow part)."""
 
@@ -189,7 +99,7 @@ def cluster(redis_url: str, redis_prefix: str, bank_path: Path,
     shared = {"XPEFT_REDIS_URL": redis_url, "XPEFT_REDIS_PREFIX": redis_prefix, "XPEFT_ADMIN_TOKEN": ADMIN,
               "XPEFT_MAX_WAIT_MS": "10"}
     sqlite_path = tmp_path_factory.mktemp("sqlite") / "profiles.sqlite3"
-    d_redis = RedisServer()
+    d_redis = new_redis_server()
     servers = [
         ServerProcess("a", dict(shared), bank_path, logs / "a.log"),
         ServerProcess("b", dict(shared), bank_path, logs / "b.log"),
@@ -211,7 +121,7 @@ def cluster(redis_url: str, redis_prefix: str, bank_path: Path,
     finally:
         for server in servers:
             server.stop()
-        d_redis.stop()
+        d_redis.close()
 
 
 @pytest.fixture(scope="session")

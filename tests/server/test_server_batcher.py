@@ -133,19 +133,47 @@ def test_full_queue_refuses_with_overloaded() -> None:
     asyncio.run(body())
 
 
-def test_a_failed_batch_fails_its_requests_and_the_loop_goes_on() -> None:
+def test_a_failed_batch_is_rerun_one_request_at_a_time_and_the_loop_goes_on() -> None:
+    """A batch that fails once (say, out of memory) is retried request by request: all answered."""
     async def body() -> None:
         runner = Recorder(fail_first=True)
-        batcher = MicroBatcher(runner, max_batch_size=64, max_wait_s=0.01, max_queue=10)
+        metrics = Metrics()
+        batcher = MicroBatcher(runner, max_batch_size=64, max_wait_s=0.01, max_queue=10, metrics=metrics)
 
         async def go():
-            bad = [batcher.submit(entry("a"), ["x"]), batcher.submit(entry("b"), ["y"])]
-            results = await asyncio.gather(*bad, return_exceptions=True)
+            first = [batcher.submit(entry("a"), ["x"]), batcher.submit(entry("b"), ["y"])]
+            results = await asyncio.gather(*first, return_exceptions=True)
             good = await batcher.submit(entry("c"), ["z"])
             return results, good
 
         results, good = await _with_batcher(batcher, go())
-        assert all(isinstance(r, RuntimeError) for r in results)
-        assert good == ["c:z"]
+        assert results == [["a:x"], ["b:y"]] and good == ["c:z"]
+        assert [len(b) for b in runner.batches] == [2, 1, 1, 1]
+        assert metrics.registry.get_sample_value("xpeft_batch_isolations_total") == 1
+
+    asyncio.run(body())
+
+
+def test_a_poisoned_request_fails_alone_not_its_batch() -> None:
+    """One request that always breaks the model gets the error; the others of its batch do not."""
+    class Poisoned(Recorder):
+        async def __call__(self, jobs: Sequence[Job]) -> list[list]:
+            if any(job.entry.id == "poison" for job in jobs):
+                self.batches.append([(job.entry.id, list(job.inputs)) for job in jobs])
+                raise RuntimeError("poison")
+            return await super().__call__(jobs)
+
+    async def body() -> None:
+        runner = Poisoned()
+        batcher = MicroBatcher(runner, max_batch_size=64, max_wait_s=0.01, max_queue=10)
+
+        async def go():
+            jobs = [batcher.submit(entry(name), [name]) for name in ("a", "poison", "b")]
+            return await asyncio.gather(*jobs, return_exceptions=True)
+
+        a, poison, b = await _with_batcher(batcher, go())
+        assert a == ["a:a"] and b == ["b:b"]
+        assert isinstance(poison, RuntimeError) and str(poison) == "poison"
+        assert len(runner.batches[0]) == 3  # they did share a batch first
 
     asyncio.run(body())
