@@ -58,25 +58,31 @@ class CacheSync:
                 log.warning("store change feed lost: %s", exc.message)
                 await asyncio.sleep(0.5)
 
-    async def _resync(self, store_seq: int, kind: str) -> None:
-        if store_seq < self.seen:
+    async def _resync(self, store_seq: int, kind: str, seen_before: int | None = None) -> None:
+        """``seen_before``: ``self.seen`` as it was when ``store_seq`` was read. Events applied while
+        the store answered raise ``self.seen`` past a counter that was current when read; that is
+        not a reset."""
+        baseline = self.seen if seen_before is None else seen_before
+        if store_seq < baseline:
             log.warning("store version went back from %d to %d: the store was reset, emptying caches",
-                        self.seen, store_seq)
+                        baseline, store_seq)
             self.cache.clear()
             self.metrics.invalidations.labels("reset").inc()
-        else:
-            await self.cache.resync()
-            self.metrics.invalidations.labels(kind).inc()
-        self.seen = store_seq
+            self.seen = store_seq
+            return
+        await self.cache.resync()
+        self.metrics.invalidations.labels(kind).inc()
+        self.seen = max(self.seen, store_seq)
 
     async def check_once(self) -> None:
         """Resync when the store's counter stayed ahead of the feed for a whole interval."""
+        seen_before = self.seen
         seq = await self.metrics.timed_store("seq", self.store.current_seq())
-        if seq < self.seen:
-            await self._resync(seq, "reset")
+        if seq < seen_before:
+            await self._resync(seq, "reset", seen_before)
         elif self._unexplained is not None and self._unexplained > self.seen:
             log.info("change feed missed versions up to %d; resyncing", self._unexplained)
-            await self._resync(seq, "missed")
+            await self._resync(seq, "missed", seen_before)
         self._unexplained = seq if seq > self.seen else None
 
     async def _check_loop(self) -> None:

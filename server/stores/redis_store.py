@@ -65,7 +65,7 @@ class RedisStore(ProfileStore):
 
     kind = "redis"
 
-    def __init__(self, url: str, prefix: str = "xpeft", timeout_s: float = 2.0) -> None:
+    def __init__(self, url: str, prefix: str = "xpeft", timeout_s: float = 2.0, max_connections: int = 64) -> None:
         self.url = url
         self.prefix = prefix
         self.timeout_s = timeout_s
@@ -75,9 +75,13 @@ class RedisStore(ProfileStore):
         self.channel = f"{tag}:events"
         self._profile_prefix = f"{tag}:profile:"
         # Few quick retries: a store that is down must surface as 503 within timeout_s, not hang.
-        self._redis = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-                                        health_check_interval=30)
+        # A blocking pool: a burst beyond max_connections waits (up to timeout_s) for a free
+        # connection; redis-py's default pool refuses at once, which turned bursts into 503s.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            health_check_interval=30)
+        self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self._put = self._redis.register_script(_PUT)
         self._delete = self._redis.register_script(_DELETE)
 
