@@ -342,7 +342,8 @@ async def bad_profile_path(rest: str, request: Request) -> None:
     if tail == "predict" and PROFILE_ID.fullmatch(head):
         raise ApiError(405, "method_not_allowed", "predict takes POST", headers={"Allow": "POST"})
     _check_id(rest)
-    raise ApiError(404, "not_found", f"no route {request.url.path}")
+    raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on a profile",
+                   headers={"Allow": "DELETE, GET, PUT"})
 
 
 @router.get("/healthz", response_model=Health, tags=["ops"])

@@ -7,6 +7,7 @@ a bare stack trace, and the codes in docs/API.md are the only ones it has to han
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +55,8 @@ class BodyTimeout(StarletteHTTPException):
                          headers={"Connection": "close"})
 
 
+_HTTP_METHODS = {"GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE"}
+
 # Default codes for errors that Starlette raises itself (unknown route, wrong method, ...).
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 408: "request_timeout", 413: "too_large", 415: "unsupported_media_type",
@@ -81,13 +84,12 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def allowed_methods(request: Request) -> str:
-    """The ``Allow`` header of a 405: every documented route's methods for this path (Starlette names
-    only those of the first route that matched, and FastAPI has one route per method)."""
+    """The ``Allow`` header of a 405: the methods the OpenAPI schema documents for this path
+    (Starlette alone names only those of the first route that matched; FastAPI has one per method)."""
     methods: set[str] = set()
-    for route in request.app.routes:
-        documented = getattr(route, "include_in_schema", False) and getattr(route, "methods", None)
-        if documented and route.path_regex.match(request.url.path):
-            methods |= route.methods
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {m.upper() for m in operations if m.upper() in _HTTP_METHODS}
     return ", ".join(sorted(methods))
 
 

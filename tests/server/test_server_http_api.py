@@ -209,8 +209,13 @@ def test_predict_refuses_non_json_and_oversize_bodies(c, reader_headers) -> None
 
 def test_unknown_routes_and_methods_are_json(a) -> None:
     assert_error(a.get("/nothing-here"), 404, "not_found")
-    assert_error(a.patch("/profiles/x"), 405, "method_not_allowed")
+    # 405s name every method the path has (Starlette alone names those of one route)
+    for response in (a.patch("/profiles/x"), a.post("/profiles/x")):
+        assert_error(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == "DELETE, GET, PUT"
     assert_error(a.get("/profiles/x/predict"), 405, "method_not_allowed")
+    assert a.get("/profiles/x/predict").headers["allow"] == "POST"
+    assert a.delete("/healthz").headers["allow"] == "GET"
 
 
 def test_openapi_and_docs(a) -> None:
