@@ -126,6 +126,7 @@ class ServerProcess:
     log_path: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    terminated: bool = False
 
     @property
     def url(self) -> str:
@@ -141,6 +142,7 @@ class ServerProcess:
         env.update({"XPEFT_TORCH_THREADS": "1", "XPEFT_LOG_LEVEL": "warning", **self.env})
         cmd = [sys.executable, "-m", "xpeft.profiles.cli", "serve", "--bank", str(self.bank_path),
                "--host", "127.0.0.1", "--port", str(self.port)]
+        self.terminated = False
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
@@ -173,11 +175,14 @@ class ServerProcess:
         assert self.proc is not None
         sent = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
+        self.terminated = True
         return sent
 
     def stop(self) -> None:
+        """SIGTERM unless :meth:`terminate` sent it already, wait for the exit; SIGKILL after 30 s."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            if not self.terminated:
+                self.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
