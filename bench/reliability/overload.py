@@ -13,6 +13,7 @@ import asyncio
 import itertools
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.reliability.harness import memory
 from bench.reliability.traffic import Recorder, latency_summary, status_counts
@@ -25,6 +26,30 @@ def _gauge(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split(" ")[1])
     return 0.0
+
+
+def _server_view(url: str) -> dict[str, float]:
+    """Counters for the server's own view: refusals by limit, and time spent in the app per request kind."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "xpeft_overloaded_total":
+                out["queue_refusals"] = sample.value
+            elif sample.name == "xpeft_admission_refused_total" and labels.get("reason") == "in_flight":
+                out["door_refusals"] = sample.value
+            elif sample.name.startswith("xpeft_http_request_seconds_") and labels.get("method") == "POST":
+                kind = "door" if labels.get("route") == "unmatched" else "predict"
+                out[f"{kind}_{sample.name.rsplit('_', 1)[1]}"] = sample.value  # _sum, _count
+    return out
+
+
+def _server_delta(before: dict[str, float], after: dict[str, float]) -> dict:
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    mean = {kind: round(1000 * d.get(f"{kind}_sum", 0) / d[f"{kind}_count"], 2) if d.get(f"{kind}_count") else None
+            for kind in ("door", "predict")}
+    return {"queue_refusals": int(d.get("queue_refusals", 0)), "door_refusals": int(d.get("door_refusals", 0)),
+            "server_ms_per_door_refusal": mean["door"], "server_ms_per_predict_route": mean["predict"]}
 
 
 async def run_overload(url: str, pid: int, headers: dict[str, str], profile_ids: list[str], rounds: int = 3,
@@ -43,6 +68,7 @@ async def run_overload(url: str, pid: int, headers: dict[str, str], profile_ids:
 
     sampling = asyncio.create_task(sampler())
     before = memory(pid)
+    counters_before = _server_view(url)
     per_round = []
     all_outcomes = []
     for round_no in range(rounds):
@@ -69,6 +95,7 @@ async def run_overload(url: str, pid: int, headers: dict[str, str], profile_ids:
     await sampling
     after = memory(pid)
     return {"rounds": per_round, "requests": len(all_outcomes), "statuses": status_counts(all_outcomes),
+            "server": _server_delta(counters_before, _server_view(url)),
             "max_queue": max(s["queue"] for s in samples), "max_in_flight": max(s["in_flight"] for s in samples),
             "samples": len(samples), "rss_before": before["rss"], "rss_after": after["rss"],
             "rss_peak_sampled": max(s["rss"] for s in samples), "peak_rss_hwm": after["peak"],
