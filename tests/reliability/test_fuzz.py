@@ -42,7 +42,8 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=EXAMPLES, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+          suppress_health_check=list(HealthCheck))
 def test_openapi_fuzzing_finds_no_server_error_and_answers_match_the_schema(case, fleet) -> None:
     """Every generated request (valid and invalid) gets a documented status, content type and body shape."""
     if case.path.endswith("/predict") and zlib.crc32(repr(case.body).encode()) % 3:
