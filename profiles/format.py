@@ -148,8 +148,10 @@ def _parse_header(raw: bytes) -> dict:
     except ValueError as exc:
         kinds = [k.value for k in ProfileKind]
         raise ProfileFormatError("bad_header", f"unknown kind {header.get('kind')!r}; one of {kinds}") from exc
+    if not isinstance(header.get("labels"), list):
+        raise ProfileFormatError("bad_header", "labels must be a JSON list of strings")
     for key, bound in LIMITS.items():
-        value = header.get(key) if key != "C" else len(header.get("labels") or [])
+        value = header.get(key) if key != "C" else len(header["labels"])
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= bound:
             raise ProfileFormatError("bad_header", f"{key}={value!r} is not an integer in [1, {bound}]")
     labels = header["labels"]
@@ -166,7 +168,7 @@ def _parse_header(raw: bytes) -> dict:
     if kind is ProfileKind.HARD and not 1 <= header["k"] <= header["N"]:
         raise ProfileFormatError("bad_header", f"hard profile needs 1 <= k <= N, got k={header['k']}")
     max_length = header.get("max_length", 128)
-    if not isinstance(max_length, int) or not 1 <= max_length <= 65536:
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= 65536:
         raise ProfileFormatError("bad_header", f"max_length={max_length!r} is out of range")
     meta = header.get("meta", {})
     if not isinstance(meta, dict) or len(meta) > MAX_META_ITEMS or not all(

@@ -118,7 +118,8 @@ def test_huge_declared_sizes_are_refused_without_allocating(bank, good):
 
     (hlen,) = struct.unpack_from("<H", good, 6)
     header = json.loads(good[8 : 8 + hlen])
-    for key, value in [("L", 10**9), ("N", 2**40), ("d", -1), ("k", 0)]:
+    for key, value in [("L", 10**9), ("N", 2**40), ("d", -1), ("k", 0), ("labels", 7), ("labels", {"a": 1}),
+                       ("max_length", True), ("k", True), ("kind", ["hard"])]:
         h = dict(header, **{key: value})
         raw = json.dumps(h).encode()
         body = good[:6] + struct.pack("<H", len(raw)) + raw + good[8 + hlen : -4]
