@@ -113,7 +113,8 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     store = open_store(settings)
     floors = VersionFloors()
     fused = FusedCache(settings.fused_cache_bytes, floors, metrics)
-    profiles = ProfileCache(store, lambda data: xpm.decode(data, bank), settings.profile_cache_size, fused, metrics)
+    profiles = ProfileCache(store, lambda data: xpm.decode(data, bank), settings.profile_cache_size, fused, metrics,
+                            max_bytes=settings.profile_cache_bytes)
     worker = ModelWorker(fused, metrics, settings.torch_threads)
     batcher = MicroBatcher(worker.run_async, settings.max_batch_size, settings.max_wait_ms / 1000,
                            settings.max_queue, metrics)

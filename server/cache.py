@@ -149,14 +149,24 @@ class FusedCache:
             self.metrics.cache_entries.labels("fused").set(len(self._entries))
 
 
+# Python objects around a decoded profile's tensors (dataclass, dicts, tensor headers, labels).
+PROFILE_OVERHEAD_BYTES = 4096
+
+
 class ProfileCache:
-    """Decoded profiles by id (host memory, LRU by count), loaded once however many ask at once."""
+    """Decoded profiles by id (host memory, LRU), loaded once however many ask at once.
+
+    Bounded by count *and* by bytes: a hard profile decodes to a few KB, a ``single_adapter``
+    profile to most of a megabyte, so a count alone would not bound memory.
+    """
 
     def __init__(self, store: ProfileStore, decode: Callable[[bytes], Profile], max_profiles: int,
-                 fused: FusedCache, metrics: Metrics) -> None:
+                 fused: FusedCache, metrics: Metrics, max_bytes: int | None = None) -> None:
         self.store = store
         self.decode = decode
         self.max_profiles = max_profiles
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self.fused = fused
         self.floors = fused.floors
         self.metrics = metrics
@@ -206,12 +216,28 @@ class ProfileCache:
             # a newer version was announced while this one loaded: read again
         return entry  # still racing with writers after 5 reads: serve, but do not cache, the last one
 
+    @staticmethod
+    def _size(entry: CachedProfile) -> int:
+        return entry.profile.nbytes + PROFILE_OVERHEAD_BYTES
+
+    def _pop(self, profile_id: str) -> CachedProfile | None:
+        entry = self._entries.pop(profile_id, None)
+        if entry is not None:
+            self.nbytes -= self._size(entry)
+        return entry
+
+    def _over(self) -> bool:
+        return len(self._entries) > self.max_profiles or (
+            self.max_bytes is not None and self.nbytes > self.max_bytes)
+
     def _insert(self, entry: CachedProfile) -> None:
+        self._pop(entry.id)
         self._entries[entry.id] = entry
-        self._entries.move_to_end(entry.id)
+        self.nbytes += self._size(entry)
         evicted = 0
-        while len(self._entries) > self.max_profiles:
-            old_id, _ = self._entries.popitem(last=False)
+        while len(self._entries) > 1 and self._over():  # the entry just loaded always stays
+            old_id = next(iter(self._entries))
+            self._pop(old_id)
             self.fused.drop(old_id)
             evicted += 1
         self.metrics.cache_event("profile", "eviction", evicted)
@@ -223,7 +249,7 @@ class ProfileCache:
         entry = self._entries.get(profile_id)
         dropped = entry is not None and entry.version < version
         if dropped:
-            del self._entries[profile_id]
+            self._pop(profile_id)
             self.metrics.cache_entries.labels("profile").set(len(self._entries))
         self.fused.drop(profile_id, below=version)
         return dropped
@@ -247,6 +273,7 @@ class ProfileCache:
     def clear(self) -> None:
         """Forget everything, floors included (the store itself was reset)."""
         self._entries.clear()
+        self.nbytes = 0
         self.fused.clear()
         self.floors.clear()
         self.metrics.cache_entries.labels("profile").set(0)

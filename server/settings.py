@@ -52,6 +52,8 @@ class Settings(BaseSettings):
 
     # caches
     profile_cache_size: int = Field(10_000, ge=1, description="decoded profiles kept on the host")
+    profile_cache_bytes: int = Field(256 * 2**20, ge=0, description="host memory for decoded profiles (tensors "
+                                                                     "plus a fixed 4 KiB per profile)")
     fused_cache_bytes: int = Field(256 * 2**20, ge=0, description="fused adapter weights kept on the device")
 
     # request limits
