@@ -95,15 +95,21 @@ class Authorizer:
         if not _any_equal(token.encode(), [self.admin]):
             raise ApiError(403, "forbidden", "this endpoint needs the admin token")
 
-    def check_reader(self, request: Request) -> None:
-        """Listing profiles: the API or the admin token; tenant tokens may not see other tenants' ids."""
+    def _unprivileged(self, request: Request) -> bytes | None:
+        """``None`` when reads are open or the caller holds the API or admin token; otherwise the
+        bearer token's bytes, for the caller to check against the tenant table."""
         if self.reads_open:
-            return
+            return None
         token = _bearer(request)
         if token is None:
             raise _missing()
         given = token.encode()
-        if self._privileged(given):
+        return None if self._privileged(given) else given
+
+    def check_reader(self, request: Request) -> None:
+        """Listing profiles: the API or the admin token; tenant tokens may not see other tenants' ids."""
+        given = self._unprivileged(request)
+        if given is None:
             return
         if self._tenant(given) is not None:
             raise ApiError(403, "forbidden", "a predict token may only use its own profiles, one id at a time")
@@ -111,13 +117,8 @@ class Authorizer:
 
     def check_profile(self, request: Request, profile_id: str) -> None:
         """Predict and metadata of one profile: API or admin token, or a tenant token with a matching prefix."""
-        if self.reads_open:
-            return
-        token = _bearer(request)
-        if token is None:
-            raise _missing()
-        given = token.encode()
-        if self._privileged(given):
+        given = self._unprivileged(request)
+        if given is None:
             return
         prefixes = self._tenant(given)
         if prefixes is None:
