@@ -273,6 +273,9 @@ def render(cpu: dict | None, gpu: dict | None, checks: dict | None, command: str
              "machine `OUT=out python bench/gpu_check.py` (writes `out/bench_cuda.json` and "
              "`out/gpu_check.json`, copied to `bench/results/cuda.json` and `bench/results/gpu_check.json`); "
              "then `python -m bench.report`.", "",
+             "The server under HTTP load (10,000 profiles in Redis, Zipf traffic, latency percentiles, "
+             "throughput against offline, Redis bytes and server memory against profiles stored) is "
+             "measured by `python -m bench.load.run` and reported in [LOAD_TEST.md](LOAD_TEST.md).", "",
              "What is timed: the encoder forward with each row's adapters, pooled embeddings out, on pre-made "
              "random token ids. Tokenization and the per-profile heads (one small matmul per row) are outside "
              "every variant alike. Profiles are random hard-mask profiles (`profiles/synthetic.py`, k = N/10).",
