@@ -79,9 +79,9 @@ def read_adapterhub(folder: str | Path, num_layers: int, hidden_size: int) -> di
     for (layer, part, kind), value in found.items():
         if layer >= L:
             raise BankError("bank_shape", f"{folder}: weights for layer {layer}, the encoder has {L} layers")
-        target = {("down.0", "weight"): ("down", value.T), ("down.0", "bias"): ("down_bias", value),
-                  ("up", "weight"): ("up", value.T), ("up", "bias"): ("up_bias", value)}[(part, kind)]
-        name, tensor = target
+        name = {("down.0", "weight"): "down", ("down.0", "bias"): "down_bias", ("up", "weight"): "up",
+                ("up", "bias"): "up_bias"}[(part, kind)]
+        tensor = value.T if kind == "weight" else value
         if tuple(tensor.shape) != tuple(out[name][layer].shape):
             raise BankError("bank_shape", f"{folder}: layer {layer} {name} has shape {tuple(tensor.shape)}, "
                                           f"expected {tuple(out[name][layer].shape)}")
