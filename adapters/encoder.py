@@ -33,20 +33,20 @@ def default_model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-def _find_output_projections(model: nn.Module) -> tuple[nn.Module, str, list[nn.Module]]:
-    """Each layer's feed-forward output projection: (parent list, attribute path, layers)."""
-    encoder = getattr(model, "encoder", None)
-    if encoder is not None and hasattr(encoder, "layer"):
-        layers = list(encoder.layer)
-        if all(hasattr(layer, "output") and isinstance(getattr(layer.output, "dense", None), nn.Linear)
-               for layer in layers):
-            return encoder, "output", layers
-    transformer = getattr(model, "transformer", None)  # DistilBERT
-    if transformer is not None and hasattr(transformer, "layer"):
-        layers = list(transformer.layer)
-        if all(hasattr(layer, "ffn") and isinstance(getattr(layer.ffn, "lin2", None), nn.Linear)
-               for layer in layers):
-            return transformer, "ffn", layers
+# (stack attribute, block attribute, projection attribute) of the layouts the slots fit into
+_LAYOUTS = (("encoder", "output", "dense"),  # BERT, MiniLM, RoBERTa-style models
+            ("transformer", "ffn", "lin2"))  # DistilBERT
+
+
+def _find_output_projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Each layer's feed-forward output projection, as (the module holding it, its attribute name)."""
+    for stack_name, block_name, proj_name in _LAYOUTS:
+        stack = getattr(model, stack_name, None)
+        if stack is None or not hasattr(stack, "layer"):
+            continue
+        blocks = [getattr(layer, block_name, None) for layer in stack.layer]
+        if all(isinstance(getattr(block, proj_name, None), nn.Linear) for block in blocks):
+            return [(block, proj_name) for block in blocks]
     raise ModelError("unsupported_model",
                      f"{type(model).__name__} is not a BERT-family encoder (no encoder.layer[i].output.dense)")
 
@@ -77,13 +77,10 @@ class AdapterEncoder(nn.Module):
         self.name = name
         for p in self.model.parameters():
             p.requires_grad_(False)
-        _, attr, layers = _find_output_projections(model)
         self.slots: list[AdapterSlot] = []
-        for layer in layers:
-            parent = getattr(layer, attr)
-            dense_name = "dense" if attr == "output" else "lin2"
-            slot = AdapterSlot(getattr(parent, dense_name))
-            setattr(parent, dense_name, slot)
+        for parent, name in _find_output_projections(model):
+            slot = AdapterSlot(getattr(parent, name))
+            setattr(parent, name, slot)
             self.slots.append(slot)
 
     @property
