@@ -55,13 +55,20 @@ def read_adapterhub(folder: str | Path, num_layers: int, hidden_size: int) -> di
         raise BankError("adapter_invalid", f"{config_path} is not JSON: {exc}") from exc
     config = saved.get("config", saved)
     if config.get("mh_adapter"):
-        raise BankError("adapter_invalid", f"{folder}: adapters after the attention block (mh_adapter) are "
-                                           "not supported; only Pfeiffer / sequential bottleneck output adapters")
+        raise BankError(
+            "adapter_invalid",
+            f"{folder}: adapters after the attention block (mh_adapter) are "
+            "not supported; only Pfeiffer / sequential bottleneck output adapters",
+        )
     act = str(config.get("non_linearity", "relu")).lower()
     if act != "relu":
-        raise BankError("adapter_invalid", f"{folder}: non_linearity {act!r} is not supported (xpeft uses relu)")
+        raise BankError(
+            "adapter_invalid", f"{folder}: non_linearity {act!r} is not supported (xpeft uses relu)"
+        )
     if saved.get("hidden_size", hidden_size) != hidden_size:
-        raise BankError("bank_shape", f"{folder}: adapter hidden size {saved['hidden_size']} != encoder {hidden_size}")
+        raise BankError(
+            "bank_shape", f"{folder}: adapter hidden size {saved['hidden_size']} != encoder {hidden_size}"
+        )
 
     weights = _load_weights(folder)
     found: dict[tuple[int, str, str], torch.Tensor] = {}
@@ -74,23 +81,35 @@ def read_adapterhub(folder: str | Path, num_layers: int, hidden_size: int) -> di
     layer_of_any = next(iter(found))[0]
     r = found[(layer_of_any, "down.0", "weight")].shape[0]
     L, d = num_layers, hidden_size
-    out = {"down": torch.zeros(L, d, r), "down_bias": torch.zeros(L, r), "up": torch.zeros(L, r, d),
-           "up_bias": torch.zeros(L, d)}
+    out = {
+        "down": torch.zeros(L, d, r),
+        "down_bias": torch.zeros(L, r),
+        "up": torch.zeros(L, r, d),
+        "up_bias": torch.zeros(L, d),
+    }
     for (layer, part, kind), value in found.items():
         if layer >= L:
             raise BankError("bank_shape", f"{folder}: weights for layer {layer}, the encoder has {L} layers")
-        name = {("down.0", "weight"): "down", ("down.0", "bias"): "down_bias", ("up", "weight"): "up",
-                ("up", "bias"): "up_bias"}[(part, kind)]
+        name = {
+            ("down.0", "weight"): "down",
+            ("down.0", "bias"): "down_bias",
+            ("up", "weight"): "up",
+            ("up", "bias"): "up_bias",
+        }[(part, kind)]
         tensor = value.T if kind == "weight" else value
         if tuple(tensor.shape) != tuple(out[name][layer].shape):
-            raise BankError("bank_shape", f"{folder}: layer {layer} {name} has shape {tuple(tensor.shape)}, "
-                                          f"expected {tuple(out[name][layer].shape)}")
+            raise BankError(
+                "bank_shape",
+                f"{folder}: layer {layer} {name} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(out[name][layer].shape)}",
+            )
         out[name][layer] = tensor
     return out
 
 
-def import_adapterhub(folders: list[str | Path], model_id: str, num_layers: int, hidden_size: int,
-                      model_name: str = "") -> AdapterBank:
+def import_adapterhub(
+    folders: list[str | Path], model_id: str, num_layers: int, hidden_size: int, model_name: str = ""
+) -> AdapterBank:
     """A bank whose N adapters are the given AdapterHub folders, in order."""
     adapters = [read_adapterhub(f, num_layers, hidden_size) for f in folders]
     return stack_adapters(adapters, model_id=model_id, init="adapterhub", model_name=model_name)

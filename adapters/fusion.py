@@ -57,15 +57,27 @@ class FusedAdapters:
     def cat(parts: Sequence[FusedAdapters]) -> FusedAdapters:
         if len(parts) == 1:
             return parts[0]
-        return FusedAdapters(*(torch.cat(ts, dim=1) for ts in zip(*(p.tensors() for p in parts), strict=True)))
+        return FusedAdapters(
+            *(torch.cat(ts, dim=1) for ts in zip(*(p.tensors() for p in parts), strict=True))
+        )
 
     @staticmethod
-    def zeros(num_layers: int, hidden_size: int, bottleneck: int, num_profiles: int = 1,
-              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> FusedAdapters:
+    def zeros(
+        num_layers: int,
+        hidden_size: int,
+        bottleneck: int,
+        num_profiles: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> FusedAdapters:
         L, U, d, r = num_layers, num_profiles, hidden_size, bottleneck
         kw = {"device": device, "dtype": dtype}
-        return FusedAdapters(torch.zeros(L, U, d, r, **kw), torch.zeros(L, U, r, **kw),
-                             torch.zeros(L, U, r, d, **kw), torch.zeros(L, U, d, **kw))
+        return FusedAdapters(
+            torch.zeros(L, U, d, r, **kw),
+            torch.zeros(L, U, r, **kw),
+            torch.zeros(L, U, r, d, **kw),
+            torch.zeros(L, U, d, **kw),
+        )
 
     @staticmethod
     def from_single(adapter: dict[str, torch.Tensor]) -> FusedAdapters:
@@ -105,5 +117,9 @@ def fuse_gather(index_down: torch.Tensor, index_up: torch.Tensor, bank: AdapterB
         # table (L, N, ...) -> (U, L, k, ...) -> mean over k -> layer-major (L, U, ...)
         return table[layers, index].mean(dim=2).transpose(0, 1).contiguous()
 
-    return FusedAdapters(pick(bank.down, index_down), pick(bank.down_bias, index_down),
-                         pick(bank.up, index_up), pick(bank.up_bias, index_up))
+    return FusedAdapters(
+        pick(bank.down, index_down),
+        pick(bank.down_bias, index_down),
+        pick(bank.up, index_up),
+        pick(bank.up_bias, index_up),
+    )

@@ -101,10 +101,27 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def _apply_kernel(h_ptr, out_ptr, rows_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr,
-                      T, D, R, stride_hb, stride_ht, stride_ob, stride_ot,
-                      HAS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _apply_kernel(
+        h_ptr,
+        out_ptr,
+        rows_ptr,
+        down_ptr,
+        down_bias_ptr,
+        up_ptr,
+        up_bias_ptr,
+        T,
+        D,
+        R,
+        stride_hb,
+        stride_ht,
+        stride_ob,
+        stride_ot,
+        HAS_ROWS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
         """One program: BLOCK_T tokens of sequence b, through the adapter of profile rows[b]."""
         pid_t = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -127,8 +144,11 @@ if HAVE_TRITON:
             offs_k = k0 + tl.arange(0, BLOCK_D)
             mask_k = offs_k < D
             hk = tl.load(h_rows + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-            a = tl.load(down_u + offs_k[:, None] * R + offs_r[None, :],
-                        mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(
+                down_u + offs_k[:, None] * R + offs_r[None, :],
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )
             z = tl.dot(hk, a, z, input_precision=PRECISION)
         z += tl.load(down_bias_ptr + u * R + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
         z = tl.maximum(z, 0.0).to(h_ptr.dtype.element_ty)  # the reference rounds z to h's dtype too
@@ -137,8 +157,11 @@ if HAVE_TRITON:
         for n0 in range(0, D, BLOCK_D):
             offs_n = n0 + tl.arange(0, BLOCK_D)
             mask_n = offs_n < D
-            bw = tl.load(up_u + offs_r[:, None] * D + offs_n[None, :],
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            bw = tl.load(
+                up_u + offs_r[:, None] * D + offs_n[None, :],
+                mask=mask_r[:, None] & mask_n[None, :],
+                other=0.0,
+            )
             y = tl.dot(z, bw, input_precision=PRECISION)
             y += tl.load(up_bias_ptr + u * D + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tile = mask_t[:, None] & mask_n[None, :]
@@ -146,8 +169,7 @@ if HAVE_TRITON:
             tl.store(o_rows + offs_n[None, :], (hn + y).to(out_ptr.dtype.element_ty), mask=tile)
 
     @triton.jit
-    def _gather_mean_kernel(table_ptr, index_ptr, out_ptr, U, L, N, D, K,
-                            BLOCK: tl.constexpr):
+    def _gather_mean_kernel(table_ptr, index_ptr, out_ptr, U, L, N, D, K, BLOCK: tl.constexpr):
         """One program: columns [pid*BLOCK, +BLOCK) of profile u, layer l = mean of its K rows."""
         u = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
@@ -173,9 +195,17 @@ def apply_block_t(num_tokens: int) -> tuple[int, int]:
     return (16, 4) if num_tokens <= 16 else (32, 4)
 
 
-def apply_adapters_triton(h: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
-                          up_bias: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor | None = None,
-                          block_t: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+def apply_adapters_triton(
+    h: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    up: torch.Tensor,
+    up_bias: torch.Tensor,
+    rows: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
     """Same contract as ``layer.apply_adapters``: ``h (B, T, d)``, ``down (U, d, r)`` ... ``rows (B,)``.
 
     ``out`` may be given (checks poison it to prove every element is written); ``block_t`` and
@@ -201,10 +231,26 @@ def apply_adapters_triton(h: torch.Tensor, down: torch.Tensor, down_bias: torch.
     precision = "ieee" if h.dtype == torch.float32 else "tf32"  # ignored by Triton for 16-bit inputs
     grid = (triton.cdiv(T, block_t), B)
     _apply_kernel[grid](
-        h, out, rows if rows is not None else h, down, down_bias, up, up_bias,
-        T, D, R, h.stride(0), h.stride(1), out.stride(0), out.stride(1),
-        HAS_ROWS=rows is not None, PRECISION=precision,
-        BLOCK_T=block_t, BLOCK_D=64, BLOCK_R=_next_pow2(R), num_warps=num_warps or default_w,
+        h,
+        out,
+        rows if rows is not None else h,
+        down,
+        down_bias,
+        up,
+        up_bias,
+        T,
+        D,
+        R,
+        h.stride(0),
+        h.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HAS_ROWS=rows is not None,
+        PRECISION=precision,
+        BLOCK_T=block_t,
+        BLOCK_D=64,
+        BLOCK_R=_next_pow2(R),
+        num_warps=num_warps or default_w,
     )
     return out
 

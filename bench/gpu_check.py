@@ -47,8 +47,12 @@ from xpeft.adapters.fusion import FusedAdapters, fuse, fuse_gather  # noqa: E402
 from xpeft.adapters.layer import apply_adapters  # noqa: E402
 
 # (name, B, T, d, r, U): BERT-base and MiniLM shapes, ragged token counts, one profile without rows
-APPLY_CASES = [("bert_mixed", 5, 77, 768, 48, 3), ("bert_one", 4, 128, 768, 48, 1),
-               ("minilm_mixed", 6, 33, 384, 24, 4), ("short", 3, 9, 768, 48, 3)]
+APPLY_CASES = [
+    ("bert_mixed", 5, 77, 768, 48, 3),
+    ("bert_one", 4, 128, 768, 48, 1),
+    ("minilm_mixed", 6, 33, 384, 24, 4),
+    ("short", 3, 9, 768, 48, 3),
+]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
@@ -92,15 +96,23 @@ def check_apply(device: torch.device, dtypes: list[torch.dtype]) -> list[dict]:
             def torch_path(dev=dev, rows=rows) -> torch.Tensor:
                 with kernels.use_kernels(apply=False):
                     return apply_adapters(*dev, rows)
+
             paths["torch"] = torch_path
             if triton_runs_here(device) and (device.type == "cuda" or dtype == torch.float32):
                 # (Triton's CPU interpreter computes bf16 dots wrongly: float32 only there)
                 def triton_path(dev=dev, rows=rows) -> torch.Tensor:
                     out = torch.full_like(dev[0], float("nan"))
                     return kernels.apply_adapters_triton(*dev, rows, out=out)
+
                 paths["triton"] = triton_path
             for path, fn in paths.items():
-                row = {"check": "apply", "case": name, "shape": [B, T, d, r, U], "dtype": str(dtype), "path": path}
+                row = {
+                    "check": "apply",
+                    "case": name,
+                    "shape": [B, T, d, r, U],
+                    "dtype": str(dtype),
+                    "path": path,
+                }
                 try:
                     out = fn()
                     row["rel_err_out"] = rel_err(out, ref)
@@ -123,9 +135,14 @@ def check_dispatch(device: torch.device) -> list[dict]:
         routed = apply_adapters(h, *weights, rows)
     with kernels.use_kernels(apply=False):
         plain = apply_adapters(h, *weights, rows)
-    return [{"check": "dispatch", "routed_equals_kernel": bool(torch.equal(routed, direct)),
-             "torch_differs_from_kernel": not torch.equal(plain, direct),
-             "passed": bool(torch.equal(routed, direct))}]
+    return [
+        {
+            "check": "dispatch",
+            "routed_equals_kernel": bool(torch.equal(routed, direct)),
+            "torch_differs_from_kernel": not torch.equal(plain, direct),
+            "passed": bool(torch.equal(routed, direct)),
+        }
+    ]
 
 
 def check_gather(device: torch.device, dtypes: list[torch.dtype]) -> list[dict]:
@@ -142,7 +159,9 @@ def check_gather(device: torch.device, dtypes: list[torch.dtype]) -> list[dict]:
             row = {"check": "gather", "shape": [L, N, d, r, U, k], "dtype": str(dtype), "path": path}
             try:
                 fused = fn()
-                row["rel_err"] = max(rel_err(a, b) for a, b in zip(fused.tensors(), ref.tensors(), strict=True))
+                row["rel_err"] = max(
+                    rel_err(a, b) for a, b in zip(fused.tensors(), ref.tensors(), strict=True)
+                )
                 # the GEMM multiplies by 1/k rounded to the dtype: that rounding is its own error
                 row["passed"] = row["rel_err"] < TOLERANCE[dtype] * (2 if path == "gemm" else 1)
             except Exception as exc:
@@ -161,8 +180,12 @@ def gather_paths(bank, index: torch.Tensor, device: torch.device) -> dict[str, C
             return fuse_gather(index[0], index[1], bank)
 
     def gather_triton() -> FusedAdapters:
-        return FusedAdapters(*(kernels.gather_mean_triton(t, index[0 if "down" in n else 1])
-                               for n, t in bank.tensors().items()))
+        return FusedAdapters(
+            *(
+                kernels.gather_mean_triton(t, index[0 if "down" in n else 1])
+                for n, t in bank.tensors().items()
+            )
+        )
 
     paths = {"gemm": lambda: fuse(masks[0], masks[1], bank), "gather_torch": gather_torch}
     if triton_runs_here(device):
@@ -173,9 +196,14 @@ def gather_paths(bank, index: torch.Tensor, device: torch.device) -> dict[str, C
 def random_bank_cpu(L: int, N: int, d: int, r: int, g: torch.Generator):
     from xpeft.adapters.bank import AdapterBank
 
-    return AdapterBank(torch.randn(L, N, d, r, generator=g) * d**-0.5, torch.randn(L, N, r, generator=g) * 0.5,
-                       torch.randn(L, N, r, d, generator=g) * r**-0.5, torch.randn(L, N, d, generator=g) * 0.1,
-                       model_id="check", bank_id="check")
+    return AdapterBank(
+        torch.randn(L, N, d, r, generator=g) * d**-0.5,
+        torch.randn(L, N, r, generator=g) * 0.5,
+        torch.randn(L, N, r, d, generator=g) * r**-0.5,
+        torch.randn(L, N, d, generator=g) * 0.1,
+        model_id="check",
+        bank_id="check",
+    )
 
 
 def check_end_to_end(encoder, model_name: str, device: torch.device, seq_len: int) -> list[dict]:
@@ -186,8 +214,11 @@ def check_end_to_end(encoder, model_name: str, device: torch.device, seq_len: in
     fused = fuse(*device_weights(profiles, device), bank)
     inputs = random_inputs(B, seq_len, device, seed=3)
     rows = torch.arange(B, device=device) % U
-    reference_encoder = encoder if device.type == "cpu" and encoder.dtype == torch.float32 else \
-        bench_encoder(model_name, "cpu", torch.float32)
+    reference_encoder = (
+        encoder
+        if device.type == "cpu" and encoder.dtype == torch.float32
+        else bench_encoder(model_name, "cpu", torch.float32)
+    )
     cpu_fused = fused.to("cpu", torch.float32)
     ref = reference_encoder({k: v.cpu() for k, v in inputs.items()}, cpu_fused, rows.cpu()).double()
     results = []
@@ -197,8 +228,18 @@ def check_end_to_end(encoder, model_name: str, device: torch.device, seq_len: in
         with kernels.use_kernels(apply=on):
             pooled = encoder(inputs, fused, rows)
         err = rel_err(pooled, ref)
-        results.append({"check": "end_to_end", "model": model_name, "dtype": str(encoder.dtype), "path": path,
-                        "batch": B, "distinct": U, "rel_err": err, "passed": err < TOLERANCE[encoder.dtype]})
+        results.append(
+            {
+                "check": "end_to_end",
+                "model": model_name,
+                "dtype": str(encoder.dtype),
+                "path": path,
+                "batch": B,
+                "distinct": U,
+                "rel_err": err,
+                "passed": err < TOLERANCE[encoder.dtype],
+            }
+        )
     return results
 
 
@@ -210,18 +251,33 @@ def sweep_apply_tiles(encoder, bank, seq_len: int, deadline: float) -> list[dict
         return [{"skipped": "needs CUDA and Triton"}]
     h, weights, rows = apply_case(encoder, bank, 64, seq_len, 64)
     with kernels.use_kernels(apply=False):
-        rows_out = [{"impl": "torch", "ms": time_op(lambda: apply_adapters(h, *weights, rows), encoder.device) * 1e3}]
+        rows_out = [
+            {"impl": "torch", "ms": time_op(lambda: apply_adapters(h, *weights, rows), encoder.device) * 1e3}
+        ]
     for block_t in (16, 32, 64, 128):
         for warps in (4, 8):
             if time.monotonic() > deadline:
                 return rows_out
             try:
-                ms = time_op(lambda bt=block_t, w=warps: kernels.apply_adapters_triton(
-                    h, *weights, rows, block_t=bt, num_warps=w), encoder.device) * 1e3
+                ms = (
+                    time_op(
+                        lambda bt=block_t, w=warps: kernels.apply_adapters_triton(
+                            h, *weights, rows, block_t=bt, num_warps=w
+                        ),
+                        encoder.device,
+                    )
+                    * 1e3
+                )
                 rows_out.append({"impl": "triton", "block_t": block_t, "num_warps": warps, "ms": ms})
             except Exception as exc:
-                rows_out.append({"impl": "triton", "block_t": block_t, "num_warps": warps,
-                                 "error": f"{type(exc).__name__}: {exc}"[:300]})
+                rows_out.append(
+                    {
+                        "impl": "triton",
+                        "block_t": block_t,
+                        "num_warps": warps,
+                        "error": f"{type(exc).__name__}: {exc}"[:300],
+                    }
+                )
     return rows_out
 
 
@@ -247,8 +303,11 @@ def launch_overhead(model, seq_len: int) -> list[dict]:
             sync(encoder.device)
         out.append({"what": "apply, host time per call (B=1, T=16)", "impl": impl, "us": host * 1e6})
     mb = MixedBatch(model, make_profiles(bank, 64, seed=11), 64, seq_len)
-    for name, fn in (("base", mb.base), ("warm torch", with_apply(mb.warm, "torch")),
-                     ("warm triton", with_apply(mb.warm, "triton"))):
+    for name, fn in (
+        ("base", mb.base),
+        ("warm torch", with_apply(mb.warm, "torch")),
+        ("warm triton", with_apply(mb.warm, "triton")),
+    ):
         fn()
         enqueue, wall = [], []
         for _ in range(7):
@@ -258,13 +317,21 @@ def launch_overhead(model, seq_len: int) -> list[dict]:
             enqueue.append(time.perf_counter() - start)
             sync(encoder.device)
             wall.append(time.perf_counter() - start)
-        out.append({"what": "forward B=64, U=64", "impl": name, "enqueue_ms": sorted(enqueue)[3] * 1e3,
-                    "wall_ms": sorted(wall)[3] * 1e3})
+        out.append(
+            {
+                "what": "forward B=64, U=64",
+                "impl": name,
+                "enqueue_ms": sorted(enqueue)[3] * 1e3,
+                "wall_ms": sorted(wall)[3] * 1e3,
+            }
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--budget", type=float, default=200.0, help="seconds from start; capped at 215")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     args = parser.parse_args(argv)
@@ -274,16 +341,44 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         torch.set_num_threads(GRIDS["cpu"].threads or torch.get_num_threads())
     device = torch.device("cuda" if cuda else "cpu")
-    grid = GRIDS["cuda"] if cuda else replace(GRIDS["cpu"], batch=16, distinct=[1, 16], adapters=[100, 1000],
-                                             fusion_distinct=[1, 16], rounds=2, note="CPU smoke run of gpu_check")
+    grid = (
+        GRIDS["cuda"]
+        if cuda
+        else replace(
+            GRIDS["cpu"],
+            batch=16,
+            distinct=[1, 16],
+            adapters=[100, 1000],
+            fusion_distinct=[1, 16],
+            rounds=2,
+            note="CPU smoke run of gpu_check",
+        )
+    )
     dtypes = [torch.float32, torch.bfloat16]
-    report: dict = {"meta": {"device": device.type, "budget_s": min(args.budget, HARD_STOP_S),
-                             "triton_runs": triton_runs_here(device), "grid": asdict(grid), **provenance(device),
-                             "command": "python bench/gpu_check.py " + " ".join(sys.argv[1:] if argv is None
-                                                                              else argv)},
-                    "checks": [], "apply_tiles": [], "status": "running"}
-    bench: dict = {"meta": {"device": device.type, "command": report["meta"]["command"], "grid": asdict(grid),
-                            **provenance(device)}, "throughput": [], "fusion": [], "apply": []}
+    report: dict = {
+        "meta": {
+            "device": device.type,
+            "budget_s": min(args.budget, HARD_STOP_S),
+            "triton_runs": triton_runs_here(device),
+            "grid": asdict(grid),
+            **provenance(device),
+            "command": "python bench/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        },
+        "checks": [],
+        "apply_tiles": [],
+        "status": "running",
+    }
+    bench: dict = {
+        "meta": {
+            "device": device.type,
+            "command": report["meta"]["command"],
+            "grid": asdict(grid),
+            **provenance(device),
+        },
+        "throughput": [],
+        "fusion": [],
+        "apply": [],
+    }
 
     def save() -> None:
         report["meta"]["elapsed_s"] = round(time.monotonic() - STARTED, 1)
@@ -298,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             fn()
         except Exception as exc:  # record and go on: later steps may still work
-            report.setdefault("errors", []).append({"step": name, "error": f"{type(exc).__name__}: {exc}"[:800]})
+            report.setdefault("errors", []).append(
+                {"step": name, "error": f"{type(exc).__name__}: {exc}"[:800]}
+            )
         report.setdefault("step_s", {})[name] = round(time.monotonic() - t0, 1)
         save()
         print(f"[{time.monotonic() - STARTED:6.1f} s] {name}", flush=True)
@@ -308,18 +405,30 @@ def main(argv: list[str] | None = None) -> int:
     step("check_dispatch", lambda: report["checks"].extend(check_dispatch(device)))
     step("check_gather", lambda: report["checks"].extend(check_gather(device, dtypes)))
     encoder = bench_encoder(grid.model, device.type, getattr(torch, grid.dtype))
-    step("check_end_to_end", lambda: report["checks"].extend(
-        check_end_to_end(encoder, grid.model, device, grid.seq_len)))
+    step(
+        "check_end_to_end",
+        lambda: report["checks"].extend(check_end_to_end(encoder, grid.model, device, grid.seq_len)),
+    )
     models = build_models(encoder, grid)
     first_bank = models[grid.adapters[0]].device_bank
-    step("apply_tiles", lambda: report["apply_tiles"].extend(sweep_apply_tiles(encoder, first_bank, grid.seq_len,
-                                                                               deadline)))
-    step("launch_overhead", lambda: report.__setitem__("launch_overhead", launch_overhead(
-        models[grid.adapters[0]], grid.seq_len)))
+    step(
+        "apply_tiles",
+        lambda: report["apply_tiles"].extend(sweep_apply_tiles(encoder, first_bank, grid.seq_len, deadline)),
+    )
+    step(
+        "launch_overhead",
+        lambda: report.__setitem__(
+            "launch_overhead", launch_overhead(models[grid.adapters[0]], grid.seq_len)
+        ),
+    )
     step("apply", lambda: run_apply(encoder, grid, models, bench["apply"], save, deadline))
     step("fusion", lambda: run_fusion(grid, models, bench["fusion"], save, deadline))
-    step("throughput", lambda: run_throughput(encoder, grid, models, bench["throughput"], save, deadline,
-                                              min_group_s=15.0 if cuda else 0.0))
+    step(
+        "throughput",
+        lambda: run_throughput(
+            encoder, grid, models, bench["throughput"], save, deadline, min_group_s=15.0 if cuda else 0.0
+        ),
+    )
     failed = [c for c in report["checks"] if c.get("passed") is False]
     report["status"] = "failed checks" if failed else "ok"
     bench["meta"]["wall_s"] = round(time.monotonic() - STARTED, 1)
@@ -332,20 +441,31 @@ def print_summary(report: dict, bench: dict) -> None:
     """A short table last, since only the end of the output comes back from the device machine."""
     for c in report["checks"]:
         err = c.get("rel_err_delta", c.get("rel_err"))
-        print(f"{c['check']:<11} {c.get('case', ''):<13} {c.get('dtype', ''):<15} {c.get('path', ''):<14} "
-              f"err={err if err is None else f'{err:.2e}'} passed={c.get('passed')} {c.get('error', '')[:120]}")
+        print(
+            f"{c['check']:<11} {c.get('case', ''):<13} {c.get('dtype', ''):<15} {c.get('path', ''):<14} "
+            f"err={err if err is None else f'{err:.2e}'} passed={c.get('passed')} {c.get('error', '')[:120]}"
+        )
     for t in report["apply_tiles"] + report.get("launch_overhead", []):
         print(t)
     for r in bench["throughput"]:
         if "error" in r:
             print("error", r)
         elif "ratio_to_base" in r:
-            print(f"B={r['batch']:<4} U={r['distinct']:<4} N={r['N']!s:<5} {r['variant']:<13} {r['apply']:<7} "
-                  f"{r['ms']:8.2f} ms  x{r['ratio_to_base']:.3f}")
+            print(
+                f"B={r['batch']:<4} U={r['distinct']:<4} N={r['N']!s:<5} {r['variant']:<13} {r['apply']:<7} "
+                f"{r['ms']:8.2f} ms  x{r['ratio_to_base']:.3f}"
+            )
     for f in bench["fusion"]:
         print("fusion", f)
-    print("errors", report.get("errors"), "skipped", report.get("skipped_steps"), "status", report["status"],
-          f"elapsed {report['meta']['elapsed_s']} s")
+    print(
+        "errors",
+        report.get("errors"),
+        "skipped",
+        report.get("skipped_steps"),
+        "status",
+        report["status"],
+        f"elapsed {report['meta']['elapsed_s']} s",
+    )
 
 
 if __name__ == "__main__":

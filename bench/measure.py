@@ -67,13 +67,19 @@ def random_bank(encoder: AdapterEncoder, num_adapters: int, seed: int = 0) -> Ad
         return (torch.randn(*shape, **kw) * scale).to(encoder.dtype)
 
     N = num_adapters
-    return AdapterBank(randn(L, N, d, r, scale=d**-0.5), randn(L, N, r, scale=0.5), randn(L, N, r, d, scale=r**-0.5),
-                       torch.zeros(L, N, d, device=encoder.device, dtype=encoder.dtype),
-                       model_id=encoder.model_id, bank_id=f"bench-{N}-{seed}")
+    return AdapterBank(
+        randn(L, N, d, r, scale=d**-0.5),
+        randn(L, N, r, scale=0.5),
+        randn(L, N, r, d, scale=r**-0.5),
+        torch.zeros(L, N, d, device=encoder.device, dtype=encoder.dtype),
+        model_id=encoder.model_id,
+        bank_id=f"bench-{N}-{seed}",
+    )
 
 
-def random_inputs(batch: int, seq_len: int, device: torch.device | str, seed: int = 0,
-                  vocab: int = 30000) -> dict[str, torch.Tensor]:
+def random_inputs(
+    batch: int, seq_len: int, device: torch.device | str, seed: int = 0, vocab: int = 30000
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, vocab, (batch, seq_len), generator=g)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
@@ -85,8 +91,13 @@ def sync(device: torch.device | str) -> None:
 
 
 # -- timers ---------------------------------------------------------------------------------
-def round_robin(variants: dict[str, Callable[[], object]], device: torch.device | str, rounds: int,
-                warmup: int = 1, deadline: float = math.inf) -> dict[str, list[float]]:
+def round_robin(
+    variants: dict[str, Callable[[], object]],
+    device: torch.device | str,
+    rounds: int,
+    warmup: int = 1,
+    deadline: float = math.inf,
+) -> dict[str, list[float]]:
     """Seconds per call of each variant over ``rounds`` rounds (fewer if ``deadline`` passes).
 
     Each call is synchronised on both ends: a served batch is done when its results are back.
@@ -100,7 +111,7 @@ def round_robin(variants: dict[str, Callable[[], object]], device: torch.device 
     for r in range(rounds):
         if r > 0 and time.monotonic() > deadline:
             break
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             sync(device)
             start = time.perf_counter()
@@ -110,8 +121,13 @@ def round_robin(variants: dict[str, Callable[[], object]], device: torch.device 
     return times
 
 
-def time_op(fn: Callable[[], object], device: torch.device | str, budget_s: float = 0.2,
-            repeats: int = 5, estimator: str = "median") -> float:
+def time_op(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    budget_s: float = 0.2,
+    repeats: int = 5,
+    estimator: str = "median",
+) -> float:
     """Seconds per call of a short operation: the median (or min) of ``repeats`` blocks of back-to-back calls."""
     fn()
     sync(device)
@@ -144,6 +160,7 @@ def device_weights(profiles: list[Profile], device: torch.device) -> tuple[torch
 
 def device_indices(profiles: list[Profile], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, L, k)`` selected adapter indices for the gather fusion."""
+
     def index(masks: list[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(masks)
         k = int(stacked[0, 0].sum())
@@ -195,7 +212,9 @@ class MixedBatch:
     def cold(self) -> torch.Tensor:
         """The runtime path with nothing cached: ``MultiProfileModel.fuse`` (host masks to weights,
         one GEMM, split per profile for the cache), concatenation, one forward."""
-        return self.model.encoder(self.encodings, FusedAdapters.cat(self.model.fuse(self.profiles)), self.rows)
+        return self.model.encoder(
+            self.encodings, FusedAdapters.cat(self.model.fuse(self.profiles)), self.rows
+        )
 
     def cold_batched(self) -> torch.Tensor:
         """Nothing cached, weights already on the device: one fusion GEMM straight into the forward."""
@@ -204,13 +223,18 @@ class MixedBatch:
 
     def pooled(self, fused: FusedAdapters | None, rows: torch.Tensor | None) -> torch.Tensor:
         """``AdapterEncoder.forward`` on the static buffers, for graph capture."""
-        return self.model.encoder({"input_ids": self.static_ids, "attention_mask": self.static_mask}, fused, rows)
+        return self.model.encoder(
+            {"input_ids": self.static_ids, "attention_mask": self.static_mask}, fused, rows
+        )
 
     def graph(self, variant: str) -> Callable[[], None]:
         """``base``, ``warm`` or ``cold_batched`` as a replayed CUDA graph (inputs copied in per call)."""
         self.static_ids = self.encodings["input_ids"].clone()
         self.static_mask = self.encodings["attention_mask"].clone()
-        copies = [(self.encodings["input_ids"], self.static_ids), (self.encodings["attention_mask"], self.static_mask)]
+        copies = [
+            (self.encodings["input_ids"], self.static_ids),
+            (self.encodings["attention_mask"], self.static_mask),
+        ]
         rows = None if self.rows is None else self.rows.clone()
         if rows is not None:
             copies.append((self.rows, rows))
@@ -248,11 +272,13 @@ def graphed(fn: Callable[[], object], inputs: list[tuple[torch.Tensor, torch.Ten
         for source, static in inputs:
             static.copy_(source, non_blocking=True)
         graph.replay()
+
     return replay
 
 
-def apply_case(encoder: AdapterEncoder, bank: AdapterBank, batch: int, seq_len: int, distinct: int,
-               seed: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
+def apply_case(
+    encoder: AdapterEncoder, bank: AdapterBank, batch: int, seq_len: int, distinct: int, seed: int = 0
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
     """Inputs of one layer's adapter application: ``h``, layer-0 fused weights of U profiles, rows."""
     g = torch.Generator(device=encoder.device).manual_seed(seed)
     h = torch.randn(batch, seq_len, encoder.hidden_size, device=encoder.device, generator=g).to(encoder.dtype)
@@ -262,8 +288,15 @@ def apply_case(encoder: AdapterEncoder, bank: AdapterBank, batch: int, seq_len: 
     return h, fused.layer(0), rows
 
 
-def time_apply(encoder: AdapterEncoder, bank: AdapterBank, batch: int, seq_len: int, distinct: int,
-               use_triton: bool, estimator: str = "median") -> float:
+def time_apply(
+    encoder: AdapterEncoder,
+    bank: AdapterBank,
+    batch: int,
+    seq_len: int,
+    distinct: int,
+    use_triton: bool,
+    estimator: str = "median",
+) -> float:
     h, weights, rows = apply_case(encoder, bank, batch, seq_len, distinct)
     with kernels.use_kernels(apply=use_triton), torch.no_grad():
         return time_op(lambda: apply_adapters(h, *weights, rows), encoder.device, estimator=estimator)
@@ -275,8 +308,9 @@ def gather_bytes(bank: AdapterBank, distinct: int, k: int) -> int:
     return distinct * bank.num_layers * k * per_adapter
 
 
-def time_fusion(bank: AdapterBank, profiles: list[Profile], device: torch.device, method: str,
-                estimator: str = "median") -> float:
+def time_fusion(
+    bank: AdapterBank, profiles: list[Profile], device: torch.device, method: str, estimator: str = "median"
+) -> float:
     """Seconds to fuse ``profiles``: ``gemm`` (mask matrix @ bank), ``gather_torch``, ``gather_triton``."""
     with torch.no_grad():
         if method == "gemm":
@@ -305,12 +339,19 @@ def hardware(device: torch.device | str) -> str:
 
 def provenance(device: torch.device | str) -> dict[str, str]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     import transformers
 
-    return {"hardware": hardware(device), "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": getattr(kernels.triton, "__version__", "not installed"), "git": commit or "unknown",
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version()}
+    return {
+        "hardware": hardware(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton": getattr(kernels.triton, "__version__", "not installed"),
+        "git": commit or "unknown",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+    }

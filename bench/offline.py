@@ -60,17 +60,40 @@ class Grid:
 
 
 GRIDS = {
-    "cpu": Grid("minilm", "float32", 32, 64, [1, 8, 64], [100, 400, 1000], 5, [1, 8, 64], 1.0,
-                "reduced for a 2-core shared CPU: 32 tokens per row, batch 64, at most 64 distinct "
-                "profiles (256 needs a batch of 256), 5 timed rounds after 1 warm-up round; each variant's "
-                "fastest round counts, since other users' load on the shared cores only ever adds time; one "
-                "torch thread: with two, a thread descheduled by another user's work stalls every op "
-                "(measured here: forward 0.56 s on one thread, 0.8-1.4 s on two)",
-                estimator="min", threads=1),
-    "cuda": Grid("random:bert-base", "bfloat16", 128, 64, [1, 8, 64, 256], [100, 400, 1000], 10, [1, 8, 64, 256],
-                 8.0, "full grid: 128 tokens per row, batch 64 (256 rows for 256 distinct profiles), "
-                      "10 timed rounds after 1 warm-up round"),
-    "smoke": Grid("minilm", "float32", 8, 4, [1, 4], [20], 1, [1, 4], 1.0, "smoke test of the benchmark code"),
+    "cpu": Grid(
+        "minilm",
+        "float32",
+        32,
+        64,
+        [1, 8, 64],
+        [100, 400, 1000],
+        5,
+        [1, 8, 64],
+        1.0,
+        "reduced for a 2-core shared CPU: 32 tokens per row, batch 64, at most 64 distinct "
+        "profiles (256 needs a batch of 256), 5 timed rounds after 1 warm-up round; each variant's "
+        "fastest round counts, since other users' load on the shared cores only ever adds time; one "
+        "torch thread: with two, a thread descheduled by another user's work stalls every op "
+        "(measured here: forward 0.56 s on one thread, 0.8-1.4 s on two)",
+        estimator="min",
+        threads=1,
+    ),
+    "cuda": Grid(
+        "random:bert-base",
+        "bfloat16",
+        128,
+        64,
+        [1, 8, 64, 256],
+        [100, 400, 1000],
+        10,
+        [1, 8, 64, 256],
+        8.0,
+        "full grid: 128 tokens per row, batch 64 (256 rows for 256 distinct profiles), "
+        "10 timed rounds after 1 warm-up round",
+    ),
+    "smoke": Grid(
+        "minilm", "float32", 8, 4, [1, 4], [20], 1, [1, 4], 1.0, "smoke test of the benchmark code"
+    ),
 }
 
 Row = dict[str, object]
@@ -90,6 +113,7 @@ def with_apply(fn: Callable[[], object], impl: str) -> Callable[[], object]:
     def call() -> object:
         with kernels.use_kernels(apply=impl == "triton"):
             return fn()
+
     return call
 
 
@@ -97,8 +121,15 @@ def build_models(encoder: AdapterEncoder, grid: Grid) -> dict[int, MultiProfileM
     return {n: MultiProfileModel(encoder, random_bank(encoder, n, seed=n)) for n in grid.adapters}
 
 
-def run_throughput(encoder: AdapterEncoder, grid: Grid, models: dict[int, MultiProfileModel], out: list[Row],
-                   save: Callable[[], None], deadline: float = math.inf, min_group_s: float = 0.0) -> None:
+def run_throughput(
+    encoder: AdapterEncoder,
+    grid: Grid,
+    models: dict[int, MultiProfileModel],
+    out: list[Row],
+    save: Callable[[], None],
+    deadline: float = math.inf,
+    min_group_s: float = 0.0,
+) -> None:
     """Whole-batch throughput, one round-robin group per batch size."""
     device = encoder.device
     impls = apply_impls(device)
@@ -114,20 +145,31 @@ def run_throughput(encoder: AdapterEncoder, grid: Grid, models: dict[int, MultiP
         errors: list[Row] = []
         for u in (u for u in grid.distinct if max(grid.batch, u) == batch):
             for n in grid.adapters:
-                mb = MixedBatch(models[n], make_profiles(models[n].bank, u, seed=10_000 * n), batch, grid.seq_len)
+                mb = MixedBatch(
+                    models[n], make_profiles(models[n].bank, u, seed=10_000 * n), batch, grid.seq_len
+                )
                 if "base" not in variants:
-                    variants["base"], labels["base"] = mb.base, {"variant": "base", "distinct": 0, "N": None,
-                                                                 "apply": "none"}
+                    variants["base"], labels["base"] = (
+                        mb.base,
+                        {"variant": "base", "distinct": 0, "N": None, "apply": "none"},
+                    )
                 runs: list[tuple[str, Callable[[], object], str]] = []
                 if n == first_n:  # warm and naive do not depend on N: fused weights have one shape
                     runs += [("warm", mb.warm, impl) for impl in impls] + [("naive", mb.naive, "torch")]
-                runs += [(v, fn, impl) for impl in impls for v, fn in (("cold", mb.cold),
-                                                                       ("cold_batched", mb.cold_batched))]
+                runs += [
+                    (v, fn, impl)
+                    for impl in impls
+                    for v, fn in (("cold", mb.cold), ("cold_batched", mb.cold_batched))
+                ]
                 for variant, fn, impl in runs:
                     name = f"{variant} U={u} N={n} {impl}"
                     variants[name] = with_apply(fn, impl)
-                    labels[name] = {"variant": variant, "distinct": u,
-                                    "N": n if variant.startswith("cold") else None, "apply": impl}
+                    labels[name] = {
+                        "variant": variant,
+                        "distinct": u,
+                        "N": n if variant.startswith("cold") else None,
+                        "apply": impl,
+                    }
                 if graphs:
                     add_graphs(mb, u, n, n == first_n, impls, variants, labels, errors)
         times = round_robin(variants, device, grid.rounds, warmup=1, deadline=deadline)
@@ -135,16 +177,34 @@ def run_throughput(encoder: AdapterEncoder, grid: Grid, models: dict[int, MultiP
         for name, ts in times.items():
             baseline = pick(times[labels[name].get("baseline", "base")])
             t = pick(ts)
-            out.append({**labels[name], "batch": batch, "ms": t * 1e3, "seq_per_s": batch / t,
-                        "ratio_to_base": baseline / t, "rounds": len(ts), "estimator": grid.estimator,
-                        "ms_median": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3,
-                        "spread": (max(ts) - min(ts)) / statistics.median(ts)})
+            out.append(
+                {
+                    **labels[name],
+                    "batch": batch,
+                    "ms": t * 1e3,
+                    "seq_per_s": batch / t,
+                    "ratio_to_base": baseline / t,
+                    "rounds": len(ts),
+                    "estimator": grid.estimator,
+                    "ms_median": statistics.median(ts) * 1e3,
+                    "ms_min": min(ts) * 1e3,
+                    "spread": (max(ts) - min(ts)) / statistics.median(ts),
+                }
+            )
         out.extend(errors)
         save()
 
 
-def add_graphs(mb: MixedBatch, u: int, n: int, first: bool, impls: list[str],
-               variants: dict[str, Callable[[], object]], labels: dict[str, Row], errors: list[Row]) -> None:
+def add_graphs(
+    mb: MixedBatch,
+    u: int,
+    n: int,
+    first: bool,
+    impls: list[str],
+    variants: dict[str, Callable[[], object]],
+    labels: dict[str, Row],
+    errors: list[Row],
+) -> None:
     """CUDA-graph variants (GPU only): the same work with launch overhead gone, against a graphed base."""
     wanted = [("base", "none")] if "base_graph" not in variants else []
     wanted += [("warm", impl) for impl in impls if first] + [("cold_batched", impl) for impl in impls]
@@ -154,16 +214,32 @@ def add_graphs(mb: MixedBatch, u: int, n: int, first: bool, impls: list[str],
             with kernels.use_kernels(apply=impl == "triton"):
                 variants[name] = mb.graph(variant)
         except Exception as exc:  # a capture that fails is a result to report, not a crash
-            errors.append({"variant": f"{variant}_graph", "distinct": u, "N": n, "apply": impl,
-                           "error": f"{type(exc).__name__}: {exc}"[:300]})
+            errors.append(
+                {
+                    "variant": f"{variant}_graph",
+                    "distinct": u,
+                    "N": n,
+                    "apply": impl,
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                }
+            )
             continue
-        labels[name] = {"variant": f"{variant}_graph", "distinct": 0 if variant == "base" else u,
-                        "N": n if variant == "cold_batched" else None, "apply": impl,
-                        "baseline": "base" if variant == "base" else "base_graph"}
+        labels[name] = {
+            "variant": f"{variant}_graph",
+            "distinct": 0 if variant == "base" else u,
+            "N": n if variant == "cold_batched" else None,
+            "apply": impl,
+            "baseline": "base" if variant == "base" else "base_graph",
+        }
 
 
-def run_fusion(grid: Grid, models: dict[int, MultiProfileModel], out: list[Row], save: Callable[[], None],
-               deadline: float = math.inf) -> None:
+def run_fusion(
+    grid: Grid,
+    models: dict[int, MultiProfileModel],
+    out: list[Row],
+    save: Callable[[], None],
+    deadline: float = math.inf,
+) -> None:
     """Fusion alone: GEMM over the whole bank against gathers that read only the k selected adapters."""
     for n, model in models.items():
         bank = model.device_bank
@@ -175,7 +251,9 @@ def run_fusion(grid: Grid, models: dict[int, MultiProfileModel], out: list[Row],
                 row: Row = {"N": n, "distinct": u, "k": k, "method": method}
                 if time.monotonic() > deadline:
                     row["skipped"] = "time budget"
-                elif method == "gather_torch" and gather_bytes(bank, u, k) > grid.gather_torch_limit_gb * 2**30:
+                elif (
+                    method == "gather_torch" and gather_bytes(bank, u, k) > grid.gather_torch_limit_gb * 2**30
+                ):
                     row["skipped"] = f"would copy {gather_bytes(bank, u, k) / 2**30:.1f} GiB"
                 else:
                     row["ms"] = time_fusion(bank, profiles, device, method, grid.estimator) * 1e3
@@ -183,8 +261,14 @@ def run_fusion(grid: Grid, models: dict[int, MultiProfileModel], out: list[Row],
         save()
 
 
-def run_apply(encoder: AdapterEncoder, grid: Grid, models: dict[int, MultiProfileModel], out: list[Row],
-              save: Callable[[], None], deadline: float = math.inf) -> None:
+def run_apply(
+    encoder: AdapterEncoder,
+    grid: Grid,
+    models: dict[int, MultiProfileModel],
+    out: list[Row],
+    save: Callable[[], None],
+    deadline: float = math.inf,
+) -> None:
     """One layer's per-row adapter application, batch of ``max(batch, U)`` rows."""
     bank = models[grid.adapters[0]].device_bank
     for u in grid.distinct:
@@ -207,7 +291,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--grid", choices=sorted(GRIDS), help="default: the device's own grid")
     parser.add_argument("--rounds", type=int, help="timed rounds per batch size (default: the grid's)")
@@ -222,9 +308,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(grid.threads)
     device = torch.device(args.device)
     encoder = bench_encoder(grid.model, args.device, getattr(torch, grid.dtype))
-    data: dict = {"meta": {"device": device.type, "command": "python -m bench.offline " + " ".join(
-        sys.argv[1:] if argv is None else argv), "grid": asdict(grid), **provenance(device)},
-        "throughput": [], "fusion": [], "apply": []}
+    data: dict = {
+        "meta": {
+            "device": device.type,
+            "command": "python -m bench.offline " + " ".join(sys.argv[1:] if argv is None else argv),
+            "grid": asdict(grid),
+            **provenance(device),
+        },
+        "throughput": [],
+        "fusion": [],
+        "apply": [],
+    }
 
     def save() -> None:
         write_json(out_path, data)

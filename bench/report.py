@@ -19,9 +19,9 @@ VARIANTS = {
     "base": "the frozen encoder alone, no adapters (the ceiling)",
     "warm": "X-PEFT, every profile's fused weights cached: concatenate them, one forward",
     "cold": "X-PEFT through today's runtime (`MultiProfileModel.fuse`: masks to weights on the host, "
-            "one GEMM, split per profile for the cache), then concatenate and one forward",
+    "one GEMM, split per profile for the cache), then concatenate and one forward",
     "cold_batched": "X-PEFT with nothing fused yet, mixing weights already on the device: one fusion GEMM "
-                    "straight into the forward (the design's batched fusion)",
+    "straight into the forward (the design's batched fusion)",
     "naive": "the PEFT / AdapterHub way: one forward per profile's group of rows, its adapter ready (no fusion)",
     "base_graph": "the base encoder captured as a CUDA graph and replayed (launch overhead removed)",
     "warm_graph": "`warm` as a CUDA graph; ratio against `base_graph`",
@@ -51,14 +51,16 @@ def label(r: dict) -> str:
 
 def meta_block(data: dict, name: str) -> list[str]:
     m = data["meta"]
-    lines = [f"- hardware: {m['hardware']}",
-             f"- command: `{m['command']}`",
-             f"- software: torch {m['torch']}, transformers {m['transformers']}, Triton {m['triton']}, "
-             f"Python {m['python']}",
-             f"- run: {m['date']}, git {m['git']}, {m.get('wall_s', '?')} s",
-             f"- model: `{m['grid']['model']}`, {m['grid']['dtype']}, {m['grid']['seq_len']} tokens per row, "
-             f"random token ids with a full attention mask; {m['grid']['note']}",
-             f"- each time is the {m['grid'].get('estimator', 'median')} over its rounds (or timing blocks)"]
+    lines = [
+        f"- hardware: {m['hardware']}",
+        f"- command: `{m['command']}`",
+        f"- software: torch {m['torch']}, transformers {m['transformers']}, Triton {m['triton']}, "
+        f"Python {m['python']}",
+        f"- run: {m['date']}, git {m['git']}, {m.get('wall_s', '?')} s",
+        f"- model: `{m['grid']['model']}`, {m['grid']['dtype']}, {m['grid']['seq_len']} tokens per row, "
+        f"random token ids with a full attention mask; {m['grid']['note']}",
+        f"- each time is the {m['grid'].get('estimator', 'median')} over its rounds (or timing blocks)",
+    ]
     if "load" in m:
         lines.append(f"- host load average (1 min) at start / end: {m['load']}")
     return [f"### {name}", "", *lines, ""]
@@ -82,10 +84,13 @@ def throughput_table(rows: list[dict]) -> list[str]:
             else:
                 for u in distinct:
                     cells[(key, u)] = cell
-        out += [f"Batch of {batch} rows: sequences/s (ratio to the base of the same rounds; `_graph` rows to "
-                "`base_graph`).", "",
-                "| variant | " + " | ".join(f"U={u}" for u in distinct) + " |",
-                "| --- | " + " | ".join("---:" for _ in distinct) + " |"]
+        out += [
+            f"Batch of {batch} rows: sequences/s (ratio to the base of the same rounds; `_graph` rows to "
+            "`base_graph`).",
+            "",
+            "| variant | " + " | ".join(f"U={u}" for u in distinct) + " |",
+            "| --- | " + " | ".join("---:" for _ in distinct) + " |",
+        ]
         out += [f"| {k} | " + " | ".join(cells.get((k, u), "") for u in distinct) + " |" for k in keys]
         out.append("")
     return out
@@ -107,9 +112,13 @@ def headline(data: dict, device: str) -> list[str]:
         return max(found, key=lambda r: r["ratio_to_base"]) if found else None
 
     naive = best("naive")
-    lines = [f"At U={u} distinct profiles (batch {at[0]['batch']}), target for a cold batch: {target}x the base "
-             "encoder; against the naive loop: 10x.", "",
-             "| variant | ratio to base | vs naive | target met |", "| --- | ---: | ---: | --- |"]
+    lines = [
+        f"At U={u} distinct profiles (batch {at[0]['batch']}), target for a cold batch: {target}x the base "
+        "encoder; against the naive loop: 10x.",
+        "",
+        "| variant | ratio to base | vs naive | target met |",
+        "| --- | ---: | ---: | --- |",
+    ]
     for variant in ("cold", "cold_batched", "warm", "cold_batched_graph", "warm_graph", "naive"):
         r = best(variant)
         if r is None:
@@ -122,15 +131,20 @@ def headline(data: dict, device: str) -> list[str]:
 
 def fusion_table(rows: list[dict]) -> list[str]:
     methods = sorted({r["method"] for r in rows})
-    out = ["Fusion alone, ms per call: GEMM over the whole bank against gathers that read only the "
-           "k selected adapters (k = N/10).", "",
-           "| N | U | k | " + " | ".join(methods) + " | fastest |", "| ---: | ---: | ---: |" + " ---: |" * len(methods)
-           + " --- |"]
+    out = [
+        "Fusion alone, ms per call: GEMM over the whole bank against gathers that read only the "
+        "k selected adapters (k = N/10).",
+        "",
+        "| N | U | k | " + " | ".join(methods) + " | fastest |",
+        "| ---: | ---: | ---: |" + " ---: |" * len(methods) + " --- |",
+    ]
     for n in sorted({r["N"] for r in rows}):
         for u in sorted({r["distinct"] for r in rows if r["N"] == n}):
             part = {r["method"]: r for r in rows if r["N"] == n and r["distinct"] == u}
             timed = {m: r["ms"] for m, r in part.items() if "ms" in r}
-            cells = [f"{part[m]['ms']:.3f}" if m in timed else part.get(m, {}).get("skipped", "") for m in methods]
+            cells = [
+                f"{part[m]['ms']:.3f}" if m in timed else part.get(m, {}).get("skipped", "") for m in methods
+            ]
             k = next(iter(part.values()))["k"]
             fastest = min(timed, key=timed.get) if timed else ""
             out.append(f"| {n} | {u} | {k} | " + " | ".join(cells) + f" | {fastest} |")
@@ -139,9 +153,12 @@ def fusion_table(rows: list[dict]) -> list[str]:
 
 def apply_table(rows: list[dict]) -> list[str]:
     impls = sorted({r["apply"] for r in rows})
-    out = ["One layer's per-row adapters (down, ReLU, up, residual), ms per call:", "",
-           "| U | batch | " + " | ".join(impls) + (" | torch / triton |" if len(impls) > 1 else " |"),
-           "| ---: | ---: |" + " ---: |" * (len(impls) + (len(impls) > 1))]
+    out = [
+        "One layer's per-row adapters (down, ReLU, up, residual), ms per call:",
+        "",
+        "| U | batch | " + " | ".join(impls) + (" | torch / triton |" if len(impls) > 1 else " |"),
+        "| ---: | ---: |" + " ---: |" * (len(impls) + (len(impls) > 1)),
+    ]
     for u in sorted({r["distinct"] for r in rows}):
         part = {r["apply"]: r for r in rows if r["distinct"] == u and "ms" in r}
         if not part:
@@ -154,20 +171,35 @@ def apply_table(rows: list[dict]) -> list[str]:
 
 
 def checks_block(checks: dict) -> list[str]:
-    out = ["### GPU correctness (`bench/gpu_check.py`)", "",
-           f"Run: {checks['meta']['hardware']}, {checks['meta']['date']}, status **{checks['status']}**. "
-           "Errors are relative (‖out − ref‖ / ‖ref‖) against float64 on the CPU; for the adapter "
-           "application, of the adapter's contribution `out − h`, which is stricter than of `out`.", "",
-           "| check | case | dtype | path | rel. error | passed |", "| --- | --- | --- | --- | ---: | --- |"]
+    out = [
+        "### GPU correctness (`bench/gpu_check.py`)",
+        "",
+        f"Run: {checks['meta']['hardware']}, {checks['meta']['date']}, status **{checks['status']}**. "
+        "Errors are relative (‖out − ref‖ / ‖ref‖) against float64 on the CPU; for the adapter "
+        "application, of the adapter's contribution `out − h`, which is stricter than of `out`.",
+        "",
+        "| check | case | dtype | path | rel. error | passed |",
+        "| --- | --- | --- | --- | ---: | --- |",
+    ]
     for c in checks["checks"]:
         err = c.get("rel_err_delta", c.get("rel_err"))
-        out.append(f"| {c['check']} | {c.get('case', c.get('model', ''))} | {c.get('dtype', '')} | "
-                   f"{c.get('path', '')} | {'' if err is None else f'{err:.2e}'} | {c.get('passed')} |")
+        out.append(
+            f"| {c['check']} | {c.get('case', c.get('model', ''))} | {c.get('dtype', '')} | "
+            f"{c.get('path', '')} | {'' if err is None else f'{err:.2e}'} | {c.get('passed')} |"
+        )
     tiles = [t for t in checks.get("apply_tiles", []) if "ms" in t]
     if tiles:
-        out += ["", "SGMV tile sweep, 64 rows x 128 tokens, 64 distinct profiles, ms per layer:", "",
-                "| impl | tokens per program | warps | ms |", "| --- | ---: | ---: | ---: |"]
-        out += [f"| {t['impl']} | {t.get('block_t', '')} | {t.get('num_warps', '')} | {t['ms']:.4f} |" for t in tiles]
+        out += [
+            "",
+            "SGMV tile sweep, 64 rows x 128 tokens, 64 distinct profiles, ms per layer:",
+            "",
+            "| impl | tokens per program | warps | ms |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        out += [
+            f"| {t['impl']} | {t.get('block_t', '')} | {t.get('num_warps', '')} | {t['ms']:.4f} |"
+            for t in tiles
+        ]
     over = checks.get("launch_overhead", [])
     if over:
         out += ["", "Host cost (Python and launches):", ""]
@@ -175,8 +207,10 @@ def checks_block(checks: dict) -> list[str]:
             if "us" in o:
                 out.append(f"- {o['what']}, {o['impl']}: {o['us']:.0f} µs")
             else:
-                out.append(f"- {o['what']}, {o['impl']}: enqueued in {o['enqueue_ms']:.2f} ms, "
-                           f"finished in {o['wall_ms']:.2f} ms")
+                out.append(
+                    f"- {o['what']}, {o['impl']}: enqueued in {o['enqueue_ms']:.2f} ms, "
+                    f"finished in {o['wall_ms']:.2f} ms"
+                )
     return out + [""]
 
 
@@ -203,8 +237,7 @@ def plot(data: dict, device: str, img_dir: Path) -> list[str]:
     colors = plt.get_cmap("tab10")
     for i, (key, points) in enumerate(sorted(series.items())):
         points.sort(key=lambda r: r["distinct"])
-        style = {"color": colors(i % 10), "marker": "o",
-                 "linestyle": ":" if "torch" in key else "-"}
+        style = {"color": colors(i % 10), "marker": "o", "linestyle": ":" if "torch" in key else "-"}
         ax.plot([p["distinct"] for p in points], [p["seq_per_s"] for p in points], label=key, **style)
         bx.plot([p["distinct"] for p in points], [p["ratio_to_base"] for p in points], label=key, **style)
     bx.axhline(TARGETS[device], color="k", linewidth=1, linestyle="--", label=f"target {TARGETS[device]}x")
@@ -219,8 +252,11 @@ def plot(data: dict, device: str, img_dir: Path) -> list[str]:
     bx.set_ylabel("ratio to base (graph variants: to the graphed base)")
     bx.set_ylim(0, 1.2)
     bx.legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{device.upper()}: {data['meta']['hardware'][:70]}, {data['meta']['grid']['model']}, "
-                 f"{data['meta']['grid']['dtype']}, N={n_first}", fontsize=10)
+    fig.suptitle(
+        f"{device.upper()}: {data['meta']['hardware'][:70]}, {data['meta']['grid']['model']}, "
+        f"{data['meta']['grid']['dtype']}, N={n_first}",
+        fontsize=10,
+    )
     fig.tight_layout()
     name = f"bench_{device}_throughput.png"
     fig.savefig(img_dir / name, dpi=100)
@@ -232,7 +268,9 @@ def plot(data: dict, device: str, img_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for method in sorted({r["method"] for r in fusion}):
             for n in sorted({r["N"] for r in fusion}):
-                pts = sorted((r["distinct"], r["ms"]) for r in fusion if r["method"] == method and r["N"] == n)
+                pts = sorted(
+                    (r["distinct"], r["ms"]) for r in fusion if r["method"] == method and r["N"] == n
+                )
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method}, N={n}")
         ax.set_xscale("log", base=2)
@@ -258,40 +296,59 @@ def section(data: dict, device: str, title: str, img_dir: Path, doc_dir: Path) -
     errors = [r for r in data["throughput"] if "error" in r or "skipped" in r]
     if errors:
         out += ["Not measured: " + "; ".join(json.dumps(e) for e in errors), ""]
-    out += ["### Fusion", "", *fusion_table(data["fusion"]), "### Adapter application", "",
-            *apply_table(data["apply"])]
+    out += [
+        "### Fusion",
+        "",
+        *fusion_table(data["fusion"]),
+        "### Adapter application",
+        "",
+        *apply_table(data["apply"]),
+    ]
     return out
 
 
-def render(cpu: dict | None, gpu: dict | None, checks: dict | None, command: str, img_dir: Path,
-           doc_dir: Path) -> str:
-    lines = ["# Benchmarks", "",
-             f"Generated by `{command}` from the JSON that the benchmark commands wrote; do not edit by hand. "
-             "Every ratio compares medians from the same run and the same rounds: each round runs every "
-             "variant of a batch size once, in rotating order.", "",
-             "Reproduce: `python -m bench.offline --device cpu` (writes `bench/results/cpu.json`); on a GPU "
-             "machine `OUT=out python bench/gpu_check.py` (writes `out/bench_cuda.json` and "
-             "`out/gpu_check.json`, copied to `bench/results/cuda.json` and `bench/results/gpu_check.json`); "
-             "then `python -m bench.report`.", "",
-             "The server under HTTP load (10,000 profiles in Redis, Zipf traffic, latency percentiles, "
-             "throughput against offline, Redis bytes and server memory against profiles stored) is "
-             "measured by `python -m bench.load.run` and reported in [LOAD_TEST.md](LOAD_TEST.md).", "",
-             "What is timed: the encoder forward with each row's adapters, pooled embeddings out, on pre-made "
-             "random token ids. Tokenization and the per-profile heads (one small matmul per row) are outside "
-             "every variant alike. Profiles are random hard-mask profiles (`profiles/synthetic.py`, k = N/10).",
-             "", "| variant | what it runs |", "| --- | --- |",
-             *[f"| {k} | {v} |" for k, v in VARIANTS.items()], "",
-             "`(torch)` / `(triton)`: which path applies the per-row adapters (`layer.apply_adapters` or the "
-             "SGMV kernel in `adapters/kernels.py`). U: distinct profiles per batch; N: adapters in the bank.", "",
-             "Reading the tables:", "",
-             "- `cold` against `cold_batched` is the cost of the runtime's host-side work per profile "
-             "(masks to weights, the split into per-profile cache entries, the concatenation back), "
-             "not of fusion itself, which the Fusion table times alone.",
-             "- `warm` against `base` is the price of applying per-row adapters plus the concatenation of "
-             "cached entries; the Adapter application table times one layer's share of it.",
-             "- When a forward's enqueue time is close to its finished time (GPU host-cost list), the batch "
-             "is bound by Python and kernel launches; the `_graph` variants show the same work with "
-             "launches replayed from a CUDA graph.", ""]
+def render(
+    cpu: dict | None, gpu: dict | None, checks: dict | None, command: str, img_dir: Path, doc_dir: Path
+) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{command}` from the JSON that the benchmark commands wrote; do not edit by hand. "
+        "Every ratio compares medians from the same run and the same rounds: each round runs every "
+        "variant of a batch size once, in rotating order.",
+        "",
+        "Reproduce: `python -m bench.offline --device cpu` (writes `bench/results/cpu.json`); on a GPU "
+        "machine `OUT=out python bench/gpu_check.py` (writes `out/bench_cuda.json` and "
+        "`out/gpu_check.json`, copied to `bench/results/cuda.json` and `bench/results/gpu_check.json`); "
+        "then `python -m bench.report`.",
+        "",
+        "The server under HTTP load (10,000 profiles in Redis, Zipf traffic, latency percentiles, "
+        "throughput against offline, Redis bytes and server memory against profiles stored) is "
+        "measured by `python -m bench.load.run` and reported in [LOAD_TEST.md](LOAD_TEST.md).",
+        "",
+        "What is timed: the encoder forward with each row's adapters, pooled embeddings out, on pre-made "
+        "random token ids. Tokenization and the per-profile heads (one small matmul per row) are outside "
+        "every variant alike. Profiles are random hard-mask profiles (`profiles/synthetic.py`, k = N/10).",
+        "",
+        "| variant | what it runs |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in VARIANTS.items()],
+        "",
+        "`(torch)` / `(triton)`: which path applies the per-row adapters (`layer.apply_adapters` or the "
+        "SGMV kernel in `adapters/kernels.py`). U: distinct profiles per batch; N: adapters in the bank.",
+        "",
+        "Reading the tables:",
+        "",
+        "- `cold` against `cold_batched` is the cost of the runtime's host-side work per profile "
+        "(masks to weights, the split into per-profile cache entries, the concatenation back), "
+        "not of fusion itself, which the Fusion table times alone.",
+        "- `warm` against `base` is the price of applying per-row adapters plus the concatenation of "
+        "cached entries; the Adapter application table times one layer's share of it.",
+        "- When a forward's enqueue time is close to its finished time (GPU host-cost list), the batch "
+        "is bound by Python and kernel launches; the `_graph` variants show the same work with "
+        "launches replayed from a CUDA graph.",
+        "",
+    ]
     if gpu:
         lines += section(gpu, "cuda", "GPU", img_dir, doc_dir)
         if checks:
@@ -302,7 +359,9 @@ def render(cpu: dict | None, gpu: dict | None, checks: dict | None, command: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cpu", type=Path, default=Path("bench/results/cpu.json"))
     parser.add_argument("--gpu", type=Path, default=Path("bench/results/cuda.json"))
     parser.add_argument("--checks", type=Path, default=Path("bench/results/gpu_check.json"))
@@ -313,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (cpu or gpu):
         parser.error("no benchmark JSON found: run python -m bench.offline first")
     command = "python -m bench.report" + "".join(
-        f" --{k} {v}" for k, v in vars(args).items() if v != parser.get_default(k))
+        f" --{k} {v}" for k, v in vars(args).items() if v != parser.get_default(k)
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(cpu, gpu, checks, command, args.img, args.out.parent))
     print(f"wrote {args.out} and {args.img}/bench_*.png")

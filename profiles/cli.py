@@ -48,8 +48,16 @@ def cmd_bank_create(args) -> None:
     from xpeft.adapters.encoder import load_encoder
 
     enc = load_encoder(args.model, device="cpu")
-    bank = create_random_bank(enc.num_layers, enc.hidden_size, enc.model_id, args.n, args.reduction_factor,
-                              args.seed, args.init_scale, model_name=args.model)
+    bank = create_random_bank(
+        enc.num_layers,
+        enc.hidden_size,
+        enc.model_id,
+        args.n,
+        args.reduction_factor,
+        args.seed,
+        args.init_scale,
+        model_name=args.model,
+    )
     bank.save(args.out)
     _print_json({"out": str(args.out), **bank.metadata(), "bytes": Path(args.out).stat().st_size})
 
@@ -63,15 +71,24 @@ def cmd_bank_from_adapters(args) -> None:
     for path in args.adapters:
         profile = xpm.load(path)
         if profile.kind is not ProfileKind.ADAPTER:
-            raise XPeftError("bad_argument", f"{path} is a {profile.kind.value} profile; from-adapters stacks "
-                                             "profiles trained with --method single_adapter")
+            raise XPeftError(
+                "bad_argument",
+                f"{path} is a {profile.kind.value} profile; from-adapters stacks "
+                "profiles trained with --method single_adapter",
+            )
         adapters.append(profile.adapter_tensors())
         model_ids.add(profile.model_id)
         model_names.add(profile.meta.get("model_name", ""))
     if len(model_ids) != 1:
-        raise XPeftError("bank_mismatch", f"adapters were trained for different encoders: {sorted(model_ids)}")
-    bank = stack_adapters(adapters, model_id=model_ids.pop(), init="trained",
-                          model_name=model_names.pop() if len(model_names) == 1 else "")
+        raise XPeftError(
+            "bank_mismatch", f"adapters were trained for different encoders: {sorted(model_ids)}"
+        )
+    bank = stack_adapters(
+        adapters,
+        model_id=model_ids.pop(),
+        init="trained",
+        model_name=model_names.pop() if len(model_names) == 1 else "",
+    )
     bank.save(args.out)
     _print_json({"out": str(args.out), **bank.metadata()})
 
@@ -81,7 +98,9 @@ def cmd_bank_import(args) -> None:
     from xpeft.adapters.encoder import load_encoder
 
     enc = load_encoder(args.model, device="cpu")
-    bank = import_adapterhub(args.folders, enc.model_id, enc.num_layers, enc.hidden_size, model_name=args.model)
+    bank = import_adapterhub(
+        args.folders, enc.model_id, enc.num_layers, enc.hidden_size, model_name=args.model
+    )
     bank.save(args.out)
     _print_json({"out": str(args.out), **bank.metadata()})
 
@@ -103,14 +122,29 @@ def cmd_train(args) -> None:
     encoder = _encoder_for(bank, args.model)
     train = _load_data(args.data, args)
     eval_data = _load_data(args.eval_data, args) if args.eval_data else None
-    config = TrainConfig(method=args.method, k=args.k, epochs=args.epochs, lr_scores=args.lr_scores,
-                         lr_head=args.lr_head, lr_adapter=args.lr_adapter, batch_size=args.batch_size,
-                         max_length=args.max_length, seed=args.seed, temperature=args.temperature)
+    config = TrainConfig(
+        method=args.method,
+        k=args.k,
+        epochs=args.epochs,
+        lr_scores=args.lr_scores,
+        lr_head=args.lr_head,
+        lr_adapter=args.lr_adapter,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        temperature=args.temperature,
+    )
     result = train_profile(encoder, bank, train, config, eval_data=eval_data, progress=not args.quiet)
     result.profile.meta["model_name"] = args.model or bank.model_name
     size = xpm.save(result.profile, args.out)
-    summary = {"out": str(args.out), "method": args.method, "bytes": size, "seconds": round(result.seconds, 2),
-               "final_loss": result.history[-1]["loss"], "train_accuracy": result.history[-1]["train_accuracy"]}
+    summary = {
+        "out": str(args.out),
+        "method": args.method,
+        "bytes": size,
+        "seconds": round(result.seconds, 2),
+        "final_loss": result.history[-1]["loss"],
+        "train_accuracy": result.history[-1]["train_accuracy"],
+    }
     if eval_data is not None:
         summary["eval_accuracy"] = result.history[-1].get("eval_accuracy")
     _print_json(summary)
@@ -144,16 +178,21 @@ def cmd_predict(args) -> None:
         predict_cli(args)
         return
     if not (args.bank and args.profile):
-        raise XPeftError("bad_argument", "predict needs --bank and --profile (offline) or --url and --id (server)")
+        raise XPeftError(
+            "bad_argument", "predict needs --bank and --profile (offline) or --url and --id (server)"
+        )
     from xpeft.adapters.bank import AdapterBank
     from xpeft.profiles.runtime import MultiProfileModel
 
     bank = AdapterBank.load(args.bank)
     model = MultiProfileModel(_encoder_for(bank, args.model), bank)
     profile = model.load_profile(args.profile)
-    inputs = [tuple(t.split(args.pair_sep, 1)) if args.pair_sep and args.pair_sep in t else t for t in args.texts]
-    _print_json([{"input": t, **p.as_dict()} for t, p in zip(args.texts, model.predict(profile, inputs),
-                                                              strict=True)])
+    inputs = [
+        tuple(t.split(args.pair_sep, 1)) if args.pair_sep and args.pair_sep in t else t for t in args.texts
+    ]
+    _print_json(
+        [{"input": t, **p.as_dict()} for t, p in zip(args.texts, model.predict(profile, inputs), strict=True)]
+    )
 
 
 def cmd_demo(args) -> None:
@@ -172,32 +211,46 @@ def cmd_demo(args) -> None:
     if bank_path.is_file():
         bank = AdapterBank.load(bank_path)
     else:
-        bank = create_random_bank(encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=100,
-                                  model_name="minilm")
+        bank = create_random_bank(
+            encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=100, model_name="minilm"
+        )
         bank.save(bank_path)
-    print(f"bank {bank.bank_id}: L={bank.num_layers} N={bank.num_adapters} d={bank.hidden_size} "
-          f"r={bank.bottleneck} -> {bank_path}")
+    print(
+        f"bank {bank.bank_id}: L={bank.num_layers} N={bank.num_adapters} d={bank.hidden_size} "
+        f"r={bank.bottleneck} -> {bank_path}"
+    )
     data = load_dataset(str(files("xpeft.profiles.examples") / "sentiment.tsv"))
-    result = train_profile(encoder, bank, data, TrainConfig(method="hard", epochs=8, batch_size=16, max_length=32))
+    result = train_profile(
+        encoder, bank, data, TrainConfig(method="hard", epochs=8, batch_size=16, max_length=32)
+    )
     profile_path = work / "sentiment.xpm"
     size = xpm.save(result.profile, profile_path)
-    print(f"profile -> {profile_path}: {size} bytes, hard masks k={result.profile.k}, "
-          f"trained in {result.seconds:.1f}s, final train accuracy {result.history[-1]['train_accuracy']:.2f}")
+    print(
+        f"profile -> {profile_path}: {size} bytes, hard masks k={result.profile.k}, "
+        f"trained in {result.seconds:.1f}s, final train accuracy {result.history[-1]['train_accuracy']:.2f}"
+    )
     model = MultiProfileModel(encoder, bank)
     profile = model.load_profile(profile_path)
-    texts = ["What a lovely, heartfelt movie.", "The food was cold and the waiter was rude.",
-             "An inventive and joyful show.", "Boring, slow and far too long."]
+    texts = [
+        "What a lovely, heartfelt movie.",
+        "The food was cold and the waiter was rude.",
+        "An inventive and joyful show.",
+        "Boring, slow and far too long.",
+    ]
     for text, pred in zip(texts, model.predict(profile, texts), strict=True):
         print(f"{pred.label:>9} {pred.score:.3f}  {text}")
 
 
 # -- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xpeft", description="X-PEFT profiles over one frozen adapter bank.")
+    parser = argparse.ArgumentParser(
+        prog="xpeft", description="X-PEFT profiles over one frozen adapter bank."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    bank = sub.add_parser("bank", help="build or inspect an adapter bank").add_subparsers(dest="bank_command",
-                                                                                         required=True)
+    bank = sub.add_parser("bank", help="build or inspect an adapter bank").add_subparsers(
+        dest="bank_command", required=True
+    )
     p = bank.add_parser("create", help="a seeded random bank")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="minilm")
@@ -228,10 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=None, help="hard masks: adapters per layer (default N/10)")
     _data_args(p)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", "--lr-scores", dest="lr_scores", type=float, default=0.05,
-                   help="learning rate of the mask scores")
+    p.add_argument(
+        "--lr",
+        "--lr-scores",
+        dest="lr_scores",
+        type=float,
+        default=0.05,
+        help="learning rate of the mask scores",
+    )
     p.add_argument("--lr-head", type=float, default=5e-3)
-    p.add_argument("--lr-adapter", type=float, default=1e-3, help="single_adapter: the adapter's learning rate")
+    p.add_argument(
+        "--lr-adapter", type=float, default=1e-3, help="single_adapter: the adapter's learning rate"
+    )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
@@ -253,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("predict", help="predict offline (--bank, --profile) or through a server (--url, --id)")
+    p = sub.add_parser(
+        "predict", help="predict offline (--bank, --profile) or through a server (--url, --id)"
+    )
     p.add_argument("texts", nargs="+")
     p.add_argument("--bank")
     p.add_argument("--profile")

@@ -64,8 +64,9 @@ def _rows(path: Path) -> list[dict]:
     raise DataError("bad_data", f"{path}: unknown extension {suffix!r}; use .tsv, .csv or .jsonl")
 
 
-def load_dataset(path: str | Path, text_col: str = "sentence", text_pair_col: str | None = None,
-                 label_col: str = "label") -> Dataset:
+def load_dataset(
+    path: str | Path, text_col: str = "sentence", text_pair_col: str | None = None, label_col: str = "label"
+) -> Dataset:
     path = Path(path)
     if path.is_dir():
         raise DataError("bad_data", f"{path} is a folder; name the file (e.g. {path}/train.tsv)")

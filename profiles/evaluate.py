@@ -18,10 +18,12 @@ def evaluate(model: MultiProfileModel, profile: Profile, data: Dataset, batch_si
     predicted = [p.label for p in model.predict(profile, data.inputs, batch_size)]
     result = {"accuracy": accuracy_score(data.labels, predicted), "n": len(data)}
     if len(profile.labels) == 2:
-        result["f1"] = f1_score(data.labels, predicted, pos_label=profile.labels[1], labels=profile.labels,
-                                zero_division=0)
+        result["f1"] = f1_score(
+            data.labels, predicted, pos_label=profile.labels[1], labels=profile.labels, zero_division=0
+        )
     else:
-        result["f1_macro"] = f1_score(data.labels, predicted, average="macro", labels=profile.labels,
-                                      zero_division=0)
+        result["f1_macro"] = f1_score(
+            data.labels, predicted, average="macro", labels=profile.labels, zero_division=0
+        )
     result["mcc"] = matthews_corrcoef(data.labels, predicted)
     return {k: (float(v) if k != "n" else v) for k, v in result.items()}

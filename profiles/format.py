@@ -131,8 +131,12 @@ def _section_sizes(kind: ProfileKind, L: int, N: int, d: int, r: int, C: int) ->
     elif kind is ProfileKind.SOFT:
         sections = [("weights_down", 2 * L * N), ("weights_up", 2 * L * N)]
     elif kind is ProfileKind.ADAPTER:
-        sections = [("down", 2 * L * d * r), ("down_bias", 2 * L * r), ("up", 2 * L * r * d),
-                    ("up_bias", 2 * L * d)]
+        sections = [
+            ("down", 2 * L * d * r),
+            ("down_bias", 2 * L * r),
+            ("up", 2 * L * r * d),
+            ("up_bias", 2 * L * d),
+        ]
     return sections + [("head_weight", 2 * C * d), ("head_bias", 2 * C)]
 
 
@@ -147,7 +151,9 @@ def _parse_header(raw: bytes) -> dict:
         ProfileKind(header.get("kind"))
     except ValueError as exc:
         kinds = [k.value for k in ProfileKind]
-        raise ProfileFormatError("bad_header", f"unknown kind {header.get('kind')!r}; one of {kinds}") from exc
+        raise ProfileFormatError(
+            "bad_header", f"unknown kind {header.get('kind')!r}; one of {kinds}"
+        ) from exc
     if not isinstance(header.get("labels"), list):
         raise ProfileFormatError("bad_header", "labels must be a JSON list of strings")
     for key, bound in LIMITS.items():
@@ -171,8 +177,10 @@ def _parse_header(raw: bytes) -> dict:
     if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= 65536:
         raise ProfileFormatError("bad_header", f"max_length={max_length!r} is out of range")
     meta = header.get("meta", {})
-    if not isinstance(meta, dict) or len(meta) > MAX_META_ITEMS or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    if (
+        not isinstance(meta, dict)
+        or len(meta) > MAX_META_ITEMS
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     ):
         raise ProfileFormatError("bad_header", f"meta must be at most {MAX_META_ITEMS} string pairs")
     return header
@@ -189,8 +197,9 @@ def _split_prefix(data: bytes) -> tuple[int, bytes, bytes]:
     if magic != MAGIC:
         raise ProfileFormatError("bad_magic", "not an xpeft profile (.xpm) file: wrong magic bytes")
     if version != FORMAT_VERSION:
-        raise ProfileFormatError("unsupported_version",
-                                 f"format version {version}; this build reads version {FORMAT_VERSION}")
+        raise ProfileFormatError(
+            "unsupported_version", f"format version {version}; this build reads version {FORMAT_VERSION}"
+        )
     if len(data) < _PREFIX.size + header_length + _CRC.size:
         raise ProfileFormatError("truncated", f"{len(data)} bytes cannot hold the declared header")
     body, (stored_crc,) = data[: -_CRC.size], _CRC.unpack(data[-_CRC.size :])
@@ -201,16 +210,22 @@ def _split_prefix(data: bytes) -> tuple[int, bytes, bytes]:
         try:
             header = _parse_header(body[_PREFIX.size : header_end])
             kind = ProfileKind(header["kind"])
-            need = sum(n for _, n in _section_sizes(kind, header["L"], header["N"], header["d"], header["r"],
-                                                    len(header["labels"])))
+            need = sum(
+                n
+                for _, n in _section_sizes(
+                    kind, header["L"], header["N"], header["d"], header["r"], len(header["labels"])
+                )
+            )
             if len(body) - header_end < need:
-                raise ProfileFormatError("truncated", f"payload has {len(body) - header_end} bytes, "
-                                                      f"the header needs {need}")
+                raise ProfileFormatError(
+                    "truncated", f"payload has {len(body) - header_end} bytes, the header needs {need}"
+                )
         except ProfileFormatError as exc:
             if exc.code == "truncated":
                 raise
-        raise ProfileFormatError("checksum_mismatch",
-                                 f"crc32 {actual_crc:08x} does not match the stored {stored_crc:08x}")
+        raise ProfileFormatError(
+            "checksum_mismatch", f"crc32 {actual_crc:08x} does not match the stored {stored_crc:08x}"
+        )
     return version, body[_PREFIX.size : header_end], body[header_end:]
 
 
@@ -229,7 +244,9 @@ def _mask(raw: bytes, L: int, N: int, k: int, name: str) -> torch.Tensor:
     mask = torch.from_numpy(np.frombuffer(bits[: L * N].unpack(), dtype=np.bool_).copy()).view(L, N)
     counts = mask.sum(dim=1)
     if not bool((counts == k).all()):
-        raise ProfileFormatError("bad_payload", f"{name} rows select {counts.tolist()} adapters, expected k={k}")
+        raise ProfileFormatError(
+            "bad_payload", f"{name} rows select {counts.tolist()} adapters, expected k={k}"
+        )
     return mask
 
 
@@ -241,14 +258,26 @@ def read_info(data: bytes) -> ProfileInfo:
 def _read(data: bytes) -> tuple[ProfileInfo, bytes]:
     version, raw_header, payload = _split_prefix(data)
     h = _parse_header(raw_header)
-    need = sum(n for _, n in _section_sizes(ProfileKind(h["kind"]), h["L"], h["N"], h["d"], h["r"],
-                                            len(h["labels"])))
+    need = sum(
+        n for _, n in _section_sizes(ProfileKind(h["kind"]), h["L"], h["N"], h["d"], h["r"], len(h["labels"]))
+    )
     if len(payload) != need:
         raise ProfileFormatError("bad_payload", f"payload has {len(payload)} bytes, the header needs {need}")
-    return ProfileInfo(format_version=version, kind=h["kind"], bytes=len(data), num_layers=h["L"],
-                       num_adapters=h["N"], hidden_size=h["d"], bottleneck=h["r"], k=h["k"],
-                       bank_id=h["bank_id"], model_id=h["model_id"], labels=list(h["labels"]),
-                       max_length=h.get("max_length", 128), meta=dict(h.get("meta", {}))), payload
+    return ProfileInfo(
+        format_version=version,
+        kind=h["kind"],
+        bytes=len(data),
+        num_layers=h["L"],
+        num_adapters=h["N"],
+        hidden_size=h["d"],
+        bottleneck=h["r"],
+        k=h["k"],
+        bank_id=h["bank_id"],
+        model_id=h["model_id"],
+        labels=list(h["labels"]),
+        max_length=h.get("max_length", 128),
+        meta=dict(h.get("meta", {})),
+    ), payload
 
 
 def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
@@ -261,11 +290,21 @@ def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
     for name, size in _section_sizes(kind, L, N, d, r, C):
         sections[name] = payload[offset : offset + size]
         offset += size
-    profile = Profile(kind=kind, bank_id=info.bank_id, model_id=info.model_id, num_layers=L, num_adapters=N,
-                      hidden_size=d, bottleneck=r, labels=info.labels, k=info.k, max_length=info.max_length,
-                      meta=info.meta,
-                      head_weight=_floats(sections["head_weight"], (C, d), "head_weight"),
-                      head_bias=_floats(sections["head_bias"], (C,), "head_bias"))
+    profile = Profile(
+        kind=kind,
+        bank_id=info.bank_id,
+        model_id=info.model_id,
+        num_layers=L,
+        num_adapters=N,
+        hidden_size=d,
+        bottleneck=r,
+        labels=info.labels,
+        k=info.k,
+        max_length=info.max_length,
+        meta=info.meta,
+        head_weight=_floats(sections["head_weight"], (C, d), "head_weight"),
+        head_bias=_floats(sections["head_bias"], (C,), "head_bias"),
+    )
     if kind is ProfileKind.HARD:
         profile.mask_down = _mask(sections["mask_down"], L, N, info.k, "mask_down")
         profile.mask_up = _mask(sections["mask_up"], L, N, info.k, "mask_up")
@@ -287,11 +326,15 @@ def check_compatible(profile: Profile | ProfileInfo, bank: AdapterBank) -> None:
     """Refuse a profile made for another bank (bank kinds) or another encoder / shape (all kinds)."""
     kind = ProfileKind(profile.kind)
     if profile.model_id != bank.model_id:
-        raise ProfileFormatError("bank_mismatch", f"profile was trained for encoder {profile.model_id}, "
-                                                  f"this bank serves {bank.model_id}")
+        raise ProfileFormatError(
+            "bank_mismatch",
+            f"profile was trained for encoder {profile.model_id}, this bank serves {bank.model_id}",
+        )
     if kind.uses_bank and profile.bank_id != bank.bank_id:
-        raise ProfileFormatError("bank_mismatch", f"profile was trained on bank {profile.bank_id}, "
-                                                  f"the bank in use is {bank.bank_id}")
+        raise ProfileFormatError(
+            "bank_mismatch",
+            f"profile was trained on bank {profile.bank_id}, the bank in use is {bank.bank_id}",
+        )
     got = (profile.num_layers, profile.hidden_size)
     want = (bank.num_layers, bank.hidden_size)
     if kind.uses_bank:

@@ -58,8 +58,15 @@ class Profile:
     def nbytes(self) -> int:
         """Bytes of its tensors in memory: what a host cache of decoded profiles must budget for
         (a few hundred bytes for a hard profile's masks, most of a megabyte for a whole adapter)."""
-        tensors = [self.head_weight, self.head_bias, self.mask_down, self.mask_up, self.weights_down,
-                   self.weights_up, *(self.adapter or {}).values()]
+        tensors = [
+            self.head_weight,
+            self.head_bias,
+            self.mask_down,
+            self.mask_up,
+            self.weights_down,
+            self.weights_up,
+            *(self.adapter or {}).values(),
+        ]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

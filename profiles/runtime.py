@@ -39,8 +39,10 @@ class MultiProfileModel:
 
     def __init__(self, encoder: AdapterEncoder, bank: AdapterBank) -> None:
         if bank.model_id != encoder.model_id:
-            raise BankError("bank_mismatch", f"bank was built for encoder {bank.model_id}, "
-                                             f"the encoder loaded is {encoder.model_id}")
+            raise BankError(
+                "bank_mismatch",
+                f"bank was built for encoder {bank.model_id}, the encoder loaded is {encoder.model_id}",
+            )
         if (bank.num_layers, bank.hidden_size) != (encoder.num_layers, encoder.hidden_size):
             raise BankError("bank_shape", "bank shapes do not fit the encoder")
         self.encoder = encoder
@@ -49,8 +51,13 @@ class MultiProfileModel:
         self.device_bank = bank.to(encoder.device, encoder.dtype)
 
     @classmethod
-    def load(cls, bank_path: str | Path, model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
-             dtype: torch.dtype = torch.float32) -> MultiProfileModel:
+    def load(
+        cls,
+        bank_path: str | Path,
+        model: str = DEFAULT_MODEL,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> MultiProfileModel:
         bank = AdapterBank.load(bank_path)
         return cls(load_encoder(model, device=device or best_device(), dtype=dtype), bank)
 
@@ -75,14 +82,24 @@ class MultiProfileModel:
             if p.kind is ProfileKind.ADAPTER:
                 out[i] = FusedAdapters.from_single(p.adapter_tensors()).to(enc.device, enc.dtype)
             elif p.kind is ProfileKind.HEAD_ONLY:
-                out[i] = FusedAdapters.zeros(self.bank.num_layers, self.bank.hidden_size, self.bank.bottleneck,
-                                             device=enc.device, dtype=enc.dtype)
+                out[i] = FusedAdapters.zeros(
+                    self.bank.num_layers,
+                    self.bank.hidden_size,
+                    self.bank.bottleneck,
+                    device=enc.device,
+                    dtype=enc.dtype,
+                )
         return out  # type: ignore[return-value]
 
     # -- forward ---------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, inputs: Sequence[TextInput], rows: Sequence[int], profiles: Sequence[Profile],
-               fused: Sequence[FusedAdapters]) -> list[torch.Tensor]:
+    def logits(
+        self,
+        inputs: Sequence[TextInput],
+        rows: Sequence[int],
+        profiles: Sequence[Profile],
+        fused: Sequence[FusedAdapters],
+    ) -> list[torch.Tensor]:
         """Per-row logits; row i runs with ``profiles[rows[i]]`` and its ``fused[rows[i]]``."""
         enc = self.encoder
         encodings = enc.tokenize(inputs, [profiles[r].max_length for r in rows])
@@ -99,9 +116,11 @@ class MultiProfileModel:
         logits = torch.einsum("bd,bcd->bc", pooled.float(), heads[row_index]) + biases[row_index]
         return [logits[i, : profiles[r].num_labels].cpu() for i, r in enumerate(rows)]
 
-    def predict_batch(self, requests: Sequence[tuple[Profile, Sequence[TextInput]]],
-                      fuse: Callable[[Sequence[Profile]], list[FusedAdapters]] | None = None,
-                      ) -> list[list[Prediction]]:
+    def predict_batch(
+        self,
+        requests: Sequence[tuple[Profile, Sequence[TextInput]]],
+        fuse: Callable[[Sequence[Profile]], list[FusedAdapters]] | None = None,
+    ) -> list[list[Prediction]]:
         """Many profiles' requests in one forward; the answer keeps the request order.
 
         ``fuse`` replaces :meth:`fuse` for the batch's distinct profiles (the server puts its
@@ -127,7 +146,9 @@ class MultiProfileModel:
             start += len(texts)
         return answers
 
-    def predict(self, profile: Profile, inputs: Sequence[TextInput], batch_size: int = 64) -> list[Prediction]:
+    def predict(
+        self, profile: Profile, inputs: Sequence[TextInput], batch_size: int = 64
+    ) -> list[Prediction]:
         out: list[Prediction] = []
         for start in range(0, len(inputs), batch_size):
             out.extend(self.predict_batch([(profile, inputs[start : start + batch_size])])[0])
@@ -137,5 +158,6 @@ class MultiProfileModel:
 def to_prediction(profile: Profile, logits: torch.Tensor) -> Prediction:
     probs = torch.softmax(logits.float(), dim=-1).tolist()
     best = max(range(len(probs)), key=probs.__getitem__)
-    return Prediction(label=profile.labels[best], score=probs[best],
-                      scores=dict(zip(profile.labels, probs, strict=True)))
+    return Prediction(
+        label=profile.labels[best], score=probs[best], scores=dict(zip(profile.labels, probs, strict=True))
+    )

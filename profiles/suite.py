@@ -187,15 +187,20 @@ def parse_config(data: dict) -> SuiteConfig:
     tasks = {name: _from_dict(TaskConfig, t, f"tasks.{name}") for name, t in data.pop("tasks").items()}
     main = _from_dict(MainConfig, _tuples(data.pop("main"), ("tasks", "methods", "banks", "seeds")), "main")
     parts: dict[str, Any] = {}
-    for key, cls in (("train", TrainDefaults), ("random_bank", RandomBankConfig), ("trained_bank", TrainedBankConfig),
-                     ("tune", TuneConfig)):
+    for key, cls in (
+        ("train", TrainDefaults),
+        ("random_bank", RandomBankConfig),
+        ("trained_bank", TrainedBankConfig),
+        ("tune", TuneConfig),
+    ):
         if data.get(key) is not None:
             parts[key] = _from_dict(cls, data.pop(key), key)
         else:
             data.pop(key, None)
     if data.get("sweeps") is not None:
-        parts["sweeps"] = _from_dict(SweepConfig, _tuples(data.pop("sweeps"), ("n", "k_fractions", "methods", "seeds")),
-                                     "sweeps")
+        parts["sweeps"] = _from_dict(
+            SweepConfig, _tuples(data.pop("sweeps"), ("n", "k_fractions", "methods", "seeds")), "sweeps"
+        )
     else:
         data.pop("sweeps", None)
     config = _from_dict(SuiteConfig, {**data, **parts, "tasks": tasks, "main": main, "raw": raw}, "config")
@@ -220,8 +225,11 @@ def _validate(c: SuiteConfig) -> None:
         for task, source in c.trained_bank.source.items():
             # The honesty rule, enforced: a task's bank never holds adapters trained on that task.
             if source == task:
-                raise SuiteError("bad_config", f"trained_bank.source maps {task!r} to itself: the evaluated task's "
-                                               "own data must not train its bank")
+                raise SuiteError(
+                    "bad_config",
+                    f"trained_bank.source maps {task!r} to itself: the evaluated task's "
+                    "own data must not train its bank",
+                )
             if source not in c.tasks:
                 raise SuiteError("bad_config", f"trained_bank.source names {source!r}, which is not in tasks")
         for task in c.main.tasks:
@@ -233,7 +241,9 @@ def _validate(c: SuiteConfig) -> None:
         allowed = {"lr_scores", "lr_head", "lr_adapter", "temperature"}
         for method, params in c.tune.grid.items():
             if method not in METHODS or not set(params) <= allowed or not all(params.values()):
-                raise SuiteError("bad_config", f"tune.grid.{method}: methods {METHODS}, params {sorted(allowed)}")
+                raise SuiteError(
+                    "bad_config", f"tune.grid.{method}: methods {METHODS}, params {sorted(allowed)}"
+                )
     if c.sweeps is not None and c.sweeps.task not in c.tasks:
         raise SuiteError("bad_config", f"sweeps.task {c.sweeps.task!r} is not in tasks")
 
@@ -287,16 +297,29 @@ class RunSpec:
         k = f"/k{self.k}" if self.method == "hard" else ""
         rid = f"{self.task}/{self.method}/{bank}{k}/s{self.seed}"
         if self.split == "holdout":
-            lr = {"head_only": f"lr_head={self.lr_head:g}", "single_adapter": f"lr_adapter={self.lr_adapter:g}"}
+            lr = {
+                "head_only": f"lr_head={self.lr_head:g}",
+                "single_adapter": f"lr_adapter={self.lr_adapter:g}",
+            }
             rid = f"search:{rid}/" + lr.get(self.method, f"lr_scores={self.lr_scores:g}")
         return rid
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(method=self.method, k=self.k or None, epochs=self.epochs, lr_scores=self.lr_scores,
-                           lr_head=self.lr_head, lr_adapter=self.lr_adapter, batch_size=self.batch_size,
-                           max_length=self.max_length, temperature=self.temperature,
-                           score_init_std=self.score_init_std, seed=self.seed, dropout=self.dropout,
-                           eval_every=self.curve_every)
+        return TrainConfig(
+            method=self.method,
+            k=self.k or None,
+            epochs=self.epochs,
+            lr_scores=self.lr_scores,
+            lr_head=self.lr_head,
+            lr_adapter=self.lr_adapter,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            temperature=self.temperature,
+            score_init_std=self.score_init_std,
+            seed=self.seed,
+            dropout=self.dropout,
+            eval_every=self.curve_every,
+        )
 
 
 def _k_for(n: int, fraction: float) -> int:
@@ -316,17 +339,40 @@ def trained_bank_sig(c: SuiteConfig, task: str, hp: TrainDefaults) -> str:
     b = c.trained_bank
     assert b is not None
     source = c.tasks[b.source[task]]
-    recipe = {"source": b.source[task], "data": source.train, "max_length": source.max_length, "n": b.n,
-              "slice": b.slice_size, "epochs": b.epochs, "bs": b.batch_size, "seed": b.seed,
-              "lr_adapter": hp.lr_adapter, "lr_head": hp.lr_head, "dropout": hp.dropout,
-              "rf": c.random_bank.reduction_factor}
+    recipe = {
+        "source": b.source[task],
+        "data": source.train,
+        "max_length": source.max_length,
+        "n": b.n,
+        "slice": b.slice_size,
+        "epochs": b.epochs,
+        "bs": b.batch_size,
+        "seed": b.seed,
+        "lr_adapter": hp.lr_adapter,
+        "lr_head": hp.lr_head,
+        "dropout": hp.dropout,
+        "rf": c.random_bank.reduction_factor,
+    }
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return f"trained:{b.source[task]}:n={b.n}:{digest}"
 
 
-def _spec(c: SuiteConfig, task: str, method: str, bank: str, n: int, k_fraction: float, seed: int,
-          hp: TrainDefaults, group: str, *, split: str = "dev", data: str | None = None,
-          epochs: int | None = None, bank_hp: TrainDefaults | None = None) -> RunSpec:
+def _spec(
+    c: SuiteConfig,
+    task: str,
+    method: str,
+    bank: str,
+    n: int,
+    k_fraction: float,
+    seed: int,
+    hp: TrainDefaults,
+    group: str,
+    *,
+    split: str = "dev",
+    data: str | None = None,
+    epochs: int | None = None,
+    bank_hp: TrainDefaults | None = None,
+) -> RunSpec:
     """A run of ``method`` with ``hp``; a trained bank is built with ``bank_hp`` (single_adapter's)."""
     t = c.tasks[task]
     uses_bank = method in ("hard", "soft")
@@ -338,11 +384,27 @@ def _spec(c: SuiteConfig, task: str, method: str, bank: str, n: int, k_fraction:
         bank_sig = trained_bank_sig(c, task, bank_hp or c.train)
     else:
         bank_sig = ""
-    return RunSpec(task=task, method=method, bank=bank, n=n, k=_k_for(n, k_fraction) if method == "hard" else 0,
-                   seed=seed, epochs=epochs or t.epochs, batch_size=t.batch_size, max_length=t.max_length,
-                   lr_scores=hp.lr_scores, lr_head=hp.lr_head, lr_adapter=hp.lr_adapter,
-                   temperature=hp.temperature, score_init_std=hp.score_init_std, dropout=hp.dropout,
-                   split=split, data=data or _data_sig(t), bank_sig=bank_sig, groups=(group,))
+    return RunSpec(
+        task=task,
+        method=method,
+        bank=bank,
+        n=n,
+        k=_k_for(n, k_fraction) if method == "hard" else 0,
+        seed=seed,
+        epochs=epochs or t.epochs,
+        batch_size=t.batch_size,
+        max_length=t.max_length,
+        lr_scores=hp.lr_scores,
+        lr_head=hp.lr_head,
+        lr_adapter=hp.lr_adapter,
+        temperature=hp.temperature,
+        score_init_std=hp.score_init_std,
+        dropout=hp.dropout,
+        split=split,
+        data=data or _data_sig(t),
+        bank_sig=bank_sig,
+        groups=(group,),
+    )
 
 
 def tune_specs(c: SuiteConfig) -> list[RunSpec]:
@@ -356,12 +418,28 @@ def tune_specs(c: SuiteConfig) -> list[RunSpec]:
         for param, values in params.items():
             for value in values:
                 hp = dataclasses.replace(c.train, **{param: value})
-                specs.append(_spec(c, tc.task, method, "random", c.random_bank.n, c.main.k_fraction, 0, hp, "tune",
-                                   split="holdout", data=data, epochs=tc.epochs))
+                specs.append(
+                    _spec(
+                        c,
+                        tc.task,
+                        method,
+                        "random",
+                        c.random_bank.n,
+                        c.main.k_fraction,
+                        0,
+                        hp,
+                        "tune",
+                        split="holdout",
+                        data=data,
+                        epochs=tc.epochs,
+                    )
+                )
     return specs
 
 
-def choose_hyperparameters(c: SuiteConfig, rows: dict[str, dict]) -> tuple[dict[str, TrainDefaults], list[dict]]:
+def choose_hyperparameters(
+    c: SuiteConfig, rows: dict[str, dict]
+) -> tuple[dict[str, TrainDefaults], list[dict]]:
     """Per method, the searched value with the best held-out accuracy (ties: the first listed).
 
     Returns the per-method hyper-parameters and the search table (one entry per searched value).
@@ -375,10 +453,21 @@ def choose_hyperparameters(c: SuiteConfig, rows: dict[str, dict]) -> tuple[dict[
         for param, values in params.items():
             best, best_acc = None, -1.0
             for value in values:
-                spec = _spec(c, c.tune.task, method, "random", c.random_bank.n, c.main.k_fraction, 0,
-                             dataclasses.replace(c.train, **{param: value}), "tune", split="holdout",
-                             data=f"holdout:{c.tasks[c.tune.task].train}:{c.tune.train_size}+"
-                                  f"{c.tune.holdout_size}:{c.tune.seed}", epochs=c.tune.epochs)
+                spec = _spec(
+                    c,
+                    c.tune.task,
+                    method,
+                    "random",
+                    c.random_bank.n,
+                    c.main.k_fraction,
+                    0,
+                    dataclasses.replace(c.train, **{param: value}),
+                    "tune",
+                    split="holdout",
+                    data=f"holdout:{c.tasks[c.tune.task].train}:{c.tune.train_size}+"
+                    f"{c.tune.holdout_size}:{c.tune.seed}",
+                    epochs=c.tune.epochs,
+                )
                 row = rows.get(spec.key())
                 acc = row["accuracy"] if row else None
                 table.append({"method": method, "param": param, "value": value, "holdout_accuracy": acc})
@@ -386,7 +475,7 @@ def choose_hyperparameters(c: SuiteConfig, rows: dict[str, dict]) -> tuple[dict[
                     best, best_acc = value, acc
             if best is not None:
                 hp = dataclasses.replace(hp, **{param: best})
-                table[-len(values):] = [dict(e, chosen=e["value"] == best) for e in table[-len(values):]]
+                table[-len(values) :] = [dict(e, chosen=e["value"] == best) for e in table[-len(values) :]]
         chosen[method] = hp
     return chosen, table
 
@@ -403,12 +492,31 @@ def grid_specs(c: SuiteConfig, chosen: dict[str, TrainDefaults]) -> list[RunSpec
                     if method in ("head_only", "single_adapter") and bank != bank_order[0]:
                         continue  # the baselines read no bank: once per seed
                     n = c.trained_bank.n if bank == "trained" and c.trained_bank else c.random_bank.n
-                    spec = _spec(c, task, method, bank, n, m.k_fraction, seed, chosen[method], "main",
-                                 bank_hp=chosen["single_adapter"])
+                    spec = _spec(
+                        c,
+                        task,
+                        method,
+                        bank,
+                        n,
+                        m.k_fraction,
+                        seed,
+                        chosen[method],
+                        "main",
+                        bank_hp=chosen["single_adapter"],
+                    )
                     t = c.tasks[task]
-                    if seed == m.seeds[0] and bank == "random" and method in ("hard", "soft") and t.curve_every:
-                        spec = dataclasses.replace(spec, groups=("main", "curves"), curve_every=t.curve_every,
-                                                   curve_dev_size=t.curve_dev_size or 0)
+                    if (
+                        seed == m.seeds[0]
+                        and bank == "random"
+                        and method in ("hard", "soft")
+                        and t.curve_every
+                    ):
+                        spec = dataclasses.replace(
+                            spec,
+                            groups=("main", "curves"),
+                            curve_every=t.curve_every,
+                            curve_dev_size=t.curve_dev_size or 0,
+                        )
                     specs.append(spec)
     if c.sweeps is not None:
         s = c.sweeps
@@ -417,8 +525,20 @@ def grid_specs(c: SuiteConfig, chosen: dict[str, TrainDefaults]) -> list[RunSpec
                 for method in s.methods:
                     fractions = s.k_fractions if method == "hard" else (m.k_fraction,)
                     for fraction in fractions:
-                        specs.append(_spec(c, s.task, method, s.bank, n, fraction, seed, chosen[method], "sweep",
-                                           bank_hp=chosen["single_adapter"]))
+                        specs.append(
+                            _spec(
+                                c,
+                                s.task,
+                                method,
+                                s.bank,
+                                n,
+                                fraction,
+                                seed,
+                                chosen[method],
+                                "sweep",
+                                bank_hp=chosen["single_adapter"],
+                            )
+                        )
     merged: dict[str, RunSpec] = {}
     for spec in specs:
         key = spec.key()
@@ -460,7 +580,9 @@ class ResultsFile:
             # A line cut short by a kill: keep every whole line, drop the partial one.
             log.warning("%s: dropping %d unreadable line(s) left by an interrupted write", self.path, bad)
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in good), encoding="utf-8")
+            tmp.write_text(
+                "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in good), encoding="utf-8"
+            )
             os.replace(tmp, self.path)
 
     def done(self) -> dict[str, dict]:
@@ -500,8 +622,13 @@ def adapter_bytes(num_layers: int, hidden: int, bottleneck: int, bytes_per_value
 
 def profile_sizes(profile: Profile, encoded: bytes) -> dict[str, int]:
     """The .xpm total and its parts: masks (or soft weights, or the adapter), head, the rest."""
-    L, N, d, r, C = (profile.num_layers, profile.num_adapters, profile.hidden_size, profile.bottleneck,
-                     profile.num_labels)
+    L, N, d, r, C = (
+        profile.num_layers,
+        profile.num_adapters,
+        profile.hidden_size,
+        profile.bottleneck,
+        profile.num_labels,
+    )
     kind = profile.kind
     if kind is ProfileKind.HARD:
         selection = 2 * ((L * N + 7) // 8)
@@ -512,9 +639,14 @@ def profile_sizes(profile: Profile, encoded: bytes) -> dict[str, int]:
     else:
         selection = 0
     head = 2 * (C * d + C)
-    return {"profile_bytes": len(encoded), "selection_bytes": selection, "head_bytes": head,
-            "header_bytes": len(encoded) - selection - head,
-            "adapter_fp32_bytes": adapter_bytes(L, d, r, 4), "adapter_fp16_bytes": adapter_bytes(L, d, r, 2)}
+    return {
+        "profile_bytes": len(encoded),
+        "selection_bytes": selection,
+        "head_bytes": head,
+        "header_bytes": len(encoded) - selection - head,
+        "adapter_fp32_bytes": adapter_bytes(L, d, r, 4),
+        "adapter_fp16_bytes": adapter_bytes(L, d, r, 2),
+    }
 
 
 # -- the batched trainer of the trained bank's adapters -----------------------------------------
@@ -536,17 +668,35 @@ class TrainedAdapter:
 def _pretokenize(encoder: AdapterEncoder, data: Dataset, max_length: int) -> dict[str, torch.Tensor]:
     inputs = list(data.inputs)
     if inputs and not isinstance(inputs[0], str):
-        enc = encoder.tokenizer([p[0] for p in inputs], [p[1] for p in inputs], truncation=True,
-                                max_length=max_length, padding="max_length", return_tensors="pt")
+        enc = encoder.tokenizer(
+            [p[0] for p in inputs],
+            [p[1] for p in inputs],
+            truncation=True,
+            max_length=max_length,
+            padding="max_length",
+            return_tensors="pt",
+        )
     else:
-        enc = encoder.tokenizer(inputs, truncation=True, max_length=max_length, padding="max_length",
-                                return_tensors="pt")
+        enc = encoder.tokenizer(
+            inputs, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
+        )
     return dict(enc)
 
 
-def train_adapters(encoder: AdapterEncoder, slices: Sequence[Dataset], indices: Sequence[int], *,
-                   bottleneck: int, epochs: int, batch_size: int, lr_adapter: float, lr_head: float,
-                   max_length: int, seed: int, dropout: bool = True) -> list[TrainedAdapter]:
+def train_adapters(
+    encoder: AdapterEncoder,
+    slices: Sequence[Dataset],
+    indices: Sequence[int],
+    *,
+    bottleneck: int,
+    epochs: int,
+    batch_size: int,
+    lr_adapter: float,
+    lr_head: float,
+    max_length: int,
+    seed: int,
+    dropout: bool = True,
+) -> list[TrainedAdapter]:
     """Train ``len(slices)`` single adapters side by side, each on its own slice, in one batched forward.
 
     The objective and optimiser are those of ``train_profile(method="single_adapter")``: adapter
@@ -573,18 +723,23 @@ def train_adapters(encoder: AdapterEncoder, slices: Sequence[Dataset], indices: 
         down = torch.randn(L, d, r, generator=g) * 0.02
         head = torch.randn(C, d, generator=g) * 0.02
         init.append((down, head))
-    params = nn.ParameterDict({
-        "down": nn.Parameter(torch.stack([x[0] for x in init], dim=1)),  # (L, U, d, r): layer-major
-        "down_bias": nn.Parameter(torch.zeros(L, U, r)),
-        "up": nn.Parameter(torch.zeros(L, U, r, d)),
-        "up_bias": nn.Parameter(torch.zeros(L, U, d)),
-        "head_weight": nn.Parameter(torch.stack([x[1] for x in init])),  # (U, C, d)
-        "head_bias": nn.Parameter(torch.zeros(U, C)),
-    }).to(device)
-    optimizer = torch.optim.AdamW([
-        {"params": [params["head_weight"], params["head_bias"]], "lr": lr_head},
-        {"params": [params[n] for n in TENSOR_NAMES], "lr": lr_adapter},
-    ], weight_decay=0.01)
+    params = nn.ParameterDict(
+        {
+            "down": nn.Parameter(torch.stack([x[0] for x in init], dim=1)),  # (L, U, d, r): layer-major
+            "down_bias": nn.Parameter(torch.zeros(L, U, r)),
+            "up": nn.Parameter(torch.zeros(L, U, r, d)),
+            "up_bias": nn.Parameter(torch.zeros(L, U, d)),
+            "head_weight": nn.Parameter(torch.stack([x[1] for x in init])),  # (U, C, d)
+            "head_bias": nn.Parameter(torch.zeros(U, C)),
+        }
+    ).to(device)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [params["head_weight"], params["head_bias"]], "lr": lr_head},
+            {"params": [params[n] for n in TENSOR_NAMES], "lr": lr_adapter},
+        ],
+        weight_decay=0.01,
+    )
     steps_per_epoch = math.ceil(size / batch_size)
     total = steps_per_epoch * epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(total, 1)))
@@ -624,9 +779,17 @@ def train_adapters(encoder: AdapterEncoder, slices: Sequence[Dataset], indices: 
     out = []
     for u, i in enumerate(indices):
         adapter = {n: params[n][:, u].detach().cpu().float().clone() for n in TENSOR_NAMES}
-        out.append(TrainedAdapter(index=i, adapter=adapter, head_weight=params["head_weight"][u].detach().cpu().clone(),
-                                  head_bias=params["head_bias"][u].detach().cpu().clone(), labels=labels,
-                                  train_accuracy=float(correct[u] / max(seen[u], 1)), final_loss=loss_value))
+        out.append(
+            TrainedAdapter(
+                index=i,
+                adapter=adapter,
+                head_weight=params["head_weight"][u].detach().cpu().clone(),
+                head_bias=params["head_bias"][u].detach().cpu().clone(),
+                labels=labels,
+                train_accuracy=float(correct[u] / max(seen[u], 1)),
+                final_loss=loss_value,
+            )
+        )
     return out
 
 
@@ -669,16 +832,28 @@ def _checkpoint_dtype(model: str) -> str:
 class Suite:
     """Runs a config's grid against one results file. Library entry point: :meth:`run`."""
 
-    def __init__(self, config: SuiteConfig, results: str | Path, *, data_root: str | None = None,
-                 model: str | None = None, device: str | None = None, work_dir: str | Path | None = None,
-                 deadline_seconds: float | None = None, max_runs: int | None = None,
-                 encoder: AdapterEncoder | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: SuiteConfig,
+        results: str | Path,
+        *,
+        data_root: str | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        work_dir: str | Path | None = None,
+        deadline_seconds: float | None = None,
+        max_runs: int | None = None,
+        encoder: AdapterEncoder | None = None,
+        progress: bool = True,
+    ) -> None:
         self.config = config
         self.results = ResultsFile(results)
         self.data_root = Path(data_root or config.data_root)
         self.model = model or config.model
         want = device or config.device
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
+        )
         self.work_dir = Path(work_dir) if work_dir else Path(str(results) + ".work")
         self.start = time.monotonic()
         self.deadline = self.start + deadline_seconds if deadline_seconds else None
@@ -737,8 +912,16 @@ class Suite:
         sig = random_bank_sig(self.config, n)
         if sig not in self._banks:
             b, enc = self.config.random_bank, self.encoder
-            bank = create_random_bank(enc.num_layers, enc.hidden_size, enc.model_id, n, b.reduction_factor, b.seed,
-                                      b.init_scale, model_name=self.model)
+            bank = create_random_bank(
+                enc.num_layers,
+                enc.hidden_size,
+                enc.model_id,
+                n,
+                b.reduction_factor,
+                b.seed,
+                b.init_scale,
+                model_name=self.model,
+            )
             self._banks[sig] = bank.to(self.device)
         return self._banks[sig]
 
@@ -774,57 +957,120 @@ class Suite:
         mode, slices = bank_slices(len(src), tb.n, tb.slice_size, tb.seed)
         hp = choose_hyperparameters(c, self.results.done())[0]["single_adapter"]
         if trained_bank_sig(c, task, hp) != sig:
-            raise SuiteError("bad_config", f"trained bank {sig} asked for before the search chose its learning rate")
+            raise SuiteError(
+                "bad_config", f"trained bank {sig} asked for before the search chose its learning rate"
+            )
         reference = self.random_bank(c.random_bank.n)
         paths = [folder / f"adapter_{i:04d}.xpm" for i in range(tb.n)]
         missing = [i for i, p in enumerate(paths) if not p.is_file()]
-        log.info("trained bank for %s from %s: %d adapters on %s slices of %d (%d to train)", task, source, tb.n,
-                 mode, len(slices[0]), len(missing))
+        log.info(
+            "trained bank for %s from %s: %d adapters on %s slices of %d (%d to train)",
+            task,
+            source,
+            tb.n,
+            mode,
+            len(slices[0]),
+            len(missing),
+        )
         started = time.monotonic()
         accuracies: list[float] = []
         chunk_seconds = None
         steps = math.ceil(len(slices[0]) / tb.batch_size) * tb.epochs
         for start in range(0, len(missing), tb.adapters_per_step):
             chunk = missing[start : start + tb.adapters_per_step]
-            self._check_deadline(chunk_seconds, f"trained bank for {task} ({len(missing) - start} adapters left)")
+            self._check_deadline(
+                chunk_seconds, f"trained bank for {task} ({len(missing) - start} adapters left)"
+            )
             t0 = time.monotonic()
             trained = train_adapters(
-                self.encoder, [Dataset([src.inputs[j] for j in slices[i]], [src.labels[j] for j in slices[i]])
-                               for i in chunk], chunk, bottleneck=reference.bottleneck, epochs=tb.epochs,
-                batch_size=tb.batch_size, lr_adapter=hp.lr_adapter, lr_head=hp.lr_head, max_length=st.max_length,
-                seed=tb.seed, dropout=hp.dropout)
+                self.encoder,
+                [
+                    Dataset([src.inputs[j] for j in slices[i]], [src.labels[j] for j in slices[i]])
+                    for i in chunk
+                ],
+                chunk,
+                bottleneck=reference.bottleneck,
+                epochs=tb.epochs,
+                batch_size=tb.batch_size,
+                lr_adapter=hp.lr_adapter,
+                lr_head=hp.lr_head,
+                max_length=st.max_length,
+                seed=tb.seed,
+                dropout=hp.dropout,
+            )
             for a in trained:
-                profile = Profile(kind=ProfileKind.ADAPTER, bank_id=reference.bank_id, model_id=self.encoder.model_id,
-                                  num_layers=reference.num_layers, num_adapters=reference.num_adapters,
-                                  hidden_size=reference.hidden_size, bottleneck=reference.bottleneck,
-                                  labels=a.labels, head_weight=a.head_weight, head_bias=a.head_bias,
-                                  adapter=a.adapter, max_length=st.max_length,
-                                  meta={"method": "single_adapter", "source": source, "slice": str(a.index),
-                                        "train_accuracy": f"{a.train_accuracy:.4f}", "model_name": self.model})
+                profile = Profile(
+                    kind=ProfileKind.ADAPTER,
+                    bank_id=reference.bank_id,
+                    model_id=self.encoder.model_id,
+                    num_layers=reference.num_layers,
+                    num_adapters=reference.num_adapters,
+                    hidden_size=reference.hidden_size,
+                    bottleneck=reference.bottleneck,
+                    labels=a.labels,
+                    head_weight=a.head_weight,
+                    head_bias=a.head_bias,
+                    adapter=a.adapter,
+                    max_length=st.max_length,
+                    meta={
+                        "method": "single_adapter",
+                        "source": source,
+                        "slice": str(a.index),
+                        "train_accuracy": f"{a.train_accuracy:.4f}",
+                        "model_name": self.model,
+                    },
+                )
                 tmp = paths[a.index].with_suffix(".tmp")
                 tmp.write_bytes(xpm.encode(profile))
                 os.replace(tmp, paths[a.index])
                 accuracies.append(a.train_accuracy)
             chunk_seconds = time.monotonic() - t0
-            log.info("  adapters %d-%d trained in %.1fs (mean train accuracy %.3f)", chunk[0], chunk[-1],
-                     chunk_seconds, sum(a.train_accuracy for a in trained) / len(trained))
+            log.info(
+                "  adapters %d-%d trained in %.1fs (mean train accuracy %.3f)",
+                chunk[0],
+                chunk[-1],
+                chunk_seconds,
+                sum(a.train_accuracy for a in trained) / len(trained),
+            )
         build_seconds = time.monotonic() - started
         adapters = [xpm.load(p) for p in paths]
         if not accuracies:
             accuracies = [float(p.meta.get("train_accuracy", "nan")) for p in adapters]
-        bank = stack_adapters([p.adapter_tensors() for p in adapters], model_id=self.encoder.model_id,
-                              init="trained", model_name=self.model)
+        bank = stack_adapters(
+            [p.adapter_tensors() for p in adapters],
+            model_id=self.encoder.model_id,
+            init="trained",
+            model_name=self.model,
+        )
         bank.extra.update({"source_task": source, "slices": mode, "suite_sig": sig})
         bank.save(bank_file)
         self._banks[sig] = bank.to(self.device)
-        self.results.append({
-            "type": "bank", "sig": sig, "for_task": task, "source_task": source, "n": tb.n, "slices": mode,
-            "slice_size": len(slices[0]), "epochs": tb.epochs, "batch_size": tb.batch_size, "steps": steps,
-            "adapters_per_step": tb.adapters_per_step, "lr_adapter": hp.lr_adapter, "lr_head": hp.lr_head,
-            "max_length": st.max_length, "bank_id": bank.bank_id, "seconds": round(build_seconds, 3),
-            "trained_now": len(missing), "adapter_train_accuracy_mean": sum(accuracies) / len(accuracies),
-            "adapter_train_accuracy_min": min(accuracies), "adapter_train_accuracy_max": max(accuracies),
-            "session": self.session, "finished_at": time.time()})
+        self.results.append(
+            {
+                "type": "bank",
+                "sig": sig,
+                "for_task": task,
+                "source_task": source,
+                "n": tb.n,
+                "slices": mode,
+                "slice_size": len(slices[0]),
+                "epochs": tb.epochs,
+                "batch_size": tb.batch_size,
+                "steps": steps,
+                "adapters_per_step": tb.adapters_per_step,
+                "lr_adapter": hp.lr_adapter,
+                "lr_head": hp.lr_head,
+                "max_length": st.max_length,
+                "bank_id": bank.bank_id,
+                "seconds": round(build_seconds, 3),
+                "trained_now": len(missing),
+                "adapter_train_accuracy_mean": sum(accuracies) / len(accuracies),
+                "adapter_train_accuracy_min": min(accuracies),
+                "adapter_train_accuracy_max": max(accuracies),
+                "session": self.session,
+                "finished_at": time.time(),
+            }
+        )
         return self._banks[sig]
 
     # -- deadline ----------------------------------------------------------------------------
@@ -873,20 +1119,40 @@ class Suite:
         self._eval_rates[eval_key] = eval_seconds
         history = result.history
         every = 1 if spec.curve_every else max(1, len(history) // 50)
-        curve = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()}
-                 for i, h in enumerate(history) if i % every == 0 or i == len(history) - 1]
+        curve = [
+            {k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()}
+            for i, h in enumerate(history)
+            if i % every == 0 or i == len(history) - 1
+        ]
         row = {
-            "type": "tune" if spec.split == "holdout" else "run", "key": spec.key(), "run_id": spec.run_id,
-            "groups": list(spec.groups), **{k: v for k, v in dataclasses.asdict(spec).items() if k != "groups"},
-            **metrics, "train_size": len(train), "steps": len(history),
-            "train_seconds": round(result.seconds, 3), "eval_seconds": round(eval_seconds, 3),
-            "train_seq_per_s": round(len(train) * spec.epochs / result.seconds, 1) if result.seconds else None,
+            "type": "tune" if spec.split == "holdout" else "run",
+            "key": spec.key(),
+            "run_id": spec.run_id,
+            "groups": list(spec.groups),
+            **{k: v for k, v in dataclasses.asdict(spec).items() if k != "groups"},
+            **metrics,
+            "train_size": len(train),
+            "steps": len(history),
+            "train_seconds": round(result.seconds, 3),
+            "eval_seconds": round(eval_seconds, 3),
+            "train_seq_per_s": round(len(train) * spec.epochs / result.seconds, 1)
+            if result.seconds
+            else None,
             "includes_curve_evals": curve_seconds is not None,
-            "final_loss": history[-1]["loss"], "final_train_accuracy": history[-1]["train_accuracy"],
-            **profile_sizes(profile, blob), "num_layers": profile.num_layers, "hidden_size": profile.hidden_size,
-            "bottleneck": profile.bottleneck, "num_labels": profile.num_labels, "labels": profile.labels,
-            "bank_id": bank.bank_id, "model_id": self.encoder.model_id, "device": describe_device(self.device),
-            "curve": curve, "session": self.session, "finished_at": time.time(),
+            "final_loss": history[-1]["loss"],
+            "final_train_accuracy": history[-1]["train_accuracy"],
+            **profile_sizes(profile, blob),
+            "num_layers": profile.num_layers,
+            "hidden_size": profile.hidden_size,
+            "bottleneck": profile.bottleneck,
+            "num_labels": profile.num_labels,
+            "labels": profile.labels,
+            "bank_id": bank.bank_id,
+            "model_id": self.encoder.model_id,
+            "device": describe_device(self.device),
+            "curve": curve,
+            "session": self.session,
+            "finished_at": time.time(),
         }
         if profile.kind is ProfileKind.HARD:
             assert profile.mask_down is not None and profile.mask_up is not None
@@ -917,8 +1183,14 @@ class Suite:
 
     # -- the grid ----------------------------------------------------------------------------
     def _session_row(self, event: str, **extra) -> None:
-        row = {"type": "session", "event": event, "session": self.session, "time": time.time(),
-               "wall_seconds": round(time.monotonic() - self.start, 3), **extra}
+        row = {
+            "type": "session",
+            "event": event,
+            "session": self.session,
+            "time": time.time(),
+            "wall_seconds": round(time.monotonic() - self.start, 3),
+            **extra,
+        }
         self.results.append(row)
 
     def _run_specs(self, specs: list[RunSpec], bar: tqdm) -> None:
@@ -933,8 +1205,14 @@ class Suite:
             self.results.append(row)
             self.ran += 1
             bar.update(1)
-            log.info("done %-40s acc=%.4f train=%.1fs eval=%.1fs bytes=%d", spec.run_id, row["accuracy"],
-                     row["train_seconds"], row["eval_seconds"], row["profile_bytes"])
+            log.info(
+                "done %-40s acc=%.4f train=%.1fs eval=%.1fs bytes=%d",
+                spec.run_id,
+                row["accuracy"],
+                row["train_seconds"],
+                row["eval_seconds"],
+                row["profile_bytes"],
+            )
 
     def _planned_keys(self) -> set[str]:
         """Keys of the whole plan as far as it is known (the grid uses the search's choices once made)."""
@@ -951,16 +1229,35 @@ class Suite:
         planned_keys = self._planned_keys()
         planned = len(planned_keys)
         done_before = len(set(self.results.done()) & planned_keys)
-        self._session_row("start", config_name=c.name, config=c.raw, argv=sys.argv, device=describe_device(self.device),
-                          device_type=self.device.type, torch=torch.__version__,
-                          transformers=_version("transformers"), python=platform.python_version(),
-                          host=socket.gethostname(), cpu_count=os.cpu_count(), model=self.model,
-                          model_id=encoder.model_id, model_checkpoint_dtype=_checkpoint_dtype(self.model),
-                          tf32=bool(c.tf32 and self.device.type == "cuda"), planned=planned,
-                          done_before=done_before, deadline_seconds=(self.deadline - self.start) if self.deadline else None,
-                          **self.kernel_check())
-        bar = tqdm(total=planned, initial=done_before, desc=f"suite {c.name}", unit="run", disable=not self.progress,
-                   mininterval=2.0)
+        self._session_row(
+            "start",
+            config_name=c.name,
+            config=c.raw,
+            argv=sys.argv,
+            device=describe_device(self.device),
+            device_type=self.device.type,
+            torch=torch.__version__,
+            transformers=_version("transformers"),
+            python=platform.python_version(),
+            host=socket.gethostname(),
+            cpu_count=os.cpu_count(),
+            model=self.model,
+            model_id=encoder.model_id,
+            model_checkpoint_dtype=_checkpoint_dtype(self.model),
+            tf32=bool(c.tf32 and self.device.type == "cuda"),
+            planned=planned,
+            done_before=done_before,
+            deadline_seconds=(self.deadline - self.start) if self.deadline else None,
+            **self.kernel_check(),
+        )
+        bar = tqdm(
+            total=planned,
+            initial=done_before,
+            desc=f"suite {c.name}",
+            unit="run",
+            disable=not self.progress,
+            mininterval=2.0,
+        )
         reason = "complete"
         try:
             self._run_specs(tune, bar)
@@ -978,8 +1275,15 @@ class Suite:
             bar.close()
         completed = len(set(self.results.done()) & self._planned_keys())
         self._session_row("end", reason=reason, ran=self.ran, completed=completed, planned=planned)
-        log.info("%s: %d runs this session, %d of %d planned runs in %s after %.0fs", reason, self.ran, completed,
-                 planned, self.results.path, time.monotonic() - self.start)
+        log.info(
+            "%s: %d runs this session, %d of %d planned runs in %s after %.0fs",
+            reason,
+            self.ran,
+            completed,
+            planned,
+            self.results.path,
+            time.monotonic() - self.start,
+        )
         return reason
 
 
@@ -1017,8 +1321,11 @@ def pack_model(out: str | Path, model: str = "minilm", dtype: str = "float16") -
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
     target = getattr(torch, dtype)
     with safe_open(str(weights), framework="pt") as f:
-        tensors = {k: (t.to(target) if t.is_floating_point() else t) for k in f.keys()  # noqa: SIM118
-                   for t in [f.get_tensor(k)]}
+        tensors = {
+            k: (t.to(target) if t.is_floating_point() else t)
+            for k in f.keys()  # noqa: SIM118
+            for t in [f.get_tensor(k)]
+        }
         meta = dict(f.metadata() or {})
     save_file(tensors, str(out / "model.safetensors"), metadata={**meta, "xpeft_packed": dtype})
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -1043,9 +1350,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if args.threads:
         torch.set_num_threads(args.threads)
-    suite = Suite(config, args.out, data_root=args.data_root, model=args.model, device=args.device,
-                  work_dir=args.work_dir, deadline_seconds=args.deadline_seconds, max_runs=args.max_runs,
-                  progress=not args.no_progress)
+    suite = Suite(
+        config,
+        args.out,
+        data_root=args.data_root,
+        model=args.model,
+        device=args.device,
+        work_dir=args.work_dir,
+        deadline_seconds=args.deadline_seconds,
+        max_runs=args.max_runs,
+        progress=not args.no_progress,
+    )
     reason = suite.run()
     return 0 if reason in ("complete", "deadline", "max_runs") else 130
 
@@ -1070,23 +1385,35 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m xpeft.profiles.suite",
-                                     description="X-PEFT evaluation grid and its report.")
+    parser = argparse.ArgumentParser(
+        prog="python -m xpeft.profiles.suite", description="X-PEFT evaluation grid and its report."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run (or resume) a grid; one JSON line per finished run")
     p.add_argument("--config", required=True, help="suite config (JSON), e.g. bench/eval/gpu.json")
     p.add_argument("--out", required=True, help="results JSONL; finished runs in it are skipped")
-    p.add_argument("--data-root", default=None, help="folder holding the task folders (default: the config's, "
-                                                      "../shared/data)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding the task folders (default: the config's, ../shared/data)",
+    )
     p.add_argument("--model", default=None, help="encoder alias or folder (default: the config's, minilm)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the config's, auto)")
     p.add_argument("--work-dir", default=None, help="trained-bank cache (default: OUT.work)")
-    p.add_argument("--deadline-seconds", type=float, default=None,
-                   help="stop before a run that would end later than this many seconds after start")
+    p.add_argument(
+        "--deadline-seconds",
+        type=float,
+        default=None,
+        help="stop before a run that would end later than this many seconds after start",
+    )
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (smoke tests)")
     p.add_argument("--log", default=None, help="log file (default: OUT.log)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is much faster on a CPU shared with other busy processes)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 is much faster on a CPU shared with other busy processes)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("report", help="render docs/EVALUATION.md and its plots from a results file")
@@ -1095,7 +1422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-dir", default=None, help="plots folder (default: img/ beside --out)")
     p.add_argument("--notes", default=None, help="a Markdown file included as the discussion section")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("pack-model", help="copy the encoder folder with fp16-stored weights (fits transfer limits)")
+    p = sub.add_parser(
+        "pack-model", help="copy the encoder folder with fp16-stored weights (fits transfer limits)"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="minilm")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])

@@ -13,18 +13,34 @@ from xpeft.profiles.masks import khot
 from xpeft.profiles.profile import Profile, ProfileKind
 
 
-def random_profile(bank: AdapterBank, kind: ProfileKind | str = ProfileKind.HARD, seed: int = 0,
-                   labels: list[str] | None = None, k: int | None = None, max_length: int = 128) -> Profile:
+def random_profile(
+    bank: AdapterBank,
+    kind: ProfileKind | str = ProfileKind.HARD,
+    seed: int = 0,
+    labels: list[str] | None = None,
+    k: int | None = None,
+    max_length: int = 128,
+) -> Profile:
     """A seeded random profile of any kind that fits ``bank``."""
     kind = ProfileKind(kind)
     g = torch.Generator().manual_seed(seed)
     L, N, d, r = bank.down.shape
     labels = labels or ["negative", "positive"]
     C = len(labels)
-    profile = Profile(kind=kind, bank_id=bank.bank_id, model_id=bank.model_id, num_layers=L, num_adapters=N,
-                      hidden_size=d, bottleneck=r, labels=labels, max_length=max_length,
-                      head_weight=torch.randn(C, d, generator=g) * d**-0.5, head_bias=torch.randn(C, generator=g) * 0.1,
-                      meta={"method": f"random:{kind.value}", "seed": str(seed)})
+    profile = Profile(
+        kind=kind,
+        bank_id=bank.bank_id,
+        model_id=bank.model_id,
+        num_layers=L,
+        num_adapters=N,
+        hidden_size=d,
+        bottleneck=r,
+        labels=labels,
+        max_length=max_length,
+        head_weight=torch.randn(C, d, generator=g) * d**-0.5,
+        head_bias=torch.randn(C, generator=g) * 0.1,
+        meta={"method": f"random:{kind.value}", "seed": str(seed)},
+    )
     if kind is ProfileKind.HARD:
         profile.k = k or max(1, N // 10)
         profile.mask_down = khot(torch.randn(L, N, generator=g), profile.k)
@@ -33,8 +49,10 @@ def random_profile(bank: AdapterBank, kind: ProfileKind | str = ProfileKind.HARD
         profile.weights_down = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)
         profile.weights_up = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)
     elif kind is ProfileKind.ADAPTER:
-        profile.adapter = {"down": torch.randn(L, d, r, generator=g) * d**-0.5,
-                           "down_bias": torch.randn(L, r, generator=g) * 0.1,
-                           "up": torch.randn(L, r, d, generator=g) * r**-0.5 * 0.2,
-                           "up_bias": torch.randn(L, d, generator=g) * 0.1}
+        profile.adapter = {
+            "down": torch.randn(L, d, r, generator=g) * d**-0.5,
+            "down_bias": torch.randn(L, r, generator=g) * 0.1,
+            "up": torch.randn(L, r, d, generator=g) * r**-0.5 * 0.2,
+            "up_bias": torch.randn(L, d, generator=g) * 0.1,
+        }
     return profile

@@ -86,7 +86,9 @@ class _Trainable(nn.Module):
         c = self.config
         groups = [{"params": list(self.head.parameters()), "lr": c.lr_head}]
         if self.method in ("hard", "soft"):
-            groups.append({"params": [self.scores_down, self.scores_up], "lr": c.lr_scores, "weight_decay": 0.0})
+            groups.append(
+                {"params": [self.scores_down, self.scores_up], "lr": c.lr_scores, "weight_decay": 0.0}
+            )
         elif self.method == "single_adapter":
             groups.append({"params": [self.down, self.down_bias, self.up, self.up_bias], "lr": c.lr_adapter})
         return groups
@@ -105,15 +107,31 @@ class _Trainable(nn.Module):
             return FusedAdapters.from_single({n: getattr(self, n) for n in TENSOR_NAMES})
         return None
 
-    def to_profile(self, bank: AdapterBank, labels: list[str], max_length: int, meta: dict[str, str]) -> Profile:
+    def to_profile(
+        self, bank: AdapterBank, labels: list[str], max_length: int, meta: dict[str, str]
+    ) -> Profile:
         L, N, d, r = bank.down.shape
-        common = dict(bank_id=bank.bank_id, model_id=bank.model_id, num_layers=L, num_adapters=N, hidden_size=d,
-                      bottleneck=r, labels=labels, max_length=max_length, meta=meta,
-                      head_weight=self.head.weight.detach().cpu().float().clone(),
-                      head_bias=self.head.bias.detach().cpu().float().clone())
+        common = dict(
+            bank_id=bank.bank_id,
+            model_id=bank.model_id,
+            num_layers=L,
+            num_adapters=N,
+            hidden_size=d,
+            bottleneck=r,
+            labels=labels,
+            max_length=max_length,
+            meta=meta,
+            head_weight=self.head.weight.detach().cpu().float().clone(),
+            head_bias=self.head.bias.detach().cpu().float().clone(),
+        )
         if self.method == "hard":
-            return Profile(kind=ProfileKind.HARD, k=self.k, mask_down=khot(self.scores_down.detach().cpu(), self.k),
-                           mask_up=khot(self.scores_up.detach().cpu(), self.k), **common)
+            return Profile(
+                kind=ProfileKind.HARD,
+                k=self.k,
+                mask_down=khot(self.scores_down.detach().cpu(), self.k),
+                mask_up=khot(self.scores_up.detach().cpu(), self.k),
+                **common,
+            )
         if self.method == "soft":
             w_down, w_up = (w.detach().cpu().float() for w in self.weights())
             return Profile(kind=ProfileKind.SOFT, weights_down=w_down, weights_up=w_up, **common)
@@ -207,8 +225,14 @@ def train_profile(
 
 
 @torch.no_grad()
-def _accuracy(encoder: AdapterEncoder, trainable: _Trainable, data: Dataset, y: torch.Tensor,
-              config: TrainConfig, batch_size: int = 128) -> float:
+def _accuracy(
+    encoder: AdapterEncoder,
+    trainable: _Trainable,
+    data: Dataset,
+    y: torch.Tensor,
+    config: TrainConfig,
+    batch_size: int = 128,
+) -> float:
     """Dev accuracy of the parameters as they are now (hard masks already exactly k-hot)."""
     encoder.eval()
     fused = trainable.fused()

@@ -74,13 +74,18 @@ class ServerState:
         """
         settings = self.settings
         self.admission.begin_drain()
-        log.warning("shutting down: refusing new requests, draining %d in flight (at most %g s)",
-                    self.admission.in_flight, settings.drain_delay_s + settings.drain_timeout_s)
+        log.warning(
+            "shutting down: refusing new requests, draining %d in flight (at most %g s)",
+            self.admission.in_flight,
+            settings.drain_delay_s + settings.drain_timeout_s,
+        )
         await asyncio.sleep(settings.drain_delay_s)
         if await self.admission.wait_idle(settings.drain_timeout_s):
             return 0
         left = self.admission.in_flight
-        log.warning("drain timeout: %d requests still in flight; queued predictions get 503 shutting_down", left)
+        log.warning(
+            "drain timeout: %d requests still in flight; queued predictions get 503 shutting_down", left
+        )
         self.batcher.fail_pending(ApiError(503, "shutting_down", "the server is shutting down"))
         return left
 
@@ -95,8 +100,9 @@ def _package_version() -> str:
 def build_model(settings: Settings, bank: AdapterBank) -> MultiProfileModel:
     """The encoder the settings name (default: the bank's own), on the best device, with ``bank``."""
     device = settings.device or best_device()
-    encoder = load_encoder(settings.model or bank.model_name or DEFAULT_MODEL, device=device,
-                           dtype=_DTYPES[settings.dtype])
+    encoder = load_encoder(
+        settings.model or bank.model_name or DEFAULT_MODEL, device=device, dtype=_DTYPES[settings.dtype]
+    )
     return MultiProfileModel(encoder, bank)
 
 
@@ -113,14 +119,30 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     store = open_store(settings)
     floors = VersionFloors()
     fused = FusedCache(settings.fused_cache_bytes, floors, metrics)
-    profiles = ProfileCache(store, lambda data: xpm.decode(data, bank), settings.profile_cache_size, fused, metrics,
-                            max_bytes=settings.profile_cache_bytes)
+    profiles = ProfileCache(
+        store,
+        lambda data: xpm.decode(data, bank),
+        settings.profile_cache_size,
+        fused,
+        metrics,
+        max_bytes=settings.profile_cache_bytes,
+    )
     worker = ModelWorker(fused, metrics, settings.torch_threads)
-    batcher = MicroBatcher(worker.run_async, settings.max_batch_size, settings.max_wait_ms / 1000,
-                           settings.max_queue, metrics)
-    state = ServerState(settings, metrics, store, bank, profiles, worker, batcher,
-                        CacheSync(store, profiles, metrics, settings.version_check_s), Authorizer(settings),
-                        Admission(settings.max_in_flight, metrics))
+    batcher = MicroBatcher(
+        worker.run_async, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue, metrics
+    )
+    state = ServerState(
+        settings,
+        metrics,
+        store,
+        bank,
+        profiles,
+        worker,
+        batcher,
+        CacheSync(store, profiles, metrics, settings.version_check_s),
+        Authorizer(settings),
+        Admission(settings.max_in_flight, metrics),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -141,16 +163,30 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
             await store.close()
             worker.shutdown()
 
-    app = FastAPI(title="xpeft", version=_package_version(), lifespan=lifespan,
-                  description="Multi-profile X-PEFT inference: one frozen encoder and adapter bank, many profiles.",
-                  responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 408: {"model": ErrorBody},
-                             413: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    app = FastAPI(
+        title="xpeft",
+        version=_package_version(),
+        lifespan=lifespan,
+        description="Multi-profile X-PEFT inference: one frozen encoder and adapter bank, many profiles.",
+        responses={
+            401: {"model": ErrorBody},
+            403: {"model": ErrorBody},
+            408: {"model": ErrorBody},
+            413: {"model": ErrorBody},
+            422: {"model": ErrorBody},
+            503: {"model": ErrorBody},
+        },
+    )
     app.openapi = lambda: _openapi_with_limits(app, settings)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_profile_bytes=settings.max_profile_bytes,
-                       max_request_bytes=settings.max_request_bytes, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_profile_bytes=settings.max_profile_bytes,
+        max_request_bytes=settings.max_request_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(AdmissionMiddleware, admission=state.admission)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also counts 413s and refusals
     app.include_router(router)
@@ -177,23 +213,34 @@ def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict:
 async def _load_model(state: ServerState) -> None:
     loop = asyncio.get_running_loop()
     try:
-        state.worker.model = await loop.run_in_executor(state.worker.executor, build_model, state.settings,
-                                                        state.bank)
+        state.worker.model = await loop.run_in_executor(
+            state.worker.executor, build_model, state.settings, state.bank
+        )
     except Exception as exc:  # reported by /healthz and /readyz; the process cannot recover by itself
         state.model_error = f"{getattr(exc, 'code', type(exc).__name__)}: {getattr(exc, 'message', exc)}"
         log.error("model failed to load: %s", state.model_error)
         return
     state.metrics.model_ready.set(1)
     model = state.worker.model
-    log.info("model ready: encoder %s on %s, bank %s (L=%d N=%d)", model.encoder.name, model.encoder.device,
-             state.bank.bank_id, state.bank.num_layers, state.bank.num_adapters)
+    log.info(
+        "model ready: encoder %s on %s, bank %s (L=%d N=%d)",
+        model.encoder.name,
+        model.encoder.device,
+        state.bank.bank_id,
+        state.bank.num_layers,
+        state.bank.num_adapters,
+    )
 
 
 # -- routes ----------------------------------------------------------------------------------
 router = APIRouter()
-_OCTET_BODY = {"requestBody": {"required": True, "description": "the .xpm profile file",
-                               "content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                                   "format": "binary"}}}}}
+_OCTET_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the .xpm profile file",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 # The pattern is in the OpenAPI schema; _check_id enforces it with the stable code invalid_profile_id.
@@ -207,8 +254,11 @@ def _server(request: Request) -> ServerState:
 
 def _check_id(profile_id: str) -> str:
     if not PROFILE_ID.fullmatch(profile_id):
-        raise ApiError(422, "invalid_profile_id",
-                       f"profile ids match {PROFILE_ID.pattern} (1 to 128 characters); got {profile_id[:200]!r}")
+        raise ApiError(
+            422,
+            "invalid_profile_id",
+            f"profile ids match {PROFILE_ID.pattern} (1 to 128 characters); got {profile_id[:200]!r}",
+        )
     return profile_id
 
 
@@ -229,13 +279,20 @@ def _validate_profile(data: bytes, bank: AdapterBank) -> dict:
         # Untrusted bytes that trip the decoder itself (a header field of an unexpected type, say) are
         # still a malformed file: refuse it (422), never a 500; the traceback shows the decoder's gap.
         log.warning("the profile decoder failed on an upload; refusing it", exc_info=True)
-        raise xpm.ProfileFormatError("bad_header", f"the file could not be decoded ({type(exc).__name__})") from exc
+        raise xpm.ProfileFormatError(
+            "bad_header", f"the file could not be decoded ({type(exc).__name__})"
+        ) from exc
     return {**info.as_dict(), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-@router.put("/profiles/{profile_id}", response_model=ProfileMeta, dependencies=[Depends(require_admin)],
-            openapi_extra=_OCTET_BODY, tags=["profiles"],
-            responses={201: {"model": ProfileMeta, "description": "created"}, 409: {"model": ErrorBody}})
+@router.put(
+    "/profiles/{profile_id}",
+    response_model=ProfileMeta,
+    dependencies=[Depends(require_admin)],
+    openapi_extra=_OCTET_BODY,
+    tags=["profiles"],
+    responses={201: {"model": ProfileMeta, "description": "created"}, 409: {"model": ErrorBody}},
+)
 async def put_profile(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
     """Upload (create or replace) a profile: 201 when new, 200 when replaced; nothing is stored if refused."""
     _check_id(profile_id)
@@ -248,8 +305,13 @@ async def put_profile(request: Request, response: Response, profile_id: str = Pr
     return record.as_dict()
 
 
-@router.get("/profiles/{profile_id}", response_model=ProfileMeta, dependencies=[Depends(require_profile_access)],
-            tags=["profiles"], responses={404: {"model": ErrorBody}})
+@router.get(
+    "/profiles/{profile_id}",
+    response_model=ProfileMeta,
+    dependencies=[Depends(require_profile_access)],
+    tags=["profiles"],
+    responses={404: {"model": ErrorBody}},
+)
 async def get_profile(request: Request, profile_id: str = ProfileIdPath) -> dict:
     """A profile's metadata and current version."""
     _check_id(profile_id)
@@ -260,8 +322,12 @@ async def get_profile(request: Request, profile_id: str = ProfileIdPath) -> dict
     return record.as_dict()
 
 
-@router.delete("/profiles/{profile_id}", dependencies=[Depends(require_admin)], tags=["profiles"],
-               responses={404: {"model": ErrorBody}})
+@router.delete(
+    "/profiles/{profile_id}",
+    dependencies=[Depends(require_admin)],
+    tags=["profiles"],
+    responses={404: {"model": ErrorBody}},
+)
 async def delete_profile(request: Request, profile_id: str = ProfileIdPath) -> dict:
     """Delete a profile; every replica stops serving it within a second."""
     _check_id(profile_id)
@@ -273,12 +339,20 @@ async def delete_profile(request: Request, profile_id: str = ProfileIdPath) -> d
     return {"id": profile_id, "deleted": True, "version": deleted}
 
 
-@router.get("/profiles", response_model=ProfileList, dependencies=[Depends(require_reader)], tags=["profiles"])
-async def list_profiles(request: Request,
-                        cursor: str | None = Query(None, description="next_cursor of the last page (a profile id)",
-                                                   json_schema_extra={"pattern": PROFILE_ID_PATTERN}),
-                        limit: int | None = Query(None, ge=1, description="page size (default 100, at most "
-                                                                           "XPEFT_MAX_LIST_LIMIT)")) -> dict:
+@router.get(
+    "/profiles", response_model=ProfileList, dependencies=[Depends(require_reader)], tags=["profiles"]
+)
+async def list_profiles(
+    request: Request,
+    cursor: str | None = Query(
+        None,
+        description="next_cursor of the last page (a profile id)",
+        json_schema_extra={"pattern": PROFILE_ID_PATTERN},
+    ),
+    limit: int | None = Query(
+        None, ge=1, description="page size (default 100, at most XPEFT_MAX_LIST_LIMIT)"
+    ),
+) -> dict:
     """Profiles in id order, one page at a time."""
     state = _server(request)
     limit = limit or min(100, state.settings.max_list_limit)
@@ -294,28 +368,38 @@ def _inputs(body: PredictRequest, settings: Settings) -> list[TextInput]:
     if not body.inputs:
         raise ApiError(422, "invalid_request", "inputs must hold at least one text")
     if len(body.inputs) > settings.max_inputs:
-        raise ApiError(422, "invalid_request", f"{len(body.inputs)} inputs; at most {settings.max_inputs} per request")
+        raise ApiError(
+            422, "invalid_request", f"{len(body.inputs)} inputs; at most {settings.max_inputs} per request"
+        )
     for i, item in enumerate(body.inputs):
         for text in (item,) if isinstance(item, str) else item:
             if len(text) > settings.max_text_chars:
-                raise ApiError(422, "invalid_request",
-                               f"inputs[{i}] has {len(text)} characters; at most {settings.max_text_chars}")
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"inputs[{i}] has {len(text)} characters; at most {settings.max_text_chars}",
+                )
             if _SURROGATE.search(text):
                 raise ApiError(422, "invalid_request", f"inputs[{i}] holds a lone UTF-16 surrogate: not text")
     return list(body.inputs)
 
 
-@router.post("/profiles/{profile_id}/predict", response_model=PredictResponse,
-             dependencies=[Depends(require_profile_access)], tags=["predict"],
-             responses={404: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+@router.post(
+    "/profiles/{profile_id}/predict",
+    response_model=PredictResponse,
+    dependencies=[Depends(require_profile_access)],
+    tags=["predict"],
+    responses={404: {"model": ErrorBody}, 504: {"model": ErrorBody}},
+)
 async def predict(body: PredictRequest, request: Request, profile_id: str = ProfileIdPath) -> dict:
     """Labels and scores for each input, all from one version of the profile."""
     _check_id(profile_id)
     state = _server(request)
     inputs = _inputs(body, state.settings)
     if not state.model_ready:
-        raise ApiError(503, "not_ready", state.model_error or "the model is still loading",
-                       headers={"Retry-After": "1"})
+        raise ApiError(
+            503, "not_ready", state.model_error or "the model is still loading", headers={"Retry-After": "1"}
+        )
     timeout = state.settings.request_timeout_s
     try:  # one deadline for all of it: store lookup, queue and forward
         return await asyncio.wait_for(_predict(state, profile_id, inputs), timeout)
@@ -330,10 +414,15 @@ async def _predict(state: ServerState, profile_id: str, inputs: list[TextInput])
     try:
         future = state.batcher.submit(entry, inputs)
     except Overloaded as exc:
-        raise ApiError(503, "overloaded", f"the server is busy: {exc}; retry later",
-                       headers={"Retry-After": "1"}) from exc
+        raise ApiError(
+            503, "overloaded", f"the server is busy: {exc}; retry later", headers={"Retry-After": "1"}
+        ) from exc
     predictions = await future
-    return {"profile": profile_id, "version": entry.version, "predictions": [p.as_dict() for p in predictions]}
+    return {
+        "profile": profile_id,
+        "version": entry.version,
+        "predictions": [p.as_dict() for p in predictions],
+    }
 
 
 @router.api_route("/profiles/{rest:path}", methods=["GET", "PUT", "DELETE", "POST"], include_in_schema=False)
@@ -343,8 +432,12 @@ async def bad_profile_path(rest: str, request: Request) -> None:
     if tail == "predict" and PROFILE_ID.fullmatch(head):
         raise ApiError(405, "method_not_allowed", "predict takes POST", headers={"Allow": "POST"})
     _check_id(rest)
-    raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on a profile",
-                   headers={"Allow": "DELETE, GET, PUT"})
+    raise ApiError(
+        405,
+        "method_not_allowed",
+        f"{request.method} is not allowed on a profile",
+        headers={"Allow": "DELETE, GET, PUT"},
+    )
 
 
 @router.get("/healthz", response_model=Health, tags=["ops"])
@@ -367,14 +460,29 @@ async def readyz(request: Request) -> dict:
     await state.metrics.timed_store("ping", state.store.ping())
     model = state.worker.model
     assert model is not None
-    return {"status": "ready", "detail": {"store": state.store.kind, "bank_id": state.bank.bank_id,
-                                          "model_id": model.encoder.model_id, "model": model.encoder.name,
-                                          "device": str(model.encoder.device)}}
+    return {
+        "status": "ready",
+        "detail": {
+            "store": state.store.kind,
+            "bank_id": state.bank.bank_id,
+            "model_id": model.encoder.model_id,
+            "model": model.encoder.name,
+            "device": str(model.encoder.device),
+        },
+    }
 
 
-@router.get("/metrics", tags=["ops"], response_class=Response,
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                             "description": "Prometheus text format"}})
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        }
+    },
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -46,8 +46,9 @@ def _any_equal(given: bytes, candidates: Iterable[bytes]) -> bool:
 
 
 def _missing() -> ApiError:
-    return ApiError(401, "unauthorized", "this endpoint needs an Authorization: Bearer <token> header",
-                    headers=_CHALLENGE)
+    return ApiError(
+        401, "unauthorized", "this endpoint needs an Authorization: Bearer <token> header", headers=_CHALLENGE
+    )
 
 
 class Authorizer:
@@ -112,7 +113,9 @@ class Authorizer:
         if given is None:
             return
         if self._tenant(given) is not None:
-            raise ApiError(403, "forbidden", "a predict token may only use its own profiles, one id at a time")
+            raise ApiError(
+                403, "forbidden", "a predict token may only use its own profiles, one id at a time"
+            )
         raise ApiError(403, "forbidden", "the bearer token is not valid for this endpoint")
 
     def check_profile(self, request: Request, profile_id: str) -> None:
@@ -124,8 +127,11 @@ class Authorizer:
         if prefixes is None:
             raise ApiError(403, "forbidden", "the bearer token is not valid for this endpoint")
         if not profile_id.startswith(prefixes):
-            raise ApiError(403, "forbidden", "this token may not use that profile: its id has none of the "
-                                             "token's prefixes")
+            raise ApiError(
+                403,
+                "forbidden",
+                "this token may not use that profile: its id has none of the token's prefixes",
+            )
 
 
 def _authorizer(request: Request) -> Authorizer:

@@ -44,8 +44,14 @@ BatchRunner = Callable[[Sequence[Job]], Awaitable[list[list[Prediction]]]]
 class MicroBatcher:
     """Collects :class:`Job` s into batches and hands each batch to ``runner`` (one at a time)."""
 
-    def __init__(self, runner: BatchRunner, max_batch_size: int, max_wait_s: float, max_queue: int,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        runner: BatchRunner,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -118,8 +124,12 @@ class MicroBatcher:
                     continue
                 # One request must not sink the others of its batch (another tenant's, say): run
                 # each alone, so only the one that fails by itself gets the error.
-                log.warning("batch of %d requests failed (%s: %s); running them one by one", len(batch),
-                            type(exc).__name__, exc)
+                log.warning(
+                    "batch of %d requests failed (%s: %s); running them one by one",
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                )
                 if self.metrics is not None:
                     self.metrics.batch_retries.inc()
                 await self._run_alone(batch)

@@ -160,8 +160,15 @@ class ProfileCache:
     profile to most of a megabyte, so a count alone would not bound memory.
     """
 
-    def __init__(self, store: ProfileStore, decode: Callable[[bytes], Profile], max_profiles: int,
-                 fused: FusedCache, metrics: Metrics, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        store: ProfileStore,
+        decode: Callable[[bytes], Profile],
+        max_profiles: int,
+        fused: FusedCache,
+        metrics: Metrics,
+        max_bytes: int | None = None,
+    ) -> None:
         self.store = store
         self.decode = decode
         self.max_profiles = max_profiles
@@ -228,7 +235,8 @@ class ProfileCache:
 
     def _over(self) -> bool:
         return len(self._entries) > self.max_profiles or (
-            self.max_bytes is not None and self.nbytes > self.max_bytes)
+            self.max_bytes is not None and self.nbytes > self.max_bytes
+        )
 
     def _insert(self, entry: CachedProfile) -> None:
         self._pop(entry.id)

@@ -13,8 +13,21 @@ from typing import Any
 from xpeft.adapters.errors import XPeftError
 
 # flag dest -> Settings field, for the flags that override settings
-_SERVE_FLAGS = ("bank", "model", "host", "port", "redis_url", "sqlite_path", "device", "dtype", "max_batch_size",
-                "max_wait_ms", "max_queue", "fused_cache_bytes", "log_level")
+_SERVE_FLAGS = (
+    "bank",
+    "model",
+    "host",
+    "port",
+    "redis_url",
+    "sqlite_path",
+    "device",
+    "dtype",
+    "max_batch_size",
+    "max_wait_ms",
+    "max_queue",
+    "fused_cache_bytes",
+    "log_level",
+)
 
 
 def build_settings(args: argparse.Namespace) -> Any:
@@ -72,8 +85,14 @@ def graceful_server(app: Any, settings: Any) -> Any:
                 self.should_exit = True
             return await super().on_tick(counter)
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.access_log, timeout_graceful_shutdown=FINAL_GRACE_S)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=FINAL_GRACE_S,
+    )
     return GracefulServer(config)
 
 
@@ -81,11 +100,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from xpeft.server.app import create_app
 
     settings = build_settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
     log = logging.getLogger("xpeft.server")
     if settings.admin_token is None:
-        log.warning("XPEFT_ADMIN_TOKEN is not set: anyone who reaches this server may upload and delete profiles")
+        log.warning(
+            "XPEFT_ADMIN_TOKEN is not set: anyone who reaches this server may upload and delete profiles"
+        )
     tenants = app.state.server.auth.tenants
     if tenants:
         log.info("%d predict tokens, each limited to its profile-id prefixes", tenants)
@@ -105,14 +128,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", help="encoder; default: the bank's model_name, else minilm (XPEFT_MODEL)")
     p.add_argument("--host", help="default 127.0.0.1 (XPEFT_HOST)")
     p.add_argument("--port", type=int, help="default 8000 (XPEFT_PORT)")
-    p.add_argument("--redis-url", help="shared Redis store; without it an embedded SQLite file (XPEFT_REDIS_URL)")
+    p.add_argument(
+        "--redis-url", help="shared Redis store; without it an embedded SQLite file (XPEFT_REDIS_URL)"
+    )
     p.add_argument("--sqlite-path", help="the embedded store's file (XPEFT_SQLITE_PATH)")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (XPEFT_DEVICE)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="(XPEFT_DTYPE)")
     p.add_argument("--max-batch-size", type=int, help="rows per forward (XPEFT_MAX_BATCH_SIZE)")
     p.add_argument("--max-wait-ms", type=float, help="batch fill wait (XPEFT_MAX_WAIT_MS)")
     p.add_argument("--max-queue", type=int, help="queued requests before 503 (XPEFT_MAX_QUEUE)")
-    p.add_argument("--fused-cache-bytes", type=int, help="device cache of fused weights (XPEFT_FUSED_CACHE_BYTES)")
+    p.add_argument(
+        "--fused-cache-bytes", type=int, help="device cache of fused weights (XPEFT_FUSED_CACHE_BYTES)"
+    )
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

@@ -34,11 +34,18 @@ class Client:
     ``token`` is sent as ``Authorization: Bearer``; it defaults to ``$XPEFT_TOKEN``.
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         token = token if token is not None else os.environ.get("XPEFT_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -62,15 +69,23 @@ class Client:
             body = {}
         code = body.get("error") if isinstance(body, dict) else None
         message = body.get("message") if isinstance(body, dict) else None
-        raise ClientError(code or f"http_{response.status_code}", message or response.text[:200],
-                          response.status_code, body if isinstance(body, dict) else None)
+        raise ClientError(
+            code or f"http_{response.status_code}",
+            message or response.text[:200],
+            response.status_code,
+            body if isinstance(body, dict) else None,
+        )
 
     # -- profiles --------------------------------------------------------------------------
     def upload(self, profile_id: str, profile: bytes | str | Path) -> dict:
         """PUT a profile file (bytes or a path); returns its metadata with ``version``."""
         data = profile if isinstance(profile, bytes) else Path(profile).read_bytes()
-        return self._request("PUT", f"/profiles/{profile_id}", content=data,
-                             headers={"Content-Type": "application/octet-stream"})
+        return self._request(
+            "PUT",
+            f"/profiles/{profile_id}",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
 
     def get(self, profile_id: str) -> dict:
         return self._request("GET", f"/profiles/{profile_id}")
@@ -115,8 +130,9 @@ def predict_cli(args: Any) -> None:
     """``xpeft predict --url URL --id ID [--token T] [--pair-sep S] TEXT...``: same output as offline."""
     if not args.profile_id:
         raise XPeftError("bad_argument", "predict --url needs --id")
-    inputs: list[TextInput] = [tuple(t.split(args.pair_sep, 1)) if args.pair_sep and args.pair_sep in t else t
-                               for t in args.texts]
+    inputs: list[TextInput] = [
+        tuple(t.split(args.pair_sep, 1)) if args.pair_sep and args.pair_sep in t else t for t in args.texts
+    ]
     with Client(args.url, token=args.token) as client:
         result = client.predict(args.profile_id, inputs)
     _print_json([{"input": t, **p} for t, p in zip(args.texts, result["predictions"], strict=True)])

@@ -23,8 +23,9 @@ log = logging.getLogger("xpeft.server")
 class ApiError(Exception):
     """An HTTP refusal with a stable code; ``extra`` fields are added to the JSON body."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                 **extra: object) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: object
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.status = status
         self.code = code
@@ -51,20 +52,32 @@ class BodyTimeout(StarletteHTTPException):
     """The request body did not arrive in time (a slow or stalled client)."""
 
     def __init__(self, timeout_s: float) -> None:
-        super().__init__(408, f"the request body did not arrive within {timeout_s:g} s",
-                         headers={"Connection": "close"})
+        super().__init__(
+            408, f"the request body did not arrive within {timeout_s:g} s", headers={"Connection": "close"}
+        )
 
 
 _HTTP_METHODS = {"GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE"}
 
 # Default codes for errors that Starlette raises itself (unknown route, wrong method, ...).
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 408: "request_timeout", 413: "too_large", 415: "unsupported_media_type",
-                 422: "invalid_request", 429: "overloaded", 503: "unavailable"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "overloaded",
+    503: "unavailable",
+}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                   **extra: object) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: object
+) -> JSONResponse:
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
 
 

@@ -22,43 +22,82 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("xpeft_http_requests_total", "HTTP requests by route template, method and status",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("xpeft_http_request_seconds", "HTTP request latency by route template",
-                                 ["route", "method"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_rows = Histogram("xpeft_batch_rows", "rows (texts) per forward", buckets=_BATCH_BUCKETS,
-                                    registry=r)
-        self.batch_profiles = Histogram("xpeft_batch_profiles", "distinct profiles per forward",
-                                        buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("xpeft_batch_seconds", "model worker time per batch (fuse + forward)",
-                                       buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("xpeft_queue_wait_seconds", "time a predict waited before its batch ran",
-                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "xpeft_http_requests_total",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "xpeft_http_request_seconds",
+            "HTTP request latency by route template",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "xpeft_batch_rows", "rows (texts) per forward", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_profiles = Histogram(
+            "xpeft_batch_profiles", "distinct profiles per forward", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "xpeft_batch_seconds",
+            "model worker time per batch (fuse + forward)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "xpeft_queue_wait_seconds",
+            "time a predict waited before its batch ran",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("xpeft_queue_depth", "predict requests waiting for a batch", registry=r)
-        self.overloaded = Counter("xpeft_overloaded_total", "predicts refused because the queue was full",
-                                  registry=r)
-        self.in_flight = Gauge("xpeft_in_flight_requests", "HTTP requests being handled (probes aside)", registry=r)
-        self.admission_refused = Counter("xpeft_admission_refused_total",
-                                         "requests refused at the door: in_flight (limit reached), draining",
-                                         ["reason"], registry=r)
-        self.batch_retries = Counter("xpeft_batch_isolations_total",
-                                     "failed batches re-run one request at a time", registry=r)
-        self.cache_events = Counter("xpeft_cache_events_total", "cache hits, misses and evictions",
-                                    ["cache", "event"], registry=r)
+        self.overloaded = Counter(
+            "xpeft_overloaded_total", "predicts refused because the queue was full", registry=r
+        )
+        self.in_flight = Gauge(
+            "xpeft_in_flight_requests", "HTTP requests being handled (probes aside)", registry=r
+        )
+        self.admission_refused = Counter(
+            "xpeft_admission_refused_total",
+            "requests refused at the door: in_flight (limit reached), draining",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_retries = Counter(
+            "xpeft_batch_isolations_total", "failed batches re-run one request at a time", registry=r
+        )
+        self.cache_events = Counter(
+            "xpeft_cache_events_total", "cache hits, misses and evictions", ["cache", "event"], registry=r
+        )
         self.cache_entries = Gauge("xpeft_cache_entries", "entries held", ["cache"], registry=r)
-        self.fused_bytes = Gauge("xpeft_fused_cache_bytes", "bytes of fused adapter weights held on the device",
-                                 registry=r)
-        self.fused_profiles = Counter("xpeft_fused_profiles_total", "profiles fused (cache misses of the worker)",
-                                      registry=r)
-        self.store_latency = Histogram("xpeft_store_seconds", "profile store operation latency", ["op"],
-                                       buckets=_LATENCY_BUCKETS, registry=r)
-        self.store_errors = Counter("xpeft_store_errors_total", "profile store operations that failed", ["op"],
-                                    registry=r)
-        self.invalidations = Counter("xpeft_invalidations_total", "change events applied to the caches",
-                                     ["kind"], registry=r)
-        self.invalidation_lag = Histogram("xpeft_invalidation_lag_seconds",
-                                          "time from a write in the store to its event reaching this replica",
-                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.fused_bytes = Gauge(
+            "xpeft_fused_cache_bytes", "bytes of fused adapter weights held on the device", registry=r
+        )
+        self.fused_profiles = Counter(
+            "xpeft_fused_profiles_total", "profiles fused (cache misses of the worker)", registry=r
+        )
+        self.store_latency = Histogram(
+            "xpeft_store_seconds",
+            "profile store operation latency",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "xpeft_store_errors_total", "profile store operations that failed", ["op"], registry=r
+        )
+        self.invalidations = Counter(
+            "xpeft_invalidations_total", "change events applied to the caches", ["kind"], registry=r
+        )
+        self.invalidation_lag = Histogram(
+            "xpeft_invalidation_lag_seconds",
+            "time from a write in the store to its event reaching this replica",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.model_ready = Gauge("xpeft_model_ready", "1 once the encoder is loaded", registry=r)
 
     def cache_event(self, cache: str, event: str, count: int = 1) -> None:

@@ -54,8 +54,9 @@ class BodyLimitMiddleware:
     """413 ``too_large`` past the size limit (profile uploads, PUT, get their own, larger one), and
     408 ``request_timeout`` when the body has not arrived within ``body_timeout_s``."""
 
-    def __init__(self, app: ASGIApp, max_profile_bytes: int, max_request_bytes: int,
-                 body_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, app: ASGIApp, max_profile_bytes: int, max_request_bytes: int, body_timeout_s: float = 30.0
+    ) -> None:
         self.app = app
         self.max_profile_bytes = max_profile_bytes
         self.max_request_bytes = max_request_bytes
@@ -73,8 +74,11 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > limit:
-                    response = error_response(413, "too_large", f"the request body of {declared} bytes exceeds "
-                                                                f"the limit of {limit} bytes")
+                    response = error_response(
+                        413,
+                        "too_large",
+                        f"the request body of {declared} bytes exceeds the limit of {limit} bytes",
+                    )
                     await response(scope, receive, send)
                     return
         received = 0
@@ -162,14 +166,22 @@ class AdmissionMiddleware:
         if gate.draining:
             gate._refused("draining")
             # Connection: close sends the client (or the load balancer) to another replica.
-            response = error_response(503, "shutting_down", "this replica is shutting down; retry on another",
-                                      {"Retry-After": "1", "Connection": "close"})
+            response = error_response(
+                503,
+                "shutting_down",
+                "this replica is shutting down; retry on another",
+                {"Retry-After": "1", "Connection": "close"},
+            )
             await response(scope, receive, send)
             return
         if gate.in_flight >= gate.max_in_flight:
             gate._refused("in_flight")
-            response = error_response(503, "overloaded", f"{gate.in_flight} requests are in flight (limit "
-                                                         f"{gate.max_in_flight}); retry later", {"Retry-After": "1"})
+            response = error_response(
+                503,
+                "overloaded",
+                f"{gate.in_flight} requests are in flight (limit {gate.max_in_flight}); retry later",
+                {"Retry-After": "1"},
+            )
             await response(scope, receive, send)
             return
         gate.in_flight += 1

@@ -11,8 +11,9 @@ class PredictRequest(BaseModel):
     """Texts, or ``[text, text_pair]`` pairs (a batch may mix both)."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: list[TextOrPair] = Field(..., description="texts or [premise, hypothesis] pairs",
-                                     examples=[["a lovely film", "a dull film"]])
+    inputs: list[TextOrPair] = Field(
+        ..., description="texts or [premise, hypothesis] pairs", examples=[["a lovely film", "a dull film"]]
+    )
 
 
 class PredictionOut(BaseModel):

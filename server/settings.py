@@ -27,7 +27,9 @@ class Settings(BaseSettings):
 
     # what to serve
     bank: Path | None = Field(None, description="bank file (.safetensors); required")
-    model: str | None = Field(None, description="encoder alias, folder or hub name; default: the bank's model_name, else minilm")
+    model: str | None = Field(
+        None, description="encoder alias, folder or hub name; default: the bank's model_name, else minilm"
+    )
     device: str | None = Field(None, description="torch device; default CUDA when present, else CPU")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int | None = Field(None, ge=1, description="CPU threads of the model worker")
@@ -37,8 +39,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
 
     # the profile store
-    redis_url: str | None = Field(None, description="redis://... ; without it the embedded SQLite store serves")
-    redis_prefix: str = Field("xpeft", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="key prefix (hash tag)")
+    redis_url: str | None = Field(
+        None, description="redis://... ; without it the embedded SQLite store serves"
+    )
+    redis_prefix: str = Field(
+        "xpeft", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="key prefix (hash tag)"
+    )
     sqlite_path: Path = Field(Path("xpeft-profiles.sqlite3"), description="embedded store file")
     store_timeout_s: float = Field(2.0, gt=0, description="one store operation, then 503 store_unavailable")
     version_check_s: float = Field(1.0, gt=0, description="safety-net check for missed invalidation events")
@@ -47,13 +53,17 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="rows (texts) per forward")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="queued requests before 503 overloaded")
-    request_timeout_s: float = Field(30.0, gt=0, description="a predict taking longer (lookup, queue and forward) "
-                                                             "gets 504 timeout")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="a predict taking longer (lookup, queue and forward) gets 504 timeout"
+    )
 
     # caches
     profile_cache_size: int = Field(10_000, ge=1, description="decoded profiles kept on the host")
-    profile_cache_bytes: int = Field(256 * 2**20, ge=0, description="host memory for decoded profiles (tensors "
-                                                                     "plus a fixed 4 KiB per profile)")
+    profile_cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        description="host memory for decoded profiles (tensors plus a fixed 4 KiB per profile)",
+    )
     fused_cache_bytes: int = Field(256 * 2**20, ge=0, description="fused adapter weights kept on the device")
 
     # request limits
@@ -62,21 +72,36 @@ class Settings(BaseSettings):
     max_inputs: int = Field(64, ge=1, description="inputs per predict")
     max_text_chars: int = Field(4096, ge=1, description="characters per text (each side of a pair)")
     max_list_limit: int = Field(1000, ge=1, description="largest page of GET /profiles")
-    max_in_flight: int = Field(2048, ge=1, description="requests handled at once (health, readiness and metrics "
-                                                        "aside) before 503 overloaded")
-    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this (408 "
-                                                          "request_timeout)")
+    max_in_flight: int = Field(
+        2048,
+        ge=1,
+        description="requests handled at once (health, readiness and metrics aside) before 503 overloaded",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this (408 request_timeout)"
+    )
 
     # graceful shutdown (SIGTERM): refuse new requests, let in-flight ones finish, then exit
-    drain_timeout_s: float = Field(10.0, ge=0, description="after SIGTERM, how long in-flight requests may take")
-    drain_delay_s: float = Field(0.0, ge=0, description="after SIGTERM, the least time new requests are still "
-                                                        "answered 503 shutting_down before the port closes")
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="after SIGTERM, how long in-flight requests may take"
+    )
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="after SIGTERM, the least time new requests are still "
+        "answered 503 shutting_down before the port closes",
+    )
 
     # auth: SecretStr keeps tokens out of reprs and logs
     admin_token: SecretStr | None = Field(None, description="bearer token for PUT and DELETE")
-    api_token: SecretStr | None = Field(None, description="bearer token for reads and predict (admin works too)")
-    predict_tokens: SecretStr | None = Field(None, description='per-tenant tokens, JSON {"<token>": ["<id prefix>", '
-                                                               '...]}: predict and read only those profiles')
+    api_token: SecretStr | None = Field(
+        None, description="bearer token for reads and predict (admin works too)"
+    )
+    predict_tokens: SecretStr | None = Field(
+        None,
+        description='per-tenant tokens, JSON {"<token>": ["<id prefix>", '
+        "...]}: predict and read only those profiles",
+    )
     predict_tokens_file: Path | None = Field(None, description="the same JSON in a file (a mounted secret)")
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -95,8 +120,9 @@ class Settings(BaseSettings):
             self.predict_tokens = None
         tenants = self.tenant_prefixes()  # refuse a malformed table at startup, not at the first request
         if tenants and self.admin_token is None:
-            raise ValueError("predict tokens need XPEFT_ADMIN_TOKEN: without it anyone may overwrite any "
-                             "tenant's profiles")
+            raise ValueError(
+                "predict tokens need XPEFT_ADMIN_TOKEN: without it anyone may overwrite any tenant's profiles"
+            )
         others = {s.get_secret_value() for s in (self.admin_token, self.api_token) if s is not None}
         if others & tenants.keys():
             raise ValueError("a predict token must differ from the admin and API tokens")
@@ -127,9 +153,14 @@ class Settings(BaseSettings):
                 if not token or token != token.strip() or any(c.isspace() for c in token):
                     raise ValueError(f"{where}: token {n} is empty or holds whitespace")
                 prefixes = [prefixes] if isinstance(prefixes, str) else prefixes
-                if (not isinstance(prefixes, list) or not prefixes
-                        or not all(isinstance(p, str) and _PROFILE_ID.fullmatch(p) for p in prefixes)):
-                    raise ValueError(f"{where}: token {n} needs a list of profile-id prefixes, each matching "
-                                     f"{PROFILE_ID_PATTERN}")
+                if (
+                    not isinstance(prefixes, list)
+                    or not prefixes
+                    or not all(isinstance(p, str) and _PROFILE_ID.fullmatch(p) for p in prefixes)
+                ):
+                    raise ValueError(
+                        f"{where}: token {n} needs a list of profile-id prefixes, each matching "
+                        f"{PROFILE_ID_PATTERN}"
+                    )
                 table[token] = tuple(prefixes)
         return table

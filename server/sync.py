@@ -25,7 +25,9 @@ log = logging.getLogger("xpeft.server")
 class CacheSync:
     """Applies change events to a :class:`ProfileCache`; run :meth:`run` as a background task."""
 
-    def __init__(self, store: ProfileStore, cache: ProfileCache, metrics: Metrics, check_s: float = 1.0) -> None:
+    def __init__(
+        self, store: ProfileStore, cache: ProfileCache, metrics: Metrics, check_s: float = 1.0
+    ) -> None:
         self.store = store
         self.cache = cache
         self.metrics = metrics
@@ -64,8 +66,11 @@ class CacheSync:
         not a reset."""
         baseline = self.seen if seen_before is None else seen_before
         if store_seq < baseline:
-            log.warning("store version went back from %d to %d: the store was reset, emptying caches",
-                        baseline, store_seq)
+            log.warning(
+                "store version went back from %d to %d: the store was reset, emptying caches",
+                baseline,
+                store_seq,
+            )
             self.cache.clear()
             self.metrics.invalidations.labels("reset").inc()
             self.seen = store_seq

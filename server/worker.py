@@ -27,8 +27,10 @@ MIN_TOKENS = 4  # [CLS] a [SEP] b [SEP] needs at least 3 for the tokenizer to tr
 
 def token_limit(encoder: AdapterEncoder) -> int:
     """The most tokens one input may have: the encoder's positions (and its tokenizer's own limit)."""
-    candidates = [getattr(encoder.model.config, "max_position_embeddings", None),
-                  getattr(encoder.tokenizer, "model_max_length", None)]
+    candidates = [
+        getattr(encoder.model.config, "max_position_embeddings", None),
+        getattr(encoder.tokenizer, "model_max_length", None),
+    ]
     usable = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]  # 1e30: "no limit"
     return min(usable) if usable else 512
 
@@ -71,8 +73,10 @@ class ModelWorker:
             if type(declared) is not int or declared != usable:
                 job.entry.profile.max_length = usable
         keys = {id(job.entry.profile): job.entry.key for job in jobs}
-        answers = self.model.predict_batch([(job.entry.profile, job.inputs) for job in jobs],
-                                           fuse=lambda profiles: self.fuse_cached(profiles, keys))
+        answers = self.model.predict_batch(
+            [(job.entry.profile, job.inputs) for job in jobs],
+            fuse=lambda profiles: self.fuse_cached(profiles, keys),
+        )
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_rows.observe(sum(len(job.inputs) for job in jobs))
         self.metrics.batch_profiles.observe(len(keys))

@@ -26,8 +26,14 @@ def encoder() -> AdapterEncoder:
 @pytest.fixture(scope="session")
 def bank(encoder: AdapterEncoder) -> AdapterBank:
     """A small random bank (N=20) for the MiniLM: quick to fuse, same code as N=100."""
-    return create_random_bank(encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=20,
-                              seed=0, model_name="minilm")
+    return create_random_bank(
+        encoder.num_layers,
+        encoder.hidden_size,
+        encoder.model_id,
+        num_adapters=20,
+        seed=0,
+        model_name="minilm",
+    )
 
 
 @pytest.fixture(scope="session")

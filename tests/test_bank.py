@@ -70,17 +70,35 @@ def _write_adapterhub_folder(path, L, d, r, seed, fmt="bin", leave_out=()):
         if layer in leave_out:
             dw, db, uw, ub = (torch.zeros_like(t) for t in (dw, db, uw, ub))
         else:
-            state.update({prefix + "adapter_down.0.weight": dw, prefix + "adapter_down.0.bias": db,
-                          prefix + "adapter_up.weight": uw, prefix + "adapter_up.bias": ub})
+            state.update(
+                {
+                    prefix + "adapter_down.0.weight": dw,
+                    prefix + "adapter_down.0.bias": db,
+                    prefix + "adapter_up.weight": uw,
+                    prefix + "adapter_up.bias": ub,
+                }
+            )
         expected["down"].append(dw.T)
         expected["down_bias"].append(db)
         expected["up"].append(uw.T)
         expected["up_bias"].append(ub)
     path.mkdir()
-    config = {"config": {"architecture": "bottleneck", "mh_adapter": False, "output_adapter": True,
-                         "reduction_factor": d // r, "non_linearity": "relu", "original_ln_before": True},
-              "hidden_size": d, "model_class": "BertModel", "model_name": "test", "model_type": "bert",
-              "name": f"task{seed}", "version": "adapters.1.0.0"}
+    config = {
+        "config": {
+            "architecture": "bottleneck",
+            "mh_adapter": False,
+            "output_adapter": True,
+            "reduction_factor": d // r,
+            "non_linearity": "relu",
+            "original_ln_before": True,
+        },
+        "hidden_size": d,
+        "model_class": "BertModel",
+        "model_name": "test",
+        "model_type": "bert",
+        "name": f"task{seed}",
+        "version": "adapters.1.0.0",
+    }
     (path / "adapter_config.json").write_text(json.dumps(config))
     if fmt == "bin":
         torch.save(state, path / "pytorch_adapter.bin")

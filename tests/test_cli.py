@@ -41,9 +41,30 @@ def workdir(tmp_path_factory, separable):
 def test_bank_train_info_eval_predict(workdir):
     bank = AdapterBank.load(workdir / "bank.safetensors")
     assert bank.num_adapters == 16 and bank.model_name == "minilm"
-    out = run("train", "--bank", str(workdir / "bank.safetensors"), "--data", str(workdir / "train.jsonl"),
-              "--out", str(workdir / "p.xpm"), "--method", "hard", "--k", "4", "--text-col", "text",
-              "--label-col", "y", "--epochs", "4", "--batch-size", "16", "--max-length", "16", "--quiet")
+    out = run(
+        "train",
+        "--bank",
+        str(workdir / "bank.safetensors"),
+        "--data",
+        str(workdir / "train.jsonl"),
+        "--out",
+        str(workdir / "p.xpm"),
+        "--method",
+        "hard",
+        "--k",
+        "4",
+        "--text-col",
+        "text",
+        "--label-col",
+        "y",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--quiet",
+    )
     summary = json.loads(out.stdout)
     assert summary["bytes"] == (workdir / "p.xpm").stat().st_size
     info = json.loads(run("info", str(workdir / "p.xpm")).stdout)
@@ -51,12 +72,33 @@ def test_bank_train_info_eval_predict(workdir):
         assert key in info
     assert (info["kind"], info["k"], info["num_adapters"], info["bank_id"]) == ("hard", 4, 16, bank.bank_id)
     assert info["labels"] == ["neg", "pos"]
-    metrics = json.loads(run("eval", "--bank", str(workdir / "bank.safetensors"), "--profile",
-                             str(workdir / "p.xpm"), "--data", str(workdir / "train.jsonl"), "--text-col", "text",
-                             "--label-col", "y").stdout)
+    metrics = json.loads(
+        run(
+            "eval",
+            "--bank",
+            str(workdir / "bank.safetensors"),
+            "--profile",
+            str(workdir / "p.xpm"),
+            "--data",
+            str(workdir / "train.jsonl"),
+            "--text-col",
+            "text",
+            "--label-col",
+            "y",
+        ).stdout
+    )
     assert metrics["n"] == 64 and metrics["accuracy"] >= 0.9 and "mcc" in metrics and "f1" in metrics
-    preds = json.loads(run("predict", "--bank", str(workdir / "bank.safetensors"), "--profile",
-                           str(workdir / "p.xpm"), "what a superb film", "a dreadful meal").stdout)
+    preds = json.loads(
+        run(
+            "predict",
+            "--bank",
+            str(workdir / "bank.safetensors"),
+            "--profile",
+            str(workdir / "p.xpm"),
+            "what a superb film",
+            "a dreadful meal",
+        ).stdout
+    )
     assert [p["label"] for p in preds] == ["pos", "neg"]
     assert abs(sum(preds[0]["scores"].values()) - 1) < 1e-5
 
@@ -74,8 +116,13 @@ def test_bad_files_exit_non_zero_with_a_message(workdir):
     (workdir / "short.xpm").write_bytes(good[:50])
     _assert_user_error(run("info", str(workdir / "short.xpm"), check=False), "truncated")
     # the same through a real process: exit status 2 and one line, no traceback
-    proc = subprocess.run([sys.executable, "-m", "xpeft.profiles.cli", "info", str(workdir / "short.xpm")],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, TQDM_DISABLE="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "xpeft.profiles.cli", "info", str(workdir / "short.xpm")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TQDM_DISABLE="1"),
+    )
     _assert_user_error(proc, "truncated")
     assert len(proc.stderr.strip().splitlines()) == 1
     flipped = bytearray(good)
@@ -87,11 +134,32 @@ def test_bad_files_exit_non_zero_with_a_message(workdir):
     _assert_user_error(run("info", str(workdir / "nope.xpm"), check=False), "not_found")
     # a profile for another bank
     run("bank", "create", "--out", str(workdir / "other.safetensors"), "--n", "16", "--seed", "4")
-    proc = run("eval", "--bank", str(workdir / "other.safetensors"), "--profile", str(workdir / "p.xpm"), "--data",
-               str(workdir / "train.jsonl"), "--text-col", "text", "--label-col", "y", check=False)
+    proc = run(
+        "eval",
+        "--bank",
+        str(workdir / "other.safetensors"),
+        "--profile",
+        str(workdir / "p.xpm"),
+        "--data",
+        str(workdir / "train.jsonl"),
+        "--text-col",
+        "text",
+        "--label-col",
+        "y",
+        check=False,
+    )
     _assert_user_error(proc, "bank_mismatch")
-    proc = run("train", "--bank", str(workdir / "bank.safetensors"), "--data", str(workdir / "train.jsonl"),
-               "--out", str(workdir / "x.xpm"), "--quiet", check=False)  # default column "sentence" is absent
+    proc = run(
+        "train",
+        "--bank",
+        str(workdir / "bank.safetensors"),
+        "--data",
+        str(workdir / "train.jsonl"),
+        "--out",
+        str(workdir / "x.xpm"),
+        "--quiet",
+        check=False,
+    )  # default column "sentence" is absent
     _assert_user_error(proc, "bad_data")
     assert not (workdir / "x.xpm").exists()
 
@@ -100,9 +168,30 @@ def test_single_adapters_stack_into_a_bank(workdir):
     paths = []
     for seed in (1, 2):
         path = workdir / f"adapter{seed}.xpm"
-        run("train", "--bank", str(workdir / "bank.safetensors"), "--data", str(workdir / "train.jsonl"),
-            "--out", str(path), "--method", "single_adapter", "--text-col", "text", "--label-col", "y",
-            "--epochs", "1", "--batch-size", "32", "--max-length", "16", "--seed", str(seed), "--quiet")
+        run(
+            "train",
+            "--bank",
+            str(workdir / "bank.safetensors"),
+            "--data",
+            str(workdir / "train.jsonl"),
+            "--out",
+            str(path),
+            "--method",
+            "single_adapter",
+            "--text-col",
+            "text",
+            "--label-col",
+            "y",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--max-length",
+            "16",
+            "--seed",
+            str(seed),
+            "--quiet",
+        )
         paths.append(path)
     run("bank", "from-adapters", "--out", str(workdir / "trained.safetensors"), *map(str, paths))
     trained = AdapterBank.load(workdir / "trained.safetensors")
@@ -111,6 +200,12 @@ def test_single_adapters_stack_into_a_bank(workdir):
         adapter = xpm.load(path).adapter
         for name, tensor in adapter.items():
             assert torch.equal(getattr(trained, name)[:, i], tensor)
-    proc = run("bank", "from-adapters", "--out", str(workdir / "bad.safetensors"), str(workdir / "p.xpm"),
-               check=False)
+    proc = run(
+        "bank",
+        "from-adapters",
+        "--out",
+        str(workdir / "bad.safetensors"),
+        str(workdir / "p.xpm"),
+        check=False,
+    )
     _assert_user_error(proc, "bad_argument")

@@ -22,8 +22,10 @@ def _tiny_folder(tmp_path, model, encoder):
 def test_bert_family_folders_get_working_slots(tmp_path, encoder, family):
     torch.manual_seed(0)
     if family == "bert":
-        model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128), add_pooling_layer=False)
+        model = BertModel(
+            BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+            add_pooling_layer=False,
+        )
     else:
         model = DistilBertModel(DistilBertConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=128))
     loaded = load_encoder(_tiny_folder(tmp_path, model, encoder))
@@ -41,8 +43,10 @@ def test_bert_family_folders_get_working_slots(tmp_path, encoder, family):
 
 def test_model_id_follows_the_weights(tmp_path, encoder):
     torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=64), add_pooling_layer=False)
+    model = BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        add_pooling_layer=False,
+    )
     first = load_encoder(_tiny_folder(tmp_path / "a", model, encoder)).model_id
     with torch.no_grad():
         model.encoder.layer[0].output.dense.weight[0, 0] += 1.0

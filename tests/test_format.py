@@ -29,8 +29,12 @@ def test_round_trip_every_kind(bank, kind):
     data = xpm.encode(profile)
     back = xpm.decode(data, bank)
     assert back.kind is kind
-    assert (back.labels, back.k, back.bank_id, back.model_id) == (profile.labels, profile.k, bank.bank_id,
-                                                                   bank.model_id)
+    assert (back.labels, back.k, back.bank_id, back.model_id) == (
+        profile.labels,
+        profile.k,
+        bank.bank_id,
+        bank.model_id,
+    )
     _same(back.head_weight, profile.head_weight)
     _same(back.head_bias, profile.head_bias, atol=1e-3)
     if kind is ProfileKind.HARD:
@@ -43,8 +47,12 @@ def test_round_trip_every_kind(bank, kind):
             _same(back.adapter[name], tensor, atol=2e-3)
     assert xpm.encode(back) == data  # fp16 is a fixed point: the second trip changes nothing
     info = xpm.read_info(data)
-    assert (info.kind, info.bytes, info.num_layers, info.num_adapters) == (kind.value, len(data),
-                                                                           bank.num_layers, bank.num_adapters)
+    assert (info.kind, info.bytes, info.num_layers, info.num_adapters) == (
+        kind.value,
+        len(data),
+        bank.num_layers,
+        bank.num_adapters,
+    )
 
 
 def test_hard_profile_sizes():
@@ -118,8 +126,17 @@ def test_huge_declared_sizes_are_refused_without_allocating(bank, good):
 
     (hlen,) = struct.unpack_from("<H", good, 6)
     header = json.loads(good[8 : 8 + hlen])
-    for key, value in [("L", 10**9), ("N", 2**40), ("d", -1), ("k", 0), ("labels", 7), ("labels", {"a": 1}),
-                       ("max_length", True), ("k", True), ("kind", ["hard"])]:
+    for key, value in [
+        ("L", 10**9),
+        ("N", 2**40),
+        ("d", -1),
+        ("k", 0),
+        ("labels", 7),
+        ("labels", {"a": 1}),
+        ("max_length", True),
+        ("k", True),
+        ("kind", ["hard"]),
+    ]:
         h = dict(header, **{key: value})
         raw = json.dumps(h).encode()
         body = good[:6] + struct.pack("<H", len(raw)) + raw + good[8 + hlen : -4]
@@ -153,6 +170,8 @@ def test_profile_for_another_bank_is_refused(encoder, bank):
 
 
 def test_profile_for_another_encoder_is_refused(bank):
-    foreign = create_random_bank(bank.num_layers, bank.hidden_size, "bert-L6-H384-ffffffffffff", num_adapters=20)
+    foreign = create_random_bank(
+        bank.num_layers, bank.hidden_size, "bert-L6-H384-ffffffffffff", num_adapters=20
+    )
     for kind in ProfileKind:
         _refused(xpm.encode(random_profile(foreign, kind)), "bank_mismatch", bank)

@@ -37,8 +37,12 @@ def test_one_hot_mask_reproduces_the_adapter_exactly(bank):
     torch.testing.assert_close(fused.up[:, 0], bank.up[:, chosen], atol=0, rtol=0)
     h = torch.randn(2, 5, bank.hidden_size)
     for layer in range(L):
-        ref = h + torch.relu(h @ bank.down[layer, chosen] + bank.down_bias[layer, chosen]) @ bank.up[layer, chosen] \
+        ref = (
+            h
+            + torch.relu(h @ bank.down[layer, chosen] + bank.down_bias[layer, chosen])
+            @ bank.up[layer, chosen]
             + bank.up_bias[layer, chosen]
+        )
         torch.testing.assert_close(apply_adapters(h, *fused.layer(layer), None), ref, atol=0, rtol=0)
 
 

@@ -25,9 +25,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def adapter_inputs(B: int, T: int, d: int, r: int, U: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, T, d, generator=g), torch.randn(U, d, r, generator=g) * d**-0.5,
-            torch.randn(U, r, generator=g) * 0.5, torch.randn(U, r, d, generator=g) * r**-0.5,
-            torch.randn(U, d, generator=g) * 0.1]
+    return [
+        torch.randn(B, T, d, generator=g),
+        torch.randn(U, d, r, generator=g) * d**-0.5,
+        torch.randn(U, r, generator=g) * 0.5,
+        torch.randn(U, r, d, generator=g) * r**-0.5,
+        torch.randn(U, d, generator=g) * 0.1,
+    ]
 
 
 def fake_cuda(dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False) -> SimpleNamespace:
@@ -36,13 +40,16 @@ def fake_cuda(dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False) 
 
 
 # -- policy ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("value", "expected"), [
-    ("off", {"apply": False, "gather": False}),
-    ("all", {"apply": True, "gather": True}),
-    ("gather", {"apply": False, "gather": True}),
-    ("apply, gather", {"apply": True, "gather": True}),
-    ("", kernels.MEASURED_FASTER),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("off", {"apply": False, "gather": False}),
+        ("all", {"apply": True, "gather": True}),
+        ("gather", {"apply": False, "gather": True}),
+        ("apply, gather", {"apply": True, "gather": True}),
+        ("", kernels.MEASURED_FASTER),
+    ],
+)
 def test_policy_reads_the_environment(monkeypatch, value, expected):
     monkeypatch.setenv("XPEFT_KERNELS", value)
     assert kernels.policy() == expected
@@ -152,8 +159,9 @@ def test_kernels_say_why_they_cannot_run_without_triton():
 
 # -- the kernels themselves (CUDA, or the Triton interpreter on the CPU) ----------------------
 triton_device = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not (kernels.HAVE_TRITON and (CUDA or INTERPRET)),
-                                  reason="needs Triton on CUDA, or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(
+    not (kernels.HAVE_TRITON and (CUDA or INTERPRET)), reason="needs Triton on CUDA, or TRITON_INTERPRET=1"
+)
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -167,8 +175,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("B", "T", "d", "r", "U"), [(5, 77, 768, 48, 3), (4, 128, 768, 48, 1),
-                                                     (6, 33, 384, 24, 4), (3, 9, 96, 6, 2)])
+@pytest.mark.parametrize(
+    ("B", "T", "d", "r", "U"),
+    [(5, 77, 768, 48, 3), (4, 128, 768, 48, 1), (6, 33, 384, 24, 4), (3, 9, 96, 6, 2)],
+)
 def test_apply_kernel_matches_the_float64_reference(dtype, B, T, d, r, U):
     inputs = [t.to(dtype) for t in adapter_inputs(B, T, d, r, U, seed=B * T)]
     rows = torch.randint(0, U, (B,), generator=torch.Generator().manual_seed(T)) if U > 1 else None
@@ -199,8 +209,16 @@ def tiny_encoder(device: str, dtype: torch.dtype) -> AdapterEncoder:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=256, vocab_size=1000), add_pooling_layer=False).eval()
+    model = BertModel(
+        BertConfig(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=256,
+            vocab_size=1000,
+        ),
+        add_pooling_layer=False,
+    ).eval()
     return AdapterEncoder(model, None, model_id=content_id(model), name="tiny").to(device, dtype)
 
 

@@ -10,19 +10,27 @@ from xpeft.profiles.profile import ProfileKind
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
 
-TEXTS = ["a gripping, beautifully acted film", "the plot is dull", "It was fine, I suppose.",
-         "I would not recommend this to anyone at all, really, not even my worst enemy",
-         "great", "Terrible service and cold food."]
+TEXTS = [
+    "a gripping, beautifully acted film",
+    "the plot is dull",
+    "It was fine, I suppose.",
+    "I would not recommend this to anyone at all, really, not even my worst enemy",
+    "great",
+    "Terrible service and cold food.",
+]
 
 
 def test_mixed_batch_matches_each_row_alone(encoder, bank):
     model = MultiProfileModel(encoder, bank)
     kinds = [ProfileKind.HARD, ProfileKind.SOFT, ProfileKind.ADAPTER, ProfileKind.HEAD_ONLY, ProfileKind.HARD]
-    profiles = [xpm.decode(xpm.encode(random_profile(bank, kind, seed=i, labels=["a", "b", "c"][: 2 + i % 2])),
-                           bank) for i, kind in enumerate(kinds)]
+    profiles = [
+        xpm.decode(xpm.encode(random_profile(bank, kind, seed=i, labels=["a", "b", "c"][: 2 + i % 2])), bank)
+        for i, kind in enumerate(kinds)
+    ]
     # every profile gets rows, interleaved, so the batch mixes them row by row
-    requests = [(profiles[i % len(profiles)], [TEXTS[i % len(TEXTS)], TEXTS[(i + 3) % len(TEXTS)]])
-                for i in range(8)]
+    requests = [
+        (profiles[i % len(profiles)], [TEXTS[i % len(TEXTS)], TEXTS[(i + 3) % len(TEXTS)]]) for i in range(8)
+    ]
     inputs = [t for _, texts in requests for t in texts]
     distinct = list({id(p): p for p, _ in requests}.values())
     rows = [distinct.index(p) for p, texts in requests for _ in texts]

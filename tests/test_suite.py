@@ -55,15 +55,29 @@ def data_root(tmp_path_factory) -> Path:
     """Two tiny tasks the test writes itself: single sentences, and sentence pairs."""
     root = tmp_path_factory.mktemp("data")
     frames = ["the film was {}", "a {} meal", "this book is {}", "what a {} day"]
-    sent = [[f.format(w), lab] for f in frames for g, b in zip(GOOD, BAD, strict=True) for w, lab in ((g, "1"), (b, "0"))]
+    sent = [
+        [f.format(w), lab]
+        for f in frames
+        for g, b in zip(GOOD, BAD, strict=True)
+        for w, lab in ((g, "1"), (b, "0"))
+    ]
     _write(root / "sent" / "train.tsv", ["sentence", "label"], sent[:48])
     _write(root / "sent" / "dev.tsv", ["sentence", "label"], sent[48:])
-    pairs = [[f"the {w} cat sat", f"a {v} cat", "entailment" if w == v else "not_entailment"]
-             for w in GOOD[:6] for v in (w, BAD[GOOD.index(w)])]
-    _write(root / "pair" / "train.tsv", ["index", "sentence1", "sentence2", "label"],
-           [[str(i), *p] for i, p in enumerate(pairs * 2)])
-    _write(root / "pair" / "dev.tsv", ["index", "sentence1", "sentence2", "label"],
-           [[str(i), *p] for i, p in enumerate(pairs[:8])])
+    pairs = [
+        [f"the {w} cat sat", f"a {v} cat", "entailment" if w == v else "not_entailment"]
+        for w in GOOD[:6]
+        for v in (w, BAD[GOOD.index(w)])
+    ]
+    _write(
+        root / "pair" / "train.tsv",
+        ["index", "sentence1", "sentence2", "label"],
+        [[str(i), *p] for i, p in enumerate(pairs * 2)],
+    )
+    _write(
+        root / "pair" / "dev.tsv",
+        ["index", "sentence1", "sentence2", "label"],
+        [[str(i), *p] for i, p in enumerate(pairs[:8])],
+    )
     return root
 
 
@@ -73,16 +87,45 @@ TINY = {
     "device": "cpu",
     "eval_batch_size": 16,
     "tasks": {
-        "sent": {"title": "Sent", "train": "sent/train.tsv", "dev": "sent/dev.tsv", "train_size": 16, "max_length": 16,
-                 "epochs": 1, "batch_size": 8, "curve_every": 1, "curve_dev_size": 8},
-        "pair": {"title": "Pair", "train": "pair/train.tsv", "dev": "pair/dev.tsv", "text_col": "sentence1",
-                 "text_pair_col": "sentence2", "train_size": 16, "max_length": 24, "epochs": 1, "batch_size": 8},
+        "sent": {
+            "title": "Sent",
+            "train": "sent/train.tsv",
+            "dev": "sent/dev.tsv",
+            "train_size": 16,
+            "max_length": 16,
+            "epochs": 1,
+            "batch_size": 8,
+            "curve_every": 1,
+            "curve_dev_size": 8,
+        },
+        "pair": {
+            "title": "Pair",
+            "train": "pair/train.tsv",
+            "dev": "pair/dev.tsv",
+            "text_col": "sentence1",
+            "text_pair_col": "sentence2",
+            "train_size": 16,
+            "max_length": 24,
+            "epochs": 1,
+            "batch_size": 8,
+        },
     },
     "random_bank": {"n": 4},
-    "trained_bank": {"n": 2, "source": {"sent": "pair", "pair": "sent"}, "slice_size": 4, "epochs": 1,
-                     "batch_size": 4, "adapters_per_step": 2},
-    "tune": {"task": "sent", "train_size": 12, "holdout_size": 8, "epochs": 1,
-             "grid": {"hard": {"lr_scores": [0.05, 0.2]}}},
+    "trained_bank": {
+        "n": 2,
+        "source": {"sent": "pair", "pair": "sent"},
+        "slice_size": 4,
+        "epochs": 1,
+        "batch_size": 4,
+        "adapters_per_step": 2,
+    },
+    "tune": {
+        "task": "sent",
+        "train_size": 12,
+        "holdout_size": 8,
+        "epochs": 1,
+        "grid": {"hard": {"lr_scores": [0.05, 0.2]}},
+    },
     "main": {"tasks": ["sent", "pair"], "seeds": [0, 1]},
     "sweeps": {"task": "sent", "n": [4, 8], "k_fractions": [0.25, 0.5], "methods": ["hard"], "seeds": [0]},
 }
@@ -128,7 +171,9 @@ def test_gpu_plan_runs_main_seeds_first_and_merges_duplicates():
     # 2 tasks x (2 baselines + 2 methods x 2 banks) x 3 seeds
     assert len(main) == 2 * (2 + 2 * 2) * 3
     # the sweep's N=100, k=10 point is the main seed-0 run (curves included), not a second run
-    shared = [s for s in grid if "sweep" in s.groups and "main" in s.groups and s.method == "hard" and s.seed == 0]
+    shared = [
+        s for s in grid if "sweep" in s.groups and "main" in s.groups and s.method == "hard" and s.seed == 0
+    ]
     assert shared and shared[0].curve_every > 0
     # every trained-bank run of a task uses a bank built from the other task
     for s in grid:
@@ -152,8 +197,16 @@ def test_batched_adapters_train_independently(encoder):
     """Adapter 0 trained beside adapter 1 equals adapter 0 trained alone: no cross-talk."""
     a = Dataset(["a lovely film", "a dull film", "great fun", "awful mess"], ["1", "0", "1", "0"])
     b = Dataset([("x", "y"), ("the cat", "a cat"), ("p", "q"), ("dog", "dog")], ["0", "1", "0", "1"])
-    kw = dict(bottleneck=24, epochs=2, batch_size=2, lr_adapter=1e-2, lr_head=1e-2, max_length=16, seed=3,
-              dropout=False)
+    kw = dict(
+        bottleneck=24,
+        epochs=2,
+        batch_size=2,
+        lr_adapter=1e-2,
+        lr_head=1e-2,
+        max_length=16,
+        seed=3,
+        dropout=False,
+    )
     together = train_adapters(encoder, [a, b], [0, 1], **kw)
     alone = train_adapters(encoder, [a], [0], **kw)
     for name in ("down_bias", "up", "up_bias"):  # these start at zero: the tensor is the update
@@ -213,7 +266,9 @@ def test_resume_redoes_only_the_missing_runs(finished, encoder, data_root, tmp_p
         return real(*args, **kwargs)
 
     monkeypatch.setattr(suite, "train_profile", counting)
-    again = Suite(s.config, partial, data_root=str(data_root), encoder=encoder, work_dir=s.work_dir, progress=False)
+    again = Suite(
+        s.config, partial, data_root=str(data_root), encoder=encoder, work_dir=s.work_dir, progress=False
+    )
     assert again.run() == "complete"
     assert len(calls) == 3
     rows = read_results(partial)
@@ -229,11 +284,19 @@ def test_deadline_and_max_runs_stop_cleanly(encoder, data_root, tmp_path):
     s = Suite(parse_config(TINY), out, data_root=str(data_root), encoder=encoder, max_runs=2, progress=False)
     assert s.run() == "max_runs"
     assert len([r for r in read_results(out) if r.get("type") in ("run", "tune")]) == 2
-    late = Suite(parse_config(TINY), out, data_root=str(data_root), encoder=encoder, deadline_seconds=0.5,
-                 progress=False)
+    late = Suite(
+        parse_config(TINY),
+        out,
+        data_root=str(data_root),
+        encoder=encoder,
+        deadline_seconds=0.5,
+        progress=False,
+    )
     assert late.run() == "deadline"
     rows = read_results(out)
-    assert len([r for r in rows if r.get("type") in ("run", "tune")]) == 2  # nothing started past the deadline
+    assert (
+        len([r for r in rows if r.get("type") in ("run", "tune")]) == 2
+    )  # nothing started past the deadline
     assert rows[-1]["event"] == "end" and rows[-1]["reason"] == "deadline"
 
 
@@ -256,9 +319,26 @@ def test_killed_process_resumes_without_redoing_finished_runs(encoder, data_root
     config_path.write_text(json.dumps(config))
     out = tmp_path / "r.jsonl"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "xpeft.profiles.suite", "run", "--config", str(config_path),
-                             "--out", str(out), "--data-root", str(data_root), "--no-progress", "--threads", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xpeft.profiles.suite",
+            "run",
+            "--config",
+            str(config_path),
+            "--out",
+            str(out),
+            "--data-root",
+            str(data_root),
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -289,10 +369,20 @@ def test_killed_process_resumes_without_redoing_finished_runs(encoder, data_root
 # -- the report ----------------------------------------------------------------------------------
 def test_report_renders_tables_plots_and_targets_from_the_rows(finished, tmp_path):
     out, _ = finished
-    md = write_report(out, tmp_path / "docs" / "EVALUATION.md", command="python -m xpeft.profiles.suite report")
+    md = write_report(
+        out, tmp_path / "docs" / "EVALUATION.md", command="python -m xpeft.profiles.suite report"
+    )
     text = md.read_text()
-    for heading in ("## Targets", "## Main table", "## Profile size", "## Sweeps over N and k",
-                    "## Training curves", "## The trained bank", "## Choices", "## Hardware and time"):
+    for heading in (
+        "## Targets",
+        "## Main table",
+        "## Profile size",
+        "## Sweeps over N and k",
+        "## Training curves",
+        "## The trained bank",
+        "## Choices",
+        "## Hardware and time",
+    ):
         assert heading in text
     for name in ("eval_accuracy_vs_n.png", "eval_accuracy_vs_k.png", "eval_curves_sent.png"):
         png = tmp_path / "docs" / "img" / name

@@ -43,8 +43,14 @@ def test_fixed_seed_gives_the_same_profile(encoder, bank, separable):
     assert c != a
 
 
-@pytest.mark.parametrize("method,kind", [("soft", ProfileKind.SOFT), ("single_adapter", ProfileKind.ADAPTER),
-                                         ("head_only", ProfileKind.HEAD_ONLY)])
+@pytest.mark.parametrize(
+    "method,kind",
+    [
+        ("soft", ProfileKind.SOFT),
+        ("single_adapter", ProfileKind.ADAPTER),
+        ("head_only", ProfileKind.HEAD_ONLY),
+    ],
+)
 def test_other_methods_train_their_own_kind(encoder, bank, separable, method, kind):
     result = train_profile(encoder, bank, separable, TrainConfig(method=method, **FAST), progress=False)
     profile = xpm.decode(xpm.encode(result.profile), bank)
@@ -54,9 +60,14 @@ def test_other_methods_train_their_own_kind(encoder, bank, separable, method, ki
 
 
 def test_eval_curve_and_bad_arguments(encoder, bank, separable):
-    result = train_profile(encoder, bank, separable,
-                           TrainConfig(method="hard", k=2, epochs=1, batch_size=16, max_length=16, eval_every=2),
-                           eval_data=separable, progress=False)
+    result = train_profile(
+        encoder,
+        bank,
+        separable,
+        TrainConfig(method="hard", k=2, epochs=1, batch_size=16, max_length=16, eval_every=2),
+        eval_data=separable,
+        progress=False,
+    )
     assert [r["step"] for r in result.history if "eval_accuracy" in r] == [2, 4]
     with pytest.raises(XPeftError, match="k=99"):
         train_profile(encoder, bank, separable, TrainConfig(method="hard", k=99), progress=False)

@@ -71,14 +71,22 @@ class ServerProcess:
     a log file in ``workdir`` (a pipe nobody reads could block the server).
     """
 
-    def __init__(self, bank_path: Path, redis_url: str, prefix: str, workdir: Path, env: dict[str, str],
-                 name: str) -> None:
+    def __init__(
+        self, bank_path: Path, redis_url: str, prefix: str, workdir: Path, env: dict[str, str], name: str
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         check_loopback(self.url)
         self.log_path = workdir / f"server-{name}.log"
-        self.env = {**os.environ, **env, "XPEFT_BANK": str(bank_path), "XPEFT_REDIS_URL": redis_url,
-                    "XPEFT_REDIS_PREFIX": prefix, "XPEFT_HOST": "127.0.0.1", "XPEFT_PORT": str(self.port)}
+        self.env = {
+            **os.environ,
+            **env,
+            "XPEFT_BANK": str(bank_path),
+            "XPEFT_REDIS_URL": redis_url,
+            "XPEFT_REDIS_PREFIX": prefix,
+            "XPEFT_HOST": "127.0.0.1",
+            "XPEFT_PORT": str(self.port),
+        }
         self.command = [sys.executable, "-m", "xpeft.profiles.cli", "serve"]
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
@@ -88,8 +96,9 @@ class ServerProcess:
         """Start the process without waiting (several servers may then load their models together)."""
         self._started = time.perf_counter()
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         return self
 
     def wait_ready(self) -> ServerProcess:
@@ -98,8 +107,10 @@ class ServerProcess:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}:\n"
-                                   + self.log_path.read_text()[-3000:])
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}; see {self.log_path}:\n"
+                    + self.log_path.read_text()[-3000:]
+                )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2, trust_env=False).status_code == 200:
                     break
@@ -154,23 +165,29 @@ class ServerProcess:
 def batch_stats(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:
     """Batches the server ran between two /metrics scrapes: count, mean rows and distinct profiles, and
     ``worker_busy``, the share of the pass's wall time the model worker spent in batches."""
+
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     batches = delta("xpeft_batch_rows_count")
     fused = delta("xpeft_fused_profiles_total")
-    hits, misses = delta("xpeft_cache_events_total{cache=fused,event=hit}"), \
-        delta("xpeft_cache_events_total{cache=fused,event=miss}")
-    return {"batches": batches,
-            "mean_rows": delta("xpeft_batch_rows_sum") / batches if batches else 0.0,
-            "mean_distinct_profiles": delta("xpeft_batch_profiles_sum") / batches if batches else 0.0,
-            "mean_batch_ms": 1000 * delta("xpeft_batch_seconds_sum") / batches if batches else 0.0,
-            "worker_busy": delta("xpeft_batch_seconds_sum") / wall_s if wall_s else 0.0,
-            "mean_queue_wait_ms": 1000 * delta("xpeft_queue_wait_seconds_sum") / max(1.0, delta(
-                "xpeft_queue_wait_seconds_count")),
-            "profiles_fused": fused,
-            "fused_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-            "overloaded": delta("xpeft_overloaded_total")}
+    hits, misses = (
+        delta("xpeft_cache_events_total{cache=fused,event=hit}"),
+        delta("xpeft_cache_events_total{cache=fused,event=miss}"),
+    )
+    return {
+        "batches": batches,
+        "mean_rows": delta("xpeft_batch_rows_sum") / batches if batches else 0.0,
+        "mean_distinct_profiles": delta("xpeft_batch_profiles_sum") / batches if batches else 0.0,
+        "mean_batch_ms": 1000 * delta("xpeft_batch_seconds_sum") / batches if batches else 0.0,
+        "worker_busy": delta("xpeft_batch_seconds_sum") / wall_s if wall_s else 0.0,
+        "mean_queue_wait_ms": 1000
+        * delta("xpeft_queue_wait_seconds_sum")
+        / max(1.0, delta("xpeft_queue_wait_seconds_count")),
+        "profiles_fused": fused,
+        "fused_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        "overloaded": delta("xpeft_overloaded_total"),
+    }
 
 
 class RedisArea:
@@ -206,12 +223,17 @@ class RedisArea:
         data = [len(self.client.hget(store.key(i), "data") or b"") for i in ids[:50]]
         meta = [len(self.client.hget(store.key(i), "meta") or b"") for i in ids[:50]]
         mean_hash = sum(per_key) / len(per_key)
-        return {"sampled_keys": len(ids), "hash_bytes_mean": mean_hash, "hash_bytes_max": max(per_key),
-                "index_bytes_total": index, "index_bytes_per_profile": index / stored,
-                "bytes_per_profile": mean_hash + index / stored,
-                "xpm_bytes_mean": sum(data) / len(data) if data else 0.0,
-                "meta_bytes_mean": sum(meta) / len(meta) if meta else 0.0,
-                "encoding": self.client.object("encoding", store.key(ids[0])).decode()}
+        return {
+            "sampled_keys": len(ids),
+            "hash_bytes_mean": mean_hash,
+            "hash_bytes_max": max(per_key),
+            "index_bytes_total": index,
+            "index_bytes_per_profile": index / stored,
+            "bytes_per_profile": mean_hash + index / stored,
+            "xpm_bytes_mean": sum(data) / len(data) if data else 0.0,
+            "meta_bytes_mean": sum(meta) / len(meta) if meta else 0.0,
+            "encoding": self.client.object("encoding", store.key(ids[0])).decode(),
+        }
 
     def used_memory(self) -> int:
         return int(self.client.info("memory")["used_memory"])
@@ -219,12 +241,19 @@ class RedisArea:
     def server_info(self) -> dict[str, str]:
         info = self.client.info("server")
         config = self.client.config_get("hash-max-listpack-value")  # hash-max-ziplist-value before Redis 7
-        return {"redis_version": str(info.get("redis_version")),
-                "hash_max_listpack_value": str(config.get("hash-max-listpack-value", "n/a"))}
+        return {
+            "redis_version": str(info.get("redis_version")),
+            "hash_max_listpack_value": str(config.get("hash-max-listpack-value", "n/a")),
+        }
 
 
-async def bulk_put(store: RedisStore, items: Iterable[tuple[str, bytes]], bank: AdapterBank, window: int = 64,
-                   progress: Callable[[int], None] | None = None) -> int:
+async def bulk_put(
+    store: RedisStore,
+    items: Iterable[tuple[str, bytes]],
+    bank: AdapterBank,
+    window: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Store profiles through ``RedisStore.put`` (the PUT endpoint's own call), ``window`` at a time.
 
     The metadata comes from the PUT handler's own ``_validate_profile`` (it decodes and checks the

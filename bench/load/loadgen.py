@@ -60,8 +60,14 @@ def check_loopback(url: str) -> None:
         raise ValueError(f"load test targets must be loopback, got {host!r}")
 
 
-async def run_pass(base_url: str, plan: Sequence[PlannedRequest], concurrency: int, deadline_s: float,
-                   timeout_s: float = 60.0, headers: dict[str, str] | None = None) -> PassResult:
+async def run_pass(
+    base_url: str,
+    plan: Sequence[PlannedRequest],
+    concurrency: int,
+    deadline_s: float,
+    timeout_s: float = 60.0,
+    headers: dict[str, str] | None = None,
+) -> PassResult:
     """Send ``plan`` in order from ``concurrency`` workers; stop at its end or after ``deadline_s``."""
     check_loopback(base_url)
     result = PassResult()
@@ -73,8 +79,9 @@ async def run_pass(base_url: str, plan: Sequence[PlannedRequest], concurrency: i
     async def worker() -> None:
         nonlocal next_index
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s, headers=headers or {},
-                                     trust_env=False) as client:
+        async with httpx.AsyncClient(
+            base_url=base_url, limits=limits, timeout=timeout_s, headers=headers or {}, trust_env=False
+        ) as client:
             while next_index < len(plan):
                 if time.perf_counter() >= stop_at:
                     result.stopped_by_deadline = True
@@ -84,7 +91,9 @@ async def run_pass(base_url: str, plan: Sequence[PlannedRequest], concurrency: i
                 result.sent += 1
                 sent = time.perf_counter()
                 try:
-                    response = await client.post(f"/profiles/{req.profile_id}/predict", json={"inputs": req.texts})
+                    response = await client.post(
+                        f"/profiles/{req.profile_id}/predict", json={"inputs": req.texts}
+                    )
                     status: int | str = response.status_code
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__

@@ -58,11 +58,18 @@ def memory_summary(mem: dict, variant: str = "default") -> dict:
     added = stages[-1]["stored"] - stages[0]["stored"]
     storing = storing_deltas(mem, variant)
     redis_max = max(s["redis"]["bytes_per_profile"] for s in stages)
-    return {"rss_first": rss_first, "rss_last": rss_last, "growth": growth, "growth_share": growth / rss_first,
-            "growth_per_stored_profile": growth / added if added else 0.0,
-            "storing_growth": sum(storing), "storing_growth_per_profile": sum(storing) / stages[-1]["stored"],
-            "flat": growth / rss_first <= FLAT_TOLERANCE, "redis_max_bytes": redis_max,
-            "redis_ok": redis_max <= TARGET_REDIS_BYTES}
+    return {
+        "rss_first": rss_first,
+        "rss_last": rss_last,
+        "growth": growth,
+        "growth_share": growth / rss_first,
+        "growth_per_stored_profile": growth / added if added else 0.0,
+        "storing_growth": sum(storing),
+        "storing_growth_per_profile": sum(storing) / stages[-1]["stored"],
+        "flat": growth / rss_first <= FLAT_TOLERANCE,
+        "redis_max_bytes": redis_max,
+        "redis_ok": redis_max <= TARGET_REDIS_BYTES,
+    }
 
 
 # -- markdown -----------------------------------------------------------------------------------
@@ -91,7 +98,8 @@ def _setup(result: dict) -> list[str]:
         f"(`_validate_profile`, which decodes the whole file). Check in this run: {put.get('profiles_checked', 0)} "
         f"profiles uploaded again through `PUT /profiles/{{id}}` are stored with "
         f"{'identical' if put.get('identical') else 'DIFFERENT'} `data` and `meta` fields."
-        if put else "- Storing: in bulk through the server's own `RedisStore.put`.",
+        if put
+        else "- Storing: in bulk through the server's own `RedisStore.put`.",
         f"- Redis: `{c['redis_url']}` (a database of its own), a fresh key prefix per phase, every key deleted "
         "at the end.",
         f"- Server: `xpeft serve` (uvicorn, one process) on a free loopback port, Redis store; settings "
@@ -110,39 +118,49 @@ def _targets(result: dict) -> list[str]:
     tp = result.get("throughput")
     if tp:
         sm = tp["summary"]
-        lines.append(f"| server HTTP throughput on CPU ≥ {TARGET_RATIO}× offline (warm) | "
-                     f"{fmt(sm['ratio_warm'], 2)}× ({fmt(sm['http_warm_seq_s'])} against "
-                     f"{fmt(sm['offline_warm_seq_s'])} sequences/s; cold {fmt(sm['ratio_cold'], 2)}×) | "
-                     f"{verdict(sm['ratio_warm'] >= TARGET_RATIO)} |")
+        lines.append(
+            f"| server HTTP throughput on CPU ≥ {TARGET_RATIO}× offline (warm) | "
+            f"{fmt(sm['ratio_warm'], 2)}× ({fmt(sm['http_warm_seq_s'])} against "
+            f"{fmt(sm['offline_warm_seq_s'])} sequences/s; cold {fmt(sm['ratio_cold'], 2)}×) | "
+            f"{verdict(sm['ratio_warm'] >= TARGET_RATIO)} |"
+        )
     mem = result.get("memory")
     if mem:
         ms = memory_summary(mem)
-        lines.append(f"| ≤ 4 KB ({TARGET_REDIS_BYTES} B) per profile in Redis | {fmt(ms['redis_max_bytes'], 0)} B "
-                     f"(largest over the stages) | {verdict(ms['redis_ok'])} |")
+        lines.append(
+            f"| ≤ 4 KB ({TARGET_REDIS_BYTES} B) per profile in Redis | {fmt(ms['redis_max_bytes'], 0)} B "
+            f"(largest over the stages) | {verdict(ms['redis_ok'])} |"
+        )
         stages = mem["stages"]
         for name in mem["variants"]:
             vs = memory_summary(mem, name)
-            lines.append(f"| server memory flat from {stages[0]['stored']:,} to {stages[-1]['stored']:,} profiles "
-                         f"(RSS after traffic grows ≤ {FLAT_TOLERANCE:.0%}), {_variant(mem, name)} | "
-                         f"{mib(vs['rss_first'])} → {mib(vs['rss_last'])} MiB ({vs['growth_share']:+.1%}) | "
-                         f"{verdict(vs['flat'])} |")
+            lines.append(
+                f"| server memory flat from {stages[0]['stored']:,} to {stages[-1]['stored']:,} profiles "
+                f"(RSS after traffic grows ≤ {FLAT_TOLERANCE:.0%}), {_variant(mem, name)} | "
+                f"{mib(vs['rss_first'])} → {mib(vs['rss_last'])} MiB ({vs['growth_share']:+.1%}) | "
+                f"{verdict(vs['flat'])} |"
+            )
     return [*lines, ""]
 
 
 def _pass_row(p: dict) -> str:
     b, cpu, lat = p["server_batches"], p["cpu"], p["latency"]
     errors = sum(v for k, v in p["statuses"].items() if k != "200")
-    return (f"| {p['label']} | {p['ok']:,} | {fmt(p['requests_per_s'])} | {fmt(p['sequences_per_s'])} | "
-            f"{fmt(lat['p50_ms'])} | {fmt(lat['p95_ms'])} | {fmt(lat['p99_ms'])} | {fmt(b['mean_rows'])} | "
-            f"{fmt(b['mean_distinct_profiles'])} | {fmt(b['fused_hit_rate'] * 100, 0)} % | "
-            f"{fmt(cpu['server_cpu_ms_per_seq'], 2)} | {fmt(cpu['load_gen_cpu_ms_per_seq'], 2)} | "
-            f"{fmt(cpu['other_processes_cpu_s'] / p['wall_s'], 2)} | {errors} |")
+    return (
+        f"| {p['label']} | {p['ok']:,} | {fmt(p['requests_per_s'])} | {fmt(p['sequences_per_s'])} | "
+        f"{fmt(lat['p50_ms'])} | {fmt(lat['p95_ms'])} | {fmt(lat['p99_ms'])} | {fmt(b['mean_rows'])} | "
+        f"{fmt(b['mean_distinct_profiles'])} | {fmt(b['fused_hit_rate'] * 100, 0)} % | "
+        f"{fmt(cpu['server_cpu_ms_per_seq'], 2)} | {fmt(cpu['load_gen_cpu_ms_per_seq'], 2)} | "
+        f"{fmt(cpu['other_processes_cpu_s'] / p['wall_s'], 2)} | {errors} |"
+    )
 
 
 def _offline_row(p: dict) -> str:
-    return (f"| {p['label']} | {p['rows']:,} | | {fmt(p['sequences_per_s'])} | | | | {p['batch_rows']} | "
-            f"{fmt(p['mean_distinct_profiles'])} | | {fmt(p['cpu']['own_cpu_ms_per_seq'], 2)} | | "
-            f"{fmt(p['cpu']['other_processes_cpu_s'] / p['wall_s'], 2)} | |")
+    return (
+        f"| {p['label']} | {p['rows']:,} | | {fmt(p['sequences_per_s'])} | | | | {p['batch_rows']} | "
+        f"{fmt(p['mean_distinct_profiles'])} | | {fmt(p['cpu']['own_cpu_ms_per_seq'], 2)} | | "
+        f"{fmt(p['cpu']['other_processes_cpu_s'] / p['wall_s'], 2)} | |"
+    )
 
 
 def _throughput(result: dict, img: dict[str, str]) -> list[str]:
@@ -227,9 +245,11 @@ def _memory(result: dict, img: dict[str, str]) -> list[str]:
     ]
     for st in mem["stages"]:
         r = st["redis"]
-        lines.append(f"| {st['stored']:,} | {fmt(r['bytes_per_profile'], 0)} | {fmt(r['hash_bytes_mean'], 0)} | "
-                     f"{fmt(r['index_bytes_per_profile'], 1)} | {fmt(r['xpm_bytes_mean'], 0)} | "
-                     f"{fmt(r['meta_bytes_mean'], 0)} | {fmt(r['used_memory_delta_per_profile'], 0)} |")
+        lines.append(
+            f"| {st['stored']:,} | {fmt(r['bytes_per_profile'], 0)} | {fmt(r['hash_bytes_mean'], 0)} | "
+            f"{fmt(r['index_bytes_per_profile'], 1)} | {fmt(r['xpm_bytes_mean'], 0)} | "
+            f"{fmt(r['meta_bytes_mean'], 0)} | {fmt(r['used_memory_delta_per_profile'], 0)} |"
+        )
     lines += [
         "",
         "| profiles stored | server | RSS idle MiB | Δ while storing MiB | RSS after traffic MiB | peak RSS MiB | "
@@ -245,7 +265,8 @@ def _memory(result: dict, img: dict[str, str]) -> list[str]:
                 f"{mib(v['rss_after_traffic']['VmRSS'])} | "
                 f"{mib(v['rss_after_traffic']['VmHWM'])} | {v['profile_cache_entries']:,.0f} | "
                 f"{mib(v['fused_cache_bytes'])} ({v['fused_cache_entries']:,.0f}) | {inv.get('put', 0):,.0f} | "
-                f"{inv.get('reset', 0):,.0f} | {fmt(v['traffic']['sequences_per_s'])} |")
+                f"{inv.get('reset', 0):,.0f} | {fmt(v['traffic']['sequences_per_s'])} |"
+            )
     lines += [""]
     for name in mem["variants"]:
         ms = memory_summary(mem, name)
@@ -253,7 +274,8 @@ def _memory(result: dict, img: dict[str, str]) -> list[str]:
             f"- {name}: RSS after traffic {mib(ms['rss_first'])} → {mib(ms['rss_last'])} MiB "
             f"({ms['growth_share']:+.1%}, {fmt(ms['growth_per_stored_profile'], 0)} bytes per profile added); "
             f"storing alone {mib(ms['storing_growth'])} MiB in all ({fmt(ms['storing_growth_per_profile'], 1)} bytes "
-            "per profile stored).")
+            "per profile stored)."
+        )
     lines += [
         "",
         f"The caches are bounded: fused weights by bytes ({mib(mem['fused_cache_capacity'])} MiB here), decoded "
@@ -266,16 +288,28 @@ def _memory(result: dict, img: dict[str, str]) -> list[str]:
     for name, tail in mem.get("server_log_tail", {}).items():
         tail = [line for line in tail if line.strip()]
         if tail:
-            lines += [f"Server log of the `{name}` replica (warning level), last lines:", "", "```", *tail, "```", ""]
+            lines += [
+                f"Server log of the `{name}` replica (warning level), last lines:",
+                "",
+                "```",
+                *tail,
+                "```",
+                "",
+            ]
     return lines
 
 
 def render_markdown(result: dict, img: dict[str, str], analysis: list[str] | None = None) -> str:
     """The whole report. ``img`` maps 'throughput' / 'memory' to image paths relative to the doc."""
     title = "# Server load test" + (" (quick smoke run: not a measurement)" if result.get("quick") else "")
-    lines = [title, "", "Generated by `python -m bench.load.run` from `" + result.get("results_path", "") + "`; "
-             "do not edit by hand (re-render: `python -m bench.load.report`). Issue 5, section \"Server load "
-             "test\". The offline benchmark of the encoder itself is in [BENCHMARKS.md](BENCHMARKS.md).", ""]
+    lines = [
+        title,
+        "",
+        "Generated by `python -m bench.load.run` from `" + result.get("results_path", "") + "`; "
+        'do not edit by hand (re-render: `python -m bench.load.report`). Issue 5, section "Server load '
+        'test". The offline benchmark of the encoder itself is in [BENCHMARKS.md](BENCHMARKS.md).',
+        "",
+    ]
     lines += _targets(result)
     lines += _setup(result)
     if "throughput" in result:
@@ -304,15 +338,19 @@ def _throughput_analysis(result: dict) -> list[str]:
     cold = tp["http_cold"]["server_batches"]
     return [
         f"- Throughput: warm HTTP reaches {fmt(sm['ratio_warm'], 2)}× offline, "
-        + ("meeting" if met else "missing") + f" the {TARGET_RATIO}× target; cold {fmt(sm['ratio_cold'], 2)}×. "
+        + ("meeting" if met else "missing")
+        + f" the {TARGET_RATIO}× target; cold {fmt(sm['ratio_cold'], 2)}×. "
         f"Both sides run the same batches on {c['torch_threads']} intra-op thread(s), so the gap is what serving "
         "adds: the model worker was busy "
         f"{busy:.0%} of the warm passes' wall time, and a batch of {fmt(rows)} rows took {fmt(batch_ms)} ms in the "
         f"server against {fmt(off_batch_ms)} ms offline. "
-        + ("Idle gaps between batches cost little; the batches themselves are slower, because the HTTP work and "
-           "the load generator compete with the model for the same CPUs." if busy >= 0.9 else
-           "The worker also sits idle between batches: closing a batch, answering it and receiving the next "
-           "requests happen on the event loop while the model waits."),
+        + (
+            "Idle gaps between batches cost little; the batches themselves are slower, because the HTTP work and "
+            "the load generator compete with the model for the same CPUs."
+            if busy >= 0.9
+            else "The worker also sits idle between batches: closing a batch, answering it and receiving the next "
+            "requests happen on the event loop while the model waits."
+        ),
         f"- CPU per sequence (warm medians): the server used {fmt(server_ms, 2)} ms, the offline model "
         f"{fmt(off_ms, 2)} ms, so HTTP, JSON, validation, the event loop and the batcher cost about "
         f"{fmt(server_ms - off_ms, 2)} ms per request of {c['texts_per_request']} text(s); the load generator, on the "
@@ -355,16 +393,22 @@ def _memory_analysis(result: dict) -> list[str]:
         + f" decoded profiles cached at the end. Storing {last['stored']:,} profiles alone moved the first "
         f"replica's RSS by {mib(ms['storing_growth'])} MiB ({fmt(ms['storing_growth_per_profile'], 1)} bytes per "
         "profile stored). "
-        + ("What grows is traffic, not profiles stored, and the two replicas differ only in the allocator "
-           "setting, so the extra growth is the allocator's: large, variably sized per-batch tensors and "
-           "evicted fused weights come from glibc's heap once its dynamic mmap threshold has risen, and the "
-           "fragmented heap is not given back (peak RSS equals RSS). "
-           if fixed["growth"] < ms["growth"] else
-           "The fixed mmap threshold did not reduce the growth in this run. ")
+        + (
+            "What grows is traffic, not profiles stored, and the two replicas differ only in the allocator "
+            "setting, so the extra growth is the allocator's: large, variably sized per-batch tensors and "
+            "evicted fused weights come from glibc's heap once its dynamic mmap threshold has risen, and the "
+            "fragmented heap is not given back (peak RSS equals RSS). "
+            if fixed["growth"] < ms["growth"]
+            else "The fixed mmap threshold did not reduce the growth in this run. "
+        )
         + "The fixed threshold has a price: the same requests ran at "
-        + " against ".join(f"{fmt(median([st['servers'][name]['traffic']['sequences_per_s'] for st in mem['stages']]))}"
-                           for name in last["servers"])
-        + " sequences/s (median over the stages, " + " against ".join(last["servers"]) + "), since every large "
+        + " against ".join(
+            f"{fmt(median([st['servers'][name]['traffic']['sequences_per_s'] for st in mem['stages']]))}"
+            for name in last["servers"]
+        )
+        + " sequences/s (median over the stages, "
+        + " against ".join(last["servers"])
+        + "), since every large "
         "tensor is then a fresh mmap with its page faults; the replicas took their traffic one after the "
         "other, so machine noise falls on them differently.",
     ]
@@ -375,7 +419,8 @@ def _memory_analysis(result: dict) -> list[str]:
             + " times while profiles were being stored, logging 'the store was reset', though nothing was "
             "reset: see the server logs above. Emptying the caches gives memory back (so 'Δ while storing' "
             "can be negative) and also forgets the version floors, so the storing figures leave out the "
-            "per-id floor that a replica otherwise keeps for every id written.")
+            "per-id floor that a replica otherwise keeps for every id written."
+        )
     return lines
 
 
@@ -416,8 +461,12 @@ def plot_throughput(result: dict, path: Path) -> None:
     qs = ["p50_ms", "p95_ms", "p99_ms"]
     width = 0.8 / len(passes)
     for j, p in enumerate(passes):
-        ax2.bar([i + (j - (len(passes) - 1) / 2) * width for i in range(len(qs))], [p["latency"][q] for q in qs],
-                width, label=p["label"])
+        ax2.bar(
+            [i + (j - (len(passes) - 1) / 2) * width for i in range(len(qs))],
+            [p["latency"][q] for q in qs],
+            width,
+            label=p["label"],
+        )
     ax2.set_xticks(range(len(qs)), ["p50", "p95", "p99"])
     ax2.set_ylabel("latency, ms (client side)")
     ax2.set_title(f"latency at concurrency {result['config']['concurrency']}")
@@ -438,10 +487,20 @@ def plot_memory(result: dict, path: Path) -> None:
     n = [s["stored"] for s in stages]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for (name, variant), color in zip(mem["variants"].items(), ("#1f77b4", "#2ca02c"), strict=False):
-        ax1.plot(n, [s["servers"][name]["rss_after_traffic"]["VmRSS"] / MIB for s in stages], "o-", color=color,
-                 label=f"{name}: after traffic")
-        ax1.plot(n, [s["servers"][name]["rss_idle"]["VmRSS"] / MIB for s in stages], "s--", color=color,
-                 label=f"{name}: idle, after storing")
+        ax1.plot(
+            n,
+            [s["servers"][name]["rss_after_traffic"]["VmRSS"] / MIB for s in stages],
+            "o-",
+            color=color,
+            label=f"{name}: after traffic",
+        )
+        ax1.plot(
+            n,
+            [s["servers"][name]["rss_idle"]["VmRSS"] / MIB for s in stages],
+            "s--",
+            color=color,
+            label=f"{name}: idle, after storing",
+        )
         ax1.axhline(variant["rss_before_any_profile"]["VmRSS"] / MIB, color=color, lw=0.6, ls=":")
     ax1.axhline(mem["fused_cache_capacity"] / MIB, color="#888888", lw=0.8, label="fused cache bound")
     ax1.set_xscale("log")

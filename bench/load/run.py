@@ -86,12 +86,21 @@ class Config:
     torch_threads: int = 1
     redis_url: str = "redis://127.0.0.1:6379/13"
     texts: str = ""
-    server_env: dict[str, str] = field(default_factory=lambda: {"XPEFT_ACCESS_LOG": "false",
-                                                                "XPEFT_LOG_LEVEL": "warning"})
+    server_env: dict[str, str] = field(
+        default_factory=lambda: {"XPEFT_ACCESS_LOG": "false", "XPEFT_LOG_LEVEL": "warning"}
+    )
 
 
-QUICK = {"profiles": 200, "concurrency": 8, "requests_per_pass": 48, "pass_deadline_s": 10.0, "warm_rounds": 1,
-         "memory_stages": [50, 200], "memory_requests": 24, "memory_sample_keys": 20}
+QUICK = {
+    "profiles": 200,
+    "concurrency": 8,
+    "requests_per_pass": 48,
+    "pass_deadline_s": 10.0,
+    "warm_rounds": 1,
+    "memory_stages": [50, 200],
+    "memory_requests": 24,
+    "memory_sample_keys": 20,
+}
 
 
 def log(message: str) -> None:
@@ -105,19 +114,25 @@ def load_texts(path: str) -> tuple[list[str], str]:
     with source.open(newline="") as f:
         rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         texts = [row["sentence"] for row in rows if row.get("sentence")]
-    return texts, str(source.resolve().relative_to(REPO.parent)) if source.is_relative_to(REPO.parent) else str(source)
+    return texts, str(source.resolve().relative_to(REPO.parent)) if source.is_relative_to(
+        REPO.parent
+    ) else str(source)
 
 
 def profile_id(i: int) -> str:
     return f"p{i:06d}"
 
 
-def make_plan(n_profiles: int, count: int, texts: list[str], config: Config, seed: int) -> list[PlannedRequest]:
+def make_plan(
+    n_profiles: int, count: int, texts: list[str], config: Config, seed: int
+) -> list[PlannedRequest]:
     """``count`` requests over profiles ``0..n-1`` drawn from Zipf(s); texts drawn uniformly (seeded)."""
     picks = ZipfSampler(n_profiles, config.zipf_s, seed).sample(count)
     rng = random.Random(seed)
-    return [PlannedRequest(profile_id(int(i)), [rng.choice(texts) for _ in range(config.texts_per_request)])
-            for i in picks]
+    return [
+        PlannedRequest(profile_id(int(i)), [rng.choice(texts) for _ in range(config.texts_per_request)])
+        for i in picks
+    ]
 
 
 class Profiles:
@@ -155,21 +170,32 @@ def hardware() -> dict:
             cpu = line.split(":", 1)[1].strip()
             break
     mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "memory_gib": round(mem_kb / 2**20, 1), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_default_threads": torch.get_num_threads(),
-            "httpx": httpx.__version__}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_default_threads": torch.get_num_threads(),
+        "httpx": httpx.__version__,
+    }
 
 
 def git_state() -> dict:
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "server",
-                                                                    "profiles", "adapters", "bench/load"))}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--", "server", "profiles", "adapters", "bench/load")),
+    }
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -189,13 +215,18 @@ class Meter:
         own_cpu = time.process_time() - self.own_cpu
         machine = busy - self.busy
         cores = (total - self.total) / wall_s if wall_s else 0.0  # CPUs that the kernel counts
-        return {"server_cpu_s": server_cpu, "load_gen_cpu_s": own_cpu if self.server else 0.0,
-                "own_cpu_s": own_cpu, "machine_busy_cpu_s": machine,
-                "other_processes_cpu_s": max(0.0, machine - server_cpu - own_cpu),
-                "machine_cores": cores, "load_avg_1m_before": self.load_avg,
-                "server_cpu_ms_per_seq": 1000 * server_cpu / rows if rows else 0.0,
-                "load_gen_cpu_ms_per_seq": 1000 * own_cpu / rows if rows and self.server else 0.0,
-                "own_cpu_ms_per_seq": 1000 * own_cpu / rows if rows else 0.0}
+        return {
+            "server_cpu_s": server_cpu,
+            "load_gen_cpu_s": own_cpu if self.server else 0.0,
+            "own_cpu_s": own_cpu,
+            "machine_busy_cpu_s": machine,
+            "other_processes_cpu_s": max(0.0, machine - server_cpu - own_cpu),
+            "machine_cores": cores,
+            "load_avg_1m_before": self.load_avg,
+            "server_cpu_ms_per_seq": 1000 * server_cpu / rows if rows else 0.0,
+            "load_gen_cpu_ms_per_seq": 1000 * own_cpu / rows if rows and self.server else 0.0,
+            "own_cpu_ms_per_seq": 1000 * own_cpu / rows if rows else 0.0,
+        }
 
 
 def http_pass(server: ServerProcess, plan: list[PlannedRequest], config: Config, label: str) -> dict:
@@ -204,14 +235,26 @@ def http_pass(server: ServerProcess, plan: list[PlannedRequest], config: Config,
     result: PassResult = asyncio.run(run_pass(server.url, plan, config.concurrency, config.pass_deadline_s))
     cpu = meter.done(result.wall_s, result.rows_ok)
     stats = batch_stats(before, server.metrics(), result.wall_s)
-    out = {"label": label, "sent": result.sent, "ok": result.ok, "rows": result.rows_ok,
-           "statuses": {str(k): v for k, v in result.statuses.items()}, "wall_s": result.wall_s,
-           "requests_per_s": result.requests_per_s, "sequences_per_s": result.sequences_per_s,
-           "stopped_by_deadline": result.stopped_by_deadline, "latency": latency_summary(result.latencies_s),
-           "server_batches": stats, "cpu": cpu, "rss": server.memory()}
-    log(f"{label}: {result.ok}/{result.sent} ok in {result.wall_s:.1f} s = {result.sequences_per_s:.1f} seq/s, "
+    out = {
+        "label": label,
+        "sent": result.sent,
+        "ok": result.ok,
+        "rows": result.rows_ok,
+        "statuses": {str(k): v for k, v in result.statuses.items()},
+        "wall_s": result.wall_s,
+        "requests_per_s": result.requests_per_s,
+        "sequences_per_s": result.sequences_per_s,
+        "stopped_by_deadline": result.stopped_by_deadline,
+        "latency": latency_summary(result.latencies_s),
+        "server_batches": stats,
+        "cpu": cpu,
+        "rss": server.memory(),
+    }
+    log(
+        f"{label}: {result.ok}/{result.sent} ok in {result.wall_s:.1f} s = {result.sequences_per_s:.1f} seq/s, "
         f"p50 {out['latency']['p50_ms']:.0f} ms p99 {out['latency']['p99_ms']:.0f} ms, "
-        f"batches of {stats['mean_rows']:.1f} rows / {stats['mean_distinct_profiles']:.1f} profiles")
+        f"batches of {stats['mean_rows']:.1f} rows / {stats['mean_distinct_profiles']:.1f} profiles"
+    )
     return out
 
 
@@ -257,12 +300,22 @@ class Offline:
             self.worker.run(jobs)  # type: ignore[arg-type]  # only .entry and .inputs are read
             distinct.append(len({j.entry.id for j in jobs}))
         wall = time.perf_counter() - start
-        out = {"label": label, "rows": total_rows, "wall_s": wall, "sequences_per_s": total_rows / wall,
-               "batch_rows": batch_rows, "batches": len(batches), "mean_rows": total_rows / len(batches),
-               "mean_distinct_profiles": sum(distinct) / len(distinct), "mean_batch_ms": 1000 * wall / len(batches),
-               "cpu": meter.done(wall, total_rows)}
-        log(f"{label}: {total_rows} rows in {wall:.1f} s = {out['sequences_per_s']:.1f} seq/s "
-            f"(batches of {batch_rows} rows / {out['mean_distinct_profiles']:.1f} profiles)")
+        out = {
+            "label": label,
+            "rows": total_rows,
+            "wall_s": wall,
+            "sequences_per_s": total_rows / wall,
+            "batch_rows": batch_rows,
+            "batches": len(batches),
+            "mean_rows": total_rows / len(batches),
+            "mean_distinct_profiles": sum(distinct) / len(distinct),
+            "mean_batch_ms": 1000 * wall / len(batches),
+            "cpu": meter.done(wall, total_rows),
+        }
+        log(
+            f"{label}: {total_rows} rows in {wall:.1f} s = {out['sequences_per_s']:.1f} seq/s "
+            f"(batches of {batch_rows} rows / {out['mean_distinct_profiles']:.1f} profiles)"
+        )
         return out
 
 
@@ -274,14 +327,20 @@ class _OfflineJob:
     inputs: list[str]
 
 
-def check_put_identical(server: ServerProcess, store: RedisStore, area: RedisArea, profiles: Profiles,
-                        token: str, count: int = 3) -> dict:
+def check_put_identical(
+    server: ServerProcess, store: RedisStore, area: RedisArea, profiles: Profiles, token: str, count: int = 3
+) -> dict:
     """PUT a few profiles over HTTP under new ids; their stored data and meta must equal the bulk copies."""
     checked = []
     for i in range(count):
         new_id = f"put-check-{i}"
-        response = httpx.put(f"{server.url}/profiles/{new_id}", content=profiles.get(i), timeout=30, trust_env=False,
-                             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
+        response = httpx.put(
+            f"{server.url}/profiles/{new_id}",
+            content=profiles.get(i),
+            timeout=30,
+            trust_env=False,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
+        )
         response.raise_for_status()
         bulk = area.client.hmget(store.key(profile_id(i)), "data", "meta")
         put = area.client.hmget(store.key(new_id), "data", "meta")
@@ -290,8 +349,16 @@ def check_put_identical(server: ServerProcess, store: RedisStore, area: RedisAre
 
 
 # -- phases ---------------------------------------------------------------------------------
-def throughput_phase(config: Config, model: MultiProfileModel, profiles: Profiles, texts: list[str],
-                     bank_path: Path, workdir: Path, run_id: str, token: str) -> dict:
+def throughput_phase(
+    config: Config,
+    model: MultiProfileModel,
+    profiles: Profiles,
+    texts: list[str],
+    bank_path: Path,
+    workdir: Path,
+    run_id: str,
+    token: str,
+) -> dict:
     prefix = f"xpeft-load-{run_id}-tp"
     area = RedisArea(config.redis_url, prefix)
     if area.count_keys():
@@ -314,16 +381,29 @@ def throughput_phase(config: Config, model: MultiProfileModel, profiles: Profile
         warm, off_warm = [], []
         for r in range(config.warm_rounds):
             warm.append(http_pass(server, plan, config, f"http warm {r + 1}"))
-            off_warm.append(offline.run(plan, max(1, round(warm[-1]["server_batches"]["mean_rows"])),
-                                        f"offline warm {r + 1}"))
+            off_warm.append(
+                offline.run(
+                    plan, max(1, round(warm[-1]["server_batches"]["mean_rows"])), f"offline warm {r + 1}"
+                )
+            )
         offline.worker.shutdown()
         put_check = check_put_identical(server, store, area, profiles, token)
         log(f"PUT check: {put_check}")
-        return {"prefix": prefix, "stored": stored, "insert_s": insert_s, "server_startup_s": server.startup_s,
-                "server_idle_rss": idle_rss, "plan": _plan_summary(plan, config), "http_cold": cold,
-                "offline_cold": off_cold, "http_warm": warm, "offline_warm": off_warm,
-                "summary": _throughput_summary(cold, off_cold, warm, off_warm), "put_check": put_check,
-                "server_log_tail": server.log_tail()}
+        return {
+            "prefix": prefix,
+            "stored": stored,
+            "insert_s": insert_s,
+            "server_startup_s": server.startup_s,
+            "server_idle_rss": idle_rss,
+            "plan": _plan_summary(plan, config),
+            "http_cold": cold,
+            "offline_cold": off_cold,
+            "http_warm": warm,
+            "offline_warm": off_warm,
+            "summary": _throughput_summary(cold, off_cold, warm, off_warm),
+            "put_check": put_check,
+            "server_log_tail": server.log_tail(),
+        }
     finally:
         if server is not None:
             server.stop()
@@ -343,24 +423,35 @@ def _plan_summary(plan: list[PlannedRequest], config: Config) -> dict:
         counts[req.profile_id] = counts.get(req.profile_id, 0) + 1
     top = sorted(counts.values(), reverse=True)
     sampler = ZipfSampler(config.profiles, config.zipf_s, config.seed)
-    return {"requests": len(plan), "distinct_profiles": len(counts), "top1_share": top[0] / len(plan),
-            "top100_share": sum(top[:100]) / len(plan), "expected_top100_share": sampler.top_share(100),
-            "mean_texts_chars": sum(len(t) for r in plan for t in r.texts) / sum(len(r.texts) for r in plan)}
+    return {
+        "requests": len(plan),
+        "distinct_profiles": len(counts),
+        "top1_share": top[0] / len(plan),
+        "top100_share": sum(top[:100]) / len(plan),
+        "expected_top100_share": sampler.top_share(100),
+        "mean_texts_chars": sum(len(t) for r in plan for t in r.texts) / sum(len(r.texts) for r in plan),
+    }
 
 
 def _throughput_summary(cold: dict, off_cold: dict, warm: list[dict], off_warm: list[dict]) -> dict:
     http_warm = median([w["sequences_per_s"] for w in warm])
     offline_warm = median([o["sequences_per_s"] for o in off_warm])
     pooled = [w["latency"] for w in warm]
-    return {"http_cold_seq_s": cold["sequences_per_s"], "offline_cold_seq_s": off_cold["sequences_per_s"],
-            "ratio_cold": cold["sequences_per_s"] / off_cold["sequences_per_s"],
-            "http_warm_seq_s": http_warm, "offline_warm_seq_s": offline_warm, "ratio_warm": http_warm / offline_warm,
-            "ratio_warm_rounds": [w["sequences_per_s"] / o["sequences_per_s"] for w, o in zip(warm, off_warm,
-                                                                                               strict=True)],
-            "http_cold_requests_s": cold["requests_per_s"],
-            "http_warm_requests_s": median([w["requests_per_s"] for w in warm]),
-            "cold_latency": cold["latency"],
-            "warm_latency_median_round": {k: median([p[k] for p in pooled]) for k in pooled[0]}}
+    return {
+        "http_cold_seq_s": cold["sequences_per_s"],
+        "offline_cold_seq_s": off_cold["sequences_per_s"],
+        "ratio_cold": cold["sequences_per_s"] / off_cold["sequences_per_s"],
+        "http_warm_seq_s": http_warm,
+        "offline_warm_seq_s": offline_warm,
+        "ratio_warm": http_warm / offline_warm,
+        "ratio_warm_rounds": [
+            w["sequences_per_s"] / o["sequences_per_s"] for w, o in zip(warm, off_warm, strict=True)
+        ],
+        "http_cold_requests_s": cold["requests_per_s"],
+        "http_warm_requests_s": median([w["requests_per_s"] for w in warm]),
+        "cold_latency": cold["latency"],
+        "warm_latency_median_round": {k: median([p[k] for p in pooled]) for k in pooled[0]},
+    }
 
 
 MEMORY_VARIANTS = {
@@ -371,8 +462,16 @@ MEMORY_VARIANTS = {
 }
 
 
-def memory_phase(config: Config, model: MultiProfileModel, profiles: Profiles, texts: list[str], bank_path: Path,
-                 workdir: Path, run_id: str, token: str) -> dict:
+def memory_phase(
+    config: Config,
+    model: MultiProfileModel,
+    profiles: Profiles,
+    texts: list[str],
+    bank_path: Path,
+    workdir: Path,
+    run_id: str,
+    token: str,
+) -> dict:
     """Two replicas on one store (glibc defaults, and a fixed mmap threshold), same events, same traffic."""
     prefix = f"xpeft-load-{run_id}-mem"
     area = RedisArea(config.redis_url, prefix)
@@ -384,15 +483,21 @@ def memory_phase(config: Config, model: MultiProfileModel, profiles: Profiles, t
     try:
         used_before = area.used_memory()
         # A small fused cache, full from the first stage on: what RSS shows beyond it is what grows.
-        env = {**config.server_env, "XPEFT_ADMIN_TOKEN": token,
-               "XPEFT_FUSED_CACHE_BYTES": str(config.memory_fused_cache_mib * 2**20)}
+        env = {
+            **config.server_env,
+            "XPEFT_ADMIN_TOKEN": token,
+            "XPEFT_FUSED_CACHE_BYTES": str(config.memory_fused_cache_mib * 2**20),
+        }
         for name, extra in MEMORY_VARIANTS.items():
-            servers[name] = ServerProcess(bank_path, config.redis_url, prefix, workdir, {**env, **extra},
-                                          f"memory-{name}").launch()
+            servers[name] = ServerProcess(
+                bank_path, config.redis_url, prefix, workdir, {**env, **extra}, f"memory-{name}"
+            ).launch()
         for server in servers.values():
             server.wait_ready()
-        variants = {name: {"env": MEMORY_VARIANTS[name], "rss_before_any_profile": server.memory()}
-                    for name, server in servers.items()}
+        variants = {
+            name: {"env": MEMORY_VARIANTS[name], "rss_before_any_profile": server.memory()}
+            for name, server in servers.items()
+        }
         stored = 0
         rng = random.Random(config.seed)
         for n in config.memory_stages:
@@ -408,24 +513,41 @@ def memory_phase(config: Config, model: MultiProfileModel, profiles: Profiles, t
                 traffic = http_pass(server, plan, config, f"memory {n} stored, {name}")
                 metrics = server.metrics()
                 per_server[name] = {
-                    "rss_idle": rss_idle[name], "rss_after_traffic": server.memory(),
-                    "traffic": {k: traffic[k] for k in ("ok", "sent", "sequences_per_s", "latency", "statuses")},
+                    "rss_idle": rss_idle[name],
+                    "rss_after_traffic": server.memory(),
+                    "traffic": {
+                        k: traffic[k] for k in ("ok", "sent", "sequences_per_s", "latency", "statuses")
+                    },
                     "profile_cache_entries": metrics.get("xpeft_cache_entries{cache=profile}", 0.0),
                     "fused_cache_entries": metrics.get("xpeft_cache_entries{cache=fused}", 0.0),
                     "fused_cache_bytes": metrics.get("xpeft_fused_cache_bytes", 0.0),
-                    "invalidations": {k.split("kind=")[1].rstrip("}"): v for k, v in metrics.items()
-                                      if k.startswith("xpeft_invalidations_total{")}}
+                    "invalidations": {
+                        k.split("kind=")[1].rstrip("}"): v
+                        for k, v in metrics.items()
+                        if k.startswith("xpeft_invalidations_total{")
+                    },
+                }
             ids = [profile_id(i) for i in rng.sample(range(n), min(config.memory_sample_keys, n))]
             redis_mem = area.memory_per_profile(store, ids, n)
             redis_mem["used_memory_delta_per_profile"] = (area.used_memory() - used_before) / n
             stages.append({"stored": n, "insert_s": insert_s, "redis": redis_mem, "servers": per_server})
-            log(f"memory: {n} stored, server RSS " + ", ".join(
-                f"{name} {v['rss_after_traffic']['VmRSS'] / 2**20:.0f} MiB" for name, v in per_server.items())
-                + f"; Redis {redis_mem['bytes_per_profile']:.0f} B/profile")
-        return {"prefix": prefix, "variants": variants, "stages": stages,
-                "fused_cache_capacity": config.memory_fused_cache_mib * 2**20,
-                "profile_cache_capacity": Settings().profile_cache_size, "redis_server": area.server_info(),
-                "server_log_tail": {name: server.log_tail() for name, server in servers.items()}}
+            log(
+                f"memory: {n} stored, server RSS "
+                + ", ".join(
+                    f"{name} {v['rss_after_traffic']['VmRSS'] / 2**20:.0f} MiB"
+                    for name, v in per_server.items()
+                )
+                + f"; Redis {redis_mem['bytes_per_profile']:.0f} B/profile"
+            )
+        return {
+            "prefix": prefix,
+            "variants": variants,
+            "stages": stages,
+            "fused_cache_capacity": config.memory_fused_cache_mib * 2**20,
+            "profile_cache_capacity": Settings().profile_cache_size,
+            "redis_server": area.server_info(),
+            "server_log_tail": {name: server.log_tail() for name, server in servers.items()},
+        }
     finally:
         for server in servers.values():
             server.stop()
@@ -436,16 +558,26 @@ def memory_phase(config: Config, model: MultiProfileModel, profiles: Profiles, t
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.load.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: few profiles and requests")
-    p.add_argument("--out", type=Path, help="result JSON (default bench/load/results/load.json; quick: runs/)")
-    p.add_argument("--doc", type=Path, help="report (default docs/LOAD_TEST.md; quick: runs/LOAD_TEST-quick.md)")
-    p.add_argument("--redis-url", help="loopback Redis; a database of its own (default redis://127.0.0.1:6379/13)")
+    p.add_argument(
+        "--out", type=Path, help="result JSON (default bench/load/results/load.json; quick: runs/)"
+    )
+    p.add_argument(
+        "--doc", type=Path, help="report (default docs/LOAD_TEST.md; quick: runs/LOAD_TEST-quick.md)"
+    )
+    p.add_argument(
+        "--redis-url", help="loopback Redis; a database of its own (default redis://127.0.0.1:6379/13)"
+    )
     p.add_argument("--concurrency", type=int)
     p.add_argument("--texts-per-request", type=int)
-    p.add_argument("--torch-threads", type=int, help="intra-op threads of the server and the offline model (1)")
+    p.add_argument(
+        "--torch-threads", type=int, help="intra-op threads of the server and the offline model (1)"
+    )
     p.add_argument("--requests", type=int, dest="requests_per_pass", help="requests per pass")
     p.add_argument("--warm-rounds", type=int)
     p.add_argument("--profiles", type=int, help="profiles for the throughput phase")
-    p.add_argument("--memory-stages", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1000,10000,100000")
+    p.add_argument(
+        "--memory-stages", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1000,10000,100000"
+    )
     p.add_argument("--texts", help="a .tsv with a 'sentence' column (default: ../shared/data/sst2/dev.tsv)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
@@ -454,8 +586,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Config:
     config = Config(**(QUICK if args.quick else {}))
-    for name in ("redis_url", "concurrency", "torch_threads", "texts_per_request", "requests_per_pass", "warm_rounds", "profiles",
-                 "memory_stages", "texts"):
+    for name in (
+        "redis_url",
+        "concurrency",
+        "torch_threads",
+        "texts_per_request",
+        "requests_per_pass",
+        "warm_rounds",
+        "profiles",
+        "memory_stages",
+        "texts",
+    ):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
@@ -473,37 +614,71 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     command = shlex.join(["python", "-m", "bench.load.run", *(sys.argv[1:] if argv is None else argv)])
-    result: dict = {"command": command,
-                    "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "quick": args.quick, "hardware": hardware(), "git": git_state()}
+    result: dict = {
+        "command": command,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "hardware": hardware(),
+        "git": git_state(),
+    }
     torch.set_num_threads(config.torch_threads)  # the offline model; the servers get XPEFT_TORCH_THREADS
     config.server_env = {**config.server_env, "XPEFT_TORCH_THREADS": str(config.torch_threads)}
     with tempfile.TemporaryDirectory(prefix="xpeft-load-") as tmp:
         workdir = Path(tmp)
-        log("loading the MiniLM encoder and making the bank (as `xpeft bank create --n "
-            f"{config.adapters} --seed {config.seed}`)")
+        log(
+            "loading the MiniLM encoder and making the bank (as `xpeft bank create --n "
+            f"{config.adapters} --seed {config.seed}`)"
+        )
         encoder = load_encoder("minilm")
-        bank = create_random_bank(encoder.num_layers, encoder.hidden_size, encoder.model_id, config.adapters,
-                                  seed=config.seed, model_name="minilm")
+        bank = create_random_bank(
+            encoder.num_layers,
+            encoder.hidden_size,
+            encoder.model_id,
+            config.adapters,
+            seed=config.seed,
+            model_name="minilm",
+        )
         bank_path = bank.save(workdir / "bank.safetensors")
         model = MultiProfileModel(encoder, bank)
         texts, source = load_texts(config.texts)
         config.texts = source
         start = time.perf_counter()
         profiles = Profiles(bank, max(config.profiles, min(config.memory_stages or [0])))
-        log(f"generated {len(profiles.kept)} profiles in {time.perf_counter() - start:.1f} s "
-            f"({len(profiles.kept[0])} bytes each)")
+        log(
+            f"generated {len(profiles.kept)} profiles in {time.perf_counter() - start:.1f} s "
+            f"({len(profiles.kept[0])} bytes each)"
+        )
         result["config"] = asdict(config)
-        result["setup"] = {"bank_id": bank.bank_id, "model_id": encoder.model_id, "L": bank.num_layers,
-                           "N": bank.num_adapters, "d": bank.hidden_size, "r": bank.bottleneck,
-                           "k": random_profile(bank, "hard").k, "xpm_bytes": len(profiles.kept[0]),
-                           "texts_source": source, "texts_available": len(texts),
-                           "server_settings": {k: v for k, v in Settings().model_dump().items()
-                                               if k in ("max_batch_size", "max_wait_ms", "max_queue",
-                                                        "profile_cache_size", "fused_cache_bytes", "dtype")},
-                           "server_env": config.server_env}
+        result["setup"] = {
+            "bank_id": bank.bank_id,
+            "model_id": encoder.model_id,
+            "L": bank.num_layers,
+            "N": bank.num_adapters,
+            "d": bank.hidden_size,
+            "r": bank.bottleneck,
+            "k": random_profile(bank, "hard").k,
+            "xpm_bytes": len(profiles.kept[0]),
+            "texts_source": source,
+            "texts_available": len(texts),
+            "server_settings": {
+                k: v
+                for k, v in Settings().model_dump().items()
+                if k
+                in (
+                    "max_batch_size",
+                    "max_wait_ms",
+                    "max_queue",
+                    "profile_cache_size",
+                    "fused_cache_bytes",
+                    "dtype",
+                )
+            },
+            "server_env": config.server_env,
+        }
         if not args.skip_throughput:
-            result["throughput"] = throughput_phase(config, model, profiles, texts, bank_path, workdir, run_id, token)
+            result["throughput"] = throughput_phase(
+                config, model, profiles, texts, bank_path, workdir, run_id, token
+            )
         if not args.skip_memory:
             result["memory"] = memory_phase(config, model, profiles, texts, bank_path, workdir, run_id, token)
     result["duration_s"] = time.perf_counter() - started

@@ -67,9 +67,14 @@ def percentile(values: Sequence[float], q: float) -> float:
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
     """Milliseconds: p50, p95, p99, mean and max of request latencies given in seconds."""
     ms = [s * 1000 for s in seconds]
-    return {"count": len(ms), "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
-            "p99_ms": percentile(ms, 99), "mean_ms": (sum(ms) / len(ms)) if ms else math.nan,
-            "max_ms": max(ms) if ms else math.nan}
+    return {
+        "count": len(ms),
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "p99_ms": percentile(ms, 99),
+        "mean_ms": (sum(ms) / len(ms)) if ms else math.nan,
+        "max_ms": max(ms) if ms else math.nan,
+    }
 
 
 def median(values: Sequence[float]) -> float:

@@ -34,8 +34,9 @@ def measure(scales: list[float], ks: list[int], num_adapters: int, draws: int) -
         base = encoder(enc)
     rows = []
     for scale in scales:
-        bank = create_random_bank(encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters,
-                                  init_scale=scale)
+        bank = create_random_bank(
+            encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters, init_scale=scale
+        )
         g = torch.Generator().manual_seed(0)
         for k in ks:
             rel, cos, between = [], [], []
@@ -50,8 +51,15 @@ def measure(scales: list[float], ks: list[int], num_adapters: int, draws: int) -
             for i in range(draws):
                 for j in range(i + 1, draws):
                     between.append(((outs[i] - outs[j]).norm(dim=1) / base.norm(dim=1)).mean().item())
-            rows.append({"init_scale": scale, "k": k, "relative_change": sum(rel) / draws,
-                         "cosine_to_base": sum(cos) / draws, "between_masks": sum(between) / len(between)})
+            rows.append(
+                {
+                    "init_scale": scale,
+                    "k": k,
+                    "relative_change": sum(rel) / draws,
+                    "cosine_to_base": sum(cos) / draws,
+                    "between_masks": sum(between) / len(between),
+                }
+            )
     return rows
 
 
@@ -63,13 +71,26 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.perf_counter()
     rows = measure([0.5, 1.0, 2.0], [1, 10, 25, 50], num_adapters=100, draws=args.draws)
-    table = ["| init_scale | k | mean ‖Δe‖/‖e‖ vs no adapter | cosine to no adapter | ‖e_i − e_j‖/‖e‖ between two masks |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
-    table += [f"| {r['init_scale']:g} | {r['k']} | {r['relative_change']:.3f} | {r['cosine_to_base']:.3f} | "
-              f"{r['between_masks']:.3f} |" for r in rows]
-    text = TEMPLATE.read_text().replace("{{INIT_TABLE}}", "\n".join(table)).replace(
-        "{{HARDWARE}}", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                        f"torch {torch.__version__}").replace("{{DRAWS}}", str(args.draws)).replace("{{SECONDS}}", f"{time.perf_counter() - start:.0f}")
+    table = [
+        "| init_scale | k | mean ‖Δe‖/‖e‖ vs no adapter | cosine to no adapter | ‖e_i − e_j‖/‖e‖ between two masks |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    table += [
+        f"| {r['init_scale']:g} | {r['k']} | {r['relative_change']:.3f} | {r['cosine_to_base']:.3f} | "
+        f"{r['between_masks']:.3f} |"
+        for r in rows
+    ]
+    text = (
+        TEMPLATE.read_text()
+        .replace("{{INIT_TABLE}}", "\n".join(table))
+        .replace(
+            "{{HARDWARE}}",
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}",
+        )
+        .replace("{{DRAWS}}", str(args.draws))
+        .replace("{{SECONDS}}", f"{time.perf_counter() - start:.0f}")
+    )
     Path(args.out).write_text(text)
     print("\n".join(table))
 

@@ -74,11 +74,26 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> float:
         """Start (again); returns the seconds until it answered (AOF replay included)."""
-        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.aof else ["--appendonly", "no"]
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"] if self.aof else ["--appendonly", "no"]
+        )
         began = time.monotonic()
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                *persistence,
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         while not redis_answers(self.url):
             if time.monotonic() - began > timeout or self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
@@ -140,12 +155,23 @@ class ServerProcess:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("XPEFT_")}
         env.update({"XPEFT_TORCH_THREADS": "1", "XPEFT_LOG_LEVEL": "warning", **self.env})
-        cmd = [sys.executable, "-m", "xpeft.profiles.cli", "serve", "--bank", str(self.bank_path),
-               "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "xpeft.profiles.cli",
+            "serve",
+            "--bank",
+            str(self.bank_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self.terminated = False
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout

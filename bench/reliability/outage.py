@@ -61,9 +61,15 @@ async def _upload(client: httpx.AsyncClient, profile_id: str, data: bytes) -> di
     return response.json()
 
 
-async def run_outage(url: str, store: RedisServer, prefix: str, admin_token: str,
-                     make_profile: Callable[[int, list[str]], bytes], server_pid: int,
-                     config: OutageConfig) -> dict:
+async def run_outage(
+    url: str,
+    store: RedisServer,
+    prefix: str,
+    admin_token: str,
+    make_profile: Callable[[int, list[str]], bytes],
+    server_pid: int,
+    config: OutageConfig,
+) -> dict:
     """Run the whole timeline against the server at ``url`` (whose store is ``store``); return the record."""
     headers = {"Authorization": f"Bearer {admin_token}"}
     hot = [f"hot-{i}" for i in range(config.hot_profiles)]
@@ -86,14 +92,17 @@ async def run_outage(url: str, store: RedisServer, prefix: str, admin_token: str
         rng = random.Random(seed)
         while rec.now() < stop_at[0]:
             profile_id = rng.choice(hot)
-            await rec.request("hot", "POST", f"/profiles/{profile_id}/predict", profile_id, json={"inputs": [TEXT]})
+            await rec.request(
+                "hot", "POST", f"/profiles/{profile_id}/predict", profile_id, json={"inputs": [TEXT]}
+            )
 
     async def cold_loop() -> None:
         pool = iter(cold)
         profile_id = next(pool)
         while rec.now() < stop_at[0]:
-            got = await rec.request("cold", "POST", f"/profiles/{profile_id}/predict", profile_id,
-                                    json={"inputs": [TEXT]})
+            got = await rec.request(
+                "cold", "POST", f"/profiles/{profile_id}/predict", profile_id, json={"inputs": [TEXT]}
+            )
             if got.status == 200:  # now cached: the next cold request needs another id
                 profile_id = next(pool, None)
                 if profile_id is None:
@@ -135,11 +144,20 @@ async def run_outage(url: str, store: RedisServer, prefix: str, admin_token: str
 
     ready = httpx.get(f"{url}/readyz", timeout=10).status_code
     store_check = _check_store(store.url, prefix, acked, attempted, marks)
-    return {"config": config.__dict__, "planned_s": total, "wall_s": round(wall, 2), "marks": marks,
-            "phases": _phases(rec.outcomes, marks), "recovery": _recovery(rec.outcomes, marks),
-            "consistency_errors": _consistency_errors(rec.outcomes), "store": store_check,
-            "ready_after": ready, "server_pid": server_pid, "requests": len(rec.outcomes),
-            "outcomes": rec.outcomes}
+    return {
+        "config": config.__dict__,
+        "planned_s": total,
+        "wall_s": round(wall, 2),
+        "marks": marks,
+        "phases": _phases(rec.outcomes, marks),
+        "recovery": _recovery(rec.outcomes, marks),
+        "consistency_errors": _consistency_errors(rec.outcomes),
+        "store": store_check,
+        "ready_after": ready,
+        "server_pid": server_pid,
+        "requests": len(rec.outcomes),
+        "outcomes": rec.outcomes,
+    }
 
 
 def phase_of(o: Outcome, marks: dict[str, float]) -> str:
@@ -169,7 +187,11 @@ def _recovery(outcomes: list[Outcome], marks: dict[str, float]) -> dict:
     out = {}
     for kind in ("cold", "put"):
         for fault, cleared in (("pause", "resume"), ("kill", "up")):
-            ok = [o.end for o in outcomes if o.kind == kind and o.start >= marks[cleared] and 200 <= o.status < 300]
+            ok = [
+                o.end
+                for o in outcomes
+                if o.kind == kind and o.start >= marks[cleared] and 200 <= o.status < 300
+            ]
             out[f"{kind}_after_{fault}_s"] = round(min(ok) - marks[cleared], 3) if ok else None
     return out
 
@@ -192,8 +214,10 @@ def _check_store(url: str, prefix: str, acked: dict, attempted: dict, marks: dic
     for profile_id, writes in acked.items():
         version, meta = client.hmget(f"{tag}:profile:{profile_id}", "version", "meta")
         last_version, last_sha = writes[-1]
-        kept = version is not None and (int(version) > last_version or (
-            int(version) == last_version and json.loads(meta)["sha256"] == last_sha))
+        kept = version is not None and (
+            int(version) > last_version
+            or (int(version) == last_version and json.loads(meta)["sha256"] == last_sha)
+        )
         if not kept:
             lost.append(profile_id)
     never_acked = [i for i in attempted if i not in acked]
@@ -201,8 +225,11 @@ def _check_store(url: str, prefix: str, acked: dict, attempted: dict, marks: dic
     for profile_id in never_acked:
         tries = attempted[profile_id]
         # A request already sent when Redis was killed (or hung) may have been applied: not a refusal we can judge.
-        in_doubt = any(o.start < marks["up"] and o.end > marks["kill"] and o.start < marks["kill"] for o in tries) \
-            or any(marks["pause"] <= o.start < marks["resume"] or o.start < marks["pause"] < o.end for o in tries)
+        in_doubt = any(
+            o.start < marks["up"] and o.end > marks["kill"] and o.start < marks["kill"] for o in tries
+        ) or any(
+            marks["pause"] <= o.start < marks["resume"] or o.start < marks["pause"] < o.end for o in tries
+        )
         exists = client.exists(f"{tag}:profile:{profile_id}")
         if exists and in_doubt:
             ambiguous.append(profile_id)
@@ -211,6 +238,13 @@ def _check_store(url: str, prefix: str, acked: dict, attempted: dict, marks: dic
     seq = int(client.get(f"{tag}:seq") or 0)
     client.close()
     max_acked = max((v for writes in acked.values() for v, _ in writes), default=0)
-    return {"acked_puts": sum(len(w) for w in acked.values()), "acked_ids": len(acked), "lost_acked_ids": lost,
-            "refused_ids": len(never_acked), "refused_but_stored": stored_refused,
-            "unanswered_then_applied": ambiguous, "seq": seq, "max_acked_version": max_acked}
+    return {
+        "acked_puts": sum(len(w) for w in acked.values()),
+        "acked_ids": len(acked),
+        "lost_acked_ids": lost,
+        "refused_ids": len(never_acked),
+        "refused_but_stored": stored_refused,
+        "unanswered_then_applied": ambiguous,
+        "seq": seq,
+        "max_acked_version": max_acked,
+    }

@@ -46,15 +46,31 @@ def _server_view(url: str) -> dict[str, float]:
 
 def _server_delta(before: dict[str, float], after: dict[str, float]) -> dict:
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    mean = {kind: round(1000 * d.get(f"{kind}_sum", 0) / d[f"{kind}_count"], 2) if d.get(f"{kind}_count") else None
-            for kind in ("door", "predict")}
-    return {"queue_refusals": int(d.get("queue_refusals", 0)), "door_refusals": int(d.get("door_refusals", 0)),
-            "server_ms_per_door_refusal": mean["door"], "server_ms_per_predict_route": mean["predict"]}
+    mean = {
+        kind: round(1000 * d.get(f"{kind}_sum", 0) / d[f"{kind}_count"], 2)
+        if d.get(f"{kind}_count")
+        else None
+        for kind in ("door", "predict")
+    }
+    return {
+        "queue_refusals": int(d.get("queue_refusals", 0)),
+        "door_refusals": int(d.get("door_refusals", 0)),
+        "server_ms_per_door_refusal": mean["door"],
+        "server_ms_per_predict_route": mean["predict"],
+    }
 
 
-async def run_overload(url: str, pid: int, headers: dict[str, str], profile_ids: list[str], rounds: int = 3,
-                       requests_per_round: int = 300, concurrency: int = 150, texts_per_request: int = 4,
-                       sample_s: float = 0.02) -> dict:
+async def run_overload(
+    url: str,
+    pid: int,
+    headers: dict[str, str],
+    profile_ids: list[str],
+    rounds: int = 3,
+    requests_per_round: int = 300,
+    concurrency: int = 150,
+    texts_per_request: int = 4,
+    sample_s: float = 0.02,
+) -> dict:
     samples: list[dict] = []
     stop = asyncio.Event()
 
@@ -62,8 +78,13 @@ async def run_overload(url: str, pid: int, headers: dict[str, str], profile_ids:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             while not stop.is_set():
                 text = (await client.get("/metrics")).text
-                samples.append({"queue": _gauge(text, "xpeft_queue_depth"),
-                                "in_flight": _gauge(text, "xpeft_in_flight_requests"), **memory(pid)})
+                samples.append(
+                    {
+                        "queue": _gauge(text, "xpeft_queue_depth"),
+                        "in_flight": _gauge(text, "xpeft_in_flight_requests"),
+                        **memory(pid),
+                    }
+                )
                 await asyncio.sleep(sample_s)
 
     sampling = asyncio.create_task(sampler())
@@ -78,8 +99,13 @@ async def run_overload(url: str, pid: int, headers: dict[str, str], profile_ids:
         async def client(rec: Recorder = rec, counter: itertools.count = counter) -> None:
             while (n := next(counter)) < requests_per_round:
                 profile_id = profile_ids[n % len(profile_ids)]
-                await rec.request("predict", "POST", f"/profiles/{profile_id}/predict", profile_id,
-                                  json={"inputs": [TEXT] * texts_per_request})
+                await rec.request(
+                    "predict",
+                    "POST",
+                    f"/profiles/{profile_id}/predict",
+                    profile_id,
+                    json={"inputs": [TEXT] * texts_per_request},
+                )
 
         began = rec.now()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -87,16 +113,32 @@ async def run_overload(url: str, pid: int, headers: dict[str, str], profile_ids:
         await rec.close()
         ok = [o for o in rec.outcomes if o.status == 200]
         refused = [o for o in rec.outcomes if o.status == 503]
-        per_round.append({"round": round_no, "wall_s": round(wall, 2), "statuses": status_counts(rec.outcomes),
-                          "ok_per_s": round(len(ok) / wall, 1), "latency_ok": latency_summary(ok),
-                          "latency_refused": latency_summary(refused), "rss_end": memory(pid)["rss"]})
+        per_round.append(
+            {
+                "round": round_no,
+                "wall_s": round(wall, 2),
+                "statuses": status_counts(rec.outcomes),
+                "ok_per_s": round(len(ok) / wall, 1),
+                "latency_ok": latency_summary(ok),
+                "latency_refused": latency_summary(refused),
+                "rss_end": memory(pid)["rss"],
+            }
+        )
         all_outcomes += rec.outcomes
     stop.set()
     await sampling
     after = memory(pid)
-    return {"rounds": per_round, "requests": len(all_outcomes), "statuses": status_counts(all_outcomes),
-            "server": _server_delta(counters_before, _server_view(url)),
-            "max_queue": max(s["queue"] for s in samples), "max_in_flight": max(s["in_flight"] for s in samples),
-            "samples": len(samples), "rss_before": before["rss"], "rss_after": after["rss"],
-            "rss_peak_sampled": max(s["rss"] for s in samples), "peak_rss_hwm": after["peak"],
-            "outcomes": all_outcomes}
+    return {
+        "rounds": per_round,
+        "requests": len(all_outcomes),
+        "statuses": status_counts(all_outcomes),
+        "server": _server_delta(counters_before, _server_view(url)),
+        "max_queue": max(s["queue"] for s in samples),
+        "max_in_flight": max(s["in_flight"] for s in samples),
+        "samples": len(samples),
+        "rss_before": before["rss"],
+        "rss_after": after["rss"],
+        "rss_peak_sampled": max(s["rss"] for s in samples),
+        "peak_rss_hwm": after["peak"],
+        "outcomes": all_outcomes,
+    }

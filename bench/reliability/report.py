@@ -43,10 +43,17 @@ def outage_section(r: dict) -> list[str]:
         "| phase | hot predicts | cold predicts | uploads |",
         "| --- | --- | --- | --- |",
     ]
-    names = {"before": "before", "paused": "Redis hung", "between": "between", "down": "Redis dead",
-             "after": "after restart"}
+    names = {
+        "before": "before",
+        "paused": "Redis hung",
+        "between": "between",
+        "down": "Redis dead",
+        "after": "after restart",
+    }
     for phase, kinds in r["phases"].items():
-        cells = [f"{_statuses(k['statuses'])}; {_lat(k)}" for k in (kinds["hot"], kinds["cold"], kinds["put"])]
+        cells = [
+            f"{_statuses(k['statuses'])}; {_lat(k)}" for k in (kinds["hot"], kinds["cold"], kinds["put"])
+        ]
         lines.append(f"| {names[phase]} | " + " | ".join(cells) + " |")
     rec = r["recovery"]
     lines += [
@@ -132,31 +139,47 @@ def overload_section(r: dict) -> list[str]:
     ]
     for level in r["levels"]:
         for rnd in level["rounds"]:
-            lines.append(f"| {level['concurrency']} | {rnd['round']} | {_statuses(rnd['statuses'])} | "
-                         f"{rnd['ok_per_s']} | {_lat(rnd['latency_ok'])} | {_lat(rnd['latency_refused'])} | "
-                         f"{rnd['rss_end'] / MIB:.0f} |")
+            lines.append(
+                f"| {level['concurrency']} | {rnd['round']} | {_statuses(rnd['statuses'])} | "
+                f"{rnd['ok_per_s']} | {_lat(rnd['latency_ok'])} | {_lat(rnd['latency_refused'])} | "
+                f"{rnd['rss_end'] / MIB:.0f} |"
+            )
     lines.append("")
     for level in r["levels"]:
         srv = level["server"]
-        door = (f"; inside the app a refusal at the door took {srv['server_ms_per_door_refusal']} ms on average, "
-                "so nearly all of the refused latency the clients saw was waiting for CPU (the server's event "
-                "loop and the clients' own)" if srv["door_refusals"] else "")
-        lines.append(f"- {level['concurrency']} clients: {srv['queue_refusals']} refused by the full queue and "
-                     f"{srv['door_refusals']} at the door (in-flight limit){door}.")
-        lines.append(f"- {level['concurrency']} clients: queue depth at most {level['max_queue']:.0f} "
-                     f"(limit {s['XPEFT_MAX_QUEUE']}), requests in flight at most {level['max_in_flight']:.0f} "
-                     f"(limit {s['XPEFT_MAX_IN_FLIGHT']}), sampled {level['samples']} times from `/metrics`; RSS "
-                     f"{level['rss_before'] / MIB:.0f} MiB before, {level['rss_after'] / MIB:.0f} MiB after, "
-                     f"**peak RSS {level['peak_rss_hwm'] / MIB:.0f} MiB** (VmHWM, the process's high-water mark).")
+        door = (
+            f"; inside the app a refusal at the door took {srv['server_ms_per_door_refusal']} ms on average, "
+            "so nearly all of the refused latency the clients saw was waiting for CPU (the server's event "
+            "loop and the clients' own)"
+            if srv["door_refusals"]
+            else ""
+        )
+        lines.append(
+            f"- {level['concurrency']} clients: {srv['queue_refusals']} refused by the full queue and "
+            f"{srv['door_refusals']} at the door (in-flight limit){door}."
+        )
+        lines.append(
+            f"- {level['concurrency']} clients: queue depth at most {level['max_queue']:.0f} "
+            f"(limit {s['XPEFT_MAX_QUEUE']}), requests in flight at most {level['max_in_flight']:.0f} "
+            f"(limit {s['XPEFT_MAX_IN_FLIGHT']}), sampled {level['samples']} times from `/metrics`; RSS "
+            f"{level['rss_before'] / MIB:.0f} MiB before, {level['rss_after'] / MIB:.0f} MiB after, "
+            f"**peak RSS {level['peak_rss_hwm'] / MIB:.0f} MiB** (VmHWM, the process's high-water mark)."
+        )
     seen: dict[str, int] = {}
     for level in r["levels"]:
         for status, n in level["statuses"].items():
             seen[status] = seen.get(status, 0) + n
     other = {k: v for k, v in seen.items() if k not in ("200", "503 overloaded")}
-    lines.append(f"- Answers over all rounds: {_statuses(seen)}." + (
-        f" {sum(other.values())} request(s) got no HTTP answer ({', '.join(other)}): the connection was closed "
-        "under them. The cause was not investigated (see Left open); a client should treat it like a 503 and "
-        "retry, as a predict is idempotent." if other else ""))
+    lines.append(
+        f"- Answers over all rounds: {_statuses(seen)}."
+        + (
+            f" {sum(other.values())} request(s) got no HTTP answer ({', '.join(other)}): the connection was closed "
+            "under them. The cause was not investigated (see Left open); a client should treat it like a 503 and "
+            "retry, as a predict is idempotent."
+            if other
+            else ""
+        )
+    )
     lines += [
         "- Refusals are answered without waiting for the model, but on this shared 2-core machine they wait "
         "for CPU like every request (the event loop reads each one first), so their latency grows with the "
@@ -167,25 +190,34 @@ def overload_section(r: dict) -> list[str]:
 
 
 def shutdown_section(graceful: dict, deadline: dict) -> list[str]:
-    lines = ["## Graceful shutdown", "",
-             "SIGTERM to `xpeft serve` (`XPEFT_MAX_BATCH_SIZE=2`, `XPEFT_DRAIN_DELAY_S=0.5`) with predictions in "
-             "flight (4 texts of 500 characters each); new requests, each on a new connection, every 50 ms until "
-             "the port closed:", "",
-             "| drain timeout | in flight at SIGTERM | their answers | new predicts | /readyz | /healthz | "
-             "port closed | exit (status) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "## Graceful shutdown",
+        "",
+        "SIGTERM to `xpeft serve` (`XPEFT_MAX_BATCH_SIZE=2`, `XPEFT_DRAIN_DELAY_S=0.5`) with predictions in "
+        "flight (4 texts of 500 characters each); new requests, each on a new connection, every 50 ms until "
+        "the port closed:",
+        "",
+        "| drain timeout | in flight at SIGTERM | their answers | new predicts | /readyz | /healthz | "
+        "port closed | exit (status) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in (graceful, deadline):
         p = r["probes"]
-        lines.append(f"| {r['drain_timeout_s']:g} s | {r['seen_in_flight']:.0f} | {_statuses(r['in_flight_statuses'])} | "
-                     f"{_statuses(p['new_predict'])} | {_statuses(p['readyz'])} | {_statuses(p['healthz'])} | "
-                     f"{r['port_closed_s']:.2f} s | {r['exit_s']:.2f} s ({r['returncode']}) |")
-    lines += ["",
-              f"- With time enough, every request in flight finished (the last {graceful['last_in_flight_done_s']:.2f} s "
-              "after SIGTERM) while new ones got 503 `shutting_down`; then the port closed and the process exited "
-              "with status 0. (`0 ConnectError` / `ReadError`: the probe that found the port closed.)",
-              f"- With a {deadline['drain_timeout_s']:g} s drain timeout and more work than that, the predictions still "
-              "queued at the deadline got 503 `shutting_down`, and the process exited within "
-              "`XPEFT_DRAIN_DELAY_S + XPEFT_DRAIN_TIMEOUT_S + 5` s.", ""]
+        lines.append(
+            f"| {r['drain_timeout_s']:g} s | {r['seen_in_flight']:.0f} | {_statuses(r['in_flight_statuses'])} | "
+            f"{_statuses(p['new_predict'])} | {_statuses(p['readyz'])} | {_statuses(p['healthz'])} | "
+            f"{r['port_closed_s']:.2f} s | {r['exit_s']:.2f} s ({r['returncode']}) |"
+        )
+    lines += [
+        "",
+        f"- With time enough, every request in flight finished (the last {graceful['last_in_flight_done_s']:.2f} s "
+        "after SIGTERM) while new ones got 503 `shutting_down`; then the port closed and the process exited "
+        "with status 0. (`0 ConnectError` / `ReadError`: the probe that found the port closed.)",
+        f"- With a {deadline['drain_timeout_s']:g} s drain timeout and more work than that, the predictions still "
+        "queued at the deadline got 503 `shutting_down`, and the process exited within "
+        "`XPEFT_DRAIN_DELAY_S + XPEFT_DRAIN_TIMEOUT_S + 5` s.",
+        "",
+    ]
     return lines
 
 
@@ -262,12 +294,15 @@ STATIC_BOTTOM = """## Auth and limits (CI)
 
 def render(results: dict) -> str:
     machine = results["machine"]
-    lines = [STATIC_TOP,
-             f"Run: `{results['command']}`, {results['started']}, {machine['cpus']} CPUs shared with other work "
-             f"(load average {machine['load_avg_at_start'][0]:.1f} at the start, "
-             f"{machine['load_avg_at_end'][0]:.1f} at the end), Python {machine['python']}, torch "
-             f"{machine['torch']}, Redis {machine['redis']}, MiniLM-L6 on CPU with a random bank of 100 "
-             "adapters, one model thread per replica.", ""]
+    lines = [
+        STATIC_TOP,
+        f"Run: `{results['command']}`, {results['started']}, {machine['cpus']} CPUs shared with other work "
+        f"(load average {machine['load_avg_at_start'][0]:.1f} at the start, "
+        f"{machine['load_avg_at_end'][0]:.1f} at the end), Python {machine['python']}, torch "
+        f"{machine['torch']}, Redis {machine['redis']}, MiniLM-L6 on CPU with a random bank of 100 "
+        "adapters, one model thread per replica.",
+        "",
+    ]
     lines += outage_section(results["outage"])
     lines += fuzz_section(results["fuzz"])
     lines += updates_section(results["updates"])
@@ -278,7 +313,9 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--results", type=Path, default=Path("bench/reliability/results/cpu.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/RELIABILITY.md"))
     args = parser.parse_args()

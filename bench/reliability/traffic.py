@@ -44,14 +44,22 @@ class Outcome:
 class Recorder:
     """Sends requests through one httpx client and keeps an :class:`Outcome` for each."""
 
-    def __init__(self, base_url: str, headers: dict[str, str] | None = None, timeout: float = 30.0,
-                 max_connections: int = 100, keepalive: bool = True, t0: float | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30.0,
+        max_connections: int = 100,
+        keepalive: bool = True,
+        t0: float | None = None,
+    ) -> None:
         """``keepalive=False``: a new connection per request; ``t0``: share another recorder's clock."""
         check_loopback(base_url)
         self.t0 = time.monotonic() if t0 is None else t0
         self.outcomes: list[Outcome] = []
-        limits = httpx.Limits(max_connections=max_connections,
-                              max_keepalive_connections=max_connections if keepalive else 0)
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections if keepalive else 0
+        )
         self.client = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
 
     def now(self) -> float:
@@ -69,8 +77,16 @@ class Recorder:
             except ValueError:
                 body = None
             body = body if isinstance(body, dict) else None
-            outcome = Outcome(kind, target, start, self.now(), response.status_code,
-                              body.get("error") if body else None, body.get("version") if body else None, body)
+            outcome = Outcome(
+                kind,
+                target,
+                start,
+                self.now(),
+                response.status_code,
+                body.get("error") if body else None,
+                body.get("version") if body else None,
+                body,
+            )
         self.outcomes.append(outcome)
         return outcome
 
@@ -92,7 +108,12 @@ def latency_summary(outcomes: Iterable[Outcome]) -> dict[str, float]:
     def pick(q: float) -> float:
         return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
 
-    return {"n": len(values), "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": round(values[-1] * 1000, 1)}
+    return {
+        "n": len(values),
+        "p50_ms": pick(0.5),
+        "p99_ms": pick(0.99),
+        "max_ms": round(values[-1] * 1000, 1),
+    }
 
 
 async def until(deadline: float, clock, interval: float = 0.0):

@@ -10,10 +10,20 @@ import asyncio
 import httpx
 
 
-async def run_updates(writer_url: str, reader_urls: list[str], admin: dict[str, str], reader: dict[str, str],
-                      profile_id: str, files: list[bytes], expected: list[list[dict[str, float]]],
-                      texts: list[str], puts: int = 14, readers_per_url: int = 6, put_gap_s: float = 0.15,
-                      atol: float = 1e-4) -> dict:
+async def run_updates(
+    writer_url: str,
+    reader_urls: list[str],
+    admin: dict[str, str],
+    reader: dict[str, str],
+    profile_id: str,
+    files: list[bytes],
+    expected: list[list[dict[str, float]]],
+    texts: list[str],
+    puts: int = 14,
+    readers_per_url: int = 6,
+    put_gap_s: float = 0.15,
+    atol: float = 1e-4,
+) -> dict:
     """``expected[i]``: the offline scores of ``files[i]`` for ``texts``. Returns counts and every mismatch."""
     file_of_version: dict[int, int] = {}
     answers: list[tuple[str, dict]] = []
@@ -51,10 +61,18 @@ async def run_updates(writer_url: str, reader_urls: list[str], admin: dict[str, 
             mismatches.append({"url": url, "version": version, "why": "no PUT returned this version"})
             continue
         want = expected[file_of_version[version]]
-        worst = max(abs(got["scores"][label] - p) for got, scores in zip(body["predictions"], want, strict=True)
-                    for label, p in scores.items())
+        worst = max(
+            abs(got["scores"][label] - p)
+            for got, scores in zip(body["predictions"], want, strict=True)
+            for label, p in scores.items()
+        )
         if worst > atol:
             mismatches.append({"url": url, "version": version, "why": f"scores off by {worst:.2e}"})
-    return {"puts": puts + 1, "answers": len(answers), "versions_seen": len({b["version"] for _, b in answers}),
-            "answers_by_replica": {url: sum(u == url for u, _ in answers) for url in reader_urls},
-            "mismatches": mismatches, "failures": failures}
+    return {
+        "puts": puts + 1,
+        "answers": len(answers),
+        "versions_seen": len({b["version"] for _, b in answers}),
+        "answers_by_replica": {url: sum(u == url for u, _ in answers) for url in reader_urls},
+        "mismatches": mismatches,
+        "failures": failures,
+    }

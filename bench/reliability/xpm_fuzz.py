@@ -33,8 +33,13 @@ def split(valid: bytes) -> tuple[dict, bytes]:
     return header, valid[_PREFIX.size + header_length : -4]
 
 
-def assemble(header: dict | bytes, payload: bytes, version: int = 1, magic: bytes = b"\x89XPM",
-             header_length: int | None = None) -> bytes:
+def assemble(
+    header: dict | bytes,
+    payload: bytes,
+    version: int = 1,
+    magic: bytes = b"\x89XPM",
+    header_length: int | None = None,
+) -> bytes:
     """A file with a correct CRC (unless the caller damages it afterwards)."""
     raw = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
     length = len(raw) if header_length is None else header_length
@@ -65,6 +70,7 @@ def _edit(name: str):
     def register(fn: Callable[[dict], None]) -> Callable[[dict], None]:
         _EDITS.append((name, fn))
         return fn
+
     return register
 
 
@@ -73,8 +79,24 @@ for _key in ("L", "N", "d", "r", "k", "max_length"):
         _edit(f"{_key}={_value!r}")(lambda h, k=_key, v=_value: h.__setitem__(k, v))
     _edit(f"no {_key}")(lambda h, k=_key: h.pop(k, None))
 for _key in ("kind", "bank_id", "model_id", "labels", "meta"):
-    for _value in (None, 7, "", "x" * 300, [], {}, ["a"], ["a", "a"], ["a", 3], [""], ["x" * 300, "y"],
-                   [f"l{i}" for i in range(5000)], {"a": 1}, {str(i): "v" for i in range(40)}, "soft", "hard"):
+    for _value in (
+        None,
+        7,
+        "",
+        "x" * 300,
+        [],
+        {},
+        ["a"],
+        ["a", "a"],
+        ["a", 3],
+        [""],
+        ["x" * 300, "y"],
+        [f"l{i}" for i in range(5000)],
+        {"a": 1},
+        {str(i): "v" for i in range(40)},
+        "soft",
+        "hard",
+    ):
         _edit(f"{_key}={str(_value)[:20]}")(lambda h, k=_key, v=_value: h.__setitem__(k, v))
     _edit(f"no {_key}")(lambda h, k=_key: h.pop(k, None))
 
@@ -95,17 +117,29 @@ def corpus(valid: bytes, foreign: list[bytes], n: int = 1000, seed: int = 0) -> 
         edit(h)
         add("header_edit", name, assemble(h, payload))
     # Huge declared sizes: shapes at their bounds over a payload of a few bytes; a header length past the end.
-    for L, N, d, r in [(128, 65536, 16384, 16384), (128, 65536, 384, 24), (6, 65536, 384, 24), (128, 20, 16384, 16384)]:
+    for L, N, d, r in [
+        (128, 65536, 16384, 16384),
+        (128, 65536, 384, 24),
+        (6, 65536, 384, 24),
+        (128, 20, 16384, 16384),
+    ]:
         for kind in ("hard", "soft", "adapter", "head_only"):
-            add("huge_declared", f"{kind} L={L} N={N} d={d} r={r}",
-                assemble({**header, "kind": kind, "L": L, "N": N, "d": d, "r": r}, payload))
+            add(
+                "huge_declared",
+                f"{kind} L={L} N={N} d={d} r={r}",
+                assemble({**header, "kind": kind, "L": L, "N": N, "d": d, "r": r}, payload),
+            )
     for length in (65535, len(valid), len(valid) + 1, 0, 1):
         raw = json.dumps(header, separators=(",", ":")).encode()
         add("huge_declared", f"header_length={length}", assemble(raw, payload, header_length=length))
     # Another bank or encoder: genuine files, and ours with an edited id.
     for i, data in enumerate(foreign):
         add("wrong_bank", f"foreign-{i}", data)
-    for key, value in (("bank_id", "0" * 16), ("model_id", "bert-L6-H384-000000000000"), ("N", header["N"] // 2)):
+    for key, value in (
+        ("bank_id", "0" * 16),
+        ("model_id", "bert-L6-H384-000000000000"),
+        ("N", header["N"] // 2),
+    ):
         add("wrong_bank", f"{key} edited", assemble({**header, key: value}, payload))
     # Framing: magic, version, non-JSON headers, trailing and missing bytes.
     for magic in (b"\x89XPN", b"XPM\x89", b"\x00\x00\x00\x00", b"PK\x03\x04"):
@@ -141,6 +175,9 @@ def corpus(valid: bytes, foreign: list[bytes], n: int = 1000, seed: int = 0) -> 
             else:  # flipped, then a correct CRC: half in the header, half in the payload
                 bits = rng.choice([1, 1, 2, 4])
                 where = (0, header_end) if i % 2 else (header_end, len(valid) - 4)
-                add(category, f"{bits} bits in {'header' if i % 2 else 'payload'}",
-                    recrc(_flip(valid, rng, bits, *where)))
+                add(
+                    category,
+                    f"{bits} bits in {'header' if i % 2 else 'payload'}",
+                    recrc(_flip(valid, rng, bits, *where)),
+                )
     return out

@@ -29,8 +29,13 @@ class ProfileRecord:
     updated_at: float
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "version": self.version, "created_at": iso(self.created_at),
-                "updated_at": iso(self.updated_at), **self.meta}
+        return {
+            "id": self.id,
+            "version": self.version,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            **self.meta,
+        }
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,9 @@ class ChangeEvent:
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 def now() -> float:

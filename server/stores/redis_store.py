@@ -65,7 +65,9 @@ class RedisStore(ProfileStore):
 
     kind = "redis"
 
-    def __init__(self, url: str, prefix: str = "xpeft", timeout_s: float = 2.0, max_connections: int = 64) -> None:
+    def __init__(
+        self, url: str, prefix: str = "xpeft", timeout_s: float = 2.0, max_connections: int = 64
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.timeout_s = timeout_s
@@ -78,9 +80,14 @@ class RedisStore(ProfileStore):
         # A blocking pool: a burst beyond max_connections waits (up to timeout_s) for a free
         # connection; redis-py's default pool refuses at once, which turned bursts into 503s.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-            health_check_interval=30)
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            health_check_interval=30,
+        )
         self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self._put = self._redis.register_script(_PUT)
         self._delete = self._redis.register_script(_DELETE)
@@ -104,7 +111,8 @@ class RedisStore(ProfileStore):
         stamp = now()
         args = [profile_id, data, json.dumps(meta, separators=(",", ":")), repr(stamp), self.channel]
         seq, created, created_at = await self._call(
-            "put", self._put(keys=[self.key(profile_id), self.ids_key, self.seq_key], args=args))
+            "put", self._put(keys=[self.key(profile_id), self.ids_key, self.seq_key], args=args)
+        )
         return ProfileRecord(profile_id, int(seq), dict(meta), float(created_at), stamp), bool(created)
 
     async def get(self, profile_id: str) -> StoredProfile | None:
@@ -119,13 +127,20 @@ class RedisStore(ProfileStore):
         return None if values[0] is None else self._record(profile_id, values)
 
     async def delete(self, profile_id: str) -> int | None:
-        seq = await self._call("delete", self._delete(keys=[self.key(profile_id), self.ids_key, self.seq_key],
-                                                      args=[profile_id, repr(now()), self.channel]))
+        seq = await self._call(
+            "delete",
+            self._delete(
+                keys=[self.key(profile_id), self.ids_key, self.seq_key],
+                args=[profile_id, repr(now()), self.channel],
+            ),
+        )
         return int(seq) or None
 
     async def list(self, cursor: str | None, limit: int) -> tuple[list[ProfileRecord], str | None]:
         start = b"(" + cursor.encode() if cursor else b"-"
-        ids = await self._call("list", self._redis.zrangebylex(self.ids_key, start, b"+", start=0, num=limit + 1))
+        ids = await self._call(
+            "list", self._redis.zrangebylex(self.ids_key, start, b"+", start=0, num=limit + 1)
+        )
         page = [i.decode() for i in ids[:limit]]
         pipe = self._redis.pipeline(transaction=False)
         for profile_id in page:
@@ -163,7 +178,9 @@ class RedisStore(ProfileStore):
                     if message is None or message.get("type") != "message":
                         continue
                     event = json.loads(message["data"])
-                    yield ChangeEvent(event["id"], int(event["version"]), bool(event["deleted"]), event.get("at"))
+                    yield ChangeEvent(
+                        event["id"], int(event["version"]), bool(event["deleted"]), event.get("at")
+                    )
             except (RedisError, OSError, asyncio.TimeoutError, StoreUnavailable):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

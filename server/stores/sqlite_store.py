@@ -51,8 +51,9 @@ class SQLiteStore(ProfileStore):
 
     kind = "sqlite"
 
-    def __init__(self, path: str | Path, poll_s: float = 0.1, keep_changes: int = 10_000,
-                 timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, path: str | Path, poll_s: float = 0.1, keep_changes: int = 10_000, timeout_s: float = 5.0
+    ) -> None:
         self.path = Path(path)
         self.poll_s = poll_s
         self.keep_changes = keep_changes
@@ -100,8 +101,9 @@ class SQLiteStore(ProfileStore):
 
     @staticmethod
     def _record(row: tuple) -> ProfileRecord:
-        return ProfileRecord(id=row[0], version=row[1], meta=json.loads(row[2]), created_at=row[3],
-                             updated_at=row[4])
+        return ProfileRecord(
+            id=row[0], version=row[1], meta=json.loads(row[2]), created_at=row[3], updated_at=row[4]
+        )
 
     # -- contract --------------------------------------------------------------------------
     async def put(self, profile_id: str, data: bytes, meta: dict) -> tuple[ProfileRecord, bool]:
@@ -110,42 +112,64 @@ class SQLiteStore(ProfileStore):
 
         def write(db: sqlite3.Connection) -> tuple[ProfileRecord, bool]:
             old = db.execute("SELECT created_at FROM profiles WHERE id = ?", (profile_id,)).fetchone()
-            seq = db.execute("INSERT INTO changes (id, deleted, at) VALUES (?, 0, ?)", (profile_id, stamp)).lastrowid
+            seq = db.execute(
+                "INSERT INTO changes (id, deleted, at) VALUES (?, 0, ?)", (profile_id, stamp)
+            ).lastrowid
             created_at = stamp if old is None else old[0]
-            db.execute("INSERT INTO profiles (id, version, data, meta, created_at, updated_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET version = excluded.version, "
-                       "data = excluded.data, meta = excluded.meta, updated_at = excluded.updated_at",
-                       (profile_id, seq, data, meta_json, created_at, stamp))
+            db.execute(
+                "INSERT INTO profiles (id, version, data, meta, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET version = excluded.version, "
+                "data = excluded.data, meta = excluded.meta, updated_at = excluded.updated_at",
+                (profile_id, seq, data, meta_json, created_at, stamp),
+            )
             return ProfileRecord(profile_id, seq, dict(meta), created_at, stamp), old is None
 
         return await self._run(lambda: self._write(write))
 
     async def get(self, profile_id: str) -> StoredProfile | None:
-        row = await self._run(lambda: self._db().execute(
-            f"SELECT {_RECORD_COLUMNS}, data FROM profiles WHERE id = ?", (profile_id,)).fetchone())
+        row = await self._run(
+            lambda: (
+                self._db()
+                .execute(f"SELECT {_RECORD_COLUMNS}, data FROM profiles WHERE id = ?", (profile_id,))
+                .fetchone()
+            )
+        )
         if row is None:
             return None
         record = self._record(row)
         return StoredProfile(**record.__dict__, data=bytes(row[5]))
 
     async def get_record(self, profile_id: str) -> ProfileRecord | None:
-        row = await self._run(lambda: self._db().execute(
-            f"SELECT {_RECORD_COLUMNS} FROM profiles WHERE id = ?", (profile_id,)).fetchone())
+        row = await self._run(
+            lambda: (
+                self._db()
+                .execute(f"SELECT {_RECORD_COLUMNS} FROM profiles WHERE id = ?", (profile_id,))
+                .fetchone()
+            )
+        )
         return None if row is None else self._record(row)
 
     async def delete(self, profile_id: str) -> int | None:
         def write(db: sqlite3.Connection) -> int | None:
             if db.execute("DELETE FROM profiles WHERE id = ?", (profile_id,)).rowcount == 0:
                 return None
-            return db.execute("INSERT INTO changes (id, deleted, at) VALUES (?, 1, ?)",
-                              (profile_id, now())).lastrowid
+            return db.execute(
+                "INSERT INTO changes (id, deleted, at) VALUES (?, 1, ?)", (profile_id, now())
+            ).lastrowid
 
         return await self._run(lambda: self._write(write))
 
     async def list(self, cursor: str | None, limit: int) -> tuple[list[ProfileRecord], str | None]:
-        rows = await self._run(lambda: self._db().execute(
-            f"SELECT {_RECORD_COLUMNS} FROM profiles WHERE id > ? ORDER BY id LIMIT ?",
-            (cursor or "", limit + 1)).fetchall())
+        rows = await self._run(
+            lambda: (
+                self._db()
+                .execute(
+                    f"SELECT {_RECORD_COLUMNS} FROM profiles WHERE id > ? ORDER BY id LIMIT ?",
+                    (cursor or "", limit + 1),
+                )
+                .fetchall()
+            )
+        )
         records = [self._record(r) for r in rows[:limit]]
         return records, (records[-1].id if len(rows) > limit else None)
 
@@ -157,15 +181,19 @@ class SQLiteStore(ProfileStore):
             for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                out.update(self._db().execute(f"SELECT id, version FROM profiles WHERE id IN ({marks})",
-                                              chunk).fetchall())
+                out.update(
+                    self._db()
+                    .execute(f"SELECT id, version FROM profiles WHERE id IN ({marks})", chunk)
+                    .fetchall()
+                )
             return out
 
         return await self._run(read) if ids else {}
 
     async def current_seq(self) -> int:
-        row = await self._run(lambda: self._db().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'")
-                              .fetchone())
+        row = await self._run(
+            lambda: self._db().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        )
         return int(row[0]) if row else 0
 
     async def watch(self) -> AsyncIterator[ChangeEvent]:
@@ -175,9 +203,16 @@ class SQLiteStore(ProfileStore):
         while True:
             await asyncio.sleep(self.poll_s)
             after = seen
-            rows = await self._run(lambda after=after: self._db().execute(
-                "SELECT seq, id, deleted, at FROM changes WHERE seq > ? ORDER BY seq LIMIT 1000",
-                (after,)).fetchall())
+            rows = await self._run(
+                lambda after=after: (
+                    self._db()
+                    .execute(
+                        "SELECT seq, id, deleted, at FROM changes WHERE seq > ? ORDER BY seq LIMIT 1000",
+                        (after,),
+                    )
+                    .fetchall()
+                )
+            )
             if rows and rows[0][0] != seen + 1:
                 # Writes never leave gaps (a rolled-back insert gives its number back), so a gap
                 # means the log was pruned past what this watcher saw: resync instead.
@@ -193,8 +228,13 @@ class SQLiteStore(ProfileStore):
 
     async def _prune(self) -> None:
         keep = self.keep_changes
-        await self._run(lambda: self._write(lambda db: db.execute(
-            "DELETE FROM changes WHERE seq <= (SELECT MAX(seq) FROM changes) - ?", (keep,))))
+        await self._run(
+            lambda: self._write(
+                lambda db: db.execute(
+                    "DELETE FROM changes WHERE seq <= (SELECT MAX(seq) FROM changes) - ?", (keep,)
+                )
+            )
+        )
 
     async def ping(self) -> None:
         await self._run(lambda: self._db().execute("SELECT 1").fetchone())

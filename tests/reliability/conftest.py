@@ -89,32 +89,73 @@ def make_profile(bank: AdapterBank):
 
 
 @pytest.fixture(scope="session")
-def fleet(rel_redis_url: str, rel_bank_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(
+    rel_redis_url: str, rel_bank_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
     logs = tmp_path_factory.mktemp("rel-logs")
     data = tmp_path_factory.mktemp("rel-data")
     prefix = f"xpeft-rel-{uuid.uuid4().hex[:12]}"
     outage_redis = private_redis(aof=True)
-    shared = {"XPEFT_REDIS_URL": rel_redis_url, "XPEFT_REDIS_PREFIX": prefix, "XPEFT_ADMIN_TOKEN": ADMIN,
-              "XPEFT_API_TOKEN": API}
-    servers = {
-        "main": {**shared, "XPEFT_PREDICT_TOKENS": json.dumps(TENANTS), "XPEFT_LOG_LEVEL": "debug",
-                 "XPEFT_ACCESS_LOG": "true", "XPEFT_MAX_INPUTS": "8", "XPEFT_MAX_TEXT_CHARS": "2048",
-                 "XPEFT_MAX_PROFILE_BYTES": "65536", "XPEFT_MAX_REQUEST_BYTES": "262144",
-                 "XPEFT_MAX_WAIT_MS": "2"},
-        "replica": {**shared, "XPEFT_MAX_QUEUE": "8", "XPEFT_MAX_IN_FLIGHT": "12", "XPEFT_MAX_BATCH_SIZE": "8",
-                    "XPEFT_MAX_WAIT_MS": "2", "XPEFT_ACCESS_LOG": "false"},
-        "outage": {"XPEFT_REDIS_URL": outage_redis.url, "XPEFT_REDIS_PREFIX": "outage", "XPEFT_ADMIN_TOKEN": ADMIN,
-                   "XPEFT_STORE_TIMEOUT_S": "0.5", "XPEFT_REQUEST_TIMEOUT_S": "3", "XPEFT_VERSION_CHECK_S": "0.5",
-                   "XPEFT_ACCESS_LOG": "false"},
-        "drain": {"XPEFT_SQLITE_PATH": str(data / "drain.sqlite3"), "XPEFT_ADMIN_TOKEN": ADMIN,
-                  "XPEFT_MAX_BATCH_SIZE": "2", "XPEFT_MAX_WAIT_MS": "0", "XPEFT_DRAIN_TIMEOUT_S": "60",
-                  "XPEFT_DRAIN_DELAY_S": "0.5", "XPEFT_LOG_LEVEL": "info", "XPEFT_ACCESS_LOG": "false"},
-        "limits": {"XPEFT_SQLITE_PATH": str(data / "limits.sqlite3"), "XPEFT_ADMIN_TOKEN": ADMIN,
-                   "XPEFT_REQUEST_TIMEOUT_S": "0.05", "XPEFT_MAX_WAIT_MS": "300", "XPEFT_BODY_TIMEOUT_S": "1",
-                   "XPEFT_MAX_INPUTS": "4", "XPEFT_MAX_TEXT_CHARS": "300", "XPEFT_MAX_REQUEST_BYTES": "4096",
-                   "XPEFT_MAX_PROFILE_BYTES": "65536"},
+    shared = {
+        "XPEFT_REDIS_URL": rel_redis_url,
+        "XPEFT_REDIS_PREFIX": prefix,
+        "XPEFT_ADMIN_TOKEN": ADMIN,
+        "XPEFT_API_TOKEN": API,
     }
-    procs = {name: ServerProcess(name, env, rel_bank_path, logs / f"{name}.log") for name, env in servers.items()}
+    servers = {
+        "main": {
+            **shared,
+            "XPEFT_PREDICT_TOKENS": json.dumps(TENANTS),
+            "XPEFT_LOG_LEVEL": "debug",
+            "XPEFT_ACCESS_LOG": "true",
+            "XPEFT_MAX_INPUTS": "8",
+            "XPEFT_MAX_TEXT_CHARS": "2048",
+            "XPEFT_MAX_PROFILE_BYTES": "65536",
+            "XPEFT_MAX_REQUEST_BYTES": "262144",
+            "XPEFT_MAX_WAIT_MS": "2",
+        },
+        "replica": {
+            **shared,
+            "XPEFT_MAX_QUEUE": "8",
+            "XPEFT_MAX_IN_FLIGHT": "12",
+            "XPEFT_MAX_BATCH_SIZE": "8",
+            "XPEFT_MAX_WAIT_MS": "2",
+            "XPEFT_ACCESS_LOG": "false",
+        },
+        "outage": {
+            "XPEFT_REDIS_URL": outage_redis.url,
+            "XPEFT_REDIS_PREFIX": "outage",
+            "XPEFT_ADMIN_TOKEN": ADMIN,
+            "XPEFT_STORE_TIMEOUT_S": "0.5",
+            "XPEFT_REQUEST_TIMEOUT_S": "3",
+            "XPEFT_VERSION_CHECK_S": "0.5",
+            "XPEFT_ACCESS_LOG": "false",
+        },
+        "drain": {
+            "XPEFT_SQLITE_PATH": str(data / "drain.sqlite3"),
+            "XPEFT_ADMIN_TOKEN": ADMIN,
+            "XPEFT_MAX_BATCH_SIZE": "2",
+            "XPEFT_MAX_WAIT_MS": "0",
+            "XPEFT_DRAIN_TIMEOUT_S": "60",
+            "XPEFT_DRAIN_DELAY_S": "0.5",
+            "XPEFT_LOG_LEVEL": "info",
+            "XPEFT_ACCESS_LOG": "false",
+        },
+        "limits": {
+            "XPEFT_SQLITE_PATH": str(data / "limits.sqlite3"),
+            "XPEFT_ADMIN_TOKEN": ADMIN,
+            "XPEFT_REQUEST_TIMEOUT_S": "0.05",
+            "XPEFT_MAX_WAIT_MS": "300",
+            "XPEFT_BODY_TIMEOUT_S": "1",
+            "XPEFT_MAX_INPUTS": "4",
+            "XPEFT_MAX_TEXT_CHARS": "300",
+            "XPEFT_MAX_REQUEST_BYTES": "4096",
+            "XPEFT_MAX_PROFILE_BYTES": "65536",
+        },
+    }
+    procs = {
+        name: ServerProcess(name, env, rel_bank_path, logs / f"{name}.log") for name, env in servers.items()
+    }
     try:
         for proc in procs.values():
             proc.start()

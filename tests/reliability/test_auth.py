@@ -29,7 +29,9 @@ WRONG = "rel-wrong-token-0d0d0d"
 def main(fleet, make_profile) -> httpx.Client:
     with httpx.Client(base_url=fleet.main.url, timeout=30) as client:
         for profile_id in ("acme-1", "beta-1", "shared-beta-1", "acmeX-1", "other-1"):
-            assert client.put(f"/profiles/{profile_id}", content=make_profile(5), headers=bearer(ADMIN)).is_success
+            assert client.put(
+                f"/profiles/{profile_id}", content=make_profile(5), headers=bearer(ADMIN)
+            ).is_success
         yield client
 
 
@@ -47,10 +49,16 @@ def predict(client: httpx.Client, profile_id: str, headers: dict | None = None) 
 @pytest.mark.parametrize("method", ["PUT", "DELETE"])
 def test_writes_need_the_admin_token(main, make_profile, method) -> None:
     body = {"content": make_profile(6)} if method == "PUT" else {}
-    for headers, status, code in [({}, 401, "unauthorized"), ({"Authorization": f"Basic {ADMIN}"}, 401, "unauthorized"),
-                                  ({"Authorization": "Bearer"}, 401, "unauthorized"), (bearer(WRONG), 403, "forbidden"),
-                                  (bearer(API), 403, "forbidden"), (bearer(ACME), 403, "forbidden"),
-                                  (bearer(ADMIN + "x"), 403, "forbidden"), (bearer(ADMIN[:-1]), 403, "forbidden")]:
+    for headers, status, code in [
+        ({}, 401, "unauthorized"),
+        ({"Authorization": f"Basic {ADMIN}"}, 401, "unauthorized"),
+        ({"Authorization": "Bearer"}, 401, "unauthorized"),
+        (bearer(WRONG), 403, "forbidden"),
+        (bearer(API), 403, "forbidden"),
+        (bearer(ACME), 403, "forbidden"),
+        (bearer(ADMIN + "x"), 403, "forbidden"),
+        (bearer(ADMIN[:-1]), 403, "forbidden"),
+    ]:
         refused(main.request(method, "/profiles/acme-1", headers=headers, **body), status, code)
     # nothing changed: acme-1 is still there, at its version
     version = main.get("/profiles/acme-1", headers=bearer(API)).json()["version"]
@@ -67,8 +75,15 @@ def test_a_tenant_token_reaches_its_own_profiles_only(main) -> None:
     assert predict(main, "beta-1", bearer(BETA)).status_code == 200
     assert predict(main, "shared-beta-1", bearer(BETA)).status_code == 200  # a second prefix
     # another tenant's profile, whether it exists or not: the same 403 (no existence oracle)
-    for token, profile_id in [(ACME, "beta-1"), (ACME, "shared-beta-1"), (ACME, "beta-missing"), (BETA, "acme-1"),
-                              (ACME, "other-1"), (ACME, "acmeX-1"), (BETA, "other-1")]:
+    for token, profile_id in [
+        (ACME, "beta-1"),
+        (ACME, "shared-beta-1"),
+        (ACME, "beta-missing"),
+        (BETA, "acme-1"),
+        (ACME, "other-1"),
+        (ACME, "acmeX-1"),
+        (BETA, "other-1"),
+    ]:
         refused(predict(main, profile_id, bearer(token)), 403, "forbidden")
         refused(main.get(f"/profiles/{profile_id}", headers=bearer(token)), 403, "forbidden")
     # the list would show other tenants' ids; writes are the admin's
@@ -139,15 +154,30 @@ def test_tokens_are_compared_in_constant_time(monkeypatch) -> None:
     assert calls == [(API.encode(), ADMIN.encode())]
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ["acme-"]}'}, "need XPEFT_ADMIN_TOKEN"),
-    ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": "bad prefix"}'}, "token 1 needs"),
-    ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": []}'}, "token 1 needs"),
-    ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ["ok-"], "tok secret": ["b-"]}'}, "token 2"),
-    ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '["tok-secret-1"]'}, "JSON object"),
-    ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ['}, "not JSON"),
-    ({"XPEFT_ADMIN_TOKEN": "tok-secret-1", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ["a-"]}'}, "must differ"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ["acme-"]}'}, "need XPEFT_ADMIN_TOKEN"),
+        (
+            {"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": "bad prefix"}'},
+            "token 1 needs",
+        ),
+        ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": []}'}, "token 1 needs"),
+        (
+            {
+                "XPEFT_ADMIN_TOKEN": "a",
+                "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ["ok-"], "tok secret": ["b-"]}',
+            },
+            "token 2",
+        ),
+        ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '["tok-secret-1"]'}, "JSON object"),
+        ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ['}, "not JSON"),
+        (
+            {"XPEFT_ADMIN_TOKEN": "tok-secret-1", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ["a-"]}'},
+            "must differ",
+        ),
+    ],
+)
 def test_a_bad_token_table_stops_serve_without_showing_a_token(monkeypatch, tmp_path, env, needle) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -161,6 +191,11 @@ def test_a_bad_token_table_stops_serve_without_showing_a_token(monkeypatch, tmp_
 def test_predict_tokens_from_a_file(tmp_path) -> None:
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps({"tok-file-1": ["gamma-"], ACME: ["acme-", "acme2-"]}))
-    settings = Settings(admin_token=ADMIN, predict_tokens=json.dumps({ACME: ["acme-"]}), predict_tokens_file=path)
-    assert settings.tenant_prefixes() == {ACME: ("acme-", "acme2-"), "tok-file-1": ("gamma-",)}  # the file wins
+    settings = Settings(
+        admin_token=ADMIN, predict_tokens=json.dumps({ACME: ["acme-"]}), predict_tokens_file=path
+    )
+    assert settings.tenant_prefixes() == {
+        ACME: ("acme-", "acme2-"),
+        "tok-file-1": ("gamma-",),
+    }  # the file wins
     assert ACME not in repr(settings) and "tok-file-1" not in repr(settings)

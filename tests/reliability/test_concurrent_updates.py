@@ -27,8 +27,20 @@ def test_every_answer_matches_the_version_it_reports(fleet, make_profile, encode
     for a, b in itertools.combinations(expected, 2):
         assert max(abs(x["pos"] - y["pos"]) for x, y in zip(a, b, strict=True)) > 100 * ATOL
 
-    result = asyncio.run(run_updates(fleet.main.url, [fleet.main.url, fleet.replica.url], bearer(ADMIN),
-                                     bearer(API), "cu-1", files, expected, TEXTS, puts=14, atol=ATOL))
+    result = asyncio.run(
+        run_updates(
+            fleet.main.url,
+            [fleet.main.url, fleet.replica.url],
+            bearer(ADMIN),
+            bearer(API),
+            "cu-1",
+            files,
+            expected,
+            TEXTS,
+            puts=14,
+            atol=ATOL,
+        )
+    )
     print("\n", {k: v for k, v in result.items() if k != "mismatches"})
     assert result["failures"] == [] and result["mismatches"] == []
     assert result["answers"] >= 100 and result["versions_seen"] >= 8  # many versions, read mid-update

@@ -42,8 +42,13 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 def test_openapi_fuzzing_finds_no_server_error_and_answers_match_the_schema(case, fleet) -> None:
     """Every generated request (valid and invalid) gets a documented status, content type and body shape."""
     if case.path.endswith("/predict") and zlib.crc32(repr(case.body).encode()) % 3:
@@ -58,20 +63,30 @@ def test_openapi_fuzzing_finds_no_server_error_and_answers_match_the_schema(case
 # -- malformed .xpm uploads ----------------------------------------------------------------------
 def _foreign(encoder) -> list[bytes]:
     """Valid profiles for other banks (another seed, another N): 409 bank_mismatch here."""
-    other = create_random_bank(encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=20, seed=7)
-    small = create_random_bank(encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=10, seed=1)
-    return [xpm.encode(random_profile(b, kind, seed=i)) for i, (b, kind) in
-            enumerate([(other, "hard"), (other, "soft"), (small, "hard"), (small, "soft")])]
+    other = create_random_bank(
+        encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=20, seed=7
+    )
+    small = create_random_bank(
+        encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=10, seed=1
+    )
+    return [
+        xpm.encode(random_profile(b, kind, seed=i))
+        for i, (b, kind) in enumerate([(other, "hard"), (other, "soft"), (small, "hard"), (small, "soft")])
+    ]
 
 
-async def _upload_all(url: str, uploads: list[tuple[str, bytes]], concurrency: int = 4) -> list[httpx.Response]:
+async def _upload_all(
+    url: str, uploads: list[tuple[str, bytes]], concurrency: int = 4
+) -> list[httpx.Response]:
     queue = list(enumerate(uploads))
     out: list[httpx.Response | None] = [None] * len(uploads)
     async with httpx.AsyncClient(base_url=url, headers=bearer(ADMIN), timeout=30) as client:
+
         async def worker() -> None:
             while queue:
                 i, (profile_id, data) = queue.pop()
                 out[i] = await client.put(f"/profiles/{profile_id}", content=data)
+
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return out  # type: ignore[return-value]
 
@@ -82,18 +97,32 @@ def test_a_thousand_malformed_uploads_get_4xx_and_store_nothing(fleet, make_prof
     valid = make_profile(42)
     mutants = corpus(valid, _foreign(encoder), n=1000, seed=0)
     assert len(mutants) >= 1000
-    assert {m.category for m in mutants} >= {"random_bytes", "truncation", "bit_flip", "bit_flip_recrc",
-                                            "header_edit", "huge_declared", "wrong_bank", "framing", "oversize"}
+    assert {m.category for m in mutants} >= {
+        "random_bytes",
+        "truncation",
+        "bit_flip",
+        "bit_flip_recrc",
+        "header_edit",
+        "huge_declared",
+        "wrong_bank",
+        "framing",
+        "oversize",
+    }
     # Each mutant under an id of its own, then 150 more as replacements of one stored profile.
     target = "fz-target"
     with httpx.Client(base_url=main.url, headers=bearer(ADMIN), timeout=30) as client:
         before = client.put(f"/profiles/{target}", content=valid).json()
     uploads = [(f"fz-{i}", m.data) for i, m in enumerate(mutants)]
     responses = asyncio.run(_upload_all(main.url, uploads))
-    by_category = collections.Counter((m.category, r.status_code) for m, r in zip(mutants, responses, strict=True))
+    by_category = collections.Counter(
+        (m.category, r.status_code) for m, r in zip(mutants, responses, strict=True)
+    )
     # Refused files again, as replacements of a stored profile: it must keep its version and bytes.
-    replacements = [(target, data) for (_, data), r in list(zip(uploads, responses, strict=True))[::6]
-                    if r.status_code >= 400]
+    replacements = [
+        (target, data)
+        for (_, data), r in list(zip(uploads, responses, strict=True))[::6]
+        if r.status_code >= 400
+    ]
     uploads += replacements
     responses += asyncio.run(_upload_all(main.url, replacements))
 
@@ -103,7 +132,9 @@ def test_a_thousand_malformed_uploads_get_4xx_and_store_nothing(fleet, make_prof
     for response in responses:
         assert response.headers["content-type"].startswith("application/json")
         if response.status_code >= 400:
-            assert response.json()["error"] in ("invalid_profile", "bank_mismatch", "too_large"), response.text
+            assert response.json()["error"] in ("invalid_profile", "bank_mismatch", "too_large"), (
+                response.text
+            )
     refused = {pid_ for (pid_, _), r in zip(uploads, responses, strict=True) if r.status_code >= 400}
     accepted = {pid_: data for (pid_, data), r in zip(uploads, responses, strict=True) if r.status_code < 300}
     assert len(responses) >= 1100 and statuses[422] >= 900 and statuses[409] >= 4 and statuses[413] >= 2
@@ -113,10 +144,12 @@ def test_a_thousand_malformed_uploads_get_4xx_and_store_nothing(fleet, make_prof
     # The store's contents: exactly the accepted ids, with their bytes; the target still holds its own.
     client = redis.Redis.from_url(fleet.redis_url)
     tag = "{" + fleet.prefix + "}"
-    stored = {key.decode().split(":profile:", 1)[1] for key in client.scan_iter(f"{tag}:profile:fz-*", count=1000)}
+    stored = {
+        key.decode().split(":profile:", 1)[1] for key in client.scan_iter(f"{tag}:profile:fz-*", count=1000)
+    }
     indexed = {m.decode() for m in client.zrangebylex(f"{tag}:ids", b"[fz-", b"[fz-\xff")}
     expected = {i for i in accepted if i != target} | {target}
-    assert stored == indexed == expected, (stored ^ expected)
+    assert stored == indexed == expected, stored ^ expected
     assert not (refused - {target}) & stored  # refused on their own id: none stored
     for profile_id in expected - {target}:
         data = client.hget(f"{tag}:profile:{profile_id}", "data")

@@ -17,7 +17,9 @@ from .conftest import ADMIN, bearer
 @pytest.fixture(scope="module")
 def limits(fleet, make_profile) -> httpx.Client:
     with httpx.Client(base_url=fleet.limits.url, timeout=30) as client:
-        assert client.put("/profiles/lim-1", content=make_profile(3), headers=bearer(ADMIN)).status_code == 201
+        assert (
+            client.put("/profiles/lim-1", content=make_profile(3), headers=bearer(ADMIN)).status_code == 201
+        )
         yield client
 
 
@@ -34,20 +36,26 @@ def test_a_prediction_past_the_request_timeout_gets_504_at_the_deadline(limits) 
     assert "0.05 s" in message and took < 0.3 + 1.0  # answered at the deadline, not when the batch ran
 
 
-@pytest.mark.parametrize("payload, needle", [
-    ({"inputs": ["x"] * 5}, "at most 4"),
-    ({"inputs": ["x" * 301]}, "at most 300"),
-    ({"inputs": [["x", "y" * 301]]}, "at most 300"),
-    ({"inputs": []}, "at least one"),
-])
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        ({"inputs": ["x"] * 5}, "at most 4"),
+        ({"inputs": ["x" * 301]}, "at most 300"),
+        ({"inputs": [["x", "y" * 301]]}, "at most 300"),
+        ({"inputs": []}, "at least one"),
+    ],
+)
 def test_inputs_and_text_length(limits, payload, needle) -> None:
     assert needle in error(limits.post("/profiles/lim-1/predict", json=payload), 422, "invalid_request")
 
 
 def test_a_lone_surrogate_is_refused_not_a_server_error(limits) -> None:
     raw = b'{"inputs": ["fine", "\\ud800 broken"]}'
-    message = error(limits.post("/profiles/lim-1/predict", content=raw,
-                                headers={"Content-Type": "application/json"}), 422, "invalid_request")
+    message = error(
+        limits.post("/profiles/lim-1/predict", content=raw, headers={"Content-Type": "application/json"}),
+        422,
+        "invalid_request",
+    )
     assert "inputs[1]" in message and "surrogate" in message
 
 
@@ -81,8 +89,10 @@ def _stalled_request(port: int, head: bytes, sent_body: bytes) -> tuple[bytes, f
 
 @pytest.mark.parametrize("method, path", [("POST", "/profiles/lim-1/predict"), ("PUT", "/profiles/lim-slow")])
 def test_a_stalled_body_gets_408_after_the_body_timeout(fleet, limits, method, path) -> None:
-    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {ADMIN}\r\nContent-Length: 1000\r\n\r\n").encode()
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {ADMIN}\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
     answer, took = _stalled_request(fleet.limits.port, head, b'{"inputs": ["')
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"error":"request_timeout"' in answer and b"connection: close" in answer.lower()

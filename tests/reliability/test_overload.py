@@ -34,11 +34,22 @@ def test_past_capacity_the_excess_is_refused_fast_and_memory_stays_flat(fleet, m
     ids = [f"ov-{i}" for i in range(4)]
     with httpx.Client(base_url=fleet.replica.url, headers=bearer(ADMIN), timeout=30) as client:
         for i, profile_id in enumerate(ids):
-            assert client.put(f"/profiles/{profile_id}", content=make_profile(70 + i, [f"{profile_id}:a",
-                                                                                     f"{profile_id}:b"])).is_success
+            assert client.put(
+                f"/profiles/{profile_id}",
+                content=make_profile(70 + i, [f"{profile_id}:a", f"{profile_id}:b"]),
+            ).is_success
     counted = _refusals(fleet.replica.url)
-    result = asyncio.run(run_overload(fleet.replica.url, fleet.replica.pid, bearer(API), ids, rounds=3,
-                                      requests_per_round=240, concurrency=64))
+    result = asyncio.run(
+        run_overload(
+            fleet.replica.url,
+            fleet.replica.pid,
+            bearer(API),
+            ids,
+            rounds=3,
+            requests_per_round=240,
+            concurrency=64,
+        )
+    )
     rounds = result["rounds"]
     print("\n", {k: v for k, v in result.items() if k not in ("outcomes", "rounds")}, "\n", rounds)
 
@@ -55,7 +66,11 @@ def test_past_capacity_the_excess_is_refused_fast_and_memory_stays_flat(fleet, m
         assert r["latency_refused"]["p50_ms"] < 0.5 * r["latency_ok"]["p50_ms"], rounds
     assert max(o.latency for o in refused) < 10.0
     # the limits held, seen from the server's own gauges while it was saturated
-    assert result["samples"] >= 20 and result["max_in_flight"] <= MAX_IN_FLIGHT and result["max_queue"] <= MAX_QUEUE
+    assert (
+        result["samples"] >= 20
+        and result["max_in_flight"] <= MAX_IN_FLIGHT
+        and result["max_queue"] <= MAX_QUEUE
+    )
     assert result["max_queue"] >= MAX_QUEUE / 2  # and it really was saturated
     # memory: flat from the end of the first round to the end of the last
     growth = rounds[-1]["rss_end"] - rounds[0]["rss_end"]

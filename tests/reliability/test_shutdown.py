@@ -38,7 +38,8 @@ def test_sigterm_finishes_in_flight_refuses_new_requests_and_exits(fleet, make_p
     answered = [o for o in new if o.status != 0]
     assert answered and {(o.status, o.code) for o in answered} == {(503, "shutting_down")}
     assert {o.status for o in probes if o.kind == "readyz"} <= {503, 0} and result["probes"]["readyz"].get(
-        "503 shutting_down")
+        "503 shutting_down"
+    )
     assert {o.status for o in probes if o.kind == "healthz"} <= {200, 0}
     # it kept answering 503 at least for the drain delay, then closed the port and exited cleanly, soon
     # after the last in-flight request (not after the 60 s drain timeout)
@@ -48,8 +49,9 @@ def test_sigterm_finishes_in_flight_refuses_new_requests_and_exits(fleet, make_p
     assert result["exit_s"] < DRAIN_DELAY_S + DRAIN_TIMEOUT_S + FINAL_GRACE_S
 
 
-def test_drain_deadline_answers_queued_predictions_and_refuses_new_requests(encoder, bank, tmp_path,
-                                                                           make_profile) -> None:
+def test_drain_deadline_answers_queued_predictions_and_refuses_new_requests(
+    encoder, bank, tmp_path, make_profile
+) -> None:
     settings = Settings(sqlite_path=tmp_path / "p.sqlite3", drain_timeout_s=0.3)
     app = create_app(settings, model=MultiProfileModel(encoder, bank))
     state = app.state.server

@@ -17,14 +17,32 @@ STORE_TIMEOUT_S = 0.5  # the outage server's XPEFT_STORE_TIMEOUT_S
 REQUEST_TIMEOUT_S = 3.0
 
 
-def test_store_outage_cached_profiles_keep_answering_and_nothing_acknowledged_is_lost(fleet, make_profile) -> None:
+def test_store_outage_cached_profiles_keep_answering_and_nothing_acknowledged_is_lost(
+    fleet, make_profile
+) -> None:
     server = fleet.outage
     pid = server.pid
-    result = asyncio.run(run_outage(server.url, fleet.outage_redis, "outage", ADMIN, make_profile, pid,
-                                    OutageConfig(warm_s=1.5, pause_s=2.0, gap_s=2.0, down_s=2.0, recovery_s=2.5)))
+    result = asyncio.run(
+        run_outage(
+            server.url,
+            fleet.outage_redis,
+            "outage",
+            ADMIN,
+            make_profile,
+            pid,
+            OutageConfig(warm_s=1.5, pause_s=2.0, gap_s=2.0, down_s=2.0, recovery_s=2.5),
+        )
+    )
     marks, outcomes = result["marks"], result["outcomes"]
-    print("\n", {phase: {kind: v["statuses"] for kind, v in kinds.items()} for phase, kinds in result["phases"].items()},
-          result["recovery"], {k: v for k, v in result["store"].items() if not isinstance(v, list)})
+    print(
+        "\n",
+        {
+            phase: {kind: v["statuses"] for kind, v in kinds.items()}
+            for phase, kinds in result["phases"].items()
+        },
+        result["recovery"],
+        {k: v for k, v in result["store"].items() if not isinstance(v, list)},
+    )
 
     # Cached profiles answer throughout, from the right profile, and nothing waits past the request timeout.
     hot = [o for o in outcomes if o.kind == "hot"]
@@ -37,8 +55,11 @@ def test_store_outage_cached_profiles_keep_answering_and_nothing_acknowledged_is
 
         # Requests that needed the store, made and answered entirely within the fault: 503 store_unavailable,
         # within the store timeout (plus scheduling slack on a busy machine).
-        inside = [o for o in outcomes if o.kind in ("cold", "put") and marks[fault] + 0.05 <= o.start
-                  and o.end <= marks[cleared]]
+        inside = [
+            o
+            for o in outcomes
+            if o.kind in ("cold", "put") and marks[fault] + 0.05 <= o.start and o.end <= marks[cleared]
+        ]
         assert {o.kind for o in inside} == {"cold", "put"}, f"no store-bound traffic during the {fault}"
         assert {(o.status, o.code) for o in inside} == {(503, "store_unavailable")}, inside
         assert max(o.latency for o in inside) < STORE_TIMEOUT_S + 1.0

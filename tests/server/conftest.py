@@ -93,24 +93,43 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def cluster(redis_url: str, redis_prefix: str, bank_path: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    redis_url: str, redis_prefix: str, bank_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     logs = tmp_path_factory.mktemp("server-logs")
-    shared = {"XPEFT_REDIS_URL": redis_url, "XPEFT_REDIS_PREFIX": redis_prefix, "XPEFT_ADMIN_TOKEN": ADMIN,
-              "XPEFT_MAX_WAIT_MS": "10"}
+    shared = {
+        "XPEFT_REDIS_URL": redis_url,
+        "XPEFT_REDIS_PREFIX": redis_prefix,
+        "XPEFT_ADMIN_TOKEN": ADMIN,
+        "XPEFT_MAX_WAIT_MS": "10",
+    }
     sqlite_path = tmp_path_factory.mktemp("sqlite") / "profiles.sqlite3"
     d_redis = new_redis_server()
     servers = [
         ServerProcess("a", dict(shared), bank_path, logs / "a.log"),
         ServerProcess("b", dict(shared), bank_path, logs / "b.log"),
-        ServerProcess("c", {"XPEFT_SQLITE_PATH": str(sqlite_path), "XPEFT_ADMIN_TOKEN": ADMIN,
-                            "XPEFT_API_TOKEN": READER, "XPEFT_MAX_INPUTS": "4", "XPEFT_MAX_TEXT_CHARS": "300",
-                            "XPEFT_MAX_PROFILE_BYTES": "65536", "XPEFT_MAX_REQUEST_BYTES": "4096",
-                            "XPEFT_MAX_QUEUE": "2", "XPEFT_MAX_BATCH_SIZE": "4", "XPEFT_MAX_WAIT_MS": "0",
-                            "XPEFT_MAX_LIST_LIMIT": "50", "XPEFT_LOG_LEVEL": "info"},
-                      bank_path, logs / "c.log"),
-        ServerProcess("d", {"XPEFT_REDIS_URL": d_redis.url, "XPEFT_STORE_TIMEOUT_S": "0.5"}, bank_path,
-                      logs / "d.log"),
+        ServerProcess(
+            "c",
+            {
+                "XPEFT_SQLITE_PATH": str(sqlite_path),
+                "XPEFT_ADMIN_TOKEN": ADMIN,
+                "XPEFT_API_TOKEN": READER,
+                "XPEFT_MAX_INPUTS": "4",
+                "XPEFT_MAX_TEXT_CHARS": "300",
+                "XPEFT_MAX_PROFILE_BYTES": "65536",
+                "XPEFT_MAX_REQUEST_BYTES": "4096",
+                "XPEFT_MAX_QUEUE": "2",
+                "XPEFT_MAX_BATCH_SIZE": "4",
+                "XPEFT_MAX_WAIT_MS": "0",
+                "XPEFT_MAX_LIST_LIMIT": "50",
+                "XPEFT_LOG_LEVEL": "info",
+            },
+            bank_path,
+            logs / "c.log",
+        ),
+        ServerProcess(
+            "d", {"XPEFT_REDIS_URL": d_redis.url, "XPEFT_STORE_TIMEOUT_S": "0.5"}, bank_path, logs / "d.log"
+        ),
     ]
     try:
         for server in servers:

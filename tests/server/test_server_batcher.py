@@ -135,6 +135,7 @@ def test_full_queue_refuses_with_overloaded() -> None:
 
 def test_a_failed_batch_is_rerun_one_request_at_a_time_and_the_loop_goes_on() -> None:
     """A batch that fails once (say, out of memory) is retried request by request: all answered."""
+
     async def body() -> None:
         runner = Recorder(fail_first=True)
         metrics = Metrics()
@@ -156,6 +157,7 @@ def test_a_failed_batch_is_rerun_one_request_at_a_time_and_the_loop_goes_on() ->
 
 def test_a_poisoned_request_fails_alone_not_its_batch() -> None:
     """One request that always breaks the model gets the error; the others of its batch do not."""
+
     class Poisoned(Recorder):
         async def __call__(self, jobs: Sequence[Job]) -> list[list]:
             if any(job.entry.id == "poison" for job in jobs):

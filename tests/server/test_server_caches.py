@@ -23,7 +23,9 @@ def fused_entry() -> FusedAdapters:
 
 
 def sample(metrics: Metrics, cache: str, event: str) -> float:
-    return metrics.registry.get_sample_value("xpeft_cache_events_total", {"cache": cache, "event": event}) or 0.0
+    return (
+        metrics.registry.get_sample_value("xpeft_cache_events_total", {"cache": cache, "event": event}) or 0.0
+    )
 
 
 def test_fused_cache_is_bounded_in_bytes_and_evicts_least_recent() -> None:
@@ -180,8 +182,10 @@ def test_worker_fuses_cold_profiles_together_once_and_matches_the_model(encoder,
     metrics = Metrics()
     worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics), metrics)
     worker.model = model
-    profiles = [CachedProfile(f"p{i}", 1, xpm.decode(profile_bytes(i, kind), bank))
-                for i, kind in enumerate(["hard", "soft", "adapter", "head_only"])]
+    profiles = [
+        CachedProfile(f"p{i}", 1, xpm.decode(profile_bytes(i, kind), bank))
+        for i, kind in enumerate(["hard", "soft", "adapter", "head_only"])
+    ]
     calls = []
     real_fuse = model.fuse
     model.fuse = lambda ps: calls.append(len(ps)) or real_fuse(ps)  # type: ignore[method-assign]

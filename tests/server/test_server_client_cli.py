@@ -30,8 +30,9 @@ def test_client_round_trip(cluster, profile_bytes, encoder, bank, admin_headers)
         assert client.get("client-1")["version"] == meta["version"]
         assert client.health()["status"] == "ok" and client.ready()["status"] == "ready"
         result = client.predict("client-1", ["a fine film", ("premise", "hypothesis")])
-        expected = MultiProfileModel(encoder, bank).predict(xpm.decode(data, bank),
-                                                            ["a fine film", ("premise", "hypothesis")])
+        expected = MultiProfileModel(encoder, bank).predict(
+            xpm.decode(data, bank), ["a fine film", ("premise", "hypothesis")]
+        )
         assert [p["label"] for p in result["predictions"]] == [e.label for e in expected]
         for i in range(3):
             client.upload(f"client-page-{i}", profile_bytes(30 + i))
@@ -43,7 +44,11 @@ def test_client_round_trip(cluster, profile_bytes, encoder, bank, admin_headers)
         assert (err.value.code, err.value.status) == ("profile_not_found", 404)
         with pytest.raises(ClientError) as err:
             client.upload("client-2", data[:30])
-        assert (err.value.code, err.value.status, err.value.body["detail"]) == ("invalid_profile", 422, "truncated")
+        assert (err.value.code, err.value.status, err.value.body["detail"]) == (
+            "invalid_profile",
+            422,
+            "truncated",
+        )
     with Client(cluster.a.url) as anonymous, pytest.raises(ClientError) as err:
         anonymous.upload("client-3", data)
     assert err.value.code == "unauthorized"
@@ -52,39 +57,67 @@ def test_client_round_trip(cluster, profile_bytes, encoder, bank, admin_headers)
     assert err.value.code == "connection_error"
 
 
-def test_cli_upload_as_a_process_then_predict(cluster, profile_bytes, tmp_path, encoder, bank, admin_headers,
-                                              capsys) -> None:
+def test_cli_upload_as_a_process_then_predict(
+    cluster, profile_bytes, tmp_path, encoder, bank, admin_headers, capsys
+) -> None:
     token = admin_headers["Authorization"].split(" ", 1)[1]
     path = tmp_path / "p.xpm"
     path.write_bytes(profile_bytes(41, labels=["sad", "happy"]))
-    upload = subprocess.run([sys.executable, "-m", "xpeft.profiles.cli", "upload", str(path), "--id", "cli-1",
-                             "--url", cluster.a.url, "--token", token], capture_output=True, text=True, timeout=120)
+    upload = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xpeft.profiles.cli",
+            "upload",
+            str(path),
+            "--id",
+            "cli-1",
+            "--url",
+            cluster.a.url,
+            "--token",
+            token,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert upload.returncode == 0, upload.stderr
     assert json.loads(upload.stdout)["id"] == "cli-1" and json.loads(upload.stdout)["version"] >= 1
 
     texts = ["what a joy", "premise ||| hypothesis"]
     assert main(["predict", "--url", cluster.a.url, "--id", "cli-1", "--pair-sep", "|||", *texts]) == 0
     served = json.loads(capsys.readouterr().out)
-    expected = MultiProfileModel(encoder, bank).predict(xpm.load(path, bank), ["what a joy", ("premise ", " hypothesis")])
+    expected = MultiProfileModel(encoder, bank).predict(
+        xpm.load(path, bank), ["what a joy", ("premise ", " hypothesis")]
+    )
     assert [s["input"] for s in served] == texts
     assert [s["label"] for s in served] == [e.label for e in expected]
     assert served[0]["score"] == pytest.approx(expected[0].score, abs=1e-4)
 
 
-@pytest.mark.parametrize("argv, code", [
-    (["upload", "{file}", "--id", "cli-2", "--url", "{url}", "--token", "wrong"], "forbidden"),
-    (["upload", "{file}", "--id", "cli-2", "--url", "{url}"], "unauthorized"),
-    (["upload", "{missing}", "--id", "cli-2", "--url", "{url}"], "not_found"),
-    (["predict", "--url", "{url}", "--id", "no-such-profile", "text"], "profile_not_found"),
-    (["predict", "--url", "{url}", "text"], "bad_argument"),
-    (["predict", "--url", "{closed}", "--id", "x", "text"], "connection_error"),
-])
-def test_cli_errors_are_one_line_and_exit_2(cluster, profile_bytes, tmp_path, capsys, monkeypatch, argv, code) -> None:
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["upload", "{file}", "--id", "cli-2", "--url", "{url}", "--token", "wrong"], "forbidden"),
+        (["upload", "{file}", "--id", "cli-2", "--url", "{url}"], "unauthorized"),
+        (["upload", "{missing}", "--id", "cli-2", "--url", "{url}"], "not_found"),
+        (["predict", "--url", "{url}", "--id", "no-such-profile", "text"], "profile_not_found"),
+        (["predict", "--url", "{url}", "text"], "bad_argument"),
+        (["predict", "--url", "{closed}", "--id", "x", "text"], "connection_error"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(
+    cluster, profile_bytes, tmp_path, capsys, monkeypatch, argv, code
+) -> None:
     monkeypatch.delenv("XPEFT_TOKEN", raising=False)
     path = tmp_path / "p.xpm"
     path.write_bytes(profile_bytes(1))
-    values = {"file": str(path), "missing": str(tmp_path / "missing.xpm"), "url": cluster.a.url,
-              "closed": closed_port_url()}
+    values = {
+        "file": str(path),
+        "missing": str(tmp_path / "missing.xpm"),
+        "url": cluster.a.url,
+        "closed": closed_port_url(),
+    }
     assert main([a.format(**values) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {code}: ") and err.count("\n") == 1

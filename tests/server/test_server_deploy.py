@@ -31,7 +31,10 @@ NGINX = ROOT / "docker" / "nginx.conf"
 def compose_command() -> list[str] | None:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
         return ["docker", "compose"]
     return None
 
@@ -43,8 +46,13 @@ def run_compose_config(path: Path) -> subprocess.CompletedProcess:
             pytest.fail("CI must validate docker-compose.yml: install Debian's docker-compose (see .ci/run)")
         pytest.skip("no docker-compose here (.ci/run installs Debian's package)")
     env = {**os.environ, "XPEFT_ADMIN_TOKEN": "validation-only"}
-    return subprocess.run([*command, "-f", str(path), "--project-directory", str(ROOT), "config", "-q"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [*command, "-f", str(path), "--project-directory", str(ROOT), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_compose_file_passes_docker_compose_config() -> None:
@@ -173,5 +181,7 @@ def test_healthcheck_script(cluster) -> None:
 
 def test_every_setting_is_documented() -> None:
     api = (ROOT / "docs" / "API.md").read_text()
-    missing = [f"XPEFT_{name.upper()}" for name in Settings.model_fields if f"`XPEFT_{name.upper()}`" not in api]
+    missing = [
+        f"XPEFT_{name.upper()}" for name in Settings.model_fields if f"`XPEFT_{name.upper()}`" not in api
+    ]
     assert not missing, f"docs/API.md does not document {missing}"

@@ -50,7 +50,11 @@ def test_profile_lifecycle(a, admin_headers, profile_bytes, bank) -> None:
     assert put.status_code == 201, put.text
     meta = put.json()
     assert meta["id"] == "life-1" and meta["kind"] == "hard" and meta["bank_id"] == bank.bank_id
-    assert meta["bytes"] == len(data) and meta["labels"] == ["negative", "positive"] and len(meta["sha256"]) == 64
+    assert (
+        meta["bytes"] == len(data)
+        and meta["labels"] == ["negative", "positive"]
+        and len(meta["sha256"]) == 64
+    )
     got = a.get("/profiles/life-1")
     assert got.status_code == 200 and got.json() == meta
 
@@ -77,37 +81,56 @@ def test_writes_need_the_admin_token(a, profile_bytes) -> None:
     assert "token" in missing["message"]
     wrong = {"Authorization": "Bearer not-the-token"}
     assert_error(a.put("/profiles/auth-1", content=profile_bytes(1), headers=wrong), 403, "forbidden")
-    assert_error(a.put("/profiles/auth-1", content=profile_bytes(1), headers={"Authorization": "Basic abc"}),
-                 401, "unauthorized")
+    assert_error(
+        a.put("/profiles/auth-1", content=profile_bytes(1), headers={"Authorization": "Basic abc"}),
+        401,
+        "unauthorized",
+    )
     assert_error(a.delete("/profiles/auth-1", headers=wrong), 403, "forbidden")
     _nothing_stored(a, "auth-1")
 
 
-@pytest.mark.parametrize("damage, detail", [
-    (lambda d: d[:40], "truncated"),
-    (lambda d: b"", "truncated"),
-    (lambda d: b"GIF89a" + d[6:], "bad_magic"),
-    (lambda d: d[:60] + bytes([d[60] ^ 0xFF]) + d[61:], "checksum_mismatch"),
-])
+@pytest.mark.parametrize(
+    "damage, detail",
+    [
+        (lambda d: d[:40], "truncated"),
+        (lambda d: b"", "truncated"),
+        (lambda d: b"GIF89a" + d[6:], "bad_magic"),
+        (lambda d: d[:60] + bytes([d[60] ^ 0xFF]) + d[61:], "checksum_mismatch"),
+    ],
+)
 def test_malformed_profiles_are_refused(a, admin_headers, profile_bytes, damage, detail) -> None:
-    body = assert_error(a.put("/profiles/bad-1", content=damage(profile_bytes(3)), headers=admin_headers),
-                        422, "invalid_profile")
+    body = assert_error(
+        a.put("/profiles/bad-1", content=damage(profile_bytes(3)), headers=admin_headers),
+        422,
+        "invalid_profile",
+    )
     assert body["detail"] == detail and body["message"].startswith(detail)
     _nothing_stored(a, "bad-1")
 
 
 def test_profile_of_another_bank_is_a_conflict(a, admin_headers, encoder) -> None:
-    other = create_random_bank(encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=20, seed=7)
-    body = assert_error(a.put("/profiles/other-bank", content=xpm.encode(random_profile(other, seed=1)),
-                              headers=admin_headers), 409, "bank_mismatch")
+    other = create_random_bank(
+        encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=20, seed=7
+    )
+    body = assert_error(
+        a.put(
+            "/profiles/other-bank", content=xpm.encode(random_profile(other, seed=1)), headers=admin_headers
+        ),
+        409,
+        "bank_mismatch",
+    )
     assert other.bank_id in body["message"]
     _nothing_stored(a, "other-bank")
 
 
 def test_refused_replacement_keeps_the_old_version(a, admin_headers, profile_bytes) -> None:
     v1 = a.put("/profiles/keep-1", content=profile_bytes(4), headers=admin_headers).json()
-    assert_error(a.put("/profiles/keep-1", content=profile_bytes(5)[:-3], headers=admin_headers),
-                 422, "invalid_profile")
+    assert_error(
+        a.put("/profiles/keep-1", content=profile_bytes(5)[:-3], headers=admin_headers),
+        422,
+        "invalid_profile",
+    )
     assert a.get("/profiles/keep-1").json() == v1
     answer = a.post("/profiles/keep-1/predict", json={"inputs": ["still here"]})
     assert answer.status_code == 200 and answer.json()["version"] == v1["version"]
@@ -151,9 +174,13 @@ def test_reads_need_the_api_token_when_set(c, admin_headers, reader_headers, pro
     assert_error(c.get("/profiles/read-1", headers={"Authorization": "Bearer nope"}), 403, "forbidden")
     assert c.get("/profiles/read-1", headers=reader_headers).status_code == 200
     assert c.get("/profiles/read-1", headers=admin_headers).status_code == 200  # admin may read too
-    assert c.post("/profiles/read-1/predict", json={"inputs": ["x"]}, headers=reader_headers).status_code == 200
+    assert (
+        c.post("/profiles/read-1/predict", json={"inputs": ["x"]}, headers=reader_headers).status_code == 200
+    )
     # the reader token does not allow writes
-    assert_error(c.put("/profiles/read-2", content=profile_bytes(2), headers=reader_headers), 403, "forbidden")
+    assert_error(
+        c.put("/profiles/read-2", content=profile_bytes(2), headers=reader_headers), 403, "forbidden"
+    )
     assert_error(c.delete("/profiles/read-1", headers=reader_headers), 403, "forbidden")
     for path in ("/healthz", "/readyz", "/metrics"):
         assert c.get(path).status_code == 200
@@ -162,7 +189,10 @@ def test_reads_need_the_api_token_when_set(c, admin_headers, reader_headers, pro
 def test_list_is_paged_in_id_order(c, admin_headers, reader_headers, profile_bytes) -> None:
     ids = [f"list-{i:02d}" for i in range(7)]
     for i, profile_id in enumerate(reversed(ids)):
-        assert c.put(f"/profiles/{profile_id}", content=profile_bytes(i), headers=admin_headers).status_code == 201
+        assert (
+            c.put(f"/profiles/{profile_id}", content=profile_bytes(i), headers=admin_headers).status_code
+            == 201
+        )
     seen, cursor, pages = [], "list-", 0
     while cursor is not None:
         page = c.get("/profiles", params={"cursor": cursor, "limit": 3}, headers=reader_headers)
@@ -178,30 +208,42 @@ def test_list_is_paged_in_id_order(c, admin_headers, reader_headers, profile_byt
     assert {"version", "labels", "kind"} <= set(first[0])
     assert_error(c.get("/profiles", params={"limit": 51}, headers=reader_headers), 422, "invalid_request")
     assert_error(c.get("/profiles", params={"limit": 0}, headers=reader_headers), 422, "invalid_request")
-    assert_error(c.get("/profiles", params={"cursor": "bad cursor"}, headers=reader_headers), 422,
-                 "invalid_profile_id")
+    assert_error(
+        c.get("/profiles", params={"cursor": "bad cursor"}, headers=reader_headers), 422, "invalid_profile_id"
+    )
 
 
-@pytest.mark.parametrize("payload, needle", [
-    ({"inputs": []}, "at least one"),
-    ({"inputs": ["x"] * 5}, "at most 4"),
-    ({"inputs": ["x" * 301]}, "at most 300"),
-    ({"inputs": [["premise", "y" * 301]]}, "at most 300"),
-    ({"inputs": [1, 2]}, "inputs"),
-    ({"inputs": [["one", "two", "three"]]}, "inputs"),
-    ({"texts": ["x"]}, "inputs"),
-    ({"inputs": ["x"], "extra": 1}, "extra"),
-])
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        ({"inputs": []}, "at least one"),
+        ({"inputs": ["x"] * 5}, "at most 4"),
+        ({"inputs": ["x" * 301]}, "at most 300"),
+        ({"inputs": [["premise", "y" * 301]]}, "at most 300"),
+        ({"inputs": [1, 2]}, "inputs"),
+        ({"inputs": [["one", "two", "three"]]}, "inputs"),
+        ({"texts": ["x"]}, "inputs"),
+        ({"inputs": ["x"], "extra": 1}, "extra"),
+    ],
+)
 def test_predict_refuses_bad_inputs(c, admin_headers, reader_headers, profile_bytes, payload, needle) -> None:
     c.put("/profiles/inputs-1", content=profile_bytes(1), headers=admin_headers)
-    body = assert_error(c.post("/profiles/inputs-1/predict", json=payload, headers=reader_headers), 422,
-                        "invalid_request")
+    body = assert_error(
+        c.post("/profiles/inputs-1/predict", json=payload, headers=reader_headers), 422, "invalid_request"
+    )
     assert needle in body["message"]
 
 
 def test_predict_refuses_non_json_and_oversize_bodies(c, reader_headers) -> None:
-    body = assert_error(c.post("/profiles/inputs-1/predict", content=b"inputs=x", headers={
-        **reader_headers, "Content-Type": "application/x-www-form-urlencoded"}), 422, "invalid_request")
+    body = assert_error(
+        c.post(
+            "/profiles/inputs-1/predict",
+            content=b"inputs=x",
+            headers={**reader_headers, "Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        422,
+        "invalid_request",
+    )
     assert "application/json" in body["message"]
     huge = {"inputs": ["x" * 5000]}  # over the 4 KiB request limit of server c
     assert_error(c.post("/profiles/inputs-1/predict", json=huge, headers=reader_headers), 413, "too_large")
@@ -220,8 +262,14 @@ def test_unknown_routes_and_methods_are_json(a) -> None:
 
 def test_openapi_and_docs(a) -> None:
     spec = a.get("/openapi.json").json()
-    assert {"/profiles", "/profiles/{profile_id}", "/profiles/{profile_id}/predict", "/healthz", "/readyz",
-            "/metrics"} <= set(spec["paths"])
+    assert {
+        "/profiles",
+        "/profiles/{profile_id}",
+        "/profiles/{profile_id}/predict",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(spec["paths"])
     put = spec["paths"]["/profiles/{profile_id}"]["put"]
     assert "application/octet-stream" in put["requestBody"]["content"]
     docs = a.get("/docs")
@@ -243,7 +291,10 @@ def test_metrics_count_requests_batches_caches_and_store(a, admin_headers, profi
     def value(name: str) -> float:
         return values.get(name, 0.0)
 
-    assert value('xpeft_http_requests_total{method="POST",route="/profiles/{profile_id}/predict",status="200"}') >= 3
+    assert (
+        value('xpeft_http_requests_total{method="POST",route="/profiles/{profile_id}/predict",status="200"}')
+        >= 3
+    )
     assert value('xpeft_http_requests_total{method="GET",route="/profiles/{profile_id}",status="404"}') >= 1
     assert not any("metrics-1" in name for name in values)  # ids never become labels
     assert value("xpeft_batch_rows_count") >= 1 and value("xpeft_batch_rows_sum") >= 6
@@ -251,8 +302,10 @@ def test_metrics_count_requests_batches_caches_and_store(a, admin_headers, profi
     assert value('xpeft_cache_events_total{cache="fused",event="miss"}') >= 1
     assert value('xpeft_store_seconds_count{op="put"}') >= 1
     assert "xpeft_queue_depth" in values and value("xpeft_model_ready") == 1
-    assert 'xpeft_http_request_seconds_bucket{le="0.005",method="POST",route="/profiles/{profile_id}/predict"}' \
+    assert (
+        'xpeft_http_request_seconds_bucket{le="0.005",method="POST",route="/profiles/{profile_id}/predict"}'
         in values
+    )
 
 
 def test_tokens_never_reach_the_log(cluster, c, admin_headers, reader_headers) -> None:

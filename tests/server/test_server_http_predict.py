@@ -10,8 +10,14 @@ import pytest
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel
 
-TEXTS = ["a gripping, beautifully acted film", "the plot is dull and the jokes are stale",
-         "It was fine, I suppose.", "Terrible service and cold food.", "great", "I would go again tomorrow"]
+TEXTS = [
+    "a gripping, beautifully acted film",
+    "the plot is dull and the jokes are stale",
+    "It was fine, I suppose.",
+    "Terrible service and cold food.",
+    "great",
+    "I would go again tomorrow",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +49,24 @@ def test_predict_equals_the_offline_api(cluster, admin_headers, profile_bytes, o
 
 def test_predict_text_pairs_and_mixed_inputs(cluster, admin_headers, profile_bytes, offline, bank) -> None:
     data = profile_bytes(12, labels=["entailment", "neutral", "contradiction"])
-    inputs = [["A man plays a guitar.", "Someone makes music."], "a single text",
-              ["The cat sleeps.", "The cat runs a marathon."]]
+    inputs = [
+        ["A man plays a guitar.", "Someone makes music."],
+        "a single text",
+        ["The cat sleeps.", "The cat runs a marathon."],
+    ]
     with httpx.Client(base_url=cluster.a.url, timeout=30) as client:
         client.put("/profiles/pairs-1", content=data, headers=admin_headers)
         answer = client.post("/profiles/pairs-1/predict", json={"inputs": inputs})
     assert answer.status_code == 200, answer.text
-    expected = offline.predict(xpm.decode(data, bank), [tuple(x) if isinstance(x, list) else x for x in inputs])
+    expected = offline.predict(
+        xpm.decode(data, bank), [tuple(x) if isinstance(x, list) else x for x in inputs]
+    )
     assert_same(answer.json()["predictions"], expected)
 
 
-def test_200_concurrent_predicts_over_50_profiles(cluster, admin_headers, profile_bytes, offline, bank) -> None:
+def test_200_concurrent_predicts_over_50_profiles(
+    cluster, admin_headers, profile_bytes, offline, bank
+) -> None:
     """Each answer carries its own profile's labels and scores, though they share batches."""
     n_profiles, n_requests = 50, 200
     datas = [profile_bytes(100 + i, labels=[f"no-{i}", f"yes-{i}"]) for i in range(n_profiles)]
@@ -64,16 +77,22 @@ def test_200_concurrent_predicts_over_50_profiles(cluster, admin_headers, profil
     expected = {}
     for i, data in enumerate(datas):  # offline: each profile's texts in one call
         wanted = sorted({k % len(TEXTS) for k in range(i, n_requests, n_profiles)})
-        for t, prediction in zip(wanted, offline.predict(xpm.decode(data, bank), [TEXTS[t] for t in wanted]),
-                                 strict=True):
+        for t, prediction in zip(
+            wanted, offline.predict(xpm.decode(data, bank), [TEXTS[t] for t in wanted]), strict=True
+        ):
             expected[(i, t)] = prediction
 
     async def fire() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=n_requests, max_keepalive_connections=n_requests)
         async with httpx.AsyncClient(base_url=cluster.a.url, timeout=60, limits=limits) as client:
-            return await asyncio.gather(*(
-                client.post(f"/profiles/many-{k % n_profiles}/predict", json={"inputs": [TEXTS[k % len(TEXTS)]]})
-                for k in range(n_requests)))
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"/profiles/many-{k % n_profiles}/predict", json={"inputs": [TEXTS[k % len(TEXTS)]]}
+                    )
+                    for k in range(n_requests)
+                )
+            )
 
     responses = asyncio.run(fire())
     assert [r.status_code for r in responses] == [200] * n_requests
@@ -98,17 +117,24 @@ def _batch_stats(client: httpx.Client) -> dict[str, float]:
     return out
 
 
-def test_a_flood_gets_overloaded_not_unbounded_queues(cluster, admin_headers, reader_headers, profile_bytes) -> None:
+def test_a_flood_gets_overloaded_not_unbounded_queues(
+    cluster, admin_headers, reader_headers, profile_bytes
+) -> None:
     """Server c queues at most 2 requests; the rest of a burst is refused with 503 overloaded."""
     with httpx.Client(base_url=cluster.c.url, timeout=30) as client:
         client.put("/profiles/flood-1", content=profile_bytes(1), headers=admin_headers)
     text = ("a long and winding review that keeps going " * 7)[:290]
 
     async def fire() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=cluster.c.url, timeout=60, headers=reader_headers,
-                                     limits=httpx.Limits(max_connections=60)) as client:
-            return await asyncio.gather(*(client.post("/profiles/flood-1/predict", json={"inputs": [text] * 4})
-                                          for _ in range(60)))
+        async with httpx.AsyncClient(
+            base_url=cluster.c.url,
+            timeout=60,
+            headers=reader_headers,
+            limits=httpx.Limits(max_connections=60),
+        ) as client:
+            return await asyncio.gather(
+                *(client.post("/profiles/flood-1/predict", json={"inputs": [text] * 4}) for _ in range(60))
+            )
 
     responses = asyncio.run(fire())
     codes = [r.status_code for r in responses]

@@ -26,7 +26,9 @@ def test_app_with_a_given_model_is_ready_at_once(encoder, bank, profile_bytes, t
 
 
 def test_a_model_that_cannot_load_fails_health(bank_path, tmp_path) -> None:
-    app = create_app(Settings(bank=bank_path, model="random:no-such-shape", sqlite_path=tmp_path / "p.sqlite3"))
+    app = create_app(
+        Settings(bank=bank_path, model="random:no-such-shape", sqlite_path=tmp_path / "p.sqlite3")
+    )
     with TestClient(app) as client:
         deadline = time.monotonic() + 30
         while client.get("/healthz").status_code == 200:

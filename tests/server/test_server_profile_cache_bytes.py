@@ -18,13 +18,21 @@ def test_large_profiles_are_evicted_by_bytes(bank, profile_bytes, tmp_path) -> N
         assert adapter_size > 20 * hard_size  # why a count alone does not bound memory
         budget = 2 * adapter_size + hard_size
         metrics = Metrics()
-        cache = ProfileCache(store, lambda data: xpm.decode(data, bank), 1000,
-                             FusedCache(10**8, VersionFloors(), metrics), metrics, max_bytes=budget)
+        cache = ProfileCache(
+            store,
+            lambda data: xpm.decode(data, bank),
+            1000,
+            FusedCache(10**8, VersionFloors(), metrics),
+            metrics,
+            max_bytes=budget,
+        )
         for i in range(4):
             await store.put(f"a{i}", profile_bytes(i, "adapter"), {})
             assert (await cache.get(f"a{i}")) is not None
             assert cache.nbytes <= budget
-        assert len(cache) == 2 and cache.cached_version("a3") is not None and cache.cached_version("a0") is None
+        assert (
+            len(cache) == 2 and cache.cached_version("a3") is not None and cache.cached_version("a0") is None
+        )
         assert cache.nbytes == 2 * adapter_size
         for i in range(3):  # small profiles push out one big one each time it is needed, never more
             await store.put(f"h{i}", profile_bytes(i), {})

@@ -10,8 +10,9 @@ from xpeft.server.stores.redis_store import RedisStore
 
 def test_burst_beyond_the_pool_is_served(redis_url, redis_prefix, profile_bytes) -> None:
     async def body() -> None:
-        store = RedisStore(redis_url, f"{redis_prefix}-pool-{uuid.uuid4().hex[:6]}", timeout_s=5.0,
-                           max_connections=3)
+        store = RedisStore(
+            redis_url, f"{redis_prefix}-pool-{uuid.uuid4().hex[:6]}", timeout_s=5.0, max_connections=3
+        )
         try:
             await store.put("p", profile_bytes(1), {})
             answers = await asyncio.gather(*(store.get("p") for _ in range(100)), return_exceptions=True)

@@ -16,13 +16,20 @@ import pytest
 ROUNDS = 10
 
 
-def test_a_put_on_one_replica_is_served_by_the_other_within_a_second(cluster, admin_headers, profile_bytes) -> None:
+def test_a_put_on_one_replica_is_served_by_the_other_within_a_second(
+    cluster, admin_headers, profile_bytes
+) -> None:
     a = httpx.Client(base_url=cluster.a.url, timeout=10)
     b = httpx.Client(base_url=cluster.b.url, timeout=10)
     labels_of: dict[int, list[str]] = {}
-    first = a.put("/profiles/replicated", content=profile_bytes(0, labels=["v0-no", "v0-yes"]), headers=admin_headers)
+    first = a.put(
+        "/profiles/replicated", content=profile_bytes(0, labels=["v0-no", "v0-yes"]), headers=admin_headers
+    )
     labels_of[first.json()["version"]] = ["v0-no", "v0-yes"]
-    assert b.post("/profiles/replicated/predict", json={"inputs": ["warm"]}).json()["version"] == first.json()["version"]
+    assert (
+        b.post("/profiles/replicated/predict", json={"inputs": ["warm"]}).json()["version"]
+        == first.json()["version"]
+    )
 
     latencies, polls = [], []
     lag_before = _lag(b)
@@ -43,11 +50,13 @@ def test_a_put_on_one_replica_is_served_by_the_other_within_a_second(cluster, ad
                 break
             assert answer["version"] < version
             assert time.perf_counter() - written < 1.0, "replica b still serves an old version after 1 s"
-    print(f"\ninvalidation latency over {ROUNDS} PUTs (PUT answered on a -> first predict on b with the new version): "
-          f"median {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms, "
-          f"predicts on b per round: max {max(polls)}; "
-          f"pub/sub event lag on b (xpeft_invalidation_lag_seconds): mean "
-          f"{(_lag(b)[0] - lag_before[0]) / max(1, _lag(b)[1] - lag_before[1]) * 1000:.2f} ms")
+    print(
+        f"\ninvalidation latency over {ROUNDS} PUTs (PUT answered on a -> first predict on b with the new version): "
+        f"median {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms, "
+        f"predicts on b per round: max {max(polls)}; "
+        f"pub/sub event lag on b (xpeft_invalidation_lag_seconds): mean "
+        f"{(_lag(b)[0] - lag_before[0]) / max(1, _lag(b)[1] - lag_before[1]) * 1000:.2f} ms"
+    )
     assert max(latencies) < 1.0
     a.close()
     b.close()
@@ -90,9 +99,14 @@ def test_store_outage_is_reported_and_recovered(cluster, profile_bytes) -> None:
 
     cluster.d_redis.stop()
     try:
-        for response in (d.get("/readyz"), d.put("/profiles/new", content=profile_bytes(3)),
-                         d.get("/profiles/cached"), d.get("/profiles"), d.delete("/profiles/cached"),
-                         d.post("/profiles/not-cached/predict", json={"inputs": ["x"]})):
+        for response in (
+            d.get("/readyz"),
+            d.put("/profiles/new", content=profile_bytes(3)),
+            d.get("/profiles/cached"),
+            d.get("/profiles"),
+            d.delete("/profiles/cached"),
+            d.post("/profiles/not-cached/predict", json={"inputs": ["x"]}),
+        ):
             assert response.status_code == 503, response.text
             assert response.json()["error"] == "store_unavailable"
         assert d.get("/healthz").status_code == 200  # alive: an orchestrator must not restart it
@@ -114,8 +128,10 @@ def test_store_outage_is_reported_and_recovered(cluster, profile_bytes) -> None:
     again = d.put("/profiles/cached", content=profile_bytes(4, labels=["after", "reset"]))
     assert again.status_code == 201
     answer = d.post("/profiles/cached/predict", json={"inputs": ["x"]}).json()
-    assert answer["version"] == again.json()["version"] and set(answer["predictions"][0]["scores"]) == {"after",
-                                                                                                       "reset"}
+    assert answer["version"] == again.json()["version"] and set(answer["predictions"][0]["scores"]) == {
+        "after",
+        "reset",
+    }
     d.close()
 
 

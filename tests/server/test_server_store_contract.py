@@ -60,7 +60,11 @@ def test_put_get_replace(new_store: StoreFactory) -> None:
             assert not created2 and rec2.version > rec1.version
             assert rec2.created_at == pytest.approx(rec1.created_at) and rec2.updated_at >= rec1.updated_at
             got = await store.get("p")
-            assert got is not None and (got.data, got.version, got.meta) == (b"two", rec2.version, {"kind": "soft"})
+            assert got is not None and (got.data, got.version, got.meta) == (
+                b"two",
+                rec2.version,
+                {"kind": "soft"},
+            )
             record = await store.get_record("p")
             assert record is not None and record.version == rec2.version and record.meta == {"kind": "soft"}
             assert record.as_dict()["id"] == "p" and record.as_dict()["created_at"].endswith("Z")
@@ -159,8 +163,10 @@ def test_watch_sees_writes_of_another_instance_within_a_second(new_store: StoreF
             start = loop.time()
             while len(events) < 3 and loop.time() - start < 1.0:
                 await asyncio.sleep(0.005)
-            assert [(e.id, e.version, e.deleted) for e in events[1:]] == [("w", put.version, False),
-                                                                          ("w", deleted, True)]
+            assert [(e.id, e.version, e.deleted) for e in events[1:]] == [
+                ("w", put.version, False),
+                ("w", deleted, True),
+            ]
             assert events[1].published_at is not None
         finally:
             task.cancel()
@@ -177,6 +183,7 @@ def test_concurrent_writers_keep_bytes_and_version_together(new_store: StoreFact
     async def body() -> None:
         one, two = new_store(), new_store()
         try:
+
             async def writer(store: ProfileStore, tag: str) -> list[int]:
                 versions = []
                 for i in range(15):
@@ -230,8 +237,15 @@ def test_unreachable_redis_raises_store_unavailable_quickly() -> None:
     async def body() -> None:
         store = RedisStore(f"redis://127.0.0.1:{port}/0", "down", timeout_s=0.5)
         start = time.perf_counter()
-        for op in (store.get("p"), store.put("p", b"x", {}), store.delete("p"), store.list(None, 10),
-                   store.versions(["p"]), store.current_seq(), store.ping()):
+        for op in (
+            store.get("p"),
+            store.put("p", b"x", {}),
+            store.delete("p"),
+            store.list(None, 10),
+            store.versions(["p"]),
+            store.current_seq(),
+            store.ping(),
+        ):
             with pytest.raises(StoreUnavailable) as err:
                 await op
             assert err.value.code == "store_unavailable"
