@@ -12,6 +12,7 @@ import importlib.util
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,8 +21,18 @@ from xpeft.adapters.errors import ModelError
 from xpeft.adapters.fusion import FusedAdapters
 from xpeft.adapters.layer import AdapterSlot
 
+if TYPE_CHECKING:
+    from xpeft.adapters.bank import AdapterBank
+
 DEFAULT_MODEL = "minilm"
-TextInput = str | tuple[str, str] | list[str]
+
+#: One input of a prediction or a dataset: a text, or a ``(text, text_pair)`` pair. The one
+#: definition every layer uses (data files, the runtime, the HTTP schema, the client).
+TextInput = str | tuple[str, str]
+
+#: The fewest tokens an input may be cut to: ``[CLS] a [SEP] b [SEP]`` needs at least 3 for a
+#: tokenizer to truncate a pair at all.
+MIN_TOKENS = 4
 
 
 def default_model_dir() -> Path:
@@ -104,15 +115,36 @@ class AdapterEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens one input may have: the encoder's positions (and its tokenizer's own limit)."""
+        candidates = [
+            getattr(self.model.config, "max_position_embeddings", None),
+            getattr(self.tokenizer, "model_max_length", None),
+        ]
+        usable = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]  # 1e30: "no limit"
+        return min(usable) if usable else 512
+
+    def usable_length(self, max_length: int) -> int:
+        """``max_length`` within ``[MIN_TOKENS, max_tokens]``.
+
+        A profile file may declare any ``max_length`` from 1 to 65536; the encoder has a fixed number
+        of positions, and a tokenizer does not truncate at all below its special tokens, so either
+        end would send an input too long and fail the forward.
+        """
+        return min(max(int(max_length), MIN_TOKENS), self.max_tokens)
+
     def tokenize(
         self, inputs: Sequence[TextInput], max_length: int | Sequence[int] = 128
     ) -> dict[str, torch.Tensor]:
         """Single texts or (text, text_pair) pairs, padded to the longest in the batch.
 
         A mixed batch may hold both kinds, and ``max_length`` may differ per input (each profile
-        keeps its own): inputs are then tokenized in groups and padded together.
+        keeps its own): inputs are then tokenized in groups and padded together. Each length is
+        first brought within what the encoder can take (:meth:`usable_length`).
         """
-        lengths = [max_length] * len(inputs) if isinstance(max_length, int) else list(max_length)
+        declared = [max_length] * len(inputs) if isinstance(max_length, int) else list(max_length)
+        lengths = [self.usable_length(m) for m in declared]
         keys = [(m, not isinstance(x, str)) for x, m in zip(inputs, lengths, strict=True)]
         if len(set(keys)) <= 1:
             enc = self._tokenize(list(inputs), lengths[0] if lengths else 128, padding=True)
@@ -126,12 +158,13 @@ class AdapterEncoder(nn.Module):
             enc = self.tokenizer.pad(features, padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def _tokenize(self, inputs: list[TextInput], max_length: int, padding: bool):
+    def _tokenize(self, inputs: list[TextInput], max_length: int, padding: bool) -> Any:
         tensors = "pt" if padding else None
         if inputs and not isinstance(inputs[0], str):
+            pairs = [p for p in inputs if not isinstance(p, str)]
             return self.tokenizer(
-                [p[0] for p in inputs],
-                [p[1] for p in inputs],
+                [p[0] for p in pairs],
+                [p[1] for p in pairs],
                 truncation=True,
                 max_length=max_length,
                 padding=padding,
@@ -215,3 +248,25 @@ def load_encoder(
     model_id = content_id(hf_model)
     encoder = AdapterEncoder(hf_model, tokenizer, model_id=model_id, name=model)
     return encoder.to(device=device, dtype=dtype)
+
+
+def best_device() -> torch.device:
+    """CUDA when present, else the CPU: the default everywhere a device is not named."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def encoder_for_bank(
+    bank: AdapterBank,
+    model: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> AdapterEncoder:
+    """The encoder to run ``bank`` with: ``model`` when named, else the one the bank was built for.
+
+    The one place that makes this choice, so the CLI, the offline API and the server agree; a bank
+    with no recorded model name falls back to the embedded default. ``device`` defaults to
+    :func:`best_device`.
+    """
+    return load_encoder(
+        model or bank.model_name or DEFAULT_MODEL, device=device or best_device(), dtype=dtype
+    )

@@ -15,7 +15,8 @@ Triton is optional: without it, without CUDA, with gradients required, or with t
 off, :func:`enabled` is false and ``layer.apply_adapters`` / ``fusion.fuse_gather`` run their torch
 code, which stays the reference. Which kernel is on by default is what the H200 measured
 (``MEASURED_FASTER``; docs/BENCHMARKS.md); the environment variable ``XPEFT_KERNELS`` overrides it:
-``off``, ``all``, or a comma list such as ``apply,gather``.
+``off``, ``all``, or a comma list such as ``apply,gather``. The dispatch reads that variable once,
+at the first forward of the process; :func:`use_kernels` switches kernels for a block of code.
 """
 
 from __future__ import annotations
@@ -45,13 +46,12 @@ MEASURED_FASTER: dict[str, bool] = {"apply": True, "gather": True}
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _override: dict[str, bool] | None = None
+_from_environment: dict[str, bool] | None = None  # XPEFT_KERNELS, read once on the first dispatch
 
 
-def policy() -> dict[str, bool]:
-    """Which kernels may run: an active :func:`use_kernels` block, else ``XPEFT_KERNELS``, else measured."""
-    if _override is not None:
-        return dict(_override)
-    raw = os.environ.get("XPEFT_KERNELS", "").strip().lower()
+def parse_policy(raw: str) -> dict[str, bool]:
+    """The kernels an ``XPEFT_KERNELS`` value turns on: ``off``, ``all``, ``auto`` or a comma list."""
+    raw = raw.strip().lower()
     if raw in ("", "auto", "default"):
         return dict(MEASURED_FASTER)
     if raw in ("off", "none", "0", "false", "torch"):
@@ -63,6 +63,27 @@ def policy() -> dict[str, bool]:
     if unknown:
         raise ValueError(f"XPEFT_KERNELS names unknown kernels {sorted(unknown)}; known: {KERNELS}")
     return {name: name in chosen for name in KERNELS}
+
+
+def policy() -> dict[str, bool]:
+    """Which kernels may run: an active :func:`use_kernels` block, else ``XPEFT_KERNELS``, else measured.
+
+    This reads the environment as it is now (for reports and for :func:`use_kernels`); the
+    per-layer dispatch in :func:`enabled` reads it once per process instead.
+    """
+    if _override is not None:
+        return dict(_override)
+    return parse_policy(os.environ.get("XPEFT_KERNELS", ""))
+
+
+def _active() -> dict[str, bool]:
+    """The policy the dispatch follows: the override, else the environment as first read."""
+    global _from_environment
+    if _override is not None:
+        return _override
+    if _from_environment is None:
+        _from_environment = parse_policy(os.environ.get("XPEFT_KERNELS", ""))
+    return _from_environment
 
 
 @contextmanager
@@ -84,14 +105,15 @@ def enabled(name: str, *tensors: torch.Tensor) -> bool:
     """True when kernel ``name`` should replace the torch path for these tensors.
 
     Needs Triton, CUDA tensors of a supported dtype, no autograd (the kernels have no backward:
-    training keeps the torch path) and the policy's consent.
+    training keeps the torch path) and the policy's consent. Runs in every adapter layer of every
+    forward, so it never parses the environment after the first call.
     """
     first = tensors[0]
     if not (HAVE_TRITON and first.is_cuda and first.dtype in _SUPPORTED_DTYPES):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return policy().get(name, False)
+    return _active().get(name, False)
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:

@@ -1,19 +1,21 @@
 """The multi-profile model: one frozen encoder and bank, any number of profiles per batch.
 
 The offline API (notebooks, ``xpeft predict``, ``xpeft eval``) and the server's model worker
-run this same class; the server only adds its caches in front of :meth:`fuse`.
+run this same class. The server keeps its own cache of fused weights: it asks
+:func:`distinct_profiles` which profiles a batch holds, fuses the cold ones with :meth:`fuse`,
+and hands every profile's weights to :meth:`predict_batch`. Nothing here calls back into it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from xpeft.adapters.bank import AdapterBank
-from xpeft.adapters.encoder import DEFAULT_MODEL, AdapterEncoder, TextInput, load_encoder
+from xpeft.adapters.encoder import AdapterEncoder, TextInput, best_device, encoder_for_bank
 from xpeft.adapters.errors import BankError
 from xpeft.adapters.fusion import FusedAdapters, fuse
 from xpeft.profiles import format as xpm
@@ -30,8 +32,20 @@ class Prediction:
         return {"label": self.label, "score": self.score, "scores": self.scores}
 
 
-def best_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["MultiProfileModel", "Prediction", "best_device", "distinct_profiles", "to_prediction"]
+
+BatchRequest = tuple[Profile, Sequence[TextInput]]
+
+
+def distinct_profiles(requests: Sequence[BatchRequest]) -> list[Profile]:
+    """The batch's profiles, each once (by identity), in order of first appearance.
+
+    :meth:`MultiProfileModel.predict_batch` takes fused weights in this order.
+    """
+    seen: dict[int, Profile] = {}
+    for profile, _ in requests:
+        seen.setdefault(id(profile), profile)
+    return list(seen.values())
 
 
 class MultiProfileModel:
@@ -54,12 +68,23 @@ class MultiProfileModel:
     def load(
         cls,
         bank_path: str | Path,
-        model: str = DEFAULT_MODEL,
+        model: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> MultiProfileModel:
-        bank = AdapterBank.load(bank_path)
-        return cls(load_encoder(model, device=device or best_device(), dtype=dtype), bank)
+        """The bank file and its encoder (``model``, else the one the bank was built for)."""
+        return cls.for_bank(AdapterBank.load(bank_path), model, device, dtype)
+
+    @classmethod
+    def for_bank(
+        cls,
+        bank: AdapterBank,
+        model: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> MultiProfileModel:
+        """``bank`` with the encoder :func:`~xpeft.adapters.encoder.encoder_for_bank` chooses."""
+        return cls(encoder_for_bank(bank, model, device, dtype), bank)
 
     # -- profiles --------------------------------------------------------------------------
     def load_profile(self, source: str | Path | bytes) -> Profile:
@@ -118,27 +143,29 @@ class MultiProfileModel:
 
     def predict_batch(
         self,
-        requests: Sequence[tuple[Profile, Sequence[TextInput]]],
-        fuse: Callable[[Sequence[Profile]], list[FusedAdapters]] | None = None,
+        requests: Sequence[BatchRequest],
+        fused: Sequence[FusedAdapters] | None = None,
     ) -> list[list[Prediction]]:
         """Many profiles' requests in one forward; the answer keeps the request order.
 
-        ``fuse`` replaces :meth:`fuse` for the batch's distinct profiles (the server puts its
-        fused-weight cache there); it must return one ``U=1`` entry per profile, in order.
+        ``fused`` holds the already-fused weights of the batch's distinct profiles, one ``U=1``
+        entry each in :func:`distinct_profiles` order (the server passes its cached weights);
+        without it they are fused here, once per distinct profile. Profiles are only read.
         """
-        distinct: dict[int, int] = {}
-        profiles: list[Profile] = []
+        profiles = distinct_profiles(requests)
+        if fused is not None and len(fused) != len(profiles):
+            raise ValueError(f"{len(fused)} fused entries for {len(profiles)} distinct profiles")
+        slot = {id(p): u for u, p in enumerate(profiles)}
         inputs: list[TextInput] = []
         rows: list[int] = []
         for profile, texts in requests:
-            u = distinct.setdefault(id(profile), len(profiles))
-            if u == len(profiles):
-                profiles.append(profile)
             inputs.extend(texts)
-            rows.extend([u] * len(texts))
+            rows.extend([slot[id(profile)]] * len(texts))
         if not inputs:
             return [[] for _ in requests]
-        logits = self.logits(inputs, rows, profiles, (fuse or self.fuse)(profiles))
+        if fused is None:
+            fused = self.fuse(profiles)
+        logits = self.logits(inputs, rows, profiles, fused)
         answers: list[list[Prediction]] = []
         start = 0
         for profile, texts in requests:

@@ -14,7 +14,7 @@ import torch
 
 from xpeft.adapters.bank import AdapterBank
 from xpeft.profiles import format as xpm
-from xpeft.profiles.cli import main
+from xpeft.cli.main import main
 
 
 def run(*args, check=True):
@@ -117,7 +117,7 @@ def test_bad_files_exit_non_zero_with_a_message(workdir):
     _assert_user_error(run("info", str(workdir / "short.xpm"), check=False), "truncated")
     # the same through a real process: exit status 2 and one line, no traceback
     proc = subprocess.run(
-        [sys.executable, "-m", "xpeft.profiles.cli", "info", str(workdir / "short.xpm")],
+        [sys.executable, "-m", "xpeft.cli", "info", str(workdir / "short.xpm")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -65,7 +65,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 class ServerProcess:
-    """``python -m xpeft.profiles.cli serve`` (i.e. ``xpeft serve``) on a free loopback port.
+    """``python -m xpeft.cli serve`` (i.e. ``xpeft serve``) on a free loopback port.
 
     Settings go through ``XPEFT_*`` variables, exactly as a deployment sets them. Output goes to
     a log file in ``workdir`` (a pipe nobody reads could block the server).
@@ -87,7 +87,7 @@ class ServerProcess:
             "XPEFT_HOST": "127.0.0.1",
             "XPEFT_PORT": str(self.port),
         }
-        self.command = [sys.executable, "-m", "xpeft.profiles.cli", "serve"]
+        self.command = [sys.executable, "-m", "xpeft.cli", "serve"]
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
         self._started = 0.0

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from xpeft.profiles import format as xpm
-from xpeft.profiles.cli import main
+from xpeft.cli.main import main
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server.client import Client, ClientError
 
@@ -67,7 +67,7 @@ def test_cli_upload_as_a_process_then_predict(
         [
             sys.executable,
             "-m",
-            "xpeft.profiles.cli",
+            "xpeft.cli",
             "upload",
             str(path),
             "--id",

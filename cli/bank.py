@@ -1,0 +1,110 @@
+"""``xpeft bank create | from-adapters | import-adapterhub | info``: build or inspect an adapter bank."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from xpeft.adapters.errors import XPeftError
+from xpeft.cli.output import print_json
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    """A seeded random bank for the named encoder."""
+    from xpeft.adapters.bank import create_random_bank
+    from xpeft.adapters.encoder import load_encoder
+
+    enc = load_encoder(args.model, device="cpu")
+    bank = create_random_bank(
+        enc.num_layers,
+        enc.hidden_size,
+        enc.model_id,
+        args.n,
+        args.reduction_factor,
+        args.seed,
+        args.init_scale,
+        model_name=args.model,
+    )
+    bank.save(args.out)
+    print_json({"out": str(args.out), **bank.metadata(), "bytes": Path(args.out).stat().st_size})
+
+
+def cmd_from_adapters(args: argparse.Namespace) -> None:
+    """Stack ``single_adapter`` profiles, all trained for one encoder, into a bank."""
+    from xpeft.adapters.bank import stack_adapters
+    from xpeft.profiles import format as xpm
+    from xpeft.profiles.profile import ProfileKind
+
+    adapters, model_ids, model_names = [], set(), set()
+    for path in args.adapters:
+        profile = xpm.load(path)
+        if profile.kind is not ProfileKind.ADAPTER:
+            raise XPeftError(
+                "bad_argument",
+                f"{path} is a {profile.kind.value} profile; from-adapters stacks "
+                "profiles trained with --method single_adapter",
+            )
+        adapters.append(profile.adapter_tensors())
+        model_ids.add(profile.model_id)
+        model_names.add(profile.meta.get("model_name", ""))
+    if len(model_ids) != 1:
+        raise XPeftError(
+            "bank_mismatch", f"adapters were trained for different encoders: {sorted(model_ids)}"
+        )
+    bank = stack_adapters(
+        adapters,
+        model_id=model_ids.pop(),
+        init="trained",
+        model_name=model_names.pop() if len(model_names) == 1 else "",
+    )
+    bank.save(args.out)
+    print_json({"out": str(args.out), **bank.metadata()})
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    """Stack Pfeiffer adapters saved by the AdapterHub ``adapters`` library."""
+    from xpeft.adapters.adapterhub import import_adapterhub
+    from xpeft.adapters.encoder import load_encoder
+
+    enc = load_encoder(args.model, device="cpu")
+    bank = import_adapterhub(
+        args.folders, enc.model_id, enc.num_layers, enc.hidden_size, model_name=args.model
+    )
+    bank.save(args.out)
+    print_json({"out": str(args.out), **bank.metadata()})
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """A bank file's metadata (loading it checks its content against its id)."""
+    from xpeft.adapters.bank import AdapterBank
+
+    bank = AdapterBank.load(args.bank)
+    print_json({**bank.metadata(), "bytes": Path(args.bank).stat().st_size})
+
+
+def register(subparsers: Any) -> None:
+    """Add ``bank`` and its subcommands to the ``xpeft`` command."""
+    bank = subparsers.add_parser("bank", help="build or inspect an adapter bank").add_subparsers(
+        dest="bank_command", required=True
+    )
+    p = bank.add_parser("create", help="a seeded random bank")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--reduction-factor", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-scale", type=float, default=1.0)
+    p.set_defaults(func=cmd_create)
+    p = bank.add_parser("from-adapters", help="stack single adapters (single_adapter profiles) into a bank")
+    p.add_argument("--out", required=True)
+    p.add_argument("adapters", nargs="+")
+    p.set_defaults(func=cmd_from_adapters)
+    p = bank.add_parser("import-adapterhub", help="stack AdapterHub / adapters-library Pfeiffer adapters")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("folders", nargs="+")
+    p.set_defaults(func=cmd_import)
+    p = bank.add_parser("info", help="print a bank's metadata")
+    p.add_argument("bank")
+    p.set_defaults(func=cmd_info)
