@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path as FilePath
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
@@ -25,13 +27,34 @@ from xpeft.adapters.encoder import DEFAULT_MODEL, TextInput, load_encoder
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel, best_device
-from xpeft.server.auth import Authorizer, require_admin, require_profile_access, require_reader
+from xpeft.server.auth import (
+    Authorizer,
+    check_exposure,
+    require_admin,
+    require_profile_access,
+    require_reader,
+)
 from xpeft.server.batcher import MicroBatcher, Overloaded
 from xpeft.server.cache import FusedCache, ProfileCache, VersionFloors
 from xpeft.server.errors import ApiError, install_error_handlers
 from xpeft.server.metrics import Metrics
-from xpeft.server.middleware import Admission, AdmissionMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from xpeft.server.schemas import ErrorBody, Health, PredictRequest, PredictResponse, ProfileList, ProfileMeta
+from xpeft.server.middleware import (
+    Admission,
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    redact_access_log,
+)
+from xpeft.server.schemas import (
+    BodyError,
+    ErrorBody,
+    Health,
+    PredictRequest,
+    PredictResponse,
+    ProfileList,
+    ProfileMeta,
+    parse_predict_body,
+)
 from xpeft.server.settings import PROFILE_ID_PATTERN, Settings
 from xpeft.server.stores import ProfileStore, open_store
 from xpeft.server.sync import CacheSync
@@ -40,8 +63,6 @@ from xpeft.server.worker import ModelWorker
 log = logging.getLogger("xpeft.server")
 
 PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
-# Lone surrogates survive JSON decoding but no tokenizer takes them: refuse them at the door.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -109,12 +130,15 @@ def build_model(settings: Settings, bank: AdapterBank) -> MultiProfileModel:
 def create_app(settings: Settings | None = None, model: MultiProfileModel | None = None) -> FastAPI:
     """A ready-to-serve app. ``model`` (with its bank) skips loading: for notebooks and tests."""
     settings = settings or Settings()
+    check_exposure(settings)
     if model is not None:
         bank = model.bank
     elif settings.bank is None:
         raise XPeftError("bad_argument", "no bank: pass --bank or set XPEFT_BANK")
     else:
+        check_readable(settings.bank)
         bank = AdapterBank.load(settings.bank)
+    redact_access_log()
     metrics = Metrics()
     store = open_store(settings)
     floors = VersionFloors()
@@ -193,12 +217,33 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     return app
 
 
+def check_readable(path: FilePath) -> None:
+    """A bank the server's user cannot read is a deployment error with its own clear message
+    (safetensors alone reports it as "No such file or directory")."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise XPeftError("bank_not_found", f"no bank file at {path}") from None
+    except PermissionError:
+        raise XPeftError(
+            "bank_unreadable",
+            f"cannot read bank {path}: permission denied (the server runs as uid {os.getuid()}; "
+            "make the file readable by it, e.g. chmod 0644)",
+        ) from None
+    except OSError as exc:
+        raise XPeftError("bank_unreadable", f"cannot read bank {path}: {exc.strerror}") from None
+
+
 def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict:
     """The generated schema plus this replica's limits, so that a client (or a fuzzer) generating
     valid requests from it is never refused for a limit the schema did not state."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
-        inputs = schema["components"]["schemas"]["PredictRequest"]["properties"]["inputs"]
+        # The predict route parses its body itself (sizes before items), so the model is added here.
+        request_schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema["components"]["schemas"]["PredictRequest"] = request_schema
+        inputs = request_schema["properties"]["inputs"]
         inputs.update(minItems=1, maxItems=settings.max_inputs)
         for variant in inputs["items"]["anyOf"]:
             for text in variant.get("prefixItems", [variant]):
@@ -364,38 +409,39 @@ async def list_profiles(
     return {"profiles": [r.as_dict() for r in records], "next_cursor": next_cursor}
 
 
-def _inputs(body: PredictRequest, settings: Settings) -> list[TextInput]:
-    if not body.inputs:
-        raise ApiError(422, "invalid_request", "inputs must hold at least one text")
-    if len(body.inputs) > settings.max_inputs:
-        raise ApiError(
-            422, "invalid_request", f"{len(body.inputs)} inputs; at most {settings.max_inputs} per request"
+async def _inputs(request: Request, settings: Settings) -> list[TextInput]:
+    """Read the body only now, after the token check (a dependency), and parse it with its sizes
+    checked first (see :func:`parse_predict_body`)."""
+    raw = await request.body()
+    try:
+        return parse_predict_body(
+            raw, request.headers.get("content-type"), settings.max_inputs, settings.max_text_chars
         )
-    for i, item in enumerate(body.inputs):
-        for text in (item,) if isinstance(item, str) else item:
-            if len(text) > settings.max_text_chars:
-                raise ApiError(
-                    422,
-                    "invalid_request",
-                    f"inputs[{i}] has {len(text)} characters; at most {settings.max_text_chars}",
-                )
-            if _SURROGATE.search(text):
-                raise ApiError(422, "invalid_request", f"inputs[{i}] holds a lone UTF-16 surrogate: not text")
-    return list(body.inputs)
+    except BodyError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+
+
+_JSON_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+    }
+}
 
 
 @router.post(
     "/profiles/{profile_id}/predict",
     response_model=PredictResponse,
     dependencies=[Depends(require_profile_access)],
+    openapi_extra=_JSON_BODY,
     tags=["predict"],
     responses={404: {"model": ErrorBody}, 504: {"model": ErrorBody}},
 )
-async def predict(body: PredictRequest, request: Request, profile_id: str = ProfileIdPath) -> dict:
+async def predict(request: Request, profile_id: str = ProfileIdPath) -> dict:
     """Labels and scores for each input, all from one version of the profile."""
     _check_id(profile_id)
     state = _server(request)
-    inputs = _inputs(body, state.settings)
+    inputs = await _inputs(request, state.settings)
     if not state.model_ready:
         raise ApiError(
             503, "not_ready", state.model_error or "the model is still loading", headers={"Retry-After": "1"}

@@ -13,16 +13,58 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 import secrets
+import sys
 from collections.abc import Iterable
 
 from fastapi import Request
 from pydantic import SecretStr
 
+from xpeft.adapters.errors import XPeftError
 from xpeft.server.errors import ApiError
 from xpeft.server.settings import Settings
 
+log = logging.getLogger("xpeft.server")
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def is_loopback(host: str | None) -> bool:
+    """``127.0.0.0/8``, ``::1`` or ``localhost``; anything else (``0.0.0.0`` included) is not."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Protected mode, as Redis does it: without an admin token, writes are open only on loopback.
+
+    On any other address the server refuses to start unless ``allow_open_writes`` says so; when
+    it starts with open writes it says so on stderr, whatever the log level.
+    """
+    if settings.admin_token is not None:
+        return
+    loopback = is_loopback(settings.host)
+    if not loopback and not settings.allow_open_writes:
+        raise XPeftError(
+            "open_writes_refused",
+            f"no admin token and listening on {settings.host}: anyone who reaches it could upload and "
+            "delete profiles. Set XPEFT_ADMIN_TOKEN (or XPEFT_ADMIN_TOKEN_FILE), listen on 127.0.0.1, "
+            "or set XPEFT_ALLOW_OPEN_WRITES=true if you really mean it",
+        )
+    where = "loopback clients only" if loopback else f"ANYONE who reaches {settings.host}"
+    banner = (
+        f"\n*** xpeft: NO ADMIN TOKEN: uploads and deletes are open to {where}. ***\n"
+        "*** Set XPEFT_ADMIN_TOKEN (or XPEFT_ADMIN_TOKEN_FILE) before exposing this server. ***\n"
+    )
+    print(banner, file=sys.stderr, flush=True)
+    log.warning("XPEFT_ADMIN_TOKEN is not set: writes are open to %s", where)
 
 
 def _bearer(request: Request) -> str | None:
@@ -56,6 +98,7 @@ class Authorizer:
 
     def __init__(self, settings: Settings) -> None:
         self.admin = _secret(settings.admin_token)
+        self.open_writes_anywhere = settings.allow_open_writes
         self.api = _secret(settings.api_token)
         self._key = secrets.token_bytes(32)
         self._tenants: dict[bytes, tuple[bytes, tuple[str, ...]]] = {
@@ -87,9 +130,17 @@ class Authorizer:
         return _any_equal(given, [s for s in (self.admin, self.api) if s is not None])
 
     def check_admin(self, request: Request) -> None:
-        """PUT and DELETE: the admin token, when one is set (else writes are open)."""
+        """PUT and DELETE: the admin token; without one, loopback clients only (protected mode),
+        unless ``allow_open_writes`` opened writes to everyone."""
         if self.admin is None:
-            return
+            client = request.client.host if request.client else None
+            if self.open_writes_anywhere or is_loopback(client):
+                return
+            raise ApiError(
+                403,
+                "forbidden",
+                "no admin token is configured: writes are accepted from loopback clients only",
+            )
         token = _bearer(request)
         if token is None:
             raise _missing()

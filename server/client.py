@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from xpeft.adapters.errors import XPeftError
+from xpeft.server.settings import PROFILE_ID_PATTERN
+
+_PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
 
 TextInput = str | tuple[str, str] | list[str]
 
@@ -26,6 +31,20 @@ class ClientError(XPeftError):
         super().__init__(code, message)
         self.status = status
         self.body = body or {}
+
+
+def profile_path(profile_id: str, suffix: str = "") -> str:
+    """``/profiles/<id><suffix>``, for valid ids only.
+
+    An id such as ``mine/../victim`` would otherwise be normalised by the HTTP library into
+    ``/profiles/victim``: it is refused here, before any request, and valid ids are quoted anyway.
+    """
+    if not isinstance(profile_id, str) or not _PROFILE_ID.fullmatch(profile_id):
+        raise ClientError(
+            "invalid_profile_id",
+            f"profile ids match {PROFILE_ID_PATTERN} (letters, digits, '.', '_', '-'); got {profile_id!r:.200}",
+        )
+    return f"/profiles/{quote(profile_id, safe='')}{suffix}"
 
 
 class Client:
@@ -82,16 +101,16 @@ class Client:
         data = profile if isinstance(profile, bytes) else Path(profile).read_bytes()
         return self._request(
             "PUT",
-            f"/profiles/{profile_id}",
+            profile_path(profile_id),
             content=data,
             headers={"Content-Type": "application/octet-stream"},
         )
 
     def get(self, profile_id: str) -> dict:
-        return self._request("GET", f"/profiles/{profile_id}")
+        return self._request("GET", profile_path(profile_id))
 
     def delete(self, profile_id: str) -> dict:
-        return self._request("DELETE", f"/profiles/{profile_id}")
+        return self._request("DELETE", profile_path(profile_id))
 
     def list(self, cursor: str | None = None, limit: int = 100) -> dict:
         params: dict[str, Any] = {"limit": limit}
@@ -112,7 +131,7 @@ class Client:
     def predict(self, profile_id: str, inputs: Sequence[TextInput]) -> dict:
         """``{"profile", "version", "predictions": [{"label", "score", "scores"}, ...]}``."""
         payload = {"inputs": [x if isinstance(x, str) else list(x) for x in inputs]}
-        return self._request("POST", f"/profiles/{profile_id}/predict", json=payload)
+        return self._request("POST", profile_path(profile_id, "/predict"), json=payload)
 
     # -- operations ------------------------------------------------------------------------
     def health(self) -> dict:

@@ -41,6 +41,14 @@ class StoreUnavailable(XPeftError):
         super().__init__("store_unavailable", message)
 
 
+class CorruptRecord(XPeftError):
+    """A stored record that cannot be read back (its metadata is not a JSON object, say)."""
+
+    def __init__(self, profile_id: str, message: str) -> None:
+        super().__init__("corrupt_record", message)
+        self.profile_id = profile_id
+
+
 class BodyTooLarge(StarletteHTTPException):
     """Raised while reading a body past its limit; an HTTPException so FastAPI re-raises it as is."""
 
@@ -119,8 +127,21 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(err.status, err.code, err.message, **err.extra)
 
     @app.exception_handler(StoreUnavailable)
-    async def _store_down(_: Request, exc: StoreUnavailable) -> JSONResponse:
-        return error_response(503, exc.code, exc.message, {"Retry-After": "1"})
+    async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # The detail names the store's address and the driver's error: for the log, not the caller.
+        log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc.message)
+        return error_response(
+            503, exc.code, "the profile store did not answer; retry later", {"Retry-After": "1"}
+        )
+
+    @app.exception_handler(CorruptRecord)
+    async def _corrupt(request: Request, exc: CorruptRecord) -> JSONResponse:
+        log.error("profile %r: %s", exc.profile_id, exc.message)
+        return error_response(
+            500,
+            exc.code,
+            f"the stored record of profile {exc.profile_id!r} is damaged; upload the profile again",
+        )
 
     @app.exception_handler(XPeftError)
     async def _xpeft_error(_: Request, exc: XPeftError) -> JSONResponse:

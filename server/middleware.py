@@ -9,7 +9,10 @@ body slowly.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from typing import Any
+from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -189,3 +192,86 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
         finally:
             gate._leave()
+
+
+# -- what is logged and how long headers may take -------------------------------------------
+# Query parameters whose values may be logged; any other value (a token pasted into the URL, say)
+# is replaced by *** in the access log.
+_LOGGED_QUERY = frozenset({"cursor", "limit"})
+
+
+def redact_query(query: str) -> str:
+    """``cursor`` and ``limit`` as they are; every other ``name=value`` piece as ``***``."""
+    pieces = []
+    for piece in query.split("&"):
+        name = unquote(piece.partition("=")[0]).lower()
+        pieces.append(piece if name in _LOGGED_QUERY else "***")
+    return "&".join(pieces)
+
+
+class _RedactQueryFilter(logging.Filter):
+    """Rewrites uvicorn's access-log line (its third argument is the path with the query string)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            path, _, query = args[2].partition("?")
+            record.args = (*args[:2], f"{path}?{redact_query(query)}", *args[3:])
+        return True
+
+
+def redact_access_log() -> None:
+    """Install the query redaction on ``uvicorn.access`` (once; uvicorn's log setup keeps filters)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _RedactQueryFilter) for f in logger.filters):
+        logger.addFilter(_RedactQueryFilter())
+
+
+def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """Uvicorn's HTTP protocol with a deadline on request headers (uvicorn has none of its own).
+
+    A connection must complete its request headers within ``timeout_s`` of opening, and again of
+    each response: otherwise it is closed. Slow-header ("slowloris") connections then cannot pile
+    up. A request whose headers are complete starts a new cycle, which is what the timer checks,
+    so both uvicorn implementations (httptools and h11) work unchanged.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # httptools not installed: the pure-Python h11 implementation
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class HeaderDeadlineProtocol(Base):  # type: ignore[misc, valid-type]
+        _header_timer: asyncio.TimerHandle | None = None
+        _armed_cycle: Any = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._armed_cycle = self.cycle
+            self._header_timer = self.loop.call_later(timeout_s, self._header_deadline)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_deadline(self) -> None:
+            self._header_timer = None
+            cycle = self.cycle
+            idle = cycle is None or cycle.response_complete  # no request is being answered
+            if cycle is self._armed_cycle and idle and not self.transport.is_closing():
+                self.transport.close()  # no complete request headers in time
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineProtocol

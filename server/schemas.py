@@ -1,10 +1,26 @@
-"""Request and response bodies: what OpenAPI at /docs shows and what routes validate."""
+"""Request and response bodies: what OpenAPI at /docs shows and what routes validate.
+
+A predict body is parsed by :func:`parse_predict_body`, not by FastAPI, so that its sizes are
+checked before any per-item work: a 1 MiB body of half a million items is refused after one
+``json.loads`` and a ``len``, instead of after a million validation errors.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 TextOrPair = str | tuple[str, str]
+# Lone surrogates survive JSON decoding but no tokenizer takes them: refuse them at the door.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_HINT = " (send the body as JSON with Content-Type: application/json)"
+
+
+class BodyError(ValueError):
+    """A predict body that is not what :class:`PredictRequest` describes; the message says why."""
 
 
 class PredictRequest(BaseModel):
@@ -65,3 +81,57 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: str
     detail: dict = Field(default_factory=dict)
+
+
+def _loads(raw: bytes) -> object:
+    """pydantic-core's JSON parser (jiter: about 3x the standard library's speed on a body of
+    half a million numbers). It refuses escaped lone surrogates outright; the standard library
+    decodes those, so that the refusal can name the input that holds one."""
+    try:
+        return pydantic_core.from_json(raw)
+    except ValueError as exc:
+        if "escape" not in str(exc) and "surrogate" not in str(exc):
+            raise
+        return json.loads(raw)
+
+
+def parse_predict_body(
+    raw: bytes, content_type: str | None, max_inputs: int, max_text_chars: int
+) -> list[TextOrPair]:
+    """The inputs of a predict body: counts and sizes first, then each item's type and length.
+
+    Work is bounded by the body size (already capped by the body limit): one C-speed parse, then
+    at most ``max_inputs`` items are looked at. Raises :class:`BodyError`.
+    """
+    hint = _JSON_HINT if content_type and "json" not in content_type.lower() else ""
+    try:
+        body = _loads(raw)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
+        raise BodyError("the body is not valid JSON" + (hint or _JSON_HINT)) from None
+    if not isinstance(body, dict):
+        raise BodyError('the body must be a JSON object {"inputs": [...]}' + hint)
+    extra = sorted(k for k in body if k != "inputs")
+    if extra:
+        raise BodyError(f"unknown field {extra[0][:64]!r}: extra fields are not permitted")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list):
+        raise BodyError("inputs: a list of texts or [text, text_pair] pairs is required")
+    if not inputs:
+        raise BodyError("inputs must hold at least one text")
+    if len(inputs) > max_inputs:
+        raise BodyError(f"{len(inputs)} inputs; at most {max_inputs} per request")
+    out: list[TextOrPair] = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            texts: tuple[str, ...] = (item,)
+        elif isinstance(item, list) and len(item) == 2 and all(isinstance(t, str) for t in item):
+            texts = (item[0], item[1])
+        else:
+            raise BodyError(f"inputs[{i}]: a text or a [text, text_pair] pair of two texts")
+        for text in texts:
+            if len(text) > max_text_chars:
+                raise BodyError(f"inputs[{i}] has {len(text)} characters; at most {max_text_chars}")
+            if _SURROGATE.search(text):
+                raise BodyError(f"inputs[{i}] holds a lone UTF-16 surrogate: not text")
+        out.append(item if isinstance(item, str) else (item[0], item[1]))
+    return out

@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The profile-id pattern (app.py checks ids with it); a tenant prefix is a valid id itself.
 PROFILE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
+# Bearer tokens shorter than this are refused at startup: a short token can be guessed.
+MIN_TOKEN_CHARS = 16
 
 
 class Settings(BaseSettings):
@@ -37,11 +39,22 @@ class Settings(BaseSettings):
     # where to listen (used by `xpeft serve`)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    allow_open_writes: bool = Field(
+        False,
+        description="without an admin token, serve writes to anyone on a non-loopback address (never do)",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must send complete request headers within this, else closed"
+    )
 
     # the profile store
     redis_url: str | None = Field(
         None, description="redis://... ; without it the embedded SQLite store serves"
     )
+    redis_password: SecretStr | None = Field(
+        None, description="Redis password (kept out of the URL, so it never shows in a process listing)"
+    )
+    redis_password_file: Path | None = Field(None, description="the Redis password in a file (a secret)")
     redis_prefix: str = Field(
         "xpeft", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="key prefix (hash tag)"
     )
@@ -103,6 +116,8 @@ class Settings(BaseSettings):
         "...]}: predict and read only those profiles",
     )
     predict_tokens_file: Path | None = Field(None, description="the same JSON in a file (a mounted secret)")
+    admin_token_file: Path | None = Field(None, description="the admin token in a file (a mounted secret)")
+    api_token_file: Path | None = Field(None, description="the API token in a file (a mounted secret)")
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True
@@ -110,10 +125,20 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _empty_tokens_mean_none(self) -> Settings:
         # `XPEFT_ADMIN_TOKEN=` in a compose file means "no token", not "the empty token".
-        for name in ("admin_token", "api_token"):
-            value = getattr(self, name)
+        for name in ("admin_token", "api_token", "redis_password"):
+            value = _secret_from_file(self, name)
             if value is not None and not value.get_secret_value():
-                setattr(self, name, None)
+                value = None
+            setattr(self, name, value)
+            if (
+                name != "redis_password"
+                and value is not None
+                and len(value.get_secret_value()) < MIN_TOKEN_CHARS
+            ):
+                raise ValueError(
+                    f"XPEFT_{name.upper()} is shorter than {MIN_TOKEN_CHARS} characters: "
+                    "use a long random one, e.g. `openssl rand -hex 24`"
+                )
         if self.redis_url == "":
             self.redis_url = None
         if self.predict_tokens is not None and not self.predict_tokens.get_secret_value().strip():
@@ -162,5 +187,47 @@ class Settings(BaseSettings):
                         f"{where}: token {n} needs a list of profile-id prefixes, each matching "
                         f"{PROFILE_ID_PATTERN}"
                     )
+                if len(token) < MIN_TOKEN_CHARS:
+                    raise ValueError(f"{where}: token {n} is shorter than {MIN_TOKEN_CHARS} characters")
                 table[token] = tuple(prefixes)
+        _refuse_overlapping_tenants(table)
         return table
+
+
+def _secret_from_file(settings: Settings, name: str) -> SecretStr | None:
+    """``XPEFT_<NAME>`` or ``XPEFT_<NAME>_FILE`` (one trailing newline dropped), never both.
+
+    Errors name the file and the reason, never its content.
+    """
+    value: SecretStr | None = getattr(settings, name)
+    path: Path | None = getattr(settings, f"{name}_file")
+    if path is None:
+        return value
+    if value is not None and value.get_secret_value():
+        raise ValueError(f"set XPEFT_{name.upper()} or XPEFT_{name.upper()}_FILE, not both")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {name}_file {path}: {exc.strerror}") from None
+    return SecretStr(text.removesuffix("\n").removesuffix("\r"))
+
+
+def _refuse_overlapping_tenants(table: dict[str, tuple[str, ...]]) -> None:
+    """Two tenants whose prefixes nest (``acme-`` and ``acme-eu-``) would read each other's profiles."""
+    owner: dict[str, int] = {}
+    for n, prefixes in enumerate(table.values(), 1):
+        for prefix in prefixes:
+            if owner.setdefault(prefix, n) != n:
+                _overlap(owner[prefix], n, prefix, prefix)
+    for prefix, n in owner.items():
+        for end in range(1, len(prefix)):
+            other = owner.get(prefix[:end])
+            if other is not None and other != n:
+                _overlap(other, n, prefix[:end], prefix)
+
+
+def _overlap(a: int, b: int, shorter: str, longer: str) -> None:
+    raise ValueError(
+        f"predict tokens {a} and {b} overlap: prefix {shorter!r} also covers {longer!r}, so one tenant "
+        "could use the other's profiles; make the prefixes disjoint"
+    )

@@ -158,7 +158,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "xpeft.profiles.cli",
+            "xpeft.cli",
             "serve",
             "--bank",
             str(self.bank_path),

@@ -13,7 +13,10 @@ def open_store(settings: Settings) -> ProfileStore:
     if settings.redis_url:
         from xpeft.server.stores.redis_store import RedisStore
 
-        return RedisStore(settings.redis_url, settings.redis_prefix, settings.store_timeout_s)
+        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        return RedisStore(
+            settings.redis_url, settings.redis_prefix, settings.store_timeout_s, password=password
+        )
     from xpeft.server.stores.sqlite_store import SQLiteStore
 
     return SQLiteStore(settings.sqlite_path, timeout_s=settings.store_timeout_s)

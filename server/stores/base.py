@@ -8,14 +8,52 @@ may still hold, and an invalidation event ``(id, version)`` can be compared with
 from __future__ import annotations
 
 import abc
+import json
+import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TypeVar
 
-from xpeft.server.errors import StoreUnavailable
+from xpeft.server.errors import CorruptRecord, StoreUnavailable
 
-__all__ = ["ChangeEvent", "ProfileRecord", "ProfileStore", "StoreUnavailable", "StoredProfile", "iso"]
+__all__ = [
+    "ChangeEvent",
+    "CorruptRecord",
+    "ProfileRecord",
+    "ProfileStore",
+    "StoreUnavailable",
+    "StoredProfile",
+    "iso",
+    "load_meta",
+    "readable_records",
+]
+log = logging.getLogger("xpeft.server")
+R = TypeVar("R")
+
+
+def load_meta(profile_id: str, raw: str | bytes | None) -> dict:
+    """A stored metadata blob as a dict; :class:`CorruptRecord` when it is not a JSON object
+    (a damaged or hand-edited record must cost that one id, never a whole listing)."""
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except (ValueError, TypeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise CorruptRecord(profile_id, "its stored metadata is not a JSON object")
+    return meta
+
+
+def readable_records(rows: Iterable[R], make: Callable[[R], ProfileRecord]) -> list[ProfileRecord]:
+    """The records of a listing page, leaving out (and logging) those that cannot be read."""
+    records = []
+    for row in rows:
+        try:
+            records.append(make(row))
+        except CorruptRecord as exc:
+            log.error("listing leaves out profile %r: %s", exc.profile_id, exc.message)
+    return records
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ from xpeft.server.stores.base import (
     ProfileStore,
     StoredProfile,
     StoreUnavailable,
+    load_meta,
     now,
+    readable_records,
 )
 
 T = TypeVar("T")
@@ -66,7 +68,12 @@ class RedisStore(ProfileStore):
     kind = "redis"
 
     def __init__(
-        self, url: str, prefix: str = "xpeft", timeout_s: float = 2.0, max_connections: int = 64
+        self,
+        url: str,
+        prefix: str = "xpeft",
+        timeout_s: float = 2.0,
+        max_connections: int = 64,
+        password: str | None = None,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -87,6 +94,7 @@ class RedisStore(ProfileStore):
             socket_connect_timeout=timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
             health_check_interval=30,
+            **({"password": password} if password else {}),
         )
         self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self._put = self._redis.register_script(_PUT)
@@ -104,7 +112,9 @@ class RedisStore(ProfileStore):
     @staticmethod
     def _record(profile_id: str, values: list) -> ProfileRecord:
         version, meta, created_at, updated_at = values
-        return ProfileRecord(profile_id, int(version), json.loads(meta), float(created_at), float(updated_at))
+        return ProfileRecord(
+            profile_id, int(version), load_meta(profile_id, meta), float(created_at), float(updated_at)
+        )
 
     # -- contract --------------------------------------------------------------------------
     async def put(self, profile_id: str, data: bytes, meta: dict) -> tuple[ProfileRecord, bool]:
@@ -147,7 +157,8 @@ class RedisStore(ProfileStore):
             pipe.hmget(self.key(profile_id), *_RECORD_FIELDS)
         rows = await self._call("list", pipe.execute()) if page else []
         # An id deleted between the two reads is left out rather than shown half.
-        records = [self._record(i, v) for i, v in zip(page, rows, strict=True) if v[0] is not None]
+        found = [(i, v) for i, v in zip(page, rows, strict=True) if v[0] is not None]
+        records = readable_records(found, lambda row: self._record(*row))
         return records, (page[-1] if len(ids) > limit else None)
 
     async def versions(self, profile_ids: Iterable[str]) -> dict[str, int]:

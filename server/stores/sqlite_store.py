@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,10 +25,13 @@ from xpeft.server.stores.base import (
     ProfileStore,
     StoredProfile,
     StoreUnavailable,
+    load_meta,
     now,
+    readable_records,
 )
 
 T = TypeVar("T")
+log = logging.getLogger("xpeft.server")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS profiles (
@@ -69,6 +75,13 @@ class SQLiteStore(ProfileStore):
     # -- thread side -----------------------------------------------------------------------
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner-only: the file holds every tenant's profiles. SQLite gives its -wal and -shm files
+        # the database file's mode. An existing file keeps its mode (the operator chose it) but a
+        # world-readable one is reported.
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        elif self.path.stat().st_mode & stat.S_IROTH:
+            log.warning("the SQLite store %s is world-readable: chmod 600 it", self.path)
         conn = sqlite3.connect(str(self.path), timeout=self.timeout_s, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -102,7 +115,7 @@ class SQLiteStore(ProfileStore):
     @staticmethod
     def _record(row: tuple) -> ProfileRecord:
         return ProfileRecord(
-            id=row[0], version=row[1], meta=json.loads(row[2]), created_at=row[3], updated_at=row[4]
+            id=row[0], version=row[1], meta=load_meta(row[0], row[2]), created_at=row[3], updated_at=row[4]
         )
 
     # -- contract --------------------------------------------------------------------------
@@ -170,8 +183,8 @@ class SQLiteStore(ProfileStore):
                 .fetchall()
             )
         )
-        records = [self._record(r) for r in rows[:limit]]
-        return records, (records[-1].id if len(rows) > limit else None)
+        records = readable_records(rows[:limit], self._record)
+        return records, (rows[limit - 1][0] if len(rows) > limit else None)
 
     async def versions(self, profile_ids: Iterable[str]) -> dict[str, int]:
         ids = list(profile_ids)

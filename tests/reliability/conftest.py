@@ -7,7 +7,7 @@ for the faults one group of tests makes, started together (startup is the slow p
   (the overload tests), and the other side of the concurrent-update test.
 - ``outage``: its own redis-server with AOF on (as docker-compose.yml), which a test hangs and kills.
 - ``drain``: the embedded SQLite store; a test sends it SIGTERM.
-- ``limits``: tiny time limits (a 50 ms request deadline, a 1 s body deadline) and small sizes.
+- ``limits``: tiny time limits (a 50 ms request deadline, 1 s body and header deadlines) and small sizes.
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ def fleet(
             "XPEFT_REQUEST_TIMEOUT_S": "0.05",
             "XPEFT_MAX_WAIT_MS": "300",
             "XPEFT_BODY_TIMEOUT_S": "1",
+            "XPEFT_HEADER_TIMEOUT_S": "1",
             "XPEFT_MAX_INPUTS": "4",
             "XPEFT_MAX_TEXT_CHARS": "300",
             "XPEFT_MAX_REQUEST_BYTES": "4096",

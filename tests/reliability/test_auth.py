@@ -14,9 +14,9 @@ import pytest
 from starlette.requests import Request
 
 from xpeft.adapters.errors import XPeftError
+from xpeft.cli.serve import build_settings
 from xpeft.server import auth
 from xpeft.server.auth import Authorizer
-from xpeft.server.cli import build_settings
 from xpeft.server.errors import ApiError
 from xpeft.server.settings import Settings
 
@@ -157,23 +157,32 @@ def test_tokens_are_compared_in_constant_time(monkeypatch) -> None:
 @pytest.mark.parametrize(
     "env, needle",
     [
-        ({"XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ["acme-"]}'}, "need XPEFT_ADMIN_TOKEN"),
-        (
-            {"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": "bad prefix"}'},
-            "token 1 needs",
-        ),
-        ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": []}'}, "token 1 needs"),
+        ({"XPEFT_PREDICT_TOKENS": '{"tok-secret-1-long-enough": ["acme-"]}'}, "need XPEFT_ADMIN_TOKEN"),
         (
             {
-                "XPEFT_ADMIN_TOKEN": "a",
-                "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ["ok-"], "tok secret": ["b-"]}',
+                "XPEFT_ADMIN_TOKEN": ADMIN,
+                "XPEFT_PREDICT_TOKENS": '{"tok-secret-1-long-enough": "bad prefix"}',
+            },
+            "token 1 needs",
+        ),
+        (
+            {"XPEFT_ADMIN_TOKEN": ADMIN, "XPEFT_PREDICT_TOKENS": '{"tok-secret-1-long-enough": []}'},
+            "token 1 needs",
+        ),
+        (
+            {
+                "XPEFT_ADMIN_TOKEN": ADMIN,
+                "XPEFT_PREDICT_TOKENS": '{"tok-secret-1-long-enough": ["ok-"], "tok secret": ["b-"]}',
             },
             "token 2",
         ),
-        ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '["tok-secret-1"]'}, "JSON object"),
-        ({"XPEFT_ADMIN_TOKEN": "a", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ['}, "not JSON"),
+        ({"XPEFT_ADMIN_TOKEN": ADMIN, "XPEFT_PREDICT_TOKENS": '["tok-secret-1-long-enough"]'}, "JSON object"),
+        ({"XPEFT_ADMIN_TOKEN": ADMIN, "XPEFT_PREDICT_TOKENS": '{"tok-secret-1-long-enough": ['}, "not JSON"),
         (
-            {"XPEFT_ADMIN_TOKEN": "tok-secret-1", "XPEFT_PREDICT_TOKENS": '{"tok-secret-1": ["a-"]}'},
+            {
+                "XPEFT_ADMIN_TOKEN": "tok-secret-1-long-enough",
+                "XPEFT_PREDICT_TOKENS": '{"tok-secret-1-long-enough": ["a-"]}',
+            },
             "must differ",
         ),
     ],
@@ -190,12 +199,12 @@ def test_a_bad_token_table_stops_serve_without_showing_a_token(monkeypatch, tmp_
 
 def test_predict_tokens_from_a_file(tmp_path) -> None:
     path = tmp_path / "tokens.json"
-    path.write_text(json.dumps({"tok-file-1": ["gamma-"], ACME: ["acme-", "acme2-"]}))
+    path.write_text(json.dumps({"tok-file-1-long-enough": ["gamma-"], ACME: ["acme-", "acme2-"]}))
     settings = Settings(
         admin_token=ADMIN, predict_tokens=json.dumps({ACME: ["acme-"]}), predict_tokens_file=path
     )
     assert settings.tenant_prefixes() == {
         ACME: ("acme-", "acme2-"),
-        "tok-file-1": ("gamma-",),
+        "tok-file-1-long-enough": ("gamma-",),
     }  # the file wins
-    assert ACME not in repr(settings) and "tok-file-1" not in repr(settings)
+    assert ACME not in repr(settings) and "tok-file-1-long-enough" not in repr(settings)

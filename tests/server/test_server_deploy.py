@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xpeft.profiles.cli import main
+from xpeft.cli.main import main
 from xpeft.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def run_compose_config(path: Path) -> subprocess.CompletedProcess:
         if os.environ.get("CI"):
             pytest.fail("CI must validate docker-compose.yml: install Debian's docker-compose (see .ci/run)")
         pytest.skip("no docker-compose here (.ci/run installs Debian's package)")
-    env = {**os.environ, "XPEFT_ADMIN_TOKEN": "validation-only"}
+    env = {**os.environ, "XPEFT_ADMIN_TOKEN": "validation-only-token"}
     return subprocess.run(
         [*command, "-f", str(path), "--project-directory", str(ROOT), "config", "-q"],
         capture_output=True,
