@@ -7,7 +7,9 @@ Layout (all integers little-endian)::
     header_length              u16
     header                     JSON, UTF-8: kind, ids, shapes, k, labels, max_length, meta
     payload                    per kind, fixed order, sizes follow from the header:
-        hard       mask_down, mask_up: L*N bits each, bitarray big-endian, padded to a byte
+        hard       mask_down, mask_up: L*N bits each, bitarray big-endian, padded to a byte;
+                   version 2 may add gains (2*L fp16: down, then up, per layer) and values
+                   (2*L*k fp16: the weight of each selected adapter, row by row in index order)
         soft       weights_down, weights_up: L*N fp16 each
         adapter    down (L,d,r), down_bias (L,r), up (L,r,d), up_bias (L,d): fp16
         head_only  nothing
@@ -16,6 +18,11 @@ Layout (all integers little-endian)::
 
 Sizes are computed from the header and checked against the actual length *before* anything is
 allocated, so a file that declares huge shapes is refused cheaply.
+
+Version 2 adds three optional header fields for hard profiles, ``scale_power`` (a selected adapter
+weighs ``1 / k**p``), ``gains`` and ``values`` (booleans: the sections above are present). A
+profile that uses none of them is written as version 1, byte for byte as before, so servers that
+only read version 1 keep serving it; both versions are read.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.profile import Profile, ProfileKind
 
 MAGIC = b"\x89XPM"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this build writes
+READ_VERSIONS = (1, 2)
+MAX_GAIN = 1024.0  # a gain beyond this would blow the hidden states up; no training gets near it
 _PREFIX = struct.Struct("<4sHH")
 _CRC = struct.Struct("<I")
 # Bounds on declared shapes: far above any real encoder, far below anything that hurts.
@@ -74,6 +83,9 @@ class ProfileInfo:
     labels: list[str]
     max_length: int
     meta: dict[str, str]
+    scale_power: float = 1.0
+    gains: bool = False
+    values: bool = False
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -106,13 +118,20 @@ def encode(profile: Profile) -> bytes:
     }
     if profile.meta:
         header["meta"] = dict(profile.meta)
+    extras = _hard_extras(profile)
+    header.update(extras)
+    version = 2 if extras else 1
     raw_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     if len(raw_header) > 0xFFFF:
         raise ProfileFormatError("bad_header", f"header of {len(raw_header)} bytes exceeds 65535")
-    parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw_header)), raw_header]
+    parts = [_PREFIX.pack(MAGIC, version, len(raw_header)), raw_header]
     kind = profile.kind
     if kind is ProfileKind.HARD:
         parts += [_bits(profile.mask_down), _bits(profile.mask_up)]
+        if profile.gains is not None:
+            parts.append(_fp16(profile.gains))
+        if profile.values is not None:
+            parts.append(_fp16(_selected_values(profile)))
     elif kind is ProfileKind.SOFT:
         parts += [_fp16(profile.weights_down), _fp16(profile.weights_up)]
     elif kind is ProfileKind.ADAPTER:
@@ -122,12 +141,45 @@ def encode(profile: Profile) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def _hard_extras(profile: Profile) -> dict:
+    """The version-2 header fields a hard profile needs (none: it is written as version 1)."""
+    if profile.kind is not ProfileKind.HARD:
+        return {}
+    extras: dict = {}
+    if profile.scale_power != 1.0:
+        extras["scale_power"] = float(profile.scale_power)
+    if profile.gains is not None:
+        extras["gains"] = True
+    if profile.values is not None:
+        extras["values"] = True
+    return extras
+
+
+def _selected_values(profile: Profile) -> torch.Tensor:
+    """``values (2, L, N)`` at the masks' selected positions: ``(2, L, k)`` in index order."""
+    assert profile.values is not None and profile.mask_down is not None and profile.mask_up is not None
+    masks = torch.stack([profile.mask_down, profile.mask_up])
+    return profile.values[masks].view(2, profile.num_layers, profile.k)
+
+
 # -- reading ---------------------------------------------------------------------------------
-def _section_sizes(kind: ProfileKind, L: int, N: int, d: int, r: int, C: int) -> list[tuple[str, int]]:
+def _section_sizes(
+    kind: ProfileKind,
+    L: int,
+    N: int,
+    d: int,
+    r: int,
+    C: int,
+    k: int = 0,
+    gains: bool = False,
+    values: bool = False,
+) -> list[tuple[str, int]]:
     mask_bytes = (L * N + 7) // 8
     sections: list[tuple[str, int]] = []
     if kind is ProfileKind.HARD:
         sections = [("mask_down", mask_bytes), ("mask_up", mask_bytes)]
+        sections += [("gains", 2 * 2 * L)] if gains else []
+        sections += [("values", 2 * 2 * L * k)] if values else []
     elif kind is ProfileKind.SOFT:
         sections = [("weights_down", 2 * L * N), ("weights_up", 2 * L * N)]
     elif kind is ProfileKind.ADAPTER:
@@ -140,7 +192,37 @@ def _section_sizes(kind: ProfileKind, L: int, N: int, d: int, r: int, C: int) ->
     return sections + [("head_weight", 2 * C * d), ("head_bias", 2 * C)]
 
 
-def _parse_header(raw: bytes) -> dict:
+def _header_sizes(h: dict) -> list[tuple[str, int]]:
+    """The payload sections a parsed header declares, in file order."""
+    return _section_sizes(
+        ProfileKind(h["kind"]),
+        h["L"],
+        h["N"],
+        h["d"],
+        h["r"],
+        len(h["labels"]),
+        h["k"],
+        h.get("gains", False),
+        h.get("values", False),
+    )
+
+
+def _parse_extras(header: dict, version: int) -> None:
+    """Version-2 fields: only in version 2, only for hard profiles, and of the right types."""
+    present = [key for key in ("scale_power", "gains", "values") if key in header]
+    if not present:
+        return
+    if version < 2 or header["kind"] != ProfileKind.HARD.value:
+        raise ProfileFormatError("bad_header", f"{present} need format version 2 and a hard profile")
+    power = header.get("scale_power", 1.0)
+    if not isinstance(power, int | float) or isinstance(power, bool) or not 0.0 <= power <= 4.0:
+        raise ProfileFormatError("bad_header", f"scale_power={power!r} is not a number in [0, 4]")
+    for key in ("gains", "values"):
+        if not isinstance(header.get(key, False), bool):
+            raise ProfileFormatError("bad_header", f"{key} must be a JSON boolean")
+
+
+def _parse_header(raw: bytes, version: int = 1) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -183,6 +265,7 @@ def _parse_header(raw: bytes) -> dict:
         or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     ):
         raise ProfileFormatError("bad_header", f"meta must be at most {MAX_META_ITEMS} string pairs")
+    _parse_extras(header, version)
     return header
 
 
@@ -196,9 +279,9 @@ def _split_prefix(data: bytes) -> tuple[int, bytes, bytes]:
     magic, version, header_length = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ProfileFormatError("bad_magic", "not an xpeft profile (.xpm) file: wrong magic bytes")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise ProfileFormatError(
-            "unsupported_version", f"format version {version}; this build reads version {FORMAT_VERSION}"
+            "unsupported_version", f"format version {version}; this build reads versions {READ_VERSIONS}"
         )
     if len(data) < _PREFIX.size + header_length + _CRC.size:
         raise ProfileFormatError("truncated", f"{len(data)} bytes cannot hold the declared header")
@@ -208,14 +291,8 @@ def _split_prefix(data: bytes) -> tuple[int, bytes, bytes]:
     if actual_crc != stored_crc:
         # Checked before the header is trusted, but a short file is reported as truncated.
         try:
-            header = _parse_header(body[_PREFIX.size : header_end])
-            kind = ProfileKind(header["kind"])
-            need = sum(
-                n
-                for _, n in _section_sizes(
-                    kind, header["L"], header["N"], header["d"], header["r"], len(header["labels"])
-                )
-            )
+            header = _parse_header(body[_PREFIX.size : header_end], version)
+            need = sum(n for _, n in _header_sizes(header))
             if len(body) - header_end < need:
                 raise ProfileFormatError(
                     "truncated", f"payload has {len(body) - header_end} bytes, the header needs {need}"
@@ -257,10 +334,8 @@ def read_info(data: bytes) -> ProfileInfo:
 
 def _read(data: bytes) -> tuple[ProfileInfo, bytes]:
     version, raw_header, payload = _split_prefix(data)
-    h = _parse_header(raw_header)
-    need = sum(
-        n for _, n in _section_sizes(ProfileKind(h["kind"]), h["L"], h["N"], h["d"], h["r"], len(h["labels"]))
-    )
+    h = _parse_header(raw_header, version)
+    need = sum(n for _, n in _header_sizes(h))
     if len(payload) != need:
         raise ProfileFormatError("bad_payload", f"payload has {len(payload)} bytes, the header needs {need}")
     return ProfileInfo(
@@ -277,6 +352,9 @@ def _read(data: bytes) -> tuple[ProfileInfo, bytes]:
         labels=list(h["labels"]),
         max_length=h.get("max_length", 128),
         meta=dict(h.get("meta", {})),
+        scale_power=float(h.get("scale_power", 1.0)),
+        gains=h.get("gains", False),
+        values=h.get("values", False),
     ), payload
 
 
@@ -287,7 +365,7 @@ def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
     kind = ProfileKind(info.kind)
     sections: dict[str, bytes] = {}
     offset = 0
-    for name, size in _section_sizes(kind, L, N, d, r, C):
+    for name, size in _section_sizes(kind, L, N, d, r, C, info.k, info.gains, info.values):
         sections[name] = payload[offset : offset + size]
         offset += size
     profile = Profile(
@@ -308,6 +386,17 @@ def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
     if kind is ProfileKind.HARD:
         profile.mask_down = _mask(sections["mask_down"], L, N, info.k, "mask_down")
         profile.mask_up = _mask(sections["mask_up"], L, N, info.k, "mask_up")
+        profile.scale_power = info.scale_power
+        if info.gains:
+            gains = _floats(sections["gains"], (2, L), "gains")
+            if not bool(((gains > 0) & (gains <= MAX_GAIN)).all()):
+                raise ProfileFormatError("bad_payload", f"gains must lie in (0, {MAX_GAIN:g}]")
+            profile.gains = gains
+        if info.values:
+            picked = _floats(sections["values"], (2, L, info.k), "values")
+            values = torch.zeros(2, L, N)
+            values[torch.stack([profile.mask_down, profile.mask_up])] = picked.flatten()
+            profile.values = values
     elif kind is ProfileKind.SOFT:
         for name in ("weights_down", "weights_up"):
             w = _floats(sections[name], (L, N), name)

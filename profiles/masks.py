@@ -1,13 +1,21 @@
 """X-PEFT masks: score tensors ``S (L, N)`` turned into mixing weights over the bank.
 
 - soft: ``w = softmax(S / tau)``;
-- hard: ``w = top_k(S) as k-hot / k`` in the forward pass, softmax gradient in the backward
-  pass (straight-through estimator), so what is stored is bits.
+- hard: ``w = top_k(S) as k-hot / k**p`` in the forward pass (``p = 1``: the mean of the k
+  selected adapters, as in the paper), a surrogate gradient in the backward pass
+  (straight-through estimator), so what is stored is bits.
+
+The estimators differ only in the backward pass: ``softmax`` takes the softmax's gradient (the
+paper's), ``identity`` passes the gradient to the scores unchanged (edge-popup), ``gumbel`` adds
+Gumbel noise to the scores before the top-k while training (a stochastic top-k) and takes the
+softmax gradient of the noisy scores.
 """
 
 from __future__ import annotations
 
 import torch
+
+ESTIMATORS = ("softmax", "identity", "gumbel")
 
 
 def soft_weights(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -20,19 +28,37 @@ def khot(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
 
 
-def hard_weights(scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
-    """k-hot / k forward, softmax backward.
+def hard_scale(k: int, scale_power: float = 1.0) -> float:
+    """The weight of one selected adapter: ``1 / k**p``."""
+    return 1.0 / float(k) ** scale_power
 
-    ``hard + (soft - soft.detach())``: the bracket is exactly zero in floating point, so the forward
-    value is exactly k-hot / k while the gradient is the softmax's.
+
+def hard_weights(
+    scores: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    estimator: str = "softmax",
+    scale_power: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """k-hot / k**p forward, a surrogate gradient backward.
+
+    ``hard + (g - g.detach())``: the bracket is exactly zero in floating point, so the forward
+    value is exactly k-hot / k**p while the gradient is the surrogate ``g``'s.
     """
     if not 1 <= k <= scores.shape[-1]:
         raise ValueError(f"k={k} must be between 1 and N={scores.shape[-1]}")
-    hard = khot(scores, k).to(scores.dtype) / k
-    soft = soft_weights(scores, temperature)
-    return hard + (soft - soft.detach())
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r} is not one of {ESTIMATORS}")
+    picked = scores
+    if estimator == "gumbel":
+        uniform = torch.rand(scores.shape, generator=generator, device="cpu").to(scores.device)
+        picked = scores - torch.log(-torch.log(uniform.clamp_min(1e-20)))  # scores + Gumbel(0, 1)
+    hard = khot(picked.detach(), k).to(scores.dtype) * hard_scale(k, scale_power)
+    surrogate = picked if estimator == "identity" else soft_weights(picked, temperature)
+    return hard + (surrogate - surrogate.detach())
 
 
-def mask_to_weights(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """A stored boolean mask back to serving weights (k-hot / k)."""
-    return mask.to(torch.float32) / k
+def mask_to_weights(mask: torch.Tensor, k: int, scale_power: float = 1.0) -> torch.Tensor:
+    """A stored boolean mask back to serving weights (k-hot / k**p)."""
+    return mask.to(torch.float32) * hard_scale(k, scale_power)

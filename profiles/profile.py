@@ -48,6 +48,9 @@ class Profile:
     weights_up: torch.Tensor | None = None
     adapter: dict[str, torch.Tensor] | None = None
     max_length: int = 128
+    scale_power: float = 1.0  # hard: a selected adapter weighs 1 / k**p
+    gains: torch.Tensor | None = None  # hard: (2, L) positive gain of the down and up mask per layer
+    values: torch.Tensor | None = None  # hard: (2, L, N) weight of each selected adapter (0 elsewhere)
     meta: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -65,6 +68,8 @@ class Profile:
             self.mask_up,
             self.weights_down,
             self.weights_up,
+            self.gains,
+            self.values,
             *(self.adapter or {}).values(),
         ]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -73,7 +78,15 @@ class Profile:
         """``(w_down, w_up)``, each ``(L, N)`` fp32, for the bank kinds."""
         if self.kind is ProfileKind.HARD:
             assert self.mask_down is not None and self.mask_up is not None
-            return mask_to_weights(self.mask_down, self.k), mask_to_weights(self.mask_up, self.k)
+            out = []
+            for i, mask in enumerate((self.mask_down, self.mask_up)):
+                w = mask_to_weights(mask, self.k, self.scale_power)
+                if self.values is not None:
+                    w = mask.to(torch.float32) * self.values[i].float()
+                if self.gains is not None:
+                    w = w * self.gains[i].float().unsqueeze(-1)
+                out.append(w)
+            return out[0], out[1]
         if self.kind is ProfileKind.SOFT:
             assert self.weights_down is not None and self.weights_up is not None
             return self.weights_down.float(), self.weights_up.float()

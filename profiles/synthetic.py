@@ -20,8 +20,12 @@ def random_profile(
     labels: list[str] | None = None,
     k: int | None = None,
     max_length: int = 128,
+    scale_power: float = 1.0,
+    gains: bool = False,
+    weighted: bool = False,
 ) -> Profile:
-    """A seeded random profile of any kind that fits ``bank``."""
+    """A seeded random profile of any kind that fits ``bank``; hard ones may carry the
+    version-2 extras (a scale exponent, per-layer gains, a weight per selected adapter)."""
     kind = ProfileKind(kind)
     g = torch.Generator().manual_seed(seed)
     L, N, d, r = bank.down.shape
@@ -45,6 +49,12 @@ def random_profile(
         profile.k = k or max(1, N // 10)
         profile.mask_down = khot(torch.randn(L, N, generator=g), profile.k)
         profile.mask_up = khot(torch.randn(L, N, generator=g), profile.k)
+        profile.scale_power = scale_power
+        if gains:
+            profile.gains = torch.rand(2, L, generator=g) * 1.5 + 0.25
+        if weighted:
+            keep = torch.stack([profile.mask_down, profile.mask_up]).float()
+            profile.values = (torch.rand(2, L, N, generator=g) * 0.4 - 0.1) * keep
     elif kind is ProfileKind.SOFT:
         profile.weights_down = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)
         profile.weights_up = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)

@@ -16,15 +16,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
+from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder
-from xpeft.adapters.errors import XPeftError
-from xpeft.adapters.fusion import FusedAdapters, fuse
 from xpeft.profiles.data import DataError, Dataset
-from xpeft.profiles.masks import hard_weights, khot, soft_weights
-from xpeft.profiles.profile import Profile, ProfileKind
+from xpeft.profiles.diagnostics import adapter_ratio, mask_overlap
+from xpeft.profiles.profile import Profile
+from xpeft.profiles.trainable import METHODS, Trainable
 
-METHODS = ("hard", "soft", "single_adapter", "head_only")
+__all__ = ["METHODS", "TrainConfig", "TrainResult", "train_profile"]
 
 
 @dataclass
@@ -44,6 +43,14 @@ class TrainConfig:
     seed: int = 0
     dropout: bool = True  # the frozen encoder's own dropout stays on while training
     eval_every: int = 0  # steps between dev evaluations for training curves (0: once per epoch)
+    # hard masks: the method's open choices (docs/METHOD.md has the measurements)
+    scale_power: float = 1.0  # a selected adapter weighs 1 / k**p (p = 1: the mean of the k)
+    estimator: str = "softmax"  # straight-through surrogate: softmax, identity or gumbel
+    temperature_end: float | None = None  # anneal the temperature geometrically to this value
+    gain: bool = False  # learn one positive gain per layer and mask (2·L numbers in the profile)
+    gain_init: float = 1.0
+    weighted: bool = False  # learn a weight for each selected adapter (2·L·k numbers)
+    lr_gain: float = 0.05  # learning rate of the gains and weights
 
     def resolved_k(self, num_adapters: int) -> int:
         return self.k if self.k is not None else max(1, num_adapters // 10)
@@ -55,90 +62,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
-
-
-class _Trainable(nn.Module):
-    """The parameters one method trains, and how they become fused adapters."""
-
-    def __init__(self, method: str, bank: AdapterBank, num_labels: int, config: TrainConfig) -> None:
-        super().__init__()
-        L, N, d, r = bank.down.shape
-        self.method, self.bank, self.config = method, bank, config
-        self.k = config.resolved_k(N) if method == "hard" else 0
-        if method == "hard" and not 1 <= self.k <= N:
-            raise XPeftError("bad_argument", f"k={self.k} must be between 1 and N={N}")
-        self.head = nn.Linear(d, num_labels)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-        if method in ("hard", "soft"):
-            self.scores_down = nn.Parameter(torch.randn(L, N) * config.score_init_std)
-            self.scores_up = nn.Parameter(torch.randn(L, N) * config.score_init_std)
-        elif method == "single_adapter":
-            # Identity at the start (up = 0), the usual adapter initialisation.
-            self.down = nn.Parameter(torch.randn(L, d, r) * 0.02)
-            self.down_bias = nn.Parameter(torch.zeros(L, r))
-            self.up = nn.Parameter(torch.zeros(L, r, d))
-            self.up_bias = nn.Parameter(torch.zeros(L, d))
-        elif method != "head_only":
-            raise XPeftError("bad_argument", f"unknown method {method!r}; one of {METHODS}")
-
-    def param_groups(self) -> list[dict]:
-        c = self.config
-        groups = [{"params": list(self.head.parameters()), "lr": c.lr_head}]
-        if self.method in ("hard", "soft"):
-            groups.append(
-                {"params": [self.scores_down, self.scores_up], "lr": c.lr_scores, "weight_decay": 0.0}
-            )
-        elif self.method == "single_adapter":
-            groups.append({"params": [self.down, self.down_bias, self.up, self.up_bias], "lr": c.lr_adapter})
-        return groups
-
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.config.temperature
-        if self.method == "hard":
-            return hard_weights(self.scores_down, self.k, t), hard_weights(self.scores_up, self.k, t)
-        return soft_weights(self.scores_down, t), soft_weights(self.scores_up, t)
-
-    def fused(self) -> FusedAdapters | None:
-        if self.method in ("hard", "soft"):
-            w_down, w_up = self.weights()
-            return fuse(w_down.unsqueeze(0), w_up.unsqueeze(0), self.bank)
-        if self.method == "single_adapter":
-            return FusedAdapters.from_single({n: getattr(self, n) for n in TENSOR_NAMES})
-        return None
-
-    def to_profile(
-        self, bank: AdapterBank, labels: list[str], max_length: int, meta: dict[str, str]
-    ) -> Profile:
-        L, N, d, r = bank.down.shape
-        common = dict(
-            bank_id=bank.bank_id,
-            model_id=bank.model_id,
-            num_layers=L,
-            num_adapters=N,
-            hidden_size=d,
-            bottleneck=r,
-            labels=labels,
-            max_length=max_length,
-            meta=meta,
-            head_weight=self.head.weight.detach().cpu().float().clone(),
-            head_bias=self.head.bias.detach().cpu().float().clone(),
-        )
-        if self.method == "hard":
-            return Profile(
-                kind=ProfileKind.HARD,
-                k=self.k,
-                mask_down=khot(self.scores_down.detach().cpu(), self.k),
-                mask_up=khot(self.scores_up.detach().cpu(), self.k),
-                **common,
-            )
-        if self.method == "soft":
-            w_down, w_up = (w.detach().cpu().float() for w in self.weights())
-            return Profile(kind=ProfileKind.SOFT, weights_down=w_down, weights_up=w_up, **common)
-        if self.method == "single_adapter":
-            adapter = {n: getattr(self, n).detach().cpu().float().clone() for n in TENSOR_NAMES}
-            return Profile(kind=ProfileKind.ADAPTER, adapter=adapter, **common)
-        return Profile(kind=ProfileKind.HEAD_ONLY, **common)
+    diagnostics: dict = field(default_factory=dict)
 
 
 def _label_index(data: Dataset, labels: list[str]) -> torch.Tensor:
@@ -172,13 +96,18 @@ def train_profile(
     order_rng = torch.Generator().manual_seed(config.seed)
     device = encoder.device
     work_bank = bank.to(device, torch.float32)
-    trainable = _Trainable(config.method, work_bank, len(labels), config).to(device)
+    trainable = Trainable(config.method, work_bank, len(labels), config).to(device)
     optimizer = torch.optim.AdamW(trainable.param_groups(), weight_decay=0.01)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(total, 1)))
     eval_every = config.eval_every or steps_per_epoch
     frozen_features = config.method == "head_only"
+    probe = encoder.tokenize(train.inputs[: config.batch_size], config.max_length)
+    trainable.eval()
+    diagnostics: dict = {"adapter_ratio_start": adapter_ratio(encoder, trainable.fused(), probe)}
+    start_masks = trainable.masks() if config.method == "hard" else None
+    grad_norms: list[float] = []
 
     history: list[dict] = []
     start = time.perf_counter()
@@ -191,6 +120,8 @@ def train_profile(
             for b in range(0, len(order), config.batch_size):
                 index = order[b : b + config.batch_size]
                 encoder.train(config.dropout)
+                trainable.train()
+                trainable.temperature = _temperature(config, step, total)
                 enc = encoder.tokenize([train.inputs[i] for i in index], config.max_length)
                 target = y_train[index].to(device)
                 if frozen_features:
@@ -202,6 +133,8 @@ def train_profile(
                 loss = nn.functional.cross_entropy(logits, target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if config.method in ("hard", "soft"):
+                    grad_norms.append(_score_grad_norm(trainable))
                 optimizer.step()
                 scheduler.step()
                 step += 1
@@ -218,16 +151,55 @@ def train_profile(
     finally:
         bar.close()
         encoder.eval()
+        trainable.eval()
     seconds = time.perf_counter() - start
+    diagnostics.update(_end_diagnostics(encoder, trainable, probe, grad_norms, start_masks))
     meta = {"method": config.method, "seed": str(config.seed)}
     profile = trainable.to_profile(bank, labels, config.max_length, meta)
-    return TrainResult(profile=profile, history=history, seconds=seconds, config=asdict(config))
+    return TrainResult(
+        profile=profile, history=history, seconds=seconds, config=asdict(config), diagnostics=diagnostics
+    )
+
+
+def _temperature(config: TrainConfig, step: int, total: int) -> float:
+    """The constant temperature, or a geometric schedule to ``temperature_end``."""
+    if config.temperature_end is None or total <= 1:
+        return config.temperature
+    ratio = config.temperature_end / config.temperature
+    return config.temperature * ratio ** (step / (total - 1))
+
+
+def _score_grad_norm(trainable: Trainable) -> float:
+    grads = [p.grad for p in (trainable.scores_down, trainable.scores_up) if p.grad is not None]
+    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
+
+
+def _end_diagnostics(
+    encoder: AdapterEncoder,
+    trainable: Trainable,
+    probe: dict,
+    grads: list[float],
+    start_masks: tuple[torch.Tensor, torch.Tensor] | None,
+) -> dict:
+    out: dict = {"adapter_ratio_end": adapter_ratio(encoder, trainable.fused(), probe)}
+    if grads:
+        tenth = max(1, len(grads) // 10)
+        out["score_grad_norm_first"] = sum(grads[:tenth]) / tenth
+        out["score_grad_norm_last"] = sum(grads[-tenth:]) / tenth
+    if start_masks is not None:
+        end = trainable.masks()
+        out["mask_overlap_down"] = mask_overlap(start_masks[0], end[0])
+        out["mask_overlap_up"] = mask_overlap(start_masks[1], end[1])
+    gains = trainable.gains()
+    if gains is not None:
+        out["gains"] = [[round(float(g), 4) for g in row] for row in gains.detach().cpu()]
+    return out
 
 
 @torch.no_grad()
 def _accuracy(
     encoder: AdapterEncoder,
-    trainable: _Trainable,
+    trainable: Trainable,
     data: Dataset,
     y: torch.Tensor,
     config: TrainConfig,
@@ -235,6 +207,7 @@ def _accuracy(
 ) -> float:
     """Dev accuracy of the parameters as they are now (hard masks already exactly k-hot)."""
     encoder.eval()
+    trainable.eval()
     fused = trainable.fused()
     correct = 0
     for b in range(0, len(data), batch_size):

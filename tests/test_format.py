@@ -175,3 +175,69 @@ def test_profile_for_another_encoder_is_refused(bank):
     )
     for kind in ProfileKind:
         _refused(xpm.encode(random_profile(foreign, kind)), "bank_mismatch", bank)
+
+
+# -- version 2: hard profiles with a scale exponent, gains and per-adapter weights --------------
+def test_plain_profiles_are_still_written_as_version_1(bank):
+    for kind in ProfileKind:
+        data = xpm.encode(random_profile(bank, kind, seed=2))
+        assert struct.unpack_from("<H", data, 4)[0] == 1
+        assert xpm.read_info(data).format_version == 1
+
+
+@pytest.mark.parametrize(
+    "extras",
+    [
+        {"scale_power": 0.75},
+        {"gains": True},
+        {"weighted": True},
+        {"scale_power": 0.5, "gains": True, "weighted": True},
+    ],
+)
+def test_version_2_round_trip_keeps_the_mixing_weights(bank, extras):
+    profile = random_profile(bank, ProfileKind.HARD, seed=4, **extras)
+    data = xpm.encode(profile)
+    assert struct.unpack_from("<H", data, 4)[0] == 2
+    back = xpm.decode(data, bank)
+    for got, want in zip(back.mixing_weights(), profile.mixing_weights(), strict=True):
+        _same(got, want, atol=2e-3)
+    assert back.scale_power == profile.scale_power
+    assert xpm.encode(back) == data
+    info = xpm.read_info(data)
+    assert (info.format_version, info.gains, info.values) == (2, "gains" in extras, "weighted" in extras)
+
+
+def test_version_2_costs_only_its_extra_sections(bank):
+    plain = len(xpm.encode(random_profile(bank, ProfileKind.HARD, seed=4)))
+    L, k = bank.num_layers, max(1, bank.num_adapters // 10)
+    gains = len(xpm.encode(random_profile(bank, ProfileKind.HARD, seed=4, gains=True)))
+    weighted = len(xpm.encode(random_profile(bank, ProfileKind.HARD, seed=4, weighted=True)))
+    assert gains - plain - 2 * 2 * L in range(0, 20)  # the section plus a short header field
+    assert weighted - plain - 2 * 2 * L * k in range(0, 20)
+
+
+def _with_header(data: bytes, version: int, **changes) -> bytes:
+    import json
+
+    (hlen,) = struct.unpack_from("<H", data, 6)
+    header = json.loads(data[8 : 8 + hlen])
+    header.update(changes)
+    raw = json.dumps(header).encode()
+    return _reseal(struct.pack("<4sHH", data[:4], version, len(raw)) + raw + data[8 + hlen : -4])
+
+
+def test_version_2_fields_are_refused_where_they_do_not_belong(bank):
+    hard = xpm.encode(random_profile(bank, ProfileKind.HARD, seed=6, scale_power=0.5))
+    _refused(_with_header(hard, 1), "bad_header")  # a version-1 file cannot carry them
+    for bad in [{"scale_power": "x"}, {"scale_power": 9.0}, {"scale_power": True}, {"gains": 1}]:
+        _refused(_with_header(hard, 2, **bad), "bad_header")
+    _refused(_with_header(hard, 2, gains=True), "bad_payload")  # declared, but no section
+    soft = xpm.encode(random_profile(bank, ProfileKind.SOFT, seed=6))
+    _refused(_with_header(soft, 2, scale_power=0.5), "bad_header")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), 5000.0])
+def test_gains_must_be_positive_finite_and_bounded(bank, bad):
+    profile = random_profile(bank, ProfileKind.HARD, seed=7, gains=True)
+    profile.gains[1, 0] = bad
+    _refused(xpm.encode(profile), "bad_payload")

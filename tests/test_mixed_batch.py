@@ -27,9 +27,12 @@ def test_mixed_batch_matches_each_row_alone(encoder, bank):
         xpm.decode(xpm.encode(random_profile(bank, kind, seed=i, labels=["a", "b", "c"][: 2 + i % 2])), bank)
         for i, kind in enumerate(kinds)
     ]
+    # a version-2 hard profile (scale exponent, gains, per-adapter weights) in the same batch
+    extras = random_profile(bank, ProfileKind.HARD, seed=9, scale_power=0.75, gains=True, weighted=True)
+    profiles.append(xpm.decode(xpm.encode(extras), bank))
     # every profile gets rows, interleaved, so the batch mixes them row by row
     requests = [
-        (profiles[i % len(profiles)], [TEXTS[i % len(TEXTS)], TEXTS[(i + 3) % len(TEXTS)]]) for i in range(8)
+        (profiles[i % len(profiles)], [TEXTS[i % len(TEXTS)], TEXTS[(i + 3) % len(TEXTS)]]) for i in range(12)
     ]
     inputs = [t for _, texts in requests for t in texts]
     distinct = list({id(p): p for p, _ in requests}.values())

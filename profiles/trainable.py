@@ -1,0 +1,153 @@
+"""The parameters one training method owns, and how they become fused adapters.
+
+``hard`` and ``soft`` train two score tensors ``(L, N)`` over the bank; ``hard`` may also train a
+per-layer gain of each mask (``gain``) and a weight for each selected adapter (``weighted``), which
+are stored with the masks. ``single_adapter`` trains one adapter of its own, ``head_only`` nothing
+but the head. The head is common to all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
+from xpeft.adapters.errors import XPeftError
+from xpeft.adapters.fusion import FusedAdapters, fuse
+from xpeft.profiles.masks import ESTIMATORS, hard_scale, hard_weights, khot, soft_weights
+from xpeft.profiles.profile import Profile, ProfileKind
+
+if TYPE_CHECKING:
+    from xpeft.profiles.train import TrainConfig
+
+METHODS = ("hard", "soft", "single_adapter", "head_only")
+
+
+class Trainable(nn.Module):
+    """One profile's trainable parameters for ``method``, on a bank already on the training device."""
+
+    def __init__(self, method: str, bank: AdapterBank, num_labels: int, config: TrainConfig) -> None:
+        super().__init__()
+        L, N, d, r = bank.down.shape
+        self.method, self.bank, self.config = method, bank, config
+        self.k = config.resolved_k(N) if method == "hard" else 0
+        if method == "hard" and not 1 <= self.k <= N:
+            raise XPeftError("bad_argument", f"k={self.k} must be between 1 and N={N}")
+        if config.estimator not in ESTIMATORS:
+            raise XPeftError("bad_argument", f"estimator {config.estimator!r} is not one of {ESTIMATORS}")
+        self.temperature = config.temperature
+        self.noise = torch.Generator().manual_seed(config.seed + 1)  # Gumbel draws, independent of order
+        self.head = nn.Linear(d, num_labels)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        if method in ("hard", "soft"):
+            self.scores_down = nn.Parameter(torch.randn(L, N) * config.score_init_std)
+            self.scores_up = nn.Parameter(torch.randn(L, N) * config.score_init_std)
+        elif method == "single_adapter":
+            # Identity at the start (up = 0), the usual adapter initialisation.
+            self.down = nn.Parameter(torch.randn(L, d, r) * 0.02)
+            self.down_bias = nn.Parameter(torch.zeros(L, r))
+            self.up = nn.Parameter(torch.zeros(L, r, d))
+            self.up_bias = nn.Parameter(torch.zeros(L, d))
+        elif method != "head_only":
+            raise XPeftError("bad_argument", f"unknown method {method!r}; one of {METHODS}")
+        self.log_gain: nn.Parameter | None = None
+        self.values: nn.Parameter | None = None
+        if method == "hard" and config.gain:
+            # (2, L): one gain per layer for the down mask and one for the up mask, as logarithms so
+            # the gain stays positive (the ReLU between the two projections needs that to fold it).
+            self.log_gain = nn.Parameter(torch.full((2, L), math.log(config.gain_init)))
+        if method == "hard" and config.weighted:
+            self.values = nn.Parameter(torch.full((2, L, N), hard_scale(self.k, config.scale_power)))
+
+    def param_groups(self) -> list[dict]:
+        c = self.config
+        groups: list[dict] = [{"params": list(self.head.parameters()), "lr": c.lr_head}]
+        if self.method in ("hard", "soft"):
+            groups.append(
+                {"params": [self.scores_down, self.scores_up], "lr": c.lr_scores, "weight_decay": 0.0}
+            )
+        elif self.method == "single_adapter":
+            groups.append({"params": [self.down, self.down_bias, self.up, self.up_bias], "lr": c.lr_adapter})
+        extras = [p for p in (self.log_gain, self.values) if p is not None]
+        if extras:
+            groups.append({"params": extras, "lr": c.lr_gain, "weight_decay": 0.0})
+        return groups
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current k-hot masks (hard only)."""
+        return khot(self.scores_down.detach(), self.k), khot(self.scores_up.detach(), self.k)
+
+    def gains(self) -> torch.Tensor | None:
+        return None if self.log_gain is None else self.log_gain.exp()
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.temperature
+        if self.method == "soft":
+            return soft_weights(self.scores_down, t), soft_weights(self.scores_up, t)
+        c = self.config
+        noise = self.noise if self.training else None
+        estimator = c.estimator if self.training or c.estimator != "gumbel" else "softmax"
+        out = []
+        for i, scores in enumerate((self.scores_down, self.scores_up)):
+            w = hard_weights(scores, self.k, t, estimator, c.scale_power, noise)
+            if self.values is not None:  # each selected adapter's own weight instead of 1/k**p
+                w = w / hard_scale(self.k, c.scale_power) * self.values[i]
+            if self.log_gain is not None:
+                w = w * self.log_gain[i].exp().unsqueeze(-1)
+            out.append(w)
+        return out[0], out[1]
+
+    def fused(self) -> FusedAdapters | None:
+        if self.method in ("hard", "soft"):
+            w_down, w_up = self.weights()
+            return fuse(w_down.unsqueeze(0), w_up.unsqueeze(0), self.bank)
+        if self.method == "single_adapter":
+            return FusedAdapters.from_single({n: getattr(self, n) for n in TENSOR_NAMES})
+        return None
+
+    def to_profile(
+        self, bank: AdapterBank, labels: list[str], max_length: int, meta: dict[str, str]
+    ) -> Profile:
+        """What the profile file stores: bits (and any gains / weights) for hard, not the scores."""
+        L, N, d, r = bank.down.shape
+        common = dict(
+            bank_id=bank.bank_id,
+            model_id=bank.model_id,
+            num_layers=L,
+            num_adapters=N,
+            hidden_size=d,
+            bottleneck=r,
+            labels=labels,
+            max_length=max_length,
+            meta=meta,
+            head_weight=self.head.weight.detach().cpu().float().clone(),
+            head_bias=self.head.bias.detach().cpu().float().clone(),
+        )
+        if self.method == "hard":
+            mask_down, mask_up = (m.cpu() for m in self.masks())
+            gains = self.gains()
+            values = None
+            if self.values is not None:
+                keep = torch.stack([mask_down, mask_up]).to(torch.float32)
+                values = self.values.detach().cpu().float() * keep
+            return Profile(
+                kind=ProfileKind.HARD,
+                k=self.k,
+                mask_down=mask_down,
+                mask_up=mask_up,
+                scale_power=self.config.scale_power,
+                gains=None if gains is None else gains.detach().cpu().float().clone(),
+                values=values,
+                **common,
+            )
+        if self.method == "soft":
+            w_down, w_up = (w.detach().cpu().float() for w in self.weights())
+            return Profile(kind=ProfileKind.SOFT, weights_down=w_down, weights_up=w_up, **common)
+        if self.method == "single_adapter":
+            adapter = {n: getattr(self, n).detach().cpu().float().clone() for n in TENSOR_NAMES}
+            return Profile(kind=ProfileKind.ADAPTER, adapter=adapter, **common)
+        return Profile(kind=ProfileKind.HEAD_ONLY, **common)
