@@ -219,9 +219,14 @@ def stack_adapters(
         shapes = {k: tuple(v.shape) for k, v in a.items()}
         if shapes != first:
             raise BankError("bank_shape", f"adapter {i} has shapes {shapes}, adapter 0 has {first}")
-    stacked = {name: torch.stack([a[name].float() for a in adapters], dim=1) for name in TENSOR_NAMES}
+    down, down_bias, up, up_bias = (
+        torch.stack([a[name].float() for a in adapters], dim=1) for name in TENSOR_NAMES
+    )
     return AdapterBank(
-        **stacked,
+        down=down,
+        down_bias=down_bias,
+        up=up,
+        up_bias=up_bias,
         model_id=model_id,
         init=init,
         extra={"sources": str(len(adapters)), "model_name": model_name},

@@ -60,7 +60,7 @@ def _find_output_projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
             continue
         blocks = [getattr(layer, block_name, None) for layer in stack.layer]
         if all(isinstance(getattr(block, proj_name, None), nn.Linear) for block in blocks):
-            return [(block, proj_name) for block in blocks]
+            return [(block, proj_name) for block in blocks if block is not None]
     raise ModelError(
         "unsupported_model",
         f"{type(model).__name__} is not a BERT-family encoder (no encoder.layer[i].output.dense)",
@@ -69,7 +69,7 @@ def _find_output_projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def content_id(model: nn.Module) -> str:
     """A short id of the encoder's architecture and weights, so banks and profiles name what they need."""
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig
     h = hashlib.blake2b(digest_size=6)
     h.update(f"{config.model_type}:{config.num_hidden_layers}:{config.hidden_size}".encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -105,7 +105,8 @@ class AdapterEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        config: Any = self.model.config
+        return int(config.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -118,8 +119,9 @@ class AdapterEncoder(nn.Module):
     @property
     def max_tokens(self) -> int:
         """The most tokens one input may have: the encoder's positions (and its tokenizer's own limit)."""
+        config: Any = self.model.config
         candidates = [
-            getattr(self.model.config, "max_position_embeddings", None),
+            getattr(config, "max_position_embeddings", None),
             getattr(self.tokenizer, "model_max_length", None),
         ]
         usable = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]  # 1e30: "no limit"
@@ -219,7 +221,7 @@ def load_encoder(
             hf_model = AutoModel.from_pretrained(str(path))
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         elif model.startswith("random:"):
-            shapes = {
+            shapes: dict[str, dict[str, Any]] = {
                 "bert-base": {},
                 "bert-large": {
                     "hidden_size": 1024,

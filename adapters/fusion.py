@@ -71,12 +71,11 @@ class FusedAdapters:
         dtype: torch.dtype = torch.float32,
     ) -> FusedAdapters:
         L, U, d, r = num_layers, num_profiles, hidden_size, bottleneck
-        kw = {"device": device, "dtype": dtype}
         return FusedAdapters(
-            torch.zeros(L, U, d, r, **kw),
-            torch.zeros(L, U, r, **kw),
-            torch.zeros(L, U, r, d, **kw),
-            torch.zeros(L, U, d, **kw),
+            torch.zeros(L, U, d, r, device=device, dtype=dtype),
+            torch.zeros(L, U, r, device=device, dtype=dtype),
+            torch.zeros(L, U, r, d, device=device, dtype=dtype),
+            torch.zeros(L, U, d, device=device, dtype=dtype),
         )
 
     @staticmethod

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from xpeft.server.settings import Settings
 
 # After the drain, uvicorn itself waits this long for responses being written, then closes.
-FINAL_GRACE_S = 5.0
+FINAL_GRACE_S = 5
 
 
 def graceful_server(app: FastAPI, settings: Settings) -> Any:

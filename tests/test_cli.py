@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from xpeft.adapters.bank import AdapterBank
-from xpeft.profiles import format as xpm
 from xpeft.cli.main import main
+from xpeft.profiles import format as xpm
 
 
 def run(*args, check=True):

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from xpeft.profiles import format as xpm
 from xpeft.cli.main import main
+from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server.client import Client, ClientError
 
