@@ -34,10 +34,13 @@ RUN case "$VARIANT" in \
     esac \
  && TORCH_SPEC="$TORCH_SPEC" scripts/install.sh
 # A seeded random bank for the embedded encoder, so the image serves out of the box; mount your
-# own bank and set XPEFT_BANK to serve trained profiles. Every replica must load the same bank.
-RUN xpeft bank create --out /opt/xpeft/bank.safetensors --n 100 --seed 0
+# own bank (readable by uid 10001) and set XPEFT_BANK to serve trained profiles. Every replica
+# must load the same bank. safetensors writes owner-only files: the runtime user must read it.
+RUN xpeft bank create --out /opt/xpeft/bank.safetensors --n 100 --seed 0 \
+ && chmod 0644 /opt/xpeft/bank.safetensors
 
 # -- runtime: the same environment, without build leftovers, as an unprivileged user ----------
+# It listens on 0.0.0.0, so it refuses to start without XPEFT_ADMIN_TOKEN(_FILE) (protected mode).
 FROM ${PYTHON_IMAGE} AS runtime
 ARG VARIANT=cpu
 RUN groupadd --system --gid 10001 xpeft \

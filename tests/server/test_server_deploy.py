@@ -60,6 +60,55 @@ def test_compose_file_passes_docker_compose_config() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def rendered_compose(tmp_path: Path) -> dict:
+    """``docker-compose config`` output (interpolated, anchors merged), with secret files in ``tmp_path``."""
+    command = compose_command()
+    if command is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must validate docker-compose.yml: install Debian's docker-compose (see .ci/run)")
+        pytest.skip("no docker-compose here (.ci/run installs Debian's package)")
+    env = {**os.environ, "XPEFT_SECRETS_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE), "--project-directory", str(ROOT), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_rendered_compose_keeps_secrets_in_files_and_redis_off_the_public_network(tmp_path: Path) -> None:
+    config = rendered_compose(tmp_path)
+    services, networks = config["services"], config["networks"]
+    redis, lb = services["redis"], services["lb"]
+    # Redis: a password from a secret (written to a config file, never on a command line),
+    # protected mode on, only on an internal network that nginx is not on.
+    assert set(redis["networks"]) == {"backend"} and networks["backend"]["internal"] is True
+    assert "backend" not in lb["networks"]
+    entry = " ".join(redis["entrypoint"])
+    assert "requirepass" in entry and "/run/secrets/redis_password" in entry and "--requirepass" not in entry
+    assert "--protected-mode yes" in entry
+    assert "/run/secrets/redis_password" in " ".join(redis["healthcheck"]["test"])
+    assert {s["source"] for s in redis["secrets"]} == {"redis_password"}
+    for name, svc in services.items():
+        if "build" not in svc:
+            continue
+        env = svc["environment"]
+        # every secret from a file; no token or password in the environment or the Redis URL
+        assert {"XPEFT_ADMIN_TOKEN_FILE", "XPEFT_API_TOKEN_FILE", "XPEFT_REDIS_PASSWORD_FILE"} <= set(env), (
+            name
+        )
+        assert not {"XPEFT_ADMIN_TOKEN", "XPEFT_API_TOKEN", "XPEFT_REDIS_PASSWORD"} & set(env), name
+        assert "@" not in env["XPEFT_REDIS_URL"]
+        mounted = {f"/run/secrets/{s['source']}" for s in svc["secrets"]}
+        assert {v for k, v in env.items() if k.endswith("_FILE")} <= mounted
+        assert set(svc["networks"]) == {"backend", "frontend"}
+    for secret in config["secrets"].values():
+        assert Path(secret["file"]).parent == tmp_path  # XPEFT_SECRETS_DIR moves them all
+
+
 def test_compose_validation_rejects_a_broken_file(tmp_path: Path) -> None:
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(COMPOSE.read_text().replace("restart: unless-stopped", "restartt: unless-stopped"))
@@ -78,8 +127,8 @@ def _replicas(compose: dict) -> dict[str, dict]:
 def test_compose_runs_redis_with_aof_on_a_volume_and_two_replicas_behind_the_lb() -> None:
     compose = _compose()
     redis = compose["services"]["redis"]
-    command = redis["command"]
-    assert command[command.index("--appendonly") + 1] == "yes"
+    command = " ".join(redis["entrypoint"])
+    assert "--appendonly yes" in command and "exec docker-entrypoint.sh redis-server" in command
     volume, target = redis["volumes"][0].split(":")[:2]
     assert target == "/data" and volume in compose["volumes"]
     replicas = _replicas(compose)
@@ -98,7 +147,10 @@ def test_compose_settings_are_real_settings() -> None:
     for name, svc in _replicas(_compose()).items():
         unknown = {k for k in svc["environment"] if k.startswith("XPEFT_")} - fields
         assert not unknown, f"{name} sets unknown settings {unknown}"
-        values = {k: v for k, v in svc["environment"].items() if "${" not in str(v)}
+        # secrets are files that exist only in the container
+        values = {
+            k: v for k, v in svc["environment"].items() if "${" not in str(v) and not k.endswith("_FILE")
+        }
         settings = Settings(**{k.removeprefix("XPEFT_").lower(): v for k, v in values.items()})
         assert settings.redis_url and settings.max_profile_bytes > 0
 
@@ -165,10 +217,16 @@ def test_dockerfile_bank_command_runs(tmp_path: Path, capsys) -> None:
     """The image's `xpeft bank create` line, run here with the current CLI."""
     runs = [line for stage in _stages() for line in stage if line.startswith("RUN xpeft ")]
     assert len(runs) == 1
-    argv = shlex.split(runs[0])[2:]  # drop RUN xpeft
-    argv[argv.index("--out") + 1] = str(tmp_path / "bank.safetensors")
-    assert main(argv) == 0
-    assert "bank_id" in capsys.readouterr().out and (tmp_path / "bank.safetensors").stat().st_size > 0
+    bank = str(tmp_path / "bank.safetensors")
+    words = shlex.split(runs[0])[1:]  # drop RUN
+    create = words[1 : words.index("&&")] if "&&" in words else words[1:]
+    create[create.index("--out") + 1] = bank
+    assert main(create) == 0
+    assert "bank_id" in capsys.readouterr().out and Path(bank).stat().st_size > 0
+    # the rest of the line (the chmod) makes the bank readable by the runtime user, not only root
+    rest = runs[0].split("&&", 1)[1].replace("/opt/xpeft/bank.safetensors", bank)
+    subprocess.run(["sh", "-c", rest], check=True)
+    assert Path(bank).stat().st_mode & 0o004
 
 
 def test_healthcheck_script(cluster) -> None:
