@@ -1,0 +1,1 @@
+"""The quality benchmark: ``python -m bench.eval run`` writes JSONL, ``report`` renders docs/EVALUATION.md."""
