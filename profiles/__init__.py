@@ -1,1 +1,1 @@
-"""xpeft.profiles: masks, training, baselines, the .xpm format, evaluation and the CLI."""
+"""xpeft.profiles: masks, training, baselines, the .xpm format, and evaluation."""
