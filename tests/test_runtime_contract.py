@@ -1,0 +1,83 @@
+"""What the runtime promises its callers: fused weights passed in are used as given, profiles are
+only read, lengths are kept within the encoder, one rule picks a bank's encoder, the kernel choice
+is read once, and the ``xpeft`` command starts without loading torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from xpeft.adapters import encoder as encoder_module
+from xpeft.adapters import kernels
+from xpeft.adapters.encoder import MIN_TOKENS, encoder_for_bank
+from xpeft.profiles.profile import ProfileKind
+from xpeft.profiles.runtime import MultiProfileModel, distinct_profiles
+from xpeft.profiles.synthetic import random_profile
+
+LONG = " ".join(["word"] * 800)  # far beyond MiniLM's 512 positions
+
+
+def test_predict_batch_uses_the_fused_weights_it_is_given(encoder, bank) -> None:
+    model = MultiProfileModel(encoder, bank)
+    p, q = random_profile(bank, seed=1), random_profile(bank, ProfileKind.SOFT, seed=2)
+    requests = [(p, ["a fine film"]), (q, ["dull", "bright"]), (p, ["again"])]
+    assert distinct_profiles(requests) == [p, q]
+    expected = model.predict_batch(requests)
+    fused = model.fuse([p, q])
+    model.fuse = lambda profiles: pytest.fail("predict_batch fused although weights were given")  # type: ignore[method-assign]
+    given = model.predict_batch(requests, fused)
+    assert [[x.label for x in a] for a in given] == [[x.label for x in a] for a in expected]
+    for got, want in zip(given, expected, strict=True):
+        assert [x.score for x in got] == pytest.approx([x.score for x in want], abs=1e-6)
+    # swapped weights must change the answer, so the weights given are the ones used
+    swapped = model.predict_batch(requests, fused[::-1])
+    assert any(a.score != pytest.approx(b.score, abs=1e-6) for a, b in zip(swapped[1], given[1], strict=True))
+    with pytest.raises(ValueError, match="2 distinct profiles"):
+        model.predict_batch(requests, fused[:1])
+
+
+def test_profiles_are_not_changed_and_any_declared_length_predicts(encoder, bank) -> None:
+    model = MultiProfileModel(encoder, bank)
+    long_one = random_profile(bank, seed=3, max_length=65536)
+    short_one = random_profile(bank, seed=4, max_length=1)
+    answers = model.predict_batch([(long_one, [LONG, (LONG, LONG)]), (short_one, ["x", ("a", "b")])])
+    assert [len(a) for a in answers] == [2, 2]
+    assert (long_one.max_length, short_one.max_length) == (65536, 1)  # read, never rewritten
+    assert encoder.usable_length(65536) == encoder.max_tokens == 512
+    assert encoder.usable_length(1) == MIN_TOKENS
+    assert encoder.tokenize([LONG], 65536)["input_ids"].shape[1] == 512
+
+
+def test_encoder_for_bank_prefers_the_named_model_then_the_banks_own(monkeypatch) -> None:
+    chosen = []
+    monkeypatch.setattr(encoder_module, "load_encoder", lambda name, device, dtype: chosen.append(name))
+    encoder_for_bank(SimpleNamespace(model_name="random:bert-base"), "minilm")  # type: ignore[arg-type]
+    encoder_for_bank(SimpleNamespace(model_name="random:bert-base"))  # type: ignore[arg-type]
+    encoder_for_bank(SimpleNamespace(model_name=""))  # type: ignore[arg-type]
+    assert chosen == ["minilm", "random:bert-base", encoder_module.DEFAULT_MODEL]
+
+
+def test_the_kernel_dispatch_reads_the_environment_once(monkeypatch) -> None:
+    fake_cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, requires_grad=False)
+    monkeypatch.setattr(kernels, "HAVE_TRITON", True)
+    monkeypatch.setattr(kernels, "_from_environment", None)
+    monkeypatch.setenv("XPEFT_KERNELS", "off")
+    assert not kernels.enabled("apply", fake_cuda)
+    monkeypatch.setenv("XPEFT_KERNELS", "all")  # too late: the first dispatch has read it
+    assert not kernels.enabled("apply", fake_cuda)
+    assert kernels.policy() == {"apply": True, "gather": True}  # what the environment says now
+    with kernels.use_kernels(apply=True):
+        assert kernels.enabled("apply", fake_cuda)
+
+
+def test_the_command_starts_without_torch() -> None:
+    code = (
+        "import sys; from xpeft.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
