@@ -147,8 +147,10 @@ class Runner:
         self, pending: list[RunSpec], ex: _Inline | _Pool, worker: Worker
     ) -> dict[str, tuple[str, str]]:
         """Build (or find cached) every bank the pending runs need; spec key -> (bank key, file)."""
-        model_id = worker.encoder.model_id
         keys: dict[str, tuple[str, str]] = {}
+        if not pending:
+            return keys
+        model_id = worker.encoder.model_id
         written = {r["key"] for r in self.results.rows if r.get("type") == "bank"}
         for spec in pending:
             bs = resolve(self.config, spec.bank, spec.variant)
@@ -218,14 +220,14 @@ class Runner:
             threads_per_job=self.threads,
             hardware=hardware(worker.device),
             model=self.model,
-            model_id=worker.encoder.model_id,
+            model_id=worker.encoder.model_id if pending else None,  # no encoder load for nothing
             data_root=self.data_root,
             planned=len(plan),
             done_before=len(plan) - len(pending),
             deadline_seconds=(self.deadline - self.start) if self.deadline else None,
         )
         initargs = (self.config, self.data_root, self.model, self.device, self.threads, True)
-        ex: _Inline | _Pool = _Inline() if self.jobs == 1 else _Pool(self.jobs, initargs)
+        ex: _Inline | _Pool = _Inline() if self.jobs == 1 or not pending else _Pool(self.jobs, initargs)
         reason, bar = "complete", None
         try:
             banks = self._banks(pending, ex, worker)
