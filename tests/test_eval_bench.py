@@ -240,3 +240,22 @@ def test_smoke_run_resume_and_report(data_root: Path, tmp_path: Path) -> None:
     assert f"largest {hard['bytes']['total']:,} B" in text and "do not edit by hand" in text
     assert (tmp_path / "docs" / "img" / "eval" / "main.png").stat().st_size > 0
     assert (tmp_path / "docs" / "img" / "eval" / "curves.png").is_file()
+
+
+def test_deadline_uses_the_same_task_and_method(tmp_path: Path) -> None:
+    from bench.eval.plan import RunSpec
+    from bench.eval.runner import Runner
+
+    runner = Runner(parse_config(_config()), tmp_path / "r.jsonl", data_root=".", deadline_seconds=30)
+    runner.seconds[("sst2", "hard")] = [40.0]
+    runner.seconds[("sst2", "head_only")] = [1.0]
+    spec = RunSpec("sst2", "sst2", "hard", "random", "default", 0)
+    assert not runner._fits(spec)  # 40 s of a run will not end in 30 s
+    assert runner._fits(RunSpec("sst2", "sst2", "head_only", "none", "default", 0))
+    assert not runner._fits(RunSpec("sst2", "sst2", "soft", "random", "default", 0))  # slowest of the task
+    assert runner._fits(RunSpec("rte", "rte", "hard", "random", "default", 0))  # nothing known yet
+
+
+def test_only_names_must_exist(data_root: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no task named \['sts'\]"):
+        build_plan(parse_config(_config()), TaskData(data_root), only_tasks=["sts"])

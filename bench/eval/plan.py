@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.eval.config import BASELINES, EvalConfig
+from bench.eval.config import BASELINES, ConfigError, EvalConfig
 from bench.eval.tasks import TaskData
 
 
@@ -41,6 +41,13 @@ def build_plan(
     only_tasks: Sequence[str] | None = None,
 ) -> list[RunSpec]:
     """Every run of the config, in the order they should run."""
+    for given, known, what in (
+        (only_variants, [v.name for v in config.variants], "variant"),
+        (only_tasks, [t.name for t in config.tasks], "task"),
+    ):
+        unknown = sorted(set(given or ()) - set(known))
+        if unknown:
+            raise ConfigError(f"no {what} named {unknown} in the config; it has {known}")
     names = {t.name: data.profile_names(t) for t in config.tasks}
     plan: list[RunSpec] = []
     for v in config.variants:

@@ -234,7 +234,7 @@ class Runner:
             bar = (
                 tqdm(total=len(plan), initial=len(plan) - len(pending), unit="run") if self.progress else None
             )
-            reason = self._dispatch(pending, banks, ex, bar, len(plan))
+            reason = self._dispatch(pending, banks, ex, bar, len(pending))
             ex.close()
         except KeyboardInterrupt:
             reason = "interrupted"
@@ -292,10 +292,9 @@ class Runner:
             self.seconds[(spec.task, spec.method)].append(value["train_seconds"] + value["eval_seconds"])
             if bar is not None:
                 bar.update(1)
-            n = len(self.results.done())
             self._say(
                 bar,
-                f"[{n}/{total}] {spec.key} acc={value['accuracy']:.4f} train={value['train_seconds']:.1f}s "
+                f"[{self.ran + self.errors}/{total}] {spec.key} acc={value['accuracy']:.4f} train={value['train_seconds']:.1f}s "
                 f"bytes={value['bytes']['total']}",
             )
         return reason
