@@ -213,9 +213,14 @@ def _secret_from_file(settings: Settings, name: str) -> SecretStr | None:
 
 
 def _refuse_overlapping_tenants(table: dict[str, tuple[str, ...]]) -> None:
-    """Two tenants whose prefixes nest (``acme-`` and ``acme-eu-``) would read each other's profiles."""
+    """Two tenants whose prefixes nest (``acme-`` and ``acme-eu-``) would read each other's profiles.
+
+    Tokens with the same set of prefixes are one tenant (two tokens while one is rotated).
+    """
     owner: dict[str, int] = {}
+    tenant_of: dict[frozenset[str], int] = {}
     for n, prefixes in enumerate(table.values(), 1):
+        n = tenant_of.setdefault(frozenset(prefixes), n)
         for prefix in prefixes:
             if owner.setdefault(prefix, n) != n:
                 _overlap(owner[prefix], n, prefix, prefix)

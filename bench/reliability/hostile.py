@@ -86,10 +86,13 @@ def count_closed(socks: list[socket.socket], within_s: float) -> int:
     return closed
 
 
-def run_hostile(url: str, port: int, profile_id: str, token: str, rounds: int = 20) -> dict:
+def run_hostile(
+    url: str, port: int, profile_id: str, token: str, header_timeout_s: float, rounds: int = 20
+) -> dict:
     """The long run's case: the huge body ``rounds`` times one after the other (refusal time), then
     4 at once for ``rounds`` rounds with ``/healthz`` probed throughout, then 64 stalled
-    unauthenticated predictions (time to their 401s)."""
+    unauthenticated predictions (time to their 401s), then 200 connections that never finish
+    their headers (how many the server closed by the deadline plus 3 s)."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     path = f"/profiles/{profile_id}/predict"
     with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
@@ -126,7 +129,21 @@ def run_hostile(url: str, port: int, profile_id: str, token: str, rounds: int = 
     finally:
         for s in socks:
             s.close()
+    slow = open_stalled(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", 200)
+    start = time.monotonic()
+    try:
+        closed = count_closed(slow, header_timeout_s + 3.0)
+        closed_s = time.monotonic() - start
+    finally:
+        for s in slow:
+            s.close()
     return {
+        "slow_headers": {
+            "connections": len(slow),
+            "closed": closed,
+            "seconds": closed_s,
+            "header_timeout_s": header_timeout_s,
+        },
         "body_bytes": len(HUGE_BODY),
         "body_items": HUGE_BODY.count(b",") + 1,
         "answers": sorted(f"{status} {code}" for status, code in statuses),

@@ -189,6 +189,36 @@ def overload_section(r: dict) -> list[str]:
     return lines
 
 
+def hostile_section(r: dict) -> list[str]:
+    ref, health, stalled, slow = (
+        r["refusal_ms"],
+        r["healthz_during_burst"],
+        r["stalled_unauthenticated"],
+        r["slow_headers"],
+    )
+    return [
+        "## Hostile clients",
+        "",
+        f'A predict body `{{"inputs":[0,0,...]}}` of {r["body_bytes"]:,} bytes and {r["body_items"]:,} '
+        "items (under the 1 MiB body limit), with a valid token, against a replica with the default "
+        "limits (64 inputs). The count is checked after one JSON parse and before any item is looked at.",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| answers | {', '.join(r['answers'])} |",
+        f"| refusal time, one at a time ({ref['n']} bodies) | median {ref['median']:.0f} ms, max {ref['max']:.0f} ms |",
+        f"| `/healthz` while 4 clients send such bodies ({health['huge_bodies_sent']} in all) | "
+        f"{health['probes']} probes, {health['failures']} failed, median {health['median_ms']:.0f} ms, "
+        f"max {health['max_ms']:.0f} ms |",
+        f"| {stalled['sent']} unauthenticated predictions that announce 100 kB and stall | "
+        f"{stalled['answered_401']} answered 401 in {stalled['seconds']:.2f} s (no body read) |",
+        f"| {slow['connections']} connections that never finish their headers | "
+        f"{slow['closed']} closed by the server after {slow['seconds']:.1f} s "
+        f"(`XPEFT_HEADER_TIMEOUT_S={slow['header_timeout_s']:g}`) |",
+        "",
+    ]
+
+
 def shutdown_section(graceful: dict, deadline: dict) -> list[str]:
     lines = [
         "## Graceful shutdown",
@@ -252,6 +282,12 @@ STATIC_BOTTOM = """## Auth and limits (CI)
 - Limits: 413 past the body limits (with and without Content-Length), 422 for too many inputs, too
   long texts and lone surrogates, 504 at the request deadline (answered at the deadline, not when
   the batch ran), 408 when a body stalls past `XPEFT_BODY_TIMEOUT_S` (raw socket).
+- Hostile clients (`test_hostile.py`): the 1 MB body of 500k items refused while `/healthz` keeps
+  answering within 0.5 s; 16 stalled unauthenticated predictions answered 401 without their bodies
+  while an authenticated one is served (in-flight limit 12); 50 slow-header connections closed at
+  the header deadline; a token in the query string shown as `***` in the access log.
+- Startup refusals (tests/server/test_server_http_hardening.py): no admin token on a non-loopback
+  address, tokens under 16 characters, overlapping tenant prefixes, an unreadable bank.
 
 ## Choices
 
@@ -280,9 +316,9 @@ STATIC_BOTTOM = """## Auth and limits (CI)
 
 ## Left open
 
-- uvicorn applies no deadline to a request's *headers*: a connection that sent half its headers
-  was still open 12 s later (checked by hand). It holds a connection, not a request slot or a
-  body. Put a proxy with header timeouts (nginx, as in docker-compose.yml) in front.
+- Uvicorn has no deadline on request headers of its own; the server adds one
+  (`XPEFT_HEADER_TIMEOUT_S`, measured above). The limit on connections at once belongs to the
+  proxy (nginx in docker-compose.yml allows 64 per client address).
 - Under 256 clients a request occasionally gets no answer at all, the connection closed under it
   (counted in the Overload table when it happens). Not investigated: a candidate is the in-flight
   refusal, which answers before reading the request body, on a keep-alive connection.
@@ -307,6 +343,7 @@ def render(results: dict) -> str:
     lines += fuzz_section(results["fuzz"])
     lines += updates_section(results["updates"])
     lines += overload_section(results["overload"])
+    lines += hostile_section(results["hostile"])
     lines += shutdown_section(results["shutdown"], results["shutdown_deadline"])
     lines.append(STATIC_BOTTOM)
     return "\n".join(lines).rstrip() + "\n"

@@ -24,6 +24,7 @@ import redis
 import torch
 
 from bench.reliability.harness import RedisServer, ServerProcess
+from bench.reliability.hostile import run_hostile
 from bench.reliability.outage import OutageConfig, run_outage
 from bench.reliability.overload import run_overload
 from bench.reliability.shutdown import run_shutdown
@@ -36,6 +37,7 @@ from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
 
 ADMIN = "bench-admin-token"
+HEADER_TIMEOUT_S = 2.0
 TEXTS = ["a gripping, beautifully acted film", "the plot is dull and the jokes are stale"]
 
 
@@ -174,6 +176,13 @@ def scenario_shutdown(bank_path: Path, workdir: Path, bank, drain_timeout_s: flo
     return {"drain_timeout_s": drain_timeout_s, "drain_delay_s": 0.5, **_strip(result)}
 
 
+def scenario_hostile(server: ServerProcess, bank, rounds: int) -> dict:
+    """A 1 MB body of 500k items, stalled unauthenticated requests, slow headers (bench/reliability/hostile.py)."""
+    with httpx.Client(base_url=server.url, headers=_auth(), timeout=30) as client:
+        assert client.put("/profiles/hostile-1", content=xpm.encode(random_profile(bank, seed=9))).is_success
+    return run_hostile(server.url, server.port, "hostile-1", ADMIN, HEADER_TIMEOUT_S, rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,7 +214,10 @@ def main() -> None:
     overload_settings = {"XPEFT_MAX_QUEUE": "32", "XPEFT_MAX_IN_FLIGHT": "64", "XPEFT_MAX_BATCH_SIZE": "16"}
     servers = {
         "main": ServerProcess(
-            "main", {**common, "XPEFT_MAX_TEXT_CHARS": "4096"}, bank_path, workdir / "main.log"
+            "main",
+            {**common, "XPEFT_MAX_TEXT_CHARS": "4096", "XPEFT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)},
+            bank_path,
+            workdir / "main.log",
         ),
         "replica": ServerProcess(
             "replica", {**common, **overload_settings}, bank_path, workdir / "replica.log"
@@ -285,6 +297,7 @@ def main() -> None:
                     200 if quick else 400,
                 ),
             ),
+            ("hostile", lambda: scenario_hostile(servers["main"], bank, 5 if quick else 20)),
             ("shutdown", lambda: scenario_shutdown(bank_path, workdir, bank, 60.0, 20)),
             ("shutdown_deadline", lambda: scenario_shutdown(bank_path, workdir, bank, 1.0, 40)),
         ]

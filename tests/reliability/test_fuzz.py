@@ -2,7 +2,10 @@
 uploads made from a valid file (bench/reliability/xpm_fuzz.py). No 5xx, no crash, nothing stored
 from a refused upload (the store itself is read afterwards).
 
-Both are bounded and deterministic: schemathesis with hypothesis' ``derandomize`` and at most
+Then hostile predict bodies near the body limit (half a million items, deep nesting, huge numbers,
+60,000 keys): each refused in bounded time with a typed 4xx.
+
+All are bounded and deterministic: schemathesis with hypothesis' ``derandomize`` and at most
 ``EXAMPLES`` cases per operation (8 operations), the upload corpus from a fixed seed.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import time
 import zlib
 
 import httpx
@@ -25,7 +29,7 @@ from xpeft.adapters.bank import create_random_bank
 from xpeft.profiles import format as xpm
 from xpeft.profiles.synthetic import random_profile
 
-from .conftest import ADMIN, bearer
+from .conftest import ADMIN, API, bearer
 
 EXAMPLES = 30  # per operation; 8 operations -> at most about 240 generated cases
 KNOWN = "fuzz-known"  # an existing profile, so that generated predict bodies reach the model
@@ -165,3 +169,52 @@ def test_a_thousand_malformed_uploads_get_4xx_and_store_nothing(fleet, make_prof
             assert answer.status_code == 200, (profile_id, answer.text)
             digest = hashlib.sha256(accepted.get(profile_id, valid)).hexdigest()
             assert http.get(f"/profiles/{profile_id}").json()["sha256"] == digest
+
+
+# -- hostile predict bodies ----------------------------------------------------------------------
+def _hostile_bodies() -> list[tuple[str, bytes]]:
+    """Bodies near the ``replica``'s 1 MiB limit (or small and odd) whose cost must stay bounded."""
+    n = 120_000
+    return [
+        ("500k zeros", b'{"inputs":[' + b"0," * 499_999 + b"0]}"),
+        ("many short texts", b'{"inputs":[' + b'"a",' * (n * 2 - 1) + b'"a"]}'),
+        ("many pairs", b'{"inputs":[' + b'["a","b"],' * (n // 2 - 1) + b'["a","b"]]}'),
+        ("many nulls", b'{"inputs":[' + b"null," * (n * 2 - 1) + b"null]}"),
+        ("many empty lists", b'{"inputs":[' + b"[]," * (n * 2) + b"[]]}"),
+        ("deep nesting", b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("many keys", b"{" + b",".join(b'"k%d":0' % i for i in range(60_000)) + b"}"),
+        ("a huge number", b'{"inputs":[' + b"9" * 900_000 + b"]}"),
+        ("a huge float", b'{"inputs":[1e' + b"9" * 100_000 + b"]}"),
+        ("escaped text", b'{"inputs":["' + b"\\u00e9" * 150_000 + b'"]}'),
+        ("a lone surrogate", b'{"inputs":["\\udc00"]}'),
+        ("duplicate keys", b'{"inputs":["a"],"inputs":' + b"[0]" + b"}"),
+        ("NaN", b'{"inputs":[NaN]}'),
+        ("not UTF-8", b'{"inputs":["\xff\xfe"]}'),
+        ("a list body", b"[" + b"0," * 400_000 + b"0]"),
+        ("truncated", b'{"inputs":["a", ' + b'"b",' * 100_000),
+    ]
+
+
+def test_hostile_predict_bodies_are_refused_fast_with_a_typed_error(fleet, make_profile) -> None:
+    """Each within 2 s (4 s once at most, for a busy machine) with 413 or 422 and a stable code;
+    the replica stays alive and ``/healthz`` answers right after."""
+    with httpx.Client(base_url=fleet.replica.url, timeout=30) as client:
+        assert client.put("/profiles/fz-host", content=make_profile(2), headers=bearer(ADMIN)).is_success
+        slow = []
+        for name, body in _hostile_bodies():
+            start = time.perf_counter()
+            answer = client.post(
+                "/profiles/fz-host/predict",
+                content=body,
+                headers={**bearer(API), "Content-Type": "application/json"},
+            )
+            took = time.perf_counter() - start
+            assert (answer.status_code, answer.json()["error"]) in {
+                (422, "invalid_request"),
+                (413, "too_large"),
+            }, (name, answer.text[:200])
+            if took > 2.0:
+                slow.append((name, took))
+            assert client.get("/healthz", timeout=5).status_code == 200
+        assert len(slow) <= 1 and all(took < 4.0 for _, took in slow), slow
+    assert fleet.replica.alive()

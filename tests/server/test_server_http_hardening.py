@@ -231,7 +231,7 @@ def test_overlapping_tenant_prefixes_are_refused() -> None:
     for table in (
         {"t" * 16: ["acme-"], "u" * 16: ["acme-eu-"]},
         {"t" * 16: ["ac", "acd"], "u" * 16: ["acz"]},  # nested under a prefix that is not a neighbour
-        {"t" * 16: ["same-"], "u" * 16: ["same-"]},
+        {"t" * 16: ["same-", "x-"], "u" * 16: ["same-"]},
     ):
         with pytest.raises(ValidationError, match="overlap"):
             Settings(admin_token=LONG, predict_tokens=json.dumps(table))
@@ -239,6 +239,8 @@ def test_overlapping_tenant_prefixes_are_refused() -> None:
         admin_token=LONG, predict_tokens=json.dumps({"t" * 16: ["acme-", "acme-eu-"], "u" * 16: ["b-"]})
     )
     assert len(ok.tenant_prefixes()) == 2  # one tenant's own prefixes may nest
+    rotating = {"t" * 16: ["acme-", "b-"], "u" * 16: ["b-", "acme-"]}  # one tenant, old and new token
+    assert len(Settings(admin_token=LONG, predict_tokens=json.dumps(rotating)).tenant_prefixes()) == 2
 
 
 def test_query_values_other_than_paging_are_redacted() -> None:
