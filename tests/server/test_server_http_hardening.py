@@ -36,6 +36,7 @@ from xpeft.server.client import Client, ClientError, profile_path
 from xpeft.server.errors import ApiError
 from xpeft.server.middleware import redact_query
 from xpeft.server.settings import Settings
+from xpeft.server.stores import open_store
 from xpeft.server.stores.redis_store import RedisStore
 from xpeft.server.stores.sqlite_store import SQLiteStore
 
@@ -225,6 +226,12 @@ async def _ping_with_and_without_password(url: str) -> None:
         await without.ping()
     assert err.value.code == "store_unavailable"
     await without.close()
+
+
+def test_a_password_in_the_redis_url_is_flagged_without_being_logged(caplog) -> None:
+    store = open_store(Settings(redis_url="redis://:pw-in-url-77@127.0.0.1:1/0"))
+    asyncio.run(store.close())
+    assert "XPEFT_REDIS_PASSWORD_FILE" in caplog.text and "pw-in-url-77" not in caplog.text
 
 
 def test_overlapping_tenant_prefixes_are_refused() -> None:
