@@ -86,6 +86,14 @@ def count_closed(socks: list[socket.socket], within_s: float) -> int:
     return closed
 
 
+def _first_bytes(sock: socket.socket, timeout_s: float) -> bytes:
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(12)
+    except (TimeoutError, ConnectionResetError):
+        return b""
+
+
 def run_hostile(
     url: str, port: int, profile_id: str, token: str, header_timeout_s: float, rounds: int = 20
 ) -> dict:
@@ -124,7 +132,7 @@ def run_hostile(
     start = time.monotonic()
     socks = open_stalled(port, head, 64)
     try:
-        answered = sum(s.recv(12).startswith(b"HTTP/1.1 401") for s in socks)
+        answered = sum(_first_bytes(s, 5.0).startswith(b"HTTP/1.1 401") for s in socks)
         stalled_s = time.monotonic() - start
     finally:
         for s in socks:

@@ -55,8 +55,16 @@ def _labels(profile_id: str) -> list[str]:
     return [f"{profile_id}:no", f"{profile_id}:yes"]
 
 
-async def _upload(client: httpx.AsyncClient, profile_id: str, data: bytes) -> dict:
-    response = await client.put(f"/profiles/{profile_id}", content=data)
+async def _upload(client: httpx.AsyncClient, profile_id: str, data: bytes, tries: int = 5) -> dict:
+    """A setup upload, before any fault: a 503 (the store slower than its 0.5 s timeout on a busy
+    machine) is retried; a PUT of the same bytes is safe to repeat."""
+    for _ in range(tries - 1):
+        response = await client.put(f"/profiles/{profile_id}", content=data)
+        if response.status_code != 503:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        response = await client.put(f"/profiles/{profile_id}", content=data)
     response.raise_for_status()
     return response.json()
 

@@ -37,6 +37,7 @@ from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
 
 ADMIN = "bench-admin-token"
+API = "bench-api-token-52c1"
 HEADER_TIMEOUT_S = 2.0
 TEXTS = ["a gripping, beautifully acted film", "the plot is dull and the jokes are stale"]
 
@@ -215,7 +216,12 @@ def main() -> None:
     servers = {
         "main": ServerProcess(
             "main",
-            {**common, "XPEFT_MAX_TEXT_CHARS": "4096", "XPEFT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)},
+            {
+                **common,
+                "XPEFT_API_TOKEN": API,  # reads need a token: the stalled unauthenticated case
+                "XPEFT_MAX_TEXT_CHARS": "4096",
+                "XPEFT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+            },
             bank_path,
             workdir / "main.log",
         ),
