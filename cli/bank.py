@@ -39,7 +39,7 @@ def cmd_from_adapters(args: argparse.Namespace) -> None:
     adapters, model_ids, model_names = [], set(), set()
     for path in args.adapters:
         profile = xpm.load(path)
-        if profile.kind is not ProfileKind.ADAPTER:
+        if profile.kind is not ProfileKind.SINGLE_ADAPTER:
             raise XPeftError(
                 "bad_argument",
                 f"{path} is a {profile.kind.value} profile; from-adapters stacks "

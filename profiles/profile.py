@@ -15,7 +15,7 @@ class ProfileKind(str, Enum):
     HARD = "hard"  # two bit-packed k-hot masks over the bank
     SOFT = "soft"  # two fp16 softmax weight tensors over the bank
     HEAD_ONLY = "head_only"  # baseline: no adapter at all
-    ADAPTER = "adapter"  # baseline: one whole adapter of its own, fp16
+    SINGLE_ADAPTER = "single_adapter"  # baseline: one whole adapter of its own, fp16
 
     @property
     def uses_bank(self) -> bool:
@@ -49,7 +49,7 @@ class Profile:
     adapter: dict[str, torch.Tensor] | None = None
     max_length: int = 128
     scale_power: float = 1.0  # hard: a selected adapter weighs 1 / k**p
-    gains: torch.Tensor | None = None  # hard: (2, L) positive gain of the down and up mask per layer
+    gains: torch.Tensor | None = None  # hard: (L,) positive gain of each layer's fused adapter
     values: torch.Tensor | None = None  # hard: (2, L, N) weight of each selected adapter (0 elsewhere)
     meta: dict[str, str] = field(default_factory=dict)
 
@@ -83,14 +83,19 @@ class Profile:
                 w = mask_to_weights(mask, self.k, self.scale_power)
                 if self.values is not None:
                     w = mask.to(torch.float32) * self.values[i].float()
-                if self.gains is not None:
-                    w = w * self.gains[i].float().unsqueeze(-1)
+                if self.gains is not None and i == 1:  # on the up projection: scales the output
+                    w = w * self.gains.float().unsqueeze(-1)
                 out.append(w)
             return out[0], out[1]
         if self.kind is ProfileKind.SOFT:
             assert self.weights_down is not None and self.weights_up is not None
             return self.weights_down.float(), self.weights_up.float()
         raise ValueError(f"a {self.kind.value} profile has no mixing weights")
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask_down, mask_up)``, bool ``(L, N)`` k-hot (hard only)."""
+        assert self.mask_down is not None and self.mask_up is not None, "only hard profiles have masks"
+        return self.mask_down, self.mask_up
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         assert self.adapter is not None

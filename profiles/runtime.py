@@ -104,7 +104,7 @@ class MultiProfileModel:
             for i, part in zip(bank_index, fuse(w_down, w_up, self.device_bank).split(), strict=True):
                 out[i] = part
         for i, p in enumerate(profiles):
-            if p.kind is ProfileKind.ADAPTER:
+            if p.kind is ProfileKind.SINGLE_ADAPTER:
                 out[i] = FusedAdapters.from_single(p.adapter_tensors()).to(enc.device, enc.dtype)
             elif p.kind is ProfileKind.HEAD_ONLY:
                 out[i] = FusedAdapters.zeros(

@@ -51,14 +51,14 @@ def random_profile(
         profile.mask_up = khot(torch.randn(L, N, generator=g), profile.k)
         profile.scale_power = scale_power
         if gains:
-            profile.gains = torch.rand(2, L, generator=g) * 1.5 + 0.25
+            profile.gains = torch.rand(L, generator=g) * 1.5 + 0.25
         if weighted:
             keep = torch.stack([profile.mask_down, profile.mask_up]).float()
             profile.values = (torch.rand(2, L, N, generator=g) * 0.4 - 0.1) * keep
     elif kind is ProfileKind.SOFT:
         profile.weights_down = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)
         profile.weights_up = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)
-    elif kind is ProfileKind.ADAPTER:
+    elif kind is ProfileKind.SINGLE_ADAPTER:
         profile.adapter = {
             "down": torch.randn(L, d, r, generator=g) * d**-0.5,
             "down_bias": torch.randn(L, r, generator=g) * 0.1,

@@ -47,7 +47,7 @@ class TrainConfig:
     scale_power: float = 1.0  # a selected adapter weighs 1 / k**p (p = 1: the mean of the k)
     estimator: str = "softmax"  # straight-through surrogate: softmax, identity or gumbel
     temperature_end: float | None = None  # anneal the temperature geometrically to this value
-    gain: bool = False  # learn one positive gain per layer and mask (2·L numbers in the profile)
+    gain: bool = False  # learn one positive gain per layer (L numbers in the profile)
     gain_init: float = 1.0
     weighted: bool = False  # learn a weight for each selected adapter (2·L·k numbers)
     lr_gain: float = 0.05  # learning rate of the gains and weights
@@ -143,7 +143,7 @@ def train_profile(
                 record = {"step": step, "loss": loss.item(), "train_accuracy": correct / seen}
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
                 bar.update(1)
-                if eval_data is not None and (step % eval_every == 0 or step == total):
+                if y_eval is not None and eval_data is not None and (step % eval_every == 0 or step == total):
                     record["eval_accuracy"] = _accuracy(encoder, trainable, eval_data, y_eval, config)
                     if on_eval:
                         on_eval(record)
@@ -170,8 +170,8 @@ def _temperature(config: TrainConfig, step: int, total: int) -> float:
 
 
 def _score_grad_norm(trainable: Trainable) -> float:
-    grads = [p.grad for p in (trainable.scores_down, trainable.scores_up) if p.grad is not None]
-    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
+    grads = [p.grad.float() for p in (trainable.scores_down, trainable.scores_up) if p.grad is not None]
+    return float(torch.cat([g.flatten() for g in grads]).norm()) if grads else 0.0
 
 
 def _end_diagnostics(
@@ -192,7 +192,7 @@ def _end_diagnostics(
         out["mask_overlap_up"] = mask_overlap(start_masks[1], end[1])
     gains = trainable.gains()
     if gains is not None:
-        out["gains"] = [[round(float(g), 4) for g in row] for row in gains.detach().cpu()]
+        out["gains"] = [round(float(g), 4) for g in gains.detach().cpu()]
     return out
 
 

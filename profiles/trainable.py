@@ -1,7 +1,7 @@
 """The parameters one training method owns, and how they become fused adapters.
 
 ``hard`` and ``soft`` train two score tensors ``(L, N)`` over the bank; ``hard`` may also train a
-per-layer gain of each mask (``gain``) and a weight for each selected adapter (``weighted``), which
+per-layer gain of its fused adapter (``gain``) and a weight for each selected adapter (``weighted``), which
 are stored with the masks. ``single_adapter`` trains one adapter of its own, ``head_only`` nothing
 but the head. The head is common to all.
 """
@@ -23,7 +23,7 @@ from xpeft.profiles.profile import Profile, ProfileKind
 if TYPE_CHECKING:
     from xpeft.profiles.train import TrainConfig
 
-METHODS = ("hard", "soft", "single_adapter", "head_only")
+METHODS = tuple(kind.value for kind in ProfileKind)  # one name per kind: the method that trains it
 
 
 class Trainable(nn.Module):
@@ -57,9 +57,10 @@ class Trainable(nn.Module):
         self.log_gain: nn.Parameter | None = None
         self.values: nn.Parameter | None = None
         if method == "hard" and config.gain:
-            # (2, L): one gain per layer for the down mask and one for the up mask, as logarithms so
-            # the gain stays positive (the ReLU between the two projections needs that to fold it).
-            self.log_gain = nn.Parameter(torch.full((2, L), math.log(config.gain_init)))
+            # (L,): one gain per layer on the fused adapter's output, as a logarithm so it stays
+            # positive. A second gain on the down mask would be redundant: the ReLU is positively
+            # homogeneous, so relu(g·x)·B = relu(x)·(g·B) and the two gains only act as a product.
+            self.log_gain = nn.Parameter(torch.full((L,), math.log(config.gain_init)))
         if method == "hard" and config.weighted:
             self.values = nn.Parameter(torch.full((2, L, N), hard_scale(self.k, config.scale_power)))
 
@@ -96,8 +97,8 @@ class Trainable(nn.Module):
             w = hard_weights(scores, self.k, t, estimator, c.scale_power, noise)
             if self.values is not None:  # each selected adapter's own weight instead of 1/k**p
                 w = w / hard_scale(self.k, c.scale_power) * self.values[i]
-            if self.log_gain is not None:
-                w = w * self.log_gain[i].exp().unsqueeze(-1)
+            if self.log_gain is not None and i == 1:
+                w = w * self.log_gain.exp().unsqueeze(-1)
             out.append(w)
         return out[0], out[1]
 
@@ -114,7 +115,8 @@ class Trainable(nn.Module):
     ) -> Profile:
         """What the profile file stores: bits (and any gains / weights) for hard, not the scores."""
         L, N, d, r = bank.down.shape
-        common = dict(
+        profile = Profile(
+            kind=ProfileKind(self.method),
             bank_id=bank.bank_id,
             model_id=bank.model_id,
             num_layers=L,
@@ -128,26 +130,17 @@ class Trainable(nn.Module):
             head_bias=self.head.bias.detach().cpu().float().clone(),
         )
         if self.method == "hard":
-            mask_down, mask_up = (m.cpu() for m in self.masks())
+            profile.k = self.k
+            profile.mask_down, profile.mask_up = (m.cpu() for m in self.masks())
+            profile.scale_power = self.config.scale_power
             gains = self.gains()
-            values = None
+            if gains is not None:
+                profile.gains = gains.detach().cpu().float().clone()
             if self.values is not None:
-                keep = torch.stack([mask_down, mask_up]).to(torch.float32)
-                values = self.values.detach().cpu().float() * keep
-            return Profile(
-                kind=ProfileKind.HARD,
-                k=self.k,
-                mask_down=mask_down,
-                mask_up=mask_up,
-                scale_power=self.config.scale_power,
-                gains=None if gains is None else gains.detach().cpu().float().clone(),
-                values=values,
-                **common,
-            )
-        if self.method == "soft":
-            w_down, w_up = (w.detach().cpu().float() for w in self.weights())
-            return Profile(kind=ProfileKind.SOFT, weights_down=w_down, weights_up=w_up, **common)
-        if self.method == "single_adapter":
-            adapter = {n: getattr(self, n).detach().cpu().float().clone() for n in TENSOR_NAMES}
-            return Profile(kind=ProfileKind.ADAPTER, adapter=adapter, **common)
-        return Profile(kind=ProfileKind.HEAD_ONLY, **common)
+                keep = torch.stack(profile.masks()).to(torch.float32)
+                profile.values = self.values.detach().cpu().float() * keep
+        elif self.method == "soft":
+            profile.weights_down, profile.weights_up = (w.detach().cpu().float() for w in self.weights())
+        elif self.method == "single_adapter":
+            profile.adapter = {n: getattr(self, n).detach().cpu().float().clone() for n in TENSOR_NAMES}
+        return profile

@@ -22,7 +22,13 @@ TEXTS = [
 
 def test_mixed_batch_matches_each_row_alone(encoder, bank):
     model = MultiProfileModel(encoder, bank)
-    kinds = [ProfileKind.HARD, ProfileKind.SOFT, ProfileKind.ADAPTER, ProfileKind.HEAD_ONLY, ProfileKind.HARD]
+    kinds = [
+        ProfileKind.HARD,
+        ProfileKind.SOFT,
+        ProfileKind.SINGLE_ADAPTER,
+        ProfileKind.HEAD_ONLY,
+        ProfileKind.HARD,
+    ]
     profiles = [
         xpm.decode(xpm.encode(random_profile(bank, kind, seed=i, labels=["a", "b", "c"][: 2 + i % 2])), bank)
         for i, kind in enumerate(kinds)

@@ -47,7 +47,7 @@ def test_fixed_seed_gives_the_same_profile(encoder, bank, separable):
     "method,kind",
     [
         ("soft", ProfileKind.SOFT),
-        ("single_adapter", ProfileKind.ADAPTER),
+        ("single_adapter", ProfileKind.SINGLE_ADAPTER),
         ("head_only", ProfileKind.HEAD_ONLY),
     ],
 )

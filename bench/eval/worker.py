@@ -67,7 +67,7 @@ def profile_sizes(profile: Profile, blob: bytes) -> dict[str, int]:
     selection = {
         ProfileKind.HARD: 2 * ((L * N + 7) // 8),
         ProfileKind.SOFT: 2 * 2 * L * N,
-        ProfileKind.ADAPTER: L * (2 * d * r + r + d) * 2,
+        ProfileKind.SINGLE_ADAPTER: L * (2 * d * r + r + d) * 2,
         ProfileKind.HEAD_ONLY: 0,
     }[profile.kind]
     head = 2 * (C * d + C)

@@ -123,7 +123,7 @@ def corpus(valid: bytes, foreign: list[bytes], n: int = 1000, seed: int = 0) -> 
         (6, 65536, 384, 24),
         (128, 20, 16384, 16384),
     ]:
-        for kind in ("hard", "soft", "adapter", "head_only"):
+        for kind in ("hard", "soft", "single_adapter", "head_only"):
             add(
                 "huge_declared",
                 f"{kind} L={L} N={N} d={d} r={r}",

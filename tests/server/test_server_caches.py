@@ -184,7 +184,7 @@ def test_worker_fuses_cold_profiles_together_once_and_matches_the_model(encoder,
     worker.model = model
     profiles = [
         CachedProfile(f"p{i}", 1, xpm.decode(profile_bytes(i, kind), bank))
-        for i, kind in enumerate(["hard", "soft", "adapter", "head_only"])
+        for i, kind in enumerate(["hard", "soft", "single_adapter", "head_only"])
     ]
     calls = []
     real_fuse = model.fuse

@@ -152,7 +152,7 @@ def test_longest_valid_id_is_accepted(a, admin_headers, profile_bytes) -> None:
 
 
 def test_too_large_uploads(c, admin_headers, reader_headers, profile_bytes) -> None:
-    big = profile_bytes(1, "adapter")  # a whole fp16 adapter: > 64 KiB, the limit of server c
+    big = profile_bytes(1, "single_adapter")  # a whole fp16 adapter: > 64 KiB, the limit of server c
     assert len(big) > 65536
     body = assert_error(c.put("/profiles/big-1", content=big, headers=admin_headers), 413, "too_large")
     assert "65536" in body["message"]

@@ -35,7 +35,7 @@ def assert_same(served: list[dict], expected, atol: float = 1e-4) -> None:
             assert got["scores"][label] == pytest.approx(p, abs=atol)
 
 
-@pytest.mark.parametrize("kind", ["hard", "soft", "adapter", "head_only"])
+@pytest.mark.parametrize("kind", ["hard", "soft", "single_adapter", "head_only"])
 def test_predict_equals_the_offline_api(cluster, admin_headers, profile_bytes, offline, bank, kind) -> None:
     data = profile_bytes(11, kind, labels=["neg", "neutral", "pos"])
     with httpx.Client(base_url=cluster.a.url, timeout=30) as client:

@@ -13,7 +13,7 @@ from xpeft.server.stores.sqlite_store import SQLiteStore
 def test_large_profiles_are_evicted_by_bytes(bank, profile_bytes, tmp_path) -> None:
     async def body() -> None:
         store = SQLiteStore(tmp_path / "s.sqlite3", poll_s=0.02)
-        adapter_size = xpm.decode(profile_bytes(0, "adapter"), bank).nbytes + PROFILE_OVERHEAD_BYTES
+        adapter_size = xpm.decode(profile_bytes(0, "single_adapter"), bank).nbytes + PROFILE_OVERHEAD_BYTES
         hard_size = xpm.decode(profile_bytes(0, "hard"), bank).nbytes + PROFILE_OVERHEAD_BYTES
         assert adapter_size > 20 * hard_size  # why a count alone does not bound memory
         budget = 2 * adapter_size + hard_size
@@ -27,7 +27,7 @@ def test_large_profiles_are_evicted_by_bytes(bank, profile_bytes, tmp_path) -> N
             max_bytes=budget,
         )
         for i in range(4):
-            await store.put(f"a{i}", profile_bytes(i, "adapter"), {})
+            await store.put(f"a{i}", profile_bytes(i, "single_adapter"), {})
             assert (await cache.get(f"a{i}")) is not None
             assert cache.nbytes <= budget
         assert (

@@ -1,0 +1,182 @@
+"""The ``.xpm`` framing and header: magic, version, JSON header, checksum, and their validation.
+
+Everything here is checked before a single tensor is allocated: the payload sizes follow from the
+header alone (:mod:`xpeft.profiles.format` turns them into tensors), so a file that declares huge
+shapes is refused cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.profile import ProfileKind
+
+MAGIC = b"\x89XPM"
+FORMAT_VERSION = 2  # the newest version this build writes
+READ_VERSIONS = (1, 2)
+PREFIX = struct.Struct("<4sHH")
+CRC = struct.Struct("<I")
+# Bounds on declared shapes: far above any real encoder, far below anything that hurts.
+LIMITS = {"L": 128, "N": 65536, "d": 16384, "r": 16384, "C": 4096}
+MAX_META_ITEMS = 32
+# The header's name of each kind. Files say "adapter" for a single_adapter profile, as version 1
+# always did: the name on the wire stays, the Python name is the method's.
+WIRE_NAMES = {
+    ProfileKind.HARD: "hard",
+    ProfileKind.SOFT: "soft",
+    ProfileKind.SINGLE_ADAPTER: "adapter",
+    ProfileKind.HEAD_ONLY: "head_only",
+}
+KINDS_BY_WIRE_NAME = {wire: kind for kind, wire in WIRE_NAMES.items()}
+V2_FIELDS = ("scale_power", "gains", "values")  # hard profiles only
+
+
+class ProfileFormatError(XPeftError):
+    """A profile file that cannot be used. ``code`` is one of :data:`ERROR_CODES`."""
+
+
+ERROR_CODES = (
+    "truncated",  # shorter than its own header says
+    "bad_magic",  # not an .xpm file
+    "unsupported_version",  # written by a newer (or unknown) format version
+    "checksum_mismatch",  # bytes changed after writing
+    "bad_header",  # header is not the JSON this version writes
+    "bad_payload",  # sizes or values inconsistent with the header (k-hot rows, NaN, ...)
+    "bank_mismatch",  # trained on another bank (or another encoder)
+)
+
+
+@dataclass(frozen=True)
+class ProfileInfo:
+    """What ``xpeft info`` and ``GET /profiles/{id}`` show: the header, without the tensors."""
+
+    format_version: int
+    kind: str
+    bytes: int
+    num_layers: int
+    num_adapters: int
+    hidden_size: int
+    bottleneck: int
+    k: int
+    bank_id: str
+    model_id: str
+    labels: list[str]
+    max_length: int
+    meta: dict[str, str] = field(default_factory=dict)
+    scale_power: float = 1.0
+    gains: bool = False
+    values: bool = False
+
+    @property
+    def profile_kind(self) -> ProfileKind:
+        return ProfileKind(self.kind)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def frame(version: int, header: dict, payload: bytes) -> bytes:
+    """Prefix, header and payload, sealed with the checksum."""
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) > 0xFFFF:
+        raise ProfileFormatError("bad_header", f"header of {len(raw)} bytes exceeds 65535")
+    body = PREFIX.pack(MAGIC, version, len(raw)) + raw + payload
+    return body + CRC.pack(zlib.crc32(body))
+
+
+def _check_int(header: dict, key: str, low: int, high: int) -> None:
+    value = header.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProfileFormatError("bad_header", f"{key}={value!r} is not an integer in [{low}, {high}]")
+
+
+def _check_v2_fields(header: dict, version: int, kind: ProfileKind) -> None:
+    """Version-2 fields: only in version 2, only for hard profiles, and of the right types."""
+    present = [key for key in V2_FIELDS if key in header]
+    if not present:
+        return
+    if version < 2 or kind is not ProfileKind.HARD:
+        raise ProfileFormatError("bad_header", f"{present} need format version 2 and a hard profile")
+    power = header.get("scale_power", 1.0)
+    if not isinstance(power, int | float) or isinstance(power, bool) or not 0.0 <= power <= 4.0:
+        raise ProfileFormatError("bad_header", f"scale_power={power!r} is not a number in [0, 4]")
+    for key in ("gains", "values"):
+        if not isinstance(header.get(key, False), bool):
+            raise ProfileFormatError("bad_header", f"{key} must be a JSON boolean")
+
+
+def parse_header(raw: bytes, version: int) -> dict:
+    """The header as JSON, every field checked; ``kind`` becomes a :class:`ProfileKind`."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProfileFormatError("bad_header", f"header is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProfileFormatError("bad_header", "header is not a JSON object")
+    wire = header.get("kind")
+    if not isinstance(wire, str) or wire not in KINDS_BY_WIRE_NAME:
+        raise ProfileFormatError("bad_header", f"unknown kind {wire!r}; one of {sorted(KINDS_BY_WIRE_NAME)}")
+    kind = KINDS_BY_WIRE_NAME[wire]
+    labels = header.get("labels")
+    if not isinstance(labels, list):
+        raise ProfileFormatError("bad_header", "labels must be a JSON list of strings")
+    for key, bound in LIMITS.items():
+        if key != "C":
+            _check_int(header, key, 1, bound)
+    if not 2 <= len(labels) <= LIMITS["C"] or not all(
+        isinstance(x, str) and 0 < len(x) <= 256 for x in labels
+    ):
+        raise ProfileFormatError(
+            "bad_header", f"labels must be 2 to {LIMITS['C']} non-empty strings of <= 256 chars"
+        )
+    if len(set(labels)) != len(labels):
+        raise ProfileFormatError("bad_header", "labels must be distinct")
+    for key in ("bank_id", "model_id"):
+        if not isinstance(header.get(key), str) or not 0 < len(header[key]) <= 128:
+            raise ProfileFormatError("bad_header", f"{key} must be a non-empty string")
+    if kind is ProfileKind.HARD:
+        _check_int(header, "k", 1, header["N"])
+    else:
+        _check_int(header, "k", 0, header["N"])
+    header.setdefault("max_length", 128)
+    _check_int(header, "max_length", 1, 65536)
+    meta = header.setdefault("meta", {})
+    if (
+        not isinstance(meta, dict)
+        or len(meta) > MAX_META_ITEMS
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise ProfileFormatError("bad_header", f"meta must be at most {MAX_META_ITEMS} string pairs")
+    _check_v2_fields(header, version, kind)
+    header["kind"] = kind
+    return header
+
+
+def split(data: bytes) -> tuple[int, bytes, bytes, bool]:
+    """Check framing, magic and version; return (version, raw header, payload, checksum matches).
+
+    The checksum verdict goes back to the caller, which knows the payload's sections: a damaged
+    file whose header still parses and whose payload is shorter than it needs is reported as
+    ``truncated`` (a cut upload), any other damage as ``checksum_mismatch``.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProfileFormatError("bad_magic", "profile data must be bytes")
+    data = bytes(data)
+    if len(data) < PREFIX.size + CRC.size:
+        raise ProfileFormatError("truncated", f"{len(data)} bytes is shorter than any profile file")
+    magic, version, header_length = PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ProfileFormatError("bad_magic", "not an xpeft profile (.xpm) file: wrong magic bytes")
+    if version not in READ_VERSIONS:
+        raise ProfileFormatError(
+            "unsupported_version", f"format version {version}; this build reads versions {READ_VERSIONS}"
+        )
+    if len(data) < PREFIX.size + header_length + CRC.size:
+        raise ProfileFormatError("truncated", f"{len(data)} bytes cannot hold the declared header")
+    body, (stored_crc,) = data[: -CRC.size], CRC.unpack(data[-CRC.size :])
+    header_end = PREFIX.size + header_length
+    return version, body[PREFIX.size : header_end], body[header_end:], zlib.crc32(body) == stored_crc
