@@ -60,13 +60,14 @@ class _Inline:
     """``--jobs 1``: the same calls in this process (no spawn, one encoder)."""
 
     def __init__(self) -> None:
-        self.done: deque[Any] = deque()
+        self.queued: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.done.append(fn(*args))
+        self.queued.append((fn, args))  # run in next(), so each result is saved before the next starts
 
     def next(self) -> Any:
-        return self.done.popleft()
+        fn, args = self.queued.popleft()
+        return fn(*args)
 
     def close(self, kill: bool = False) -> None:
         pass
