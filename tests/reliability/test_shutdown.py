@@ -55,7 +55,7 @@ def test_drain_deadline_answers_queued_predictions_and_refuses_new_requests(
     settings = Settings(sqlite_path=tmp_path / "p.sqlite3", drain_timeout_s=0.3)
     app = create_app(settings, model=MultiProfileModel(encoder, bank))
     state = app.state.server
-    with TestClient(app) as client:
+    with TestClient(app, client=("127.0.0.1", 50000)) as client:  # loopback: writes open without a token
         assert client.put("/profiles/d-1", content=make_profile(1)).status_code == 201
         state.admission.begin_drain()
         refused = client.get("/profiles")
