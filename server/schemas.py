@@ -110,12 +110,14 @@ def parse_predict_body(
         raise BodyError("the body is not valid JSON" + (hint or _JSON_HINT)) from None
     if not isinstance(body, dict):
         raise BodyError('the body must be a JSON object {"inputs": [...]}' + hint)
-    extra = sorted(k for k in body if k != "inputs")
-    if extra:
-        raise BodyError(f"unknown field {extra[0][:64]!r}: extra fields are not permitted")
+    extra = next((k for k in body if k != "inputs"), None)
+    unknown = f"unknown field {extra[:64]!r}: extra fields are not permitted" if extra is not None else ""
     inputs = body.get("inputs")
     if not isinstance(inputs, list):
-        raise BodyError("inputs: a list of texts or [text, text_pair] pairs is required")
+        required = "inputs: a list of texts or [text, text_pair] pairs is required"
+        raise BodyError(f"{required}; {unknown}" if unknown else required)
+    if unknown:
+        raise BodyError(unknown)
     if not inputs:
         raise BodyError("inputs must hold at least one text")
     if len(inputs) > max_inputs:
