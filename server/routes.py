@@ -1,0 +1,294 @@
+"""The HTTP routes: profiles, predictions and the operational endpoints.
+
+Each handler reaches the app's :class:`~xpeft.server.app.ServerState` through ``request.app``;
+auth runs as a dependency, before any body is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from xpeft.adapters.bank import AdapterBank
+from xpeft.adapters.encoder import TextInput
+from xpeft.profiles import format as xpm
+from xpeft.server.auth import require_admin, require_profile_access, require_reader
+from xpeft.server.batcher import Overloaded
+from xpeft.server.errors import ApiError
+from xpeft.server.schemas import (
+    BodyError,
+    ErrorBody,
+    Health,
+    PredictResponse,
+    ProfileList,
+    ProfileMeta,
+    parse_predict_body,
+)
+from xpeft.server.settings import PROFILE_ID_PATTERN, Settings
+
+if TYPE_CHECKING:
+    from xpeft.server.app import ServerState
+
+log = logging.getLogger("xpeft.server")
+PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
+
+router = APIRouter()
+_OCTET_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the .xpm profile file",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+# The pattern is in the OpenAPI schema; _check_id enforces it with the stable code invalid_profile_id.
+_ID_DOC = "1 to 128 characters: letters, digits, '.', '_', '-'; the first a letter or digit"
+ProfileIdPath = Path(..., description=_ID_DOC, json_schema_extra={"pattern": PROFILE_ID_PATTERN})
+
+
+def _server(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _check_id(profile_id: str) -> str:
+    if not PROFILE_ID.fullmatch(profile_id):
+        raise ApiError(
+            422,
+            "invalid_profile_id",
+            f"profile ids match {PROFILE_ID.pattern} (1 to 128 characters); got {profile_id[:200]!r}",
+        )
+    return profile_id
+
+
+def _not_found(profile_id: str) -> ApiError:
+    return ApiError(404, "profile_not_found", f"no profile with id {profile_id!r}")
+
+
+def _validate_profile(data: bytes, bank: AdapterBank) -> dict:
+    """Decode all of it against the served bank (any ProfileFormatError refuses the upload)."""
+    try:
+        xpm.decode(data, bank)
+        info = xpm.read_info(data)
+        if type(info.max_length) is not int:  # JSON true passes an isinstance(int) check
+            raise xpm.ProfileFormatError("bad_header", f"max_length={info.max_length!r} is not an integer")
+    except xpm.ProfileFormatError:
+        raise
+    except Exception as exc:
+        # Untrusted bytes that trip the decoder itself (a header field of an unexpected type, say) are
+        # still a malformed file: refuse it (422), never a 500; the traceback shows the decoder's gap.
+        log.warning("the profile decoder failed on an upload; refusing it", exc_info=True)
+        raise xpm.ProfileFormatError(
+            "bad_header", f"the file could not be decoded ({type(exc).__name__})"
+        ) from exc
+    return {**info.as_dict(), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@router.put(
+    "/profiles/{profile_id}",
+    response_model=ProfileMeta,
+    dependencies=[Depends(require_admin)],
+    openapi_extra=_OCTET_BODY,
+    tags=["profiles"],
+    responses={201: {"model": ProfileMeta, "description": "created"}, 409: {"model": ErrorBody}},
+)
+async def put_profile(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
+    """Upload (create or replace) a profile: 201 when new, 200 when replaced; nothing is stored if refused."""
+    _check_id(profile_id)
+    state = _server(request)
+    data = await request.body()
+    meta = await asyncio.to_thread(_validate_profile, data, state.bank)
+    record, created = await state.metrics.timed_store("put", state.store.put(profile_id, data, meta))
+    state.profiles.invalidate(profile_id, record.version)  # this replica reads its own write at once
+    response.status_code = 201 if created else 200
+    return record.as_dict()
+
+
+@router.get(
+    "/profiles/{profile_id}",
+    response_model=ProfileMeta,
+    dependencies=[Depends(require_profile_access)],
+    tags=["profiles"],
+    responses={404: {"model": ErrorBody}},
+)
+async def get_profile(request: Request, profile_id: str = ProfileIdPath) -> dict:
+    """A profile's metadata and current version."""
+    _check_id(profile_id)
+    state = _server(request)
+    record = await state.metrics.timed_store("get_record", state.store.get_record(profile_id))
+    if record is None:
+        raise _not_found(profile_id)
+    return record.as_dict()
+
+
+@router.delete(
+    "/profiles/{profile_id}",
+    dependencies=[Depends(require_admin)],
+    tags=["profiles"],
+    responses={404: {"model": ErrorBody}},
+)
+async def delete_profile(request: Request, profile_id: str = ProfileIdPath) -> dict:
+    """Delete a profile; every replica stops serving it within a second."""
+    _check_id(profile_id)
+    state = _server(request)
+    deleted = await state.metrics.timed_store("delete", state.store.delete(profile_id))
+    if deleted is None:
+        raise _not_found(profile_id)
+    state.profiles.invalidate(profile_id, deleted)
+    return {"id": profile_id, "deleted": True, "version": deleted}
+
+
+@router.get(
+    "/profiles", response_model=ProfileList, dependencies=[Depends(require_reader)], tags=["profiles"]
+)
+async def list_profiles(
+    request: Request,
+    cursor: str | None = Query(
+        None,
+        description="next_cursor of the last page (a profile id)",
+        json_schema_extra={"pattern": PROFILE_ID_PATTERN},
+    ),
+    limit: int | None = Query(
+        None, ge=1, description="page size (default 100, at most XPEFT_MAX_LIST_LIMIT)"
+    ),
+) -> dict:
+    """Profiles in id order, one page at a time."""
+    state = _server(request)
+    limit = limit or min(100, state.settings.max_list_limit)
+    if limit > state.settings.max_list_limit:
+        raise ApiError(422, "invalid_request", f"limit must be at most {state.settings.max_list_limit}")
+    if cursor is not None:
+        _check_id(cursor)
+    records, next_cursor = await state.metrics.timed_store("list", state.store.list(cursor, limit))
+    return {"profiles": [r.as_dict() for r in records], "next_cursor": next_cursor}
+
+
+async def _inputs(request: Request, settings: Settings) -> list[TextInput]:
+    """Read the body only now, after the token check (a dependency), and parse it with its sizes
+    checked first (see :func:`parse_predict_body`)."""
+    raw = await request.body()
+    try:
+        return parse_predict_body(
+            raw, request.headers.get("content-type"), settings.max_inputs, settings.max_text_chars
+        )
+    except BodyError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+
+
+_JSON_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+    }
+}
+
+
+@router.post(
+    "/profiles/{profile_id}/predict",
+    response_model=PredictResponse,
+    dependencies=[Depends(require_profile_access)],
+    openapi_extra=_JSON_BODY,
+    tags=["predict"],
+    responses={404: {"model": ErrorBody}, 504: {"model": ErrorBody}},
+)
+async def predict(request: Request, profile_id: str = ProfileIdPath) -> dict:
+    """Labels and scores for each input, all from one version of the profile."""
+    _check_id(profile_id)
+    state = _server(request)
+    inputs = await _inputs(request, state.settings)
+    if not state.model_ready:
+        raise ApiError(
+            503, "not_ready", state.model_error or "the model is still loading", headers={"Retry-After": "1"}
+        )
+    timeout = state.settings.request_timeout_s
+    try:  # one deadline for all of it: store lookup, queue and forward
+        return await asyncio.wait_for(_predict(state, profile_id, inputs), timeout)
+    except asyncio.TimeoutError as exc:
+        raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from exc
+
+
+async def _predict(state: ServerState, profile_id: str, inputs: list[TextInput]) -> dict:
+    entry = await state.profiles.get(profile_id)
+    if entry is None:
+        raise _not_found(profile_id)
+    try:
+        future = state.batcher.submit(entry, inputs)
+    except Overloaded as exc:
+        raise ApiError(
+            503, "overloaded", f"the server is busy: {exc}; retry later", headers={"Retry-After": "1"}
+        ) from exc
+    predictions = await future
+    return {
+        "profile": profile_id,
+        "version": entry.version,
+        "predictions": [p.as_dict() for p in predictions],
+    }
+
+
+@router.api_route("/profiles/{rest:path}", methods=["GET", "PUT", "DELETE", "POST"], include_in_schema=False)
+async def bad_profile_path(rest: str, request: Request) -> None:
+    """Ids with a slash (or other paths under /profiles/): a clear refusal instead of a bare 404."""
+    head, _, tail = rest.partition("/")
+    if tail == "predict" and PROFILE_ID.fullmatch(head):
+        raise ApiError(405, "method_not_allowed", "predict takes POST", headers={"Allow": "POST"})
+    _check_id(rest)
+    raise ApiError(
+        405,
+        "method_not_allowed",
+        f"{request.method} is not allowed on a profile",
+        headers={"Allow": "DELETE, GET, PUT"},
+    )
+
+
+@router.get("/healthz", response_model=Health, tags=["ops"])
+async def healthz(request: Request) -> dict:
+    """The process is alive (and its model did not fail to load)."""
+    state = _server(request)
+    if state.model_error:
+        raise ApiError(503, "model_failed", state.model_error)
+    return {"status": "ok", "detail": {"model_loaded": state.model_ready}}
+
+
+@router.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": ErrorBody}})
+async def readyz(request: Request) -> dict:
+    """Ready to predict: the model is loaded and the store answers."""
+    state = _server(request)
+    if state.admission.draining:
+        raise ApiError(503, "shutting_down", "this replica is shutting down")
+    if not state.model_ready:
+        raise ApiError(503, "not_ready", state.model_error or "the model is still loading")
+    await state.metrics.timed_store("ping", state.store.ping())
+    model = state.worker.model
+    assert model is not None
+    return {
+        "status": "ready",
+        "detail": {
+            "store": state.store.kind,
+            "bank_id": state.bank.bank_id,
+            "model_id": model.encoder.model_id,
+            "model": model.encoder.name,
+            "device": str(model.encoder.device),
+        },
+    }
+
+
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        }
+    },
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
