@@ -124,7 +124,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProfileFormatError)
     async def _format_error(_: Request, exc: ProfileFormatError) -> JSONResponse:
         err = profile_format_error(exc)
-        return error_response(err.status, err.code, err.message, **err.extra)
+        return error_response(err.status, err.code, err.message, None, **err.extra)
 
     @app.exception_handler(StoreUnavailable)
     async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:

@@ -240,7 +240,7 @@ def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
     except ImportError:  # httptools not installed: the pure-Python h11 implementation
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
 
-    class HeaderDeadlineProtocol(Base):  # type: ignore[misc, valid-type]
+    class HeaderDeadlineProtocol(Base):
         _header_timer: asyncio.TimerHandle | None = None
         _armed_cycle: Any = None
 

@@ -119,7 +119,13 @@ class RedisStore(ProfileStore):
     # -- contract --------------------------------------------------------------------------
     async def put(self, profile_id: str, data: bytes, meta: dict) -> tuple[ProfileRecord, bool]:
         stamp = now()
-        args = [profile_id, data, json.dumps(meta, separators=(",", ":")), repr(stamp), self.channel]
+        args: list[bytes | str] = [
+            profile_id,
+            data,
+            json.dumps(meta, separators=(",", ":")),
+            repr(stamp),
+            self.channel,
+        ]
         seq, created, created_at = await self._call(
             "put", self._put(keys=[self.key(profile_id), self.ids_key, self.seq_key], args=args)
         )
@@ -130,7 +136,9 @@ class RedisStore(ProfileStore):
         if values[0] is None:
             return None
         record = self._record(profile_id, values[:4])
-        return StoredProfile(**record.__dict__, data=bytes(values[4]))
+        data = values[4]
+        assert isinstance(data, bytes)  # the client does not decode responses
+        return StoredProfile(**record.__dict__, data=data)
 
     async def get_record(self, profile_id: str) -> ProfileRecord | None:
         values = await self._call("get", self._redis.hmget(self.key(profile_id), *_RECORD_FIELDS))
@@ -151,7 +159,7 @@ class RedisStore(ProfileStore):
         ids = await self._call(
             "list", self._redis.zrangebylex(self.ids_key, start, b"+", start=0, num=limit + 1)
         )
-        page = [i.decode() for i in ids[:limit]]
+        page = [i.decode() if isinstance(i, bytes) else i for i in ids[:limit]]
         pipe = self._redis.pipeline(transaction=False)
         for profile_id in page:
             pipe.hmget(self.key(profile_id), *_RECORD_FIELDS)

@@ -128,6 +128,7 @@ class SQLiteStore(ProfileStore):
             seq = db.execute(
                 "INSERT INTO changes (id, deleted, at) VALUES (?, 0, ?)", (profile_id, stamp)
             ).lastrowid
+            assert seq is not None  # an INSERT always sets it
             created_at = stamp if old is None else old[0]
             db.execute(
                 "INSERT INTO profiles (id, version, data, meta, created_at, updated_at) "
@@ -216,8 +217,9 @@ class SQLiteStore(ProfileStore):
         while True:
             await asyncio.sleep(self.poll_s)
             after = seen
-            rows = await self._run(
-                lambda after=after: (
+
+            def read(after: int = after) -> list[tuple]:
+                return (
                     self._db()
                     .execute(
                         "SELECT seq, id, deleted, at FROM changes WHERE seq > ? ORDER BY seq LIMIT 1000",
@@ -225,7 +227,8 @@ class SQLiteStore(ProfileStore):
                     )
                     .fetchall()
                 )
-            )
+
+            rows = await self._run(read)
             if rows and rows[0][0] != seen + 1:
                 # Writes never leave gaps (a rolled-back insert gives its number back), so a gap
                 # means the log was pruned past what this watcher saw: resync instead.
