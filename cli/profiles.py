@@ -12,6 +12,27 @@ from typing import TYPE_CHECKING, Any
 
 from xpeft.adapters.errors import XPeftError
 from xpeft.cli.output import parse_inputs, print_json
+from xpeft.profiles.train_config import ESTIMATORS, METHODS, TrainConfig
+
+# TrainConfig fields that `xpeft train` sets from flags of the same name
+TRAIN_FLAGS = (
+    "method",
+    "k",
+    "epochs",
+    "lr_scores",
+    "lr_head",
+    "lr_adapter",
+    "temperature",
+    "scale_power",
+    "gain",
+    "gain_init",
+    "weighted",
+    "lr_gain",
+    "estimator",
+    "batch_size",
+    "max_length",
+    "seed",
+)
 
 if TYPE_CHECKING:
     from xpeft.profiles.data import Dataset
@@ -42,24 +63,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from xpeft.adapters.bank import AdapterBank
     from xpeft.adapters.encoder import encoder_for_bank
     from xpeft.profiles import format as xpm
-    from xpeft.profiles.train import TrainConfig, train_profile
+    from xpeft.profiles.train import train_profile
 
     bank = AdapterBank.load(args.bank)
     encoder = encoder_for_bank(bank, args.model)
     train = _load_data(args.data, args)
     eval_data = _load_data(args.eval_data, args) if args.eval_data else None
-    config = TrainConfig(
-        method=args.method,
-        k=args.k,
-        epochs=args.epochs,
-        lr_scores=args.lr_scores,
-        lr_head=args.lr_head,
-        lr_adapter=args.lr_adapter,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        temperature=args.temperature,
-    )
+    config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FLAGS})
     result = train_profile(encoder, bank, train, config, eval_data=eval_data, progress=not args.quiet)
     result.profile.meta["model_name"] = args.model or bank.model_name
     size = xpm.save(result.profile, args.out)
@@ -120,7 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from xpeft.profiles import format as xpm
     from xpeft.profiles.data import load_dataset
     from xpeft.profiles.runtime import MultiProfileModel
-    from xpeft.profiles.train import TrainConfig, train_profile
+    from xpeft.profiles.train import train_profile
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -166,26 +176,49 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="default: the encoder the bank was built for")
-    p.add_argument("--method", choices=["hard", "soft", "single_adapter", "head_only"], default="hard")
-    p.add_argument("--k", type=int, default=None, help="hard masks: adapters per layer (default N/10)")
+    d = TrainConfig()  # one set of defaults for the CLI, the Python API and the evaluation
+    p.add_argument("--method", choices=METHODS, default=d.method)
+    p.add_argument("--k", type=int, default=d.k, help="hard masks: adapters per layer (default: N/10)")
     _data_args(p)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument(
         "--lr",
         "--lr-scores",
         dest="lr_scores",
         type=float,
-        default=0.05,
-        help="learning rate of the mask scores",
+        default=d.lr_scores,
+        help="mask scores' learning rate",
     )
-    p.add_argument("--lr-head", type=float, default=5e-3)
+    p.add_argument("--lr-head", type=float, default=d.lr_head)
     p.add_argument(
-        "--lr-adapter", type=float, default=1e-3, help="single_adapter: the adapter's learning rate"
+        "--lr-adapter", type=float, default=d.lr_adapter, help="single_adapter: the adapter's rate"
     )
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument(
+        "--scale-power", type=float, default=d.scale_power, help="hard: a selected adapter weighs 1/k**p"
+    )
+    p.add_argument(
+        "--gain",
+        action=argparse.BooleanOptionalAction,
+        default=d.gain,
+        help="hard: learn one gain per layer, stored in the profile",
+    )
+    p.add_argument("--gain-init", type=float, default=d.gain_init, help="hard: the gains' starting value")
+    p.add_argument(
+        "--weighted",
+        action=argparse.BooleanOptionalAction,
+        default=d.weighted,
+        help="hard: learn a weight for each selected adapter, stored in the profile",
+    )
+    p.add_argument(
+        "--lr-gain", type=float, default=d.lr_gain, help="hard: learning rate of gains and weights"
+    )
+    p.add_argument(
+        "--estimator", choices=ESTIMATORS, default=d.estimator, help="hard: straight-through surrogate"
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-data", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-ESTIMATORS = ("softmax", "identity", "gumbel")
+from xpeft.profiles.train_config import ESTIMATORS
 
 
 def soft_weights(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -17,13 +17,12 @@ from torch import nn
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
 from xpeft.adapters.errors import XPeftError
 from xpeft.adapters.fusion import FusedAdapters, fuse
-from xpeft.profiles.masks import ESTIMATORS, hard_scale, hard_weights, khot, soft_weights
+from xpeft.profiles.masks import hard_scale, hard_weights, khot, soft_weights
 from xpeft.profiles.profile import Profile, ProfileKind
+from xpeft.profiles.train_config import ESTIMATORS, METHODS
 
 if TYPE_CHECKING:
-    from xpeft.profiles.train import TrainConfig
-
-METHODS = tuple(kind.value for kind in ProfileKind)  # one name per kind: the method that trains it
+    from xpeft.profiles.train_config import TrainConfig
 
 
 class Trainable(nn.Module):

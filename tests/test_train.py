@@ -73,3 +73,71 @@ def test_eval_curve_and_bad_arguments(encoder, bank, separable):
         train_profile(encoder, bank, separable, TrainConfig(method="hard", k=99), progress=False)
     with pytest.raises(XPeftError, match="unknown method"):
         train_profile(encoder, bank, separable, TrainConfig(method="lora"), progress=False)
+
+
+def test_one_name_per_kind_and_a_torch_free_config():
+    import subprocess
+    import sys
+
+    from xpeft.profiles.profile import ProfileKind
+    from xpeft.profiles.train_config import METHODS
+
+    assert sorted(METHODS) == sorted(kind.value for kind in ProfileKind)
+    # the CLI builds its flags from TrainConfig without paying for torch
+    code = "import sys, xpeft.profiles.train_config; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gain": True, "scale_power": 0.75},
+        {"weighted": True},
+        {"estimator": "identity"},
+        {"estimator": "gumbel", "temperature_end": 0.2},
+    ],
+)
+def test_hard_mask_options_train_and_serve_what_was_trained(encoder, bank, separable, options):
+    config = TrainConfig(method="hard", k=3, **FAST, **options)
+    result = train_profile(encoder, bank, separable, config, eval_data=separable, progress=False)
+    served = xpm.decode(xpm.encode(result.profile), bank)
+    # what the server computes from the file is what training measured at the end (fp16 aside)
+    metrics = evaluate(MultiProfileModel(encoder, bank), served, separable)
+    assert metrics["accuracy"] == pytest.approx(result.history[-1]["eval_accuracy"], abs=2 / len(separable))
+    assert metrics["accuracy"] >= 0.8, (options, metrics)
+    if options.get("gain"):
+        assert served.gains is not None and served.gains.shape == (bank.num_layers,)
+        assert not torch.allclose(served.gains, torch.ones(bank.num_layers))  # the gains did train
+        assert served.scale_power == 0.75
+    if options.get("weighted"):
+        assert served.values is not None
+        assert bool((served.values[~torch.stack(served.masks())] == 0).all())  # only selected ones
+    diag = result.diagnostics
+    assert 0.0 <= diag["mask_overlap_down"] <= 1.0 and len(diag["adapter_ratio_end"]) == bank.num_layers
+    assert diag["score_grad_norm_first"] > 0
+
+
+def test_temperature_schedule_and_unknown_estimator(encoder, bank, separable):
+    from xpeft.profiles.train import _temperature
+
+    config = TrainConfig(temperature=1.0, temperature_end=0.1)
+    assert _temperature(config, 0, 11) == pytest.approx(1.0)
+    assert _temperature(config, 10, 11) == pytest.approx(0.1)
+    assert _temperature(TrainConfig(temperature=0.5), 7, 11) == 0.5
+    with pytest.raises(XPeftError, match="estimator"):
+        train_profile(encoder, bank, separable, TrainConfig(method="hard", estimator="magic"), progress=False)
+
+
+def test_a_second_gain_on_the_down_mask_would_only_scale_the_first():
+    # why a profile stores one gain per layer: relu(g x) B == relu(x) (g B) for g > 0
+    g = torch.Generator().manual_seed(0)
+    h, A, a, B = (
+        torch.randn(5, 8, generator=g),
+        torch.randn(8, 3, generator=g),
+        torch.randn(3),
+        torch.randn(3, 8),
+    )
+    for gain in (0.3, 2.5):
+        torch.testing.assert_close(torch.relu(gain * (h @ A + a)) @ B, torch.relu(h @ A + a) @ (gain * B))

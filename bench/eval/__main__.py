@@ -51,6 +51,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     command = shlex.join(["python", "-m", "bench.eval", *args.argv])
     path = write_report(args.results, args.out, img_dir=args.img_dir, command=command)
     print(f"wrote {path}")
+    if args.method_doc or args.readme:
+        from bench.eval import method_doc, summary
+        from bench.eval.analysis import Results
+        from bench.eval.results import read_results
+
+        res = Results(read_results(args.results))
+        if args.method_doc:
+            text = method_doc.block(res, args.results, command)
+            print(f"wrote {method_doc.fill(args.method_doc, text)}")
+        if args.readme:
+            text = summary.block(res, args.results, command, doc=args.out)
+            print(f"wrote {method_doc.fill(args.readme, text, 'summary')}")
     return 0
 
 
@@ -83,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True)
     p.add_argument("--out", default="docs/EVALUATION.md")
     p.add_argument("--img-dir", default=None, help="plots folder (default: img/eval beside --out)")
+    p.add_argument("--method-doc", default=None, help="also fill the diagnostics block of this page")
+    p.add_argument("--readme", default=None, help="also fill the quality summary block of this page")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("pack-model", help="copy the encoder with fp16-stored weights (for gpu.sh)")
     p.add_argument("--out", required=True)
