@@ -111,6 +111,7 @@ class AdapterBank:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors().items()}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=self.metadata())
+        tmp.chmod(0o644)  # safetensors creates 0600; a server running as another user must read it
         tmp.replace(path)
         return path
 

@@ -23,6 +23,12 @@ def test_save_load_round_trip(tmp_path, bank):
         assert torch.equal(a, b)
 
 
+def test_saved_bank_is_readable_by_the_server_user(tmp_path, bank):
+    # safetensors alone writes 0600: a server running as another user could not read the bank
+    path = bank.save(tmp_path / "bank.safetensors")
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_seed_fixes_content_and_id():
     a = create_random_bank(2, 32, "m", num_adapters=4, reduction_factor=8, seed=7)
     b = create_random_bank(2, 32, "m", num_adapters=4, reduction_factor=8, seed=7)
