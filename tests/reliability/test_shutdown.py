@@ -28,7 +28,9 @@ def test_sigterm_finishes_in_flight_refuses_new_requests_and_exits(fleet, make_p
     server = fleet.drain
     with httpx.Client(base_url=server.url, headers=bearer(ADMIN), timeout=30) as client:
         assert client.put("/profiles/drain-1", content=make_profile(8)).status_code == 201
-    result = asyncio.run(run_shutdown(server, bearer(ADMIN), "drain-1", in_flight=10))
+    # 8 texts per request at 2 per batch: each request takes 4 forwards, so all 10 are still in flight
+    # when SIGTERM comes even on a busy machine
+    result = asyncio.run(run_shutdown(server, bearer(ADMIN), "drain-1", in_flight=10, texts=8))
     print("\n", {k: v for k, v in result.items() if k != "probe_outcomes"})
 
     assert result["seen_in_flight"] >= 5  # SIGTERM really came with work in flight
