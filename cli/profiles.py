@@ -65,11 +65,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from xpeft.profiles import format as xpm
     from xpeft.profiles.train import train_profile
 
+    config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FLAGS})
+    config.validate()  # before anything is loaded, trained or written
     bank = AdapterBank.load(args.bank)
     encoder = encoder_for_bank(bank, args.model)
     train = _load_data(args.data, args)
     eval_data = _load_data(args.eval_data, args) if args.eval_data else None
-    config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FLAGS})
     result = train_profile(encoder, bank, train, config, eval_data=eval_data, progress=not args.quiet)
     result.profile.meta["model_name"] = args.model or bank.model_name
     size = xpm.save(result.profile, args.out)

@@ -51,6 +51,7 @@ from xpeft.profiles.format_header import (
     split,
 )
 from xpeft.profiles.profile import Profile, ProfileKind
+from xpeft.profiles.train_config import MAX_GAIN
 
 __all__ = [
     "ERROR_CODES",
@@ -66,7 +67,6 @@ __all__ = [
     "save",
     "sections",
 ]
-MAX_GAIN = 1024.0  # a gain beyond this would blow the hidden states up; no training gets near it
 
 
 @dataclass(frozen=True)

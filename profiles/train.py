@@ -55,6 +55,7 @@ def train_profile(
 ) -> TrainResult:
     """Train one profile on ``train``; with ``eval_data``, record dev accuracy for training curves."""
     config = config or TrainConfig()
+    config.validate()
     if len(train) == 0:
         raise DataError("bad_data", "the training data is empty")
     labels = train.label_names()

@@ -6,10 +6,29 @@ evaluation share one set of defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+
+from xpeft.adapters.errors import XPeftError
 
 METHODS = ("hard", "soft", "single_adapter", "head_only")  # the profile kinds, by the method that trains each
 ESTIMATORS = ("softmax", "identity", "gumbel")
+MAX_GAIN = 1024.0  # the largest gain a profile file may hold
+# fields that only some methods read: a value other than the default for another method is an error
+APPLIES_TO = {
+    "k": ("hard",),
+    "scale_power": ("hard",),
+    "estimator": ("hard",),
+    "gain": ("hard",),
+    "gain_init": ("hard",),
+    "weighted": ("hard",),
+    "lr_gain": ("hard",),
+    "lr_scores": ("hard", "soft"),
+    "temperature": ("hard", "soft"),
+    "temperature_end": ("hard", "soft"),
+    "score_init_std": ("hard", "soft"),
+    "lr_adapter": ("single_adapter",),
+}
 
 
 @dataclass
@@ -37,6 +56,39 @@ class TrainConfig:
     gain_init: float = 1.0
     weighted: bool = False  # learn a weight for each selected adapter (2·L·k numbers)
     lr_gain: float = 0.05  # learning rate of the gains and weights
+
+    def validate(self) -> None:
+        """Refuse settings that cannot train, or that the chosen method would silently ignore,
+        before anything is loaded or written."""
+
+        def bad(message: str) -> XPeftError:
+            return XPeftError("bad_argument", message)
+
+        if self.method not in METHODS:
+            raise bad(f"unknown method {self.method!r}; one of {METHODS}")
+        if self.estimator not in ESTIMATORS:
+            raise bad(f"estimator {self.estimator!r} is not one of {ESTIMATORS}")
+        for name in ("epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.k is not None and self.k < 1:
+            raise bad(f"k must be at least 1, got {self.k}")
+        for name in ("lr_scores", "lr_head", "lr_adapter", "lr_gain", "score_init_std"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise bad(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("temperature", "temperature_end"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise bad(f"{name} must be a finite number > 0, got {value}")
+        if not 0.0 <= self.scale_power <= 4.0:
+            raise bad(f"scale_power must lie in [0, 4], got {self.scale_power}")
+        if not 0.0 < self.gain_init <= MAX_GAIN:
+            raise bad(f"gain_init must lie in (0, {MAX_GAIN:g}], got {self.gain_init}")
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        for name, methods in APPLIES_TO.items():
+            if self.method not in methods and getattr(self, name) != defaults[name]:
+                raise bad(f"{name} applies to {' and '.join(methods)} only, not to method {self.method!r}")
 
     def resolved_k(self, num_adapters: int) -> int:
         return self.k if self.k is not None else max(1, num_adapters // 10)

@@ -19,7 +19,7 @@ from xpeft.adapters.errors import XPeftError
 from xpeft.adapters.fusion import FusedAdapters, fuse
 from xpeft.profiles.masks import hard_scale, hard_weights, khot, soft_weights
 from xpeft.profiles.profile import Profile, ProfileKind
-from xpeft.profiles.train_config import ESTIMATORS, METHODS
+from xpeft.profiles.train_config import METHODS
 
 if TYPE_CHECKING:
     from xpeft.profiles.train_config import TrainConfig
@@ -35,8 +35,6 @@ class Trainable(nn.Module):
         self.k = config.resolved_k(N) if method == "hard" else 0
         if method == "hard" and not 1 <= self.k <= N:
             raise XPeftError("bad_argument", f"k={self.k} must be between 1 and N={N}")
-        if config.estimator not in ESTIMATORS:
-            raise XPeftError("bad_argument", f"estimator {config.estimator!r} is not one of {ESTIMATORS}")
         self.temperature = config.temperature
         self.noise = torch.Generator().manual_seed(config.seed + 1)  # Gumbel draws, independent of order
         self.head = nn.Linear(d, num_labels)

@@ -209,3 +209,23 @@ def test_single_adapters_stack_into_a_bank(workdir):
         check=False,
     )
     _assert_user_error(proc, "bad_argument")
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--epochs", "0"], "epochs must be at least 1"),
+        (["--method", "head_only", "--k", "5"], "k applies to hard only"),
+        (["--method", "single_adapter", "--gain"], "gain applies to hard only"),
+        (["--method", "hard", "--lr-adapter", "0.01"], "lr_adapter applies to single_adapter only"),
+        (["--scale-power", "9"], "scale_power must lie in [0, 4]"),
+        (["--lr", "nan"], "lr_scores must be a finite number"),
+    ],
+)
+def test_train_refuses_bad_or_inapplicable_flags_before_writing(workdir, flags, message):
+    out = workdir / "refused.xpm"
+    # the bank need not even exist: settings are checked before anything is loaded
+    proc = run("train", "--bank", str(workdir / "missing.safetensors"), "--data", "x.tsv", "--out", str(out),
+               *flags, check=False)  # fmt: skip
+    _assert_user_error(proc, "bad_argument")
+    assert message in proc.stderr and not out.exists()

@@ -141,3 +141,18 @@ def test_a_second_gain_on_the_down_mask_would_only_scale_the_first():
     )
     for gain in (0.3, 2.5):
         torch.testing.assert_close(torch.relu(gain * (h @ A + a)) @ B, torch.relu(h @ A + a) @ (gain * B))
+
+
+def test_train_config_validation_names_the_setting():
+    TrainConfig().validate()
+    TrainConfig(method="soft", lr_scores=0.2, temperature=0.5).validate()
+    for bad, match in [
+        (TrainConfig(method="hard", batch_size=0), "batch_size"),
+        (TrainConfig(method="head_only", lr_scores=0.2), "lr_scores applies to hard and soft only"),
+        (TrainConfig(method="soft", weighted=True), "weighted applies to hard only"),
+        (TrainConfig(temperature_end=0.0), "temperature_end"),
+        (TrainConfig(gain_init=0.0), "gain_init"),
+        (TrainConfig(estimator="magic"), "estimator"),
+    ]:
+        with pytest.raises(XPeftError, match=match):
+            bad.validate()
