@@ -7,7 +7,7 @@ from enum import Enum
 
 import torch
 
-from xpeft.adapters.bank import TENSOR_NAMES
+from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
 from xpeft.profiles.masks import mask_to_weights
 
 
@@ -52,6 +52,34 @@ class Profile:
     gains: torch.Tensor | None = None  # hard: (L,) positive gain of each layer's fused adapter
     values: torch.Tensor | None = None  # hard: (2, L, N) weight of each selected adapter (0 elsewhere)
     meta: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def for_bank(
+        cls,
+        kind: ProfileKind,
+        bank: AdapterBank,
+        labels: list[str],
+        head_weight: torch.Tensor,
+        head_bias: torch.Tensor,
+        max_length: int = 128,
+        meta: dict[str, str] | None = None,
+    ) -> Profile:
+        """A profile of ``kind`` shaped for ``bank``, with its head and nothing else set yet."""
+        L, N, d, r = bank.down.shape
+        return cls(
+            kind=kind,
+            bank_id=bank.bank_id,
+            model_id=bank.model_id,
+            num_layers=L,
+            num_adapters=N,
+            hidden_size=d,
+            bottleneck=r,
+            labels=labels,
+            max_length=max_length,
+            meta=meta or {},
+            head_weight=head_weight,
+            head_bias=head_bias,
+        )
 
     @property
     def num_labels(self) -> int:

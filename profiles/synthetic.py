@@ -31,18 +31,13 @@ def random_profile(
     L, N, d, r = bank.down.shape
     labels = labels or ["negative", "positive"]
     C = len(labels)
-    profile = Profile(
-        kind=kind,
-        bank_id=bank.bank_id,
-        model_id=bank.model_id,
-        num_layers=L,
-        num_adapters=N,
-        hidden_size=d,
-        bottleneck=r,
-        labels=labels,
-        max_length=max_length,
+    profile = Profile.for_bank(
+        kind,
+        bank,
+        labels,
         head_weight=torch.randn(C, d, generator=g) * d**-0.5,
         head_bias=torch.randn(C, generator=g) * 0.1,
+        max_length=max_length,
         meta={"method": f"random:{kind.value}", "seed": str(seed)},
     )
     if kind is ProfileKind.HARD:

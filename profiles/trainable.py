@@ -111,20 +111,14 @@ class Trainable(nn.Module):
         self, bank: AdapterBank, labels: list[str], max_length: int, meta: dict[str, str]
     ) -> Profile:
         """What the profile file stores: bits (and any gains / weights) for hard, not the scores."""
-        L, N, d, r = bank.down.shape
-        profile = Profile(
-            kind=ProfileKind(self.method),
-            bank_id=bank.bank_id,
-            model_id=bank.model_id,
-            num_layers=L,
-            num_adapters=N,
-            hidden_size=d,
-            bottleneck=r,
-            labels=labels,
-            max_length=max_length,
-            meta=meta,
+        profile = Profile.for_bank(
+            ProfileKind(self.method),
+            bank,
+            labels,
             head_weight=self.head.weight.detach().cpu().float().clone(),
             head_bias=self.head.bias.detach().cpu().float().clone(),
+            max_length=max_length,
+            meta=meta,
         )
         if self.method == "hard":
             profile.k = self.k
