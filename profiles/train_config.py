@@ -33,7 +33,8 @@ APPLIES_TO = {
 
 @dataclass
 class TrainConfig:
-    """Defaults are the ones measured in docs/EVALUATION.md; the reasons are in docs/METHOD.md."""
+    """Defaults are the ones measured in docs/EVALUATION.md (the variants table decided ``gain``);
+    the reasons are in docs/METHOD.md."""
 
     method: str = "hard"
     k: int | None = None  # hard masks: adapters kept per layer; default N // 10
@@ -52,7 +53,8 @@ class TrainConfig:
     scale_power: float = 1.0  # a selected adapter weighs 1 / k**p (p = 1: the mean of the k)
     estimator: str = "softmax"  # straight-through surrogate: softmax, identity or gumbel
     temperature_end: float | None = None  # anneal the temperature geometrically to this value
-    gain: bool = False  # learn one positive gain per layer (L numbers in the profile)
+    # learn one positive gain per layer (L numbers in the profile): the best of the measured variants
+    gain: bool = True
     gain_init: float = 1.0
     weighted: bool = False  # learn a weight for each selected adapter (2·L·k numbers)
     lr_gain: float = 0.05  # learning rate of the gains and weights

@@ -216,7 +216,7 @@ def test_single_adapters_stack_into_a_bank(workdir):
     [
         (["--epochs", "0"], "epochs must be at least 1"),
         (["--method", "head_only", "--k", "5"], "k applies to hard only"),
-        (["--method", "single_adapter", "--gain"], "gain applies to hard only"),
+        (["--method", "single_adapter", "--no-gain"], "gain applies to hard only"),
         (["--method", "hard", "--lr-adapter", "0.01"], "lr_adapter applies to single_adapter only"),
         (["--scale-power", "9"], "scale_power must lie in [0, 4]"),
         (["--lr", "nan"], "lr_scores must be a finite number"),

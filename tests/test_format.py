@@ -59,7 +59,8 @@ def test_hard_profile_sizes():
     # The MiniLM default (L=6, d=384) and a BERT-base shape (L=12, d=768), N=100, 2 labels.
     for L, d, limit in [(6, 384, 2048), (12, 768, 4096)]:
         bank = create_random_bank(L, d, model_id=f"bert-L{L}-H{d}-000000000000", num_adapters=100)
-        profile = random_profile(bank, ProfileKind.HARD, labels=["negative", "positive"], k=10)
+        # the default hard profile: masks plus one gain per layer (format version 2)
+        profile = random_profile(bank, ProfileKind.HARD, labels=["negative", "positive"], k=10, gains=True)
         profile.meta["model_name"] = "minilm"
         size = len(xpm.encode(profile))
         assert size <= limit, (L, d, size)

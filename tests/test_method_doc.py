@@ -71,3 +71,24 @@ def test_readme_summary_names_gain_cost_and_bytes():
     assert "+2.50 [" in text and "(n=2)" in text  # hard - head_only, paired over seeds
     assert "| 50% |" in text  # (83.5 - 81) / (86 - 81)
     assert "2 labels: 1,900 bytes against 227,000 (119× smaller)" in text
+
+
+def test_readme_summary_shows_the_shipped_variant_beside_the_paper_setting():
+    from bench.eval.summary import block as summary
+
+    rows: list[dict] = [{"type": "session", "event": "start", "config": {"tasks": [{"kind": "sst2"}]}}]
+    for seed in (0, 1):
+        for method, variant, acc in (("head_only", "default", 0.80), ("single_adapter", "default", 0.90),
+                                     ("hard", "default", 0.82), ("hard", "gain", 0.86 + seed / 100)):  # fmt: skip
+            run = _run(method, seed, 0.1) | {
+                "accuracy": acc,
+                "variant": variant,
+                "n_labels": 2,
+                "bytes": {"total": 1},
+            }
+            run["key"] += variant
+            rows.append(run)
+    text = summary(Results(rows), "r.jsonl", "cmd", shipped="gain")
+    assert "shipped defaults (variant `gain`" in text
+    assert "| 86.5 |" in text and "+6.50 [" in text  # the shipped column and its paired gain
+    assert "| 65% |" in text  # (86.5 - 80) / (90 - 80)

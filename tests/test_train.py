@@ -24,6 +24,7 @@ def test_hard_masks_learn_a_separable_task(encoder, bank, separable):
     assert metrics["accuracy"] >= 0.9, metrics
     assert metrics["n"] == len(separable)
     assert profile.kind is ProfileKind.HARD and profile.k == 4
+    assert profile.gains is not None and profile.gains.shape == (bank.num_layers,)  # the default
     assert torch.equal(profile.mask_down.sum(1), torch.full((bank.num_layers,), 4))
     # frozen means frozen: encoder and bank are bit-identical after training
     for k, v in encoder.state_dict().items():

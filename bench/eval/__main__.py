@@ -61,7 +61,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             text = method_doc.block(res, args.results, command)
             print(f"wrote {method_doc.fill(args.method_doc, text)}")
         if args.readme:
-            text = summary.block(res, args.results, command, doc=args.out)
+            text = summary.block(res, args.results, command, doc=args.out, shipped=args.shipped_variant)
             print(f"wrote {method_doc.fill(args.readme, text, 'summary')}")
     return 0
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-dir", default=None, help="plots folder (default: img/eval beside --out)")
     p.add_argument("--method-doc", default=None, help="also fill the diagnostics block of this page")
     p.add_argument("--readme", default=None, help="also fill the quality summary block of this page")
+    p.add_argument(
+        "--shipped-variant", default=None, help="the variant equal to the library's defaults (its own column)"
+    )
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("pack-model", help="copy the encoder with fp16-stored weights (for gpu.sh)")
     p.add_argument("--out", required=True)

@@ -28,6 +28,7 @@ from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.profile import Profile, ProfileKind
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.train import TrainConfig, train_profile
+from xpeft.profiles.train_config import APPLIES_TO
 
 CURVE_POINTS = 50
 
@@ -125,6 +126,8 @@ class Worker:
     def train_config(self, spec: RunSpec) -> TrainConfig:
         t = self.config.task(spec.task)
         overrides = {**self.config.train, **t.train, **self.config.variant(spec.variant).train}
+        # a setting pinned for the masks (say gain=false) is not one the baselines may be given
+        overrides = {k: v for k, v in overrides.items() if spec.method in APPLIES_TO.get(k, (spec.method,))}
         return TrainConfig(
             method=spec.method,
             seed=spec.seed,

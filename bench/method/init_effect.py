@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -24,6 +25,8 @@ from xpeft.profiles.data import load_dataset
 from xpeft.profiles.masks import khot
 
 TEMPLATE = Path(__file__).with_name("METHOD.template.md")
+if not __package__:  # run as a script: the repository root holds the bench package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def measure(scales: list[float], ks: list[int], num_adapters: int, draws: int) -> list[dict]:
