@@ -25,7 +25,7 @@ def _run(method: str, seed: int, overlap: float) -> dict:
         "accuracy": 0.8,
         "k": 10 if method == "hard" else None,
         "num_adapters": 100 if method == "hard" else None,
-        "loss_curve": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}],
+        "loss_curve": [[1, 1.0], [2, 0.5]],
         "diagnostics": diag,
     }
 

@@ -37,7 +37,7 @@ def _layers(rows: list[list[float]]) -> str:
 
 
 def _final_loss(run: dict[str, Any]) -> float | None:
-    curve = [p["loss"] for p in run.get("loss_curve", []) if "loss" in p]
+    curve = [loss for _step, loss in run.get("loss_curve", [])]  # [step, loss] pairs
     tail = curve[-max(1, len(curve) // 5) :]
     return statistics.fmean(tail) if tail else None
 

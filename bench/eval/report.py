@@ -134,7 +134,9 @@ def _variants(res: Results) -> list[str]:
     out += [
         "Each variant against the default variant's runs of the same method and bank on the same "
         "(profile, seed): accuracy %, the paired difference in points with its 95% t-interval, and "
-        "the ratio of total training time over those pairs.",
+        "the ratio of total training time over those pairs (runs made at different times on a shared "
+        "machine: a coarse ratio; `python -m bench.method.train_time` measures the shipped defaults' "
+        "cost interleaved in one process, in docs/METHOD.md).",
         "",
         table(
             ["variant", "task group", "method", "accuracy % [seeds]", "− default (pts)", "train time ×"], rows
