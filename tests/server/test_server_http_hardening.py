@@ -278,6 +278,9 @@ def test_an_unreadable_bank_says_permission_denied(bank_path) -> None:
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv")
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        probe = subprocess.run([*command[:4], sys.executable, "-c", "import xpeft.cli"], capture_output=True)
+        if probe.returncode != 0:  # e.g. a checkout under a 0700 folder: the next test covers the check
+            pytest.skip("uid nobody cannot run this checkout's interpreter")
     env = {k: v for k, v in os.environ.items() if not k.startswith("XPEFT_")}
     env["XPEFT_SQLITE_PATH"] = str(folder / "unused.sqlite3")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -285,6 +288,44 @@ def test_an_unreadable_bank_says_permission_denied(bank_path) -> None:
     assert "bank_unreadable" in result.stderr and "permission denied" in result.stderr
     assert "No such file" not in result.stderr
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching users needs root")
+def test_check_readable_as_another_user(bank_path) -> None:
+    """The same refusal, checked in a forked child that drops to uid nobody (works wherever the
+    checkout lives, since the child already has the code in memory)."""
+    from xpeft.adapters.errors import XPeftError
+    from xpeft.server.app import check_readable
+
+    folder = Path(tempfile.mkdtemp(prefix="xpeft-bank-"))
+    folder.chmod(0o755)
+    bank = folder / "bank.safetensors"
+    shutil.copy(bank_path, bank)
+    bank.chmod(0o600)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = "no error"
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            check_readable(bank)
+        except XPeftError as exc:
+            code = f"{exc.code}: {exc.message}"
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test
+            code = repr(exc)
+        os.write(write, code.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    got = os.read(read, 4096).decode()
+    os.close(read)
+    shutil.rmtree(folder, ignore_errors=True)
+    assert got.startswith("bank_unreadable: ") and "permission denied" in got, got
+    bank_ok = folder.parent / "missing.safetensors"
+    with pytest.raises(XPeftError, match="no bank file"):
+        check_readable(bank_ok)
 
 
 def test_git_ignores_local_secrets_and_the_default_store() -> None:
