@@ -105,12 +105,12 @@ class Profile:
     def mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w_down, w_up)``, each ``(L, N)`` fp32, for the bank kinds."""
         if self.kind is ProfileKind.HARD:
-            assert self.mask_down is not None and self.mask_up is not None
             out = []
-            for i, mask in enumerate((self.mask_down, self.mask_up)):
-                w = mask_to_weights(mask, self.k, self.scale_power)
-                if self.values is not None:
+            for i, mask in enumerate(self.masks()):
+                if self.values is not None:  # each selected adapter's own weight
                     w = mask.to(torch.float32) * self.values[i].float()
+                else:
+                    w = mask_to_weights(mask, self.k, self.scale_power)
                 if self.gains is not None and i == 1:  # on the up projection: scales the output
                     w = w * self.gains.float().unsqueeze(-1)
                 out.append(w)
