@@ -52,8 +52,13 @@ def train_profile(
     eval_data: Dataset | None = None,
     progress: bool = True,
     on_eval: Callable[[dict], None] | None = None,
+    on_step: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train one profile on ``train``; with ``eval_data``, record dev accuracy for training curves."""
+    """Train one profile on ``train``; with ``eval_data``, record dev accuracy for training curves.
+
+    ``on_step`` sees each step's record (``step``, ``total``, ``loss``, ``train_accuracy``); an
+    exception it raises stops training there (a training service cancels a job this way).
+    """
     config = config or TrainConfig()
     config.validate()
     if len(train) == 0:
@@ -120,6 +125,8 @@ def train_profile(
                     if on_eval:
                         on_eval(record)
                 history.append(record)
+                if on_step:
+                    on_step({**record, "total": total})
     finally:
         bar.close()
         encoder.eval()
