@@ -77,6 +77,11 @@ class AdapterBank:
         return self.extra.get("model_name", "")
 
     @property
+    def model_revision(self) -> str:
+        """The hub revision (branch, tag or commit) the encoder is pinned to; empty when none."""
+        return self.extra.get("model_revision", "")
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
@@ -175,6 +180,7 @@ def create_random_bank(
     seed: int = 0,
     init_scale: float = 1.0,
     model_name: str = "",
+    model_revision: str = "",
 ) -> AdapterBank:
     """A seeded random bank (the lottery-ticket setting).
 
@@ -205,6 +211,7 @@ def create_random_bank(
             "init_scale": str(init_scale),
             "model_name": model_name,
             "reduction_factor": str(reduction_factor),
+            **({"model_revision": model_revision} if model_revision else {}),
         },
     )
 

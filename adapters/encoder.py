@@ -204,17 +204,57 @@ class AdapterEncoder(nn.Module):
         return (out * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
+def canonical_model_name(model: str) -> str:
+    """The name to record for ``model`` in a bank: an existing folder as an absolute path.
+
+    A bank records the encoder it was built for; a relative folder recorded as typed would resolve
+    against whatever directory the bank is later used from, and fall through to a hub request.
+    Aliases (``minilm``, ``random:...``) and hub ids are kept as they are.
+    """
+    if model in (DEFAULT_MODEL, "default") or model.startswith("random:"):
+        return model
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+@contextmanager
+def _quiet_weight_loading() -> Iterator[None]:
+    """Hide transformers' loading bars for this load only, then restore the caller's setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_encoder(
     model: str = DEFAULT_MODEL,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    revision: str | None = None,
 ) -> AdapterEncoder:
-    """Load an encoder by alias (``minilm``, ``random:bert-base``), folder, or hub name."""
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
+    """Load an encoder by alias (``minilm``, ``random:bert-base``), folder, or hub name.
 
-    hf_logging.disable_progress_bar()  # a server log or CLI stderr is no place for weight-loading bars
+    ``revision`` pins a hub id to a branch, tag or commit; it is refused for local models, where it
+    would be silently meaningless.
+    """
+    with _quiet_weight_loading():
+        return _load_encoder(model, device, dtype, seed, revision)
+
+
+def _load_encoder(
+    model: str, device: torch.device | str, dtype: torch.dtype, seed: int, revision: str | None
+) -> AdapterEncoder:
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+    local = model in (DEFAULT_MODEL, "default") or model.startswith("random:") or Path(model).exists()
+    if revision and local:
+        raise ModelError("invalid_revision", f"--revision applies to hub ids only, not to {model!r}")
     try:
         if model in (DEFAULT_MODEL, "default"):
             path = default_model_dir()
@@ -240,8 +280,12 @@ def load_encoder(
             hf_model = BertModel(BertConfig(**shapes[shape]), add_pooling_layer=False)
             tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
         else:
-            hf_model = AutoModel.from_pretrained(model)
-            tokenizer = AutoTokenizer.from_pretrained(model)
+            # Weights a checkpoint lacks (often an unused pooler) are initialised at random; a
+            # fixed seed keeps them, and so the content id, the same on every load.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                hf_model = AutoModel.from_pretrained(model, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except ModelError:
         raise
     except (OSError, ValueError) as exc:
@@ -269,6 +313,10 @@ def encoder_for_bank(
     with no recorded model name falls back to the embedded default. ``device`` defaults to
     :func:`best_device`.
     """
+    revision = None if model else (bank.model_revision or None)
     return load_encoder(
-        model or bank.model_name or DEFAULT_MODEL, device=device or best_device(), dtype=dtype
+        model or bank.model_name or DEFAULT_MODEL,
+        device=device or best_device(),
+        dtype=dtype,
+        revision=revision,
     )

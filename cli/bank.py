@@ -13,9 +13,9 @@ from xpeft.cli.output import print_json
 def cmd_create(args: argparse.Namespace) -> None:
     """A seeded random bank for the named encoder."""
     from xpeft.adapters.bank import create_random_bank
-    from xpeft.adapters.encoder import load_encoder
+    from xpeft.adapters.encoder import canonical_model_name, load_encoder
 
-    enc = load_encoder(args.model, device="cpu")
+    enc = load_encoder(args.model, device="cpu", revision=args.revision)
     bank = create_random_bank(
         enc.num_layers,
         enc.hidden_size,
@@ -24,7 +24,8 @@ def cmd_create(args: argparse.Namespace) -> None:
         args.reduction_factor,
         args.seed,
         args.init_scale,
-        model_name=args.model,
+        model_name=canonical_model_name(args.model),
+        model_revision=args.revision or "",
     )
     bank.save(args.out)
     print_json({"out": str(args.out), **bank.metadata(), "bytes": Path(args.out).stat().st_size})
@@ -65,12 +66,18 @@ def cmd_from_adapters(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     """Stack Pfeiffer adapters saved by the AdapterHub ``adapters`` library."""
     from xpeft.adapters.adapterhub import import_adapterhub
-    from xpeft.adapters.encoder import load_encoder
+    from xpeft.adapters.encoder import canonical_model_name, load_encoder
 
-    enc = load_encoder(args.model, device="cpu")
+    enc = load_encoder(args.model, device="cpu", revision=args.revision)
     bank = import_adapterhub(
-        args.folders, enc.model_id, enc.num_layers, enc.hidden_size, model_name=args.model
+        args.folders,
+        enc.model_id,
+        enc.num_layers,
+        enc.hidden_size,
+        model_name=canonical_model_name(args.model),
     )
+    if args.revision:
+        bank.extra["model_revision"] = args.revision
     bank.save(args.out)
     print_json({"out": str(args.out), **bank.metadata()})
 
@@ -95,6 +102,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--reduction-factor", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-scale", type=float, default=1.0)
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit of a hub model id, recorded in the bank so every later load gets the same weights",
+    )
     p.set_defaults(func=cmd_create)
     p = bank.add_parser("from-adapters", help="stack single adapters (single_adapter profiles) into a bank")
     p.add_argument("--out", required=True)
@@ -103,6 +115,11 @@ def register(subparsers: Any) -> None:
     p = bank.add_parser("import-adapterhub", help="stack AdapterHub / adapters-library Pfeiffer adapters")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="minilm")
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit of a hub model id, recorded in the bank so every later load gets the same weights",
+    )
     p.add_argument("folders", nargs="+")
     p.set_defaults(func=cmd_import)
     p = bank.add_parser("info", help="print a bank's metadata")
