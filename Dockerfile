@@ -21,11 +21,13 @@ ENV VIRTUAL_ENV=/opt/xpeft/venv \
     HF_HUB_OFFLINE=1
 RUN python -m venv /opt/xpeft/venv
 WORKDIR /opt/xpeft/src
-COPY pyproject.toml README.md ./
+# constraints.txt: install.sh installs the exact versions CI tested (scripts/update_constraints.sh).
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY scripts/ scripts/
 COPY adapters/ adapters/
 COPY profiles/ profiles/
 COPY server/ server/
+COPY cli/ cli/
 COPY docker/ docker/
 RUN case "$VARIANT" in \
       cpu) export PIP_EXTRA_INDEX_URL="$CPU_WHEELS" ;; \

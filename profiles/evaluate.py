@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+import torch
 
 from xpeft.profiles.data import DataError, Dataset
 from xpeft.profiles.profile import Profile
@@ -16,14 +16,30 @@ def evaluate(model: MultiProfileModel, profile: Profile, data: Dataset, batch_si
     if unknown:
         raise DataError("bad_data", f"labels {unknown[:5]} are not among the profile's {profile.labels}")
     predicted = [p.label for p in model.predict(profile, data.inputs, batch_size)]
-    result = {"accuracy": accuracy_score(data.labels, predicted), "n": len(data)}
-    if len(profile.labels) == 2:
-        result["f1"] = f1_score(
-            data.labels, predicted, pos_label=profile.labels[1], labels=profile.labels, zero_division=0
-        )
-    else:
-        result["f1_macro"] = f1_score(
-            data.labels, predicted, average="macro", labels=profile.labels, zero_division=0
-        )
-    result["mcc"] = matthews_corrcoef(data.labels, predicted)
-    return {k: (float(v) if k != "n" else v) for k, v in result.items()}
+    metrics = classification_metrics(data.labels, predicted, profile.labels)
+    return {"accuracy": metrics.pop("accuracy"), "n": len(data), **metrics}
+
+
+def classification_metrics(truth: list[str], predicted: list[str], labels: list[str]) -> dict[str, float]:
+    """Accuracy; F1 of ``labels[1]`` for two labels, else macro-F1 over all labels; Matthews correlation.
+
+    The definitions and edge cases of scikit-learn (``zero_division=0``; an undefined correlation
+    is 0), computed from one confusion matrix: three numbers do not justify scikit-learn and scipy
+    (about 190 MB) in every install, and torchmetrics treats both edge cases differently. Tests
+    compare against scikit-learn.
+    """
+    k = len(labels)
+    index = {label: i for i, label in enumerate(labels)}
+    target = torch.tensor([index[label] for label in truth], dtype=torch.long)
+    preds = torch.tensor([index[label] for label in predicted], dtype=torch.long)
+    confusion = torch.bincount(target * k + preds, minlength=k * k).view(k, k).double()
+    true_pos, true_count, pred_count = confusion.diag(), confusion.sum(1), confusion.sum(0)
+    denominator = true_count + pred_count
+    f1 = torch.where(denominator > 0, 2 * true_pos / denominator.clamp_min(1), torch.zeros_like(true_pos))
+    total, correct = confusion.sum(), true_pos.sum()
+    result = {"accuracy": (correct / total).item()}
+    result["f1" if k == 2 else "f1_macro"] = (f1[1] if k == 2 else f1.mean()).item()
+    cov_tp = correct * total - true_count @ pred_count
+    scale = (total**2 - pred_count @ pred_count) * (total**2 - true_count @ true_count)
+    result["mcc"] = (cov_tp / scale.sqrt()).item() if scale > 0 else 0.0
+    return result

