@@ -74,7 +74,7 @@ GRIDS = {
         "profiles (256 needs a batch of 256), 5 timed rounds after 1 warm-up round; each variant's "
         "fastest round counts, since other users' load on the shared cores only ever adds time; one "
         "torch thread: with two, a thread descheduled by another user's work stalls every op "
-        "(measured here: forward 0.56 s on one thread, 0.8-1.4 s on two)",
+        "(measured on that CPU: forward 0.56 s on one thread, 0.8-1.4 s on two)",
         estimator="min",
         threads=1,
     ),

@@ -21,7 +21,7 @@ VARIANTS = {
     "cold": "X-PEFT through today's runtime (`MultiProfileModel.fuse`: masks to weights on the host, "
     "one GEMM, split per profile for the cache), then concatenate and one forward",
     "cold_batched": "X-PEFT with nothing fused yet, mixing weights already on the device: one fusion GEMM "
-    "straight into the forward (the design's batched fusion)",
+    "straight into the forward (batched fusion)",
     "naive": "the PEFT / AdapterHub way: one forward per profile's group of rows, its adapter ready (no fusion)",
     "base_graph": "the base encoder captured as a CUDA graph and replayed (launch overhead removed)",
     "warm_graph": "`warm` as a CUDA graph; ratio against `base_graph`",

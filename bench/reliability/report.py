@@ -181,7 +181,7 @@ def overload_section(r: dict) -> list[str]:
         )
     )
     lines += [
-        "- Refusals are answered without waiting for the model, but on this shared 2-core machine they wait "
+        "- Refusals are answered without waiting for the model, but on a shared 2-core CPU they wait "
         "for CPU like every request (the event loop reads each one first), so their latency grows with the "
         "number of clients.",
         "",
