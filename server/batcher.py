@@ -36,6 +36,9 @@ class Job:
     inputs: list[TextInput]
     future: asyncio.Future[list[Prediction]]
     enqueued: float = field(default_factory=time.perf_counter)
+    # set when its batch runs: when it left the queue, and how long that batch's run took
+    started: float | None = None
+    run_s: float | None = None
 
 
 BatchRunner = Callable[[Sequence[Job]], Awaitable[list[list[Prediction]]]]
@@ -68,6 +71,10 @@ class MicroBatcher:
 
     def submit(self, entry: CachedProfile, inputs: list[TextInput]) -> asyncio.Future[list[Prediction]]:
         """Queue a request; raises :class:`Overloaded` when ``max_queue`` requests already wait."""
+        return self.submit_job(entry, inputs).future
+
+    def submit_job(self, entry: CachedProfile, inputs: list[TextInput]) -> Job:
+        """As :meth:`submit`, returning the job (its timings are set once its batch has run)."""
         if len(self._queue) >= self.max_queue:
             if self.metrics is not None:
                 self.metrics.overloaded.inc()
@@ -75,7 +82,7 @@ class MicroBatcher:
         job = Job(entry, inputs, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._arrived.set()
-        return job.future
+        return job
 
     async def _wait_for_arrival(self, timeout: float | None) -> bool:
         self._arrived.clear()
@@ -112,11 +119,14 @@ class MicroBatcher:
             if not batch:
                 continue
             started = time.perf_counter()
-            if self.metrics is not None:
-                for job in batch:
+            for job in batch:
+                job.started = started
+                if self.metrics is not None:
                     self.metrics.queue_wait.observe(started - job.enqueued)
             try:
                 answers = await self.runner(batch)
+                for job in batch:
+                    job.run_s = time.perf_counter() - started
             except Exception as exc:
                 if len(batch) == 1:
                     log.exception("a request failed in the model worker")
@@ -143,7 +153,9 @@ class MicroBatcher:
             if job.future.done():
                 continue
             try:
+                alone = time.perf_counter()
                 (answer,) = await self.runner([job])
+                job.run_s = time.perf_counter() - alone
             except Exception as exc:
                 log.exception("a request failed in the model worker")
                 self._fail(job, exc)

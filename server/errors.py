@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextvars import ContextVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +19,11 @@ from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.format import ProfileFormatError
 
 log = logging.getLogger("xpeft.server")
+
+# The id of the request being handled (set by RequestIdMiddleware). It lives in the request's own
+# task, so the error handlers that run outside the middleware (500s) and the access log see it too.
+request_id_var: ContextVar[str | None] = ContextVar("xpeft_request_id", default=None)
+REQUEST_ID_HEADER = "X-Request-ID"
 
 
 class ApiError(Exception):
@@ -49,6 +55,16 @@ class CorruptRecord(XPeftError):
         self.profile_id = profile_id
 
 
+class PreconditionFailed(XPeftError):
+    """A conditional write (``If-Match``, ``If-None-Match: *``) whose condition did not hold: nothing
+    was written. ``current`` is the id's version now, ``None`` when it does not exist."""
+
+    def __init__(self, profile_id: str, current: int | None, message: str) -> None:
+        super().__init__("precondition_failed", message)
+        self.profile_id = profile_id
+        self.current = current
+
+
 class BodyTooLarge(StarletteHTTPException):
     """Raised while reading a body past its limit; an HTTPException so FastAPI re-raises it as is."""
 
@@ -63,6 +79,11 @@ class BodyTimeout(StarletteHTTPException):
         super().__init__(
             408, f"the request body did not arrive within {timeout_s:g} s", headers={"Connection": "close"}
         )
+
+
+def etag(version: int) -> str:
+    """The strong entity tag of a profile's stored version (its bytes and metadata of one write)."""
+    return f'"{version}"'
 
 
 _HTTP_METHODS = {"GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE"}
@@ -86,6 +107,11 @@ _STATUS_CODES = {
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: object
 ) -> JSONResponse:
+    """The one shape of every error; it carries the request's id (body and header) when there is one."""
+    request_id = request_id_var.get()
+    if request_id is not None:
+        extra.setdefault("request_id", request_id)
+        headers = {**(headers or {}), REQUEST_ID_HEADER: request_id}
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
 
 
@@ -133,6 +159,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             503, exc.code, "the profile store did not answer; retry later", {"Retry-After": "1"}
         )
+
+    @app.exception_handler(PreconditionFailed)
+    async def _precondition(_: Request, exc: PreconditionFailed) -> JSONResponse:
+        headers = {} if exc.current is None else {"ETag": etag(exc.current)}
+        return error_response(412, exc.code, exc.message, headers, current_version=exc.current)
 
     @app.exception_handler(CorruptRecord)
     async def _corrupt(request: Request, exc: CorruptRecord) -> JSONResponse:

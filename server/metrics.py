@@ -1,4 +1,9 @@
-"""Prometheus metrics, registered on a per-app registry so several apps (and tests) never collide."""
+"""Prometheus metrics, registered on a per-app registry so several apps (and tests) never collide.
+
+The registry also carries the standard process, garbage-collector and platform collectors (what
+the default registry would have), and no ``*_created`` series: they double every counter's
+series for a timestamp that dashboards do not use.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from xpeft.server.errors import StoreUnavailable
 
@@ -14,6 +28,7 @@ T = TypeVar("T")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+disable_created_metrics()  # process-wide in prometheus_client; the server's registries are its only ones
 
 
 class Metrics:
@@ -22,6 +37,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The library's own instances (they read /proc, gc and platform when scraped): one per
+        # process whatever the number of apps, registered on each app's registry.
+        for collector in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+            r.register(collector)
         self.requests = Counter(
             "xpeft_http_requests_total",
             "HTTP requests by route template, method and status",

@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: request metrics by route template, admission (how many requests at once,
-and none while draining for shutdown), and request body limits in size and time.
+"""Pure ASGI middleware: request ids, request metrics by route template, admission (how many
+requests at once, and none while draining for shutdown), and request body limits in size and time.
 
 Pure ASGI (not BaseHTTPMiddleware) so that streaming bodies are counted as they arrive and a
 client cannot make the server buffer more than the limit, nor hold a request open by sending its
@@ -10,17 +10,60 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from xpeft.server.errors import BodyTimeout, BodyTooLarge, error_response
+from xpeft.server.errors import REQUEST_ID_HEADER, BodyTimeout, BodyTooLarge, error_response, request_id_var
 from xpeft.server.metrics import Metrics
 
 # Always admitted: probes and monitoring must answer when the server is saturated or draining.
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# The scope key that holds the request's arrival time (time.perf_counter()), for timing headers.
+START_KEY = "xpeft.start"
+# An incoming X-Request-ID is kept when it is 1 to 128 of these characters; else one is generated.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@+=/-]{1,128}")
+_REQUEST_ID_BYTES = REQUEST_ID_HEADER.lower().encode()
+
+
+class RequestIdMiddleware:
+    """Every request gets an id: the caller's ``X-Request-ID`` when it is safe to log (bounded,
+    plain characters), else a new one. It is echoed on every response, errors included, and held
+    in a context variable that the log filter and the error bodies read.
+
+    The variable is set, not reset, on purpose: each request runs in its own task, and the handler
+    of unexpected errors (outside this middleware) and uvicorn's access log run after it returns.
+    """
+
+    def __init__(self, app: ASGIApp, on_id: Callable[[str], None] | None = None) -> None:
+        self.app = app
+        self.on_id = on_id  # e.g. recording the id on the request's trace span
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope[START_KEY] = time.perf_counter()
+        given = next((v for k, v in scope.get("headers", ()) if k == _REQUEST_ID_BYTES), None)
+        request_id = given.decode() if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id_var.set(request_id)
+        if self.on_id is not None:
+            self.on_id(request_id)
+        header = (_REQUEST_ID_BYTES, request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == _REQUEST_ID_BYTES for k, _ in headers):
+                    message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class MetricsMiddleware:

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import time
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -19,8 +20,10 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import TextInput
 from xpeft.profiles import format as xpm
 from xpeft.server.auth import require_admin, require_profile_access, require_reader
-from xpeft.server.batcher import Overloaded
-from xpeft.server.errors import ApiError
+from xpeft.server.batcher import Job, Overloaded
+from xpeft.server.conditional import PRECONDITION_RESPONSES, not_modified, write_condition
+from xpeft.server.errors import ApiError, etag
+from xpeft.server.middleware import START_KEY
 from xpeft.server.schemas import (
     BodyError,
     ErrorBody,
@@ -28,6 +31,7 @@ from xpeft.server.schemas import (
     PredictResponse,
     ProfileList,
     ProfileMeta,
+    PutAnswer,
     parse_predict_body,
 )
 from xpeft.server.settings import PROFILE_ID_PATTERN, Settings
@@ -92,22 +96,30 @@ def _validate_profile(data: bytes, bank: AdapterBank) -> dict:
 
 @router.put(
     "/profiles/{profile_id}",
-    response_model=ProfileMeta,
+    response_model=PutAnswer,
     dependencies=[Depends(require_admin)],
     openapi_extra=_OCTET_BODY,
     tags=["profiles"],
-    responses={201: {"model": ProfileMeta, "description": "created"}, 409: {"model": ErrorBody}},
+    responses={
+        201: {"model": PutAnswer, "description": "created"},
+        409: {"model": ErrorBody},
+        **PRECONDITION_RESPONSES,
+    },
 )
 async def put_profile(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
-    """Upload (create or replace) a profile: 201 when new, 200 when replaced; nothing is stored if refused."""
+    """Upload (create or replace) a profile: 201 when new, 200 when replaced or unchanged; nothing is
+    stored if refused. ``If-Match`` replaces only that version, ``If-None-Match: *`` only creates."""
     _check_id(profile_id)
+    condition = write_condition(request, create_allowed=True)
     state = _server(request)
     data = await request.body()
     meta = await asyncio.to_thread(_validate_profile, data, state.bank)
-    record, created = await state.metrics.timed_store("put", state.store.put(profile_id, data, meta))
-    state.profiles.invalidate(profile_id, record.version)  # this replica reads its own write at once
-    response.status_code = 201 if created else 200
-    return record.as_dict()
+    result = await state.metrics.timed_store("put", state.store.put(profile_id, data, meta, condition))
+    if not result.unchanged:  # this replica reads its own write at once; an unchanged put changed nothing
+        state.profiles.invalidate(profile_id, result.record.version)
+    response.status_code = 201 if result.created else 200
+    response.headers["ETag"] = etag(result.record.version)
+    return {**result.record.as_dict(), "unchanged": result.unchanged}
 
 
 @router.get(
@@ -115,29 +127,65 @@ async def put_profile(request: Request, response: Response, profile_id: str = Pr
     response_model=ProfileMeta,
     dependencies=[Depends(require_profile_access)],
     tags=["profiles"],
-    responses={404: {"model": ErrorBody}},
+    responses={304: {"description": "If-None-Match named the current version"}, 404: {"model": ErrorBody}},
 )
-async def get_profile(request: Request, profile_id: str = ProfileIdPath) -> dict:
-    """A profile's metadata and current version."""
+async def get_profile(request: Request, response: Response, profile_id: str = ProfileIdPath) -> object:
+    """A profile's metadata and current version (``ETag``: that version)."""
     _check_id(profile_id)
     state = _server(request)
     record = await state.metrics.timed_store("get_record", state.store.get_record(profile_id))
     if record is None:
         raise _not_found(profile_id)
-    return record.as_dict()
+    response.headers["ETag"] = etag(record.version)
+    return not_modified(request, record.version) or record.as_dict()
+
+
+@router.get(
+    "/profiles/{profile_id}/file",
+    dependencies=[Depends(require_profile_access)],
+    tags=["profiles"],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the stored .xpm bytes, exactly as uploaded (a backup, or a move to another deployment)",
+        },
+        304: {"description": "If-None-Match named the current version"},
+        404: {"model": ErrorBody},
+    },
+)
+async def get_profile_file(request: Request, profile_id: str = ProfileIdPath) -> Response:
+    """The stored profile file, byte for byte; ``ETag`` is its version, as on the metadata."""
+    _check_id(profile_id)
+    state = _server(request)
+    stored = await state.metrics.timed_store("get", state.store.get(profile_id))
+    if stored is None:
+        raise _not_found(profile_id)
+    unmodified = not_modified(request, stored.version)
+    if unmodified is not None:
+        return unmodified
+    return Response(
+        stored.data,
+        media_type="application/octet-stream",
+        headers={
+            "ETag": etag(stored.version),
+            "Content-Disposition": f'attachment; filename="{profile_id}.xpm"',
+        },
+    )
 
 
 @router.delete(
     "/profiles/{profile_id}",
     dependencies=[Depends(require_admin)],
     tags=["profiles"],
-    responses={404: {"model": ErrorBody}},
+    responses={404: {"model": ErrorBody}, **PRECONDITION_RESPONSES},
 )
 async def delete_profile(request: Request, profile_id: str = ProfileIdPath) -> dict:
-    """Delete a profile; every replica stops serving it within a second."""
+    """Delete a profile (``If-Match``: only that version); every replica stops serving it within a second."""
     _check_id(profile_id)
+    condition = write_condition(request, create_allowed=False)
     state = _server(request)
-    deleted = await state.metrics.timed_store("delete", state.store.delete(profile_id))
+    deleted = await state.metrics.timed_store("delete", state.store.delete(profile_id, condition))
     if deleted is None:
         raise _not_found(profile_id)
     state.profiles.invalidate(profile_id, deleted)
@@ -197,8 +245,9 @@ _JSON_BODY = {
     tags=["predict"],
     responses={404: {"model": ErrorBody}, 504: {"model": ErrorBody}},
 )
-async def predict(request: Request, profile_id: str = ProfileIdPath) -> dict:
-    """Labels and scores for each input, all from one version of the profile."""
+async def predict(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
+    """Labels and scores for each input, all from one version of the profile; timing headers say
+    where the time went (queue, inference), as text-embeddings-inference reports them."""
     _check_id(profile_id)
     state = _server(request)
     inputs = await _inputs(request, state.settings)
@@ -207,27 +256,64 @@ async def predict(request: Request, profile_id: str = ProfileIdPath) -> dict:
             503, "not_ready", state.model_error or "the model is still loading", headers={"Retry-After": "1"}
         )
     timeout = state.settings.request_timeout_s
+    computing = time.perf_counter()
     try:  # one deadline for all of it: store lookup, queue and forward
-        return await asyncio.wait_for(_predict(state, profile_id, inputs), timeout)
+        answer, job = await asyncio.wait_for(_predict(state, profile_id, inputs), timeout)
     except asyncio.TimeoutError as exc:
         raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from exc
+    response.headers.update(_timing_headers(request, state, job, inputs, computing))
+    return answer
 
 
-async def _predict(state: ServerState, profile_id: str, inputs: list[TextInput]) -> dict:
+async def _predict(state: ServerState, profile_id: str, inputs: list[TextInput]) -> tuple[dict, Job]:
     entry = await state.profiles.get(profile_id)
     if entry is None:
         raise _not_found(profile_id)
     try:
-        future = state.batcher.submit(entry, inputs)
+        job = state.batcher.submit_job(entry, inputs)
     except Overloaded as exc:
         raise ApiError(
             503, "overloaded", f"the server is busy: {exc}; retry later", headers={"Retry-After": "1"}
         ) from exc
-    predictions = await future
-    return {
+    predictions = await job.future
+    answer = {
         "profile": profile_id,
         "version": entry.version,
         "predictions": [p.as_dict() for p in predictions],
+    }
+    return answer, job
+
+
+def _ms(seconds: float) -> str:
+    return str(round(seconds * 1000))
+
+
+def _timing_headers(
+    request: Request, state: ServerState, job: Job, inputs: list[TextInput], computing: float
+) -> dict[str, str]:
+    """TEI's timing headers (whole milliseconds), plus ``Server-Timing`` with fractions of one.
+
+    queue: enqueued until its batch started; inference: that batch's run (fusion of its cold
+    profiles and one forward, tokenizing included); compute: this handler from the parsed body to
+    the answer (profile lookup, queue, inference); total: from the request's arrival.
+    """
+    done = time.perf_counter()
+    queue_s = (job.started or done) - job.enqueued
+    inference_s = job.run_s or 0.0
+    total_s = done - request.scope.get(START_KEY, computing)
+    model = state.worker.model
+    chars = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in inputs)
+    return {
+        "x-compute-type": model.encoder.device.type if model is not None else "unknown",
+        "x-compute-characters": str(chars),
+        "x-compute-time": _ms(done - computing),
+        "x-queue-time": _ms(queue_s),
+        "x-inference-time": _ms(inference_s),
+        "x-total-time": _ms(total_s),
+        "Server-Timing": (
+            f"queue;dur={queue_s * 1000:.3f}, inference;dur={inference_s * 1000:.3f}, "
+            f"compute;dur={(done - computing) * 1000:.3f}, total;dur={total_s * 1000:.3f}"
+        ),
     }
 
 
@@ -237,6 +323,8 @@ async def bad_profile_path(rest: str, request: Request) -> None:
     head, _, tail = rest.partition("/")
     if tail == "predict" and PROFILE_ID.fullmatch(head):
         raise ApiError(405, "method_not_allowed", "predict takes POST", headers={"Allow": "POST"})
+    if tail == "file" and PROFILE_ID.fullmatch(head):
+        raise ApiError(405, "method_not_allowed", "a profile's file takes GET", headers={"Allow": "GET"})
     _check_id(rest)
     raise ApiError(
         405,
@@ -260,9 +348,11 @@ async def readyz(request: Request) -> dict:
     """Ready to predict: the model is loaded and the store answers."""
     state = _server(request)
     if state.admission.draining:
-        raise ApiError(503, "shutting_down", "this replica is shutting down")
+        raise ApiError(503, "shutting_down", "this replica is shutting down", headers={"Retry-After": "1"})
     if not state.model_ready:
-        raise ApiError(503, "not_ready", state.model_error or "the model is still loading")
+        raise ApiError(
+            503, "not_ready", state.model_error or "the model is still loading", headers={"Retry-After": "1"}
+        )
     await state.metrics.timed_store("ping", state.store.ping())
     model = state.worker.model
     assert model is not None

@@ -68,14 +68,25 @@ class ProfileMeta(BaseModel):
     meta: dict[str, str]
 
 
+class PutAnswer(ProfileMeta):
+    """What a PUT stored: the metadata, and whether the upload changed anything."""
+
+    unchanged: bool = Field(
+        False,
+        description="true when these exact bytes were stored already: no new version, caches kept",
+    )
+
+
 class ProfileList(BaseModel):
     profiles: list[ProfileMeta]
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null at the end")
 
 
 class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
     error: str = Field(..., description="stable machine-readable code")
     message: str
+    request_id: str | None = Field(None, description="the request's X-Request-ID, for the server's logs")
 
 
 class Health(BaseModel):

@@ -3,6 +3,11 @@
 Versions come from one store-wide counter, so they increase across puts *and* deletes of every
 id: a profile deleted and uploaded again always gets a larger version than any copy a replica
 may still hold, and an invalidation event ``(id, version)`` can be compared with any cache entry.
+
+Writes may be conditional (:class:`Condition`, HTTP ``If-Match`` / ``If-None-Match: *``): the check
+and the write are one atomic step, and a failed check raises :class:`PreconditionFailed` having
+written nothing. A put of the bytes and metadata already stored writes nothing either: it answers
+the current record with ``unchanged=True``, takes no version and publishes no event.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from xpeft.server.errors import CorruptRecord, StoreUnavailable
+from xpeft.server.errors import CorruptRecord, PreconditionFailed, StoreUnavailable
 
 __all__ = [
     "ChangeEvent",
+    "Condition",
     "CorruptRecord",
+    "PreconditionFailed",
+    "PutResult",
     "ProfileRecord",
     "ProfileStore",
     "StoreUnavailable",
@@ -97,6 +105,49 @@ class ChangeEvent:
     published_at: float | None = None
 
 
+@dataclass(frozen=True)
+class Condition:
+    """What a conditional write requires of the id's current version (checked atomically with it).
+
+    ``versions``: the current version must be one of these (``If-Match: "17", "18"``; an empty set
+    never holds). ``exists``: ``True`` the id must exist (``If-Match: *``), ``False`` it must not
+    (``If-None-Match: *``, create only).
+    """
+
+    versions: frozenset[int] | None = None
+    exists: bool | None = None
+
+    def holds(self, current: int | None) -> bool:
+        if self.exists is not None and (current is not None) != self.exists:
+            return False
+        return self.versions is None or current in self.versions
+
+    def failure(self, profile_id: str, current: int | None) -> PreconditionFailed:
+        """The refusal to raise when :meth:`holds` said no."""
+        if current is None:
+            why = "it does not exist"
+        elif self.exists is False:
+            why = f"it already exists (version {current})"
+        else:
+            why = f"its current version is {current}"
+        return PreconditionFailed(profile_id, current, f"profile {profile_id!r} was not changed: {why}")
+
+
+def check(condition: Condition | None, profile_id: str, current: int | None) -> None:
+    """Raise :class:`PreconditionFailed` unless ``condition`` (if any) holds for ``current``."""
+    if condition is not None and not condition.holds(current):
+        raise condition.failure(profile_id, current)
+
+
+class PutResult(NamedTuple):
+    """What a put did: the stored record, whether the id was new, and whether nothing changed
+    (the same bytes and metadata were stored already: no new version, no event)."""
+
+    record: ProfileRecord
+    created: bool
+    unchanged: bool = False
+
+
 def iso(ts: float) -> str:
     return (
         datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -113,8 +164,11 @@ class ProfileStore(abc.ABC):
     kind: str = ""
 
     @abc.abstractmethod
-    async def put(self, profile_id: str, data: bytes, meta: dict) -> tuple[ProfileRecord, bool]:
-        """Store bytes and metadata under a new version; ``True`` when the id was new."""
+    async def put(
+        self, profile_id: str, data: bytes, meta: dict, condition: Condition | None = None
+    ) -> PutResult:
+        """Store bytes and metadata under a new version, unless they are stored already (then
+        ``unchanged``); raises :class:`PreconditionFailed` when ``condition`` does not hold."""
 
     @abc.abstractmethod
     async def get(self, profile_id: str) -> StoredProfile | None:
@@ -125,8 +179,9 @@ class ProfileStore(abc.ABC):
         """Metadata and version only."""
 
     @abc.abstractmethod
-    async def delete(self, profile_id: str) -> int | None:
-        """Remove a profile; the version of the deletion, or ``None`` when it did not exist."""
+    async def delete(self, profile_id: str, condition: Condition | None = None) -> int | None:
+        """Remove a profile; the version of the deletion, or ``None`` when it did not exist (whatever
+        ``condition`` says); raises :class:`PreconditionFailed` when it exists and ``condition`` fails."""
 
     @abc.abstractmethod
     async def list(self, cursor: str | None, limit: int) -> tuple[list[ProfileRecord], str | None]:

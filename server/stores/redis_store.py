@@ -8,8 +8,9 @@ that keeps every key in one slot, so the Lua scripts may touch them all)::
     {P}:seq            string the store-wide version counter (INCR)
     {P}:events         pub/sub channel: JSON {"id", "version", "deleted", "at"} after each write
 
-A put or delete is one Lua script: counter, hash, index and publish happen atomically, so a
-reader sees either the old bytes with the old version or the new bytes with the new version.
+A put or delete is one Lua script: condition check, counter, hash, index and publish happen
+atomically, so a reader sees either the old bytes with the old version or the new bytes with the
+new version, and a conditional write never acts on a version that changed after its check.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from redis.exceptions import RedisError
 
 from xpeft.server.stores.base import (
     ChangeEvent,
+    Condition,
     ProfileRecord,
     ProfileStore,
+    PutResult,
     StoredProfile,
     StoreUnavailable,
+    check,
     load_meta,
     now,
     readable_records,
@@ -38,26 +42,64 @@ from xpeft.server.stores.base import (
 
 T = TypeVar("T")
 
-_PUT = """
+
+def _condition_args(condition: Condition | None) -> list[str]:
+    """``condition`` as the two script arguments that ``_CHECK`` reads."""
+    if condition is None:
+        return ["", ""]
+    exists = "" if condition.exists is None else ("1" if condition.exists else "0")
+    if condition.versions is None:
+        return [exists, ""]
+    return [exists, "," + "".join(f"{v}," for v in sorted(condition.versions))]
+
+
+# Conditions travel as ARGV: cond_exists ('' none, '1' must exist, '0' must not) and cond_versions
+# ('' none, else ",17,18," : the current version must be one listed; "," lists none).
+_CHECK = """
+local function holds(version, exists, versions)
+  if exists == '1' and not version then return false end
+  if exists == '0' and version then return false end
+  if versions ~= '' and (not version or not string.find(versions, ',' .. version .. ',', 1, true)) then
+    return false
+  end
+  return true
+end
+"""
+
+# Returns {0, current or false}: condition failed; {2, version, created_at, updated_at}: the same
+# bytes and metadata are stored already (nothing written); {1, seq, created, created_at}: written.
+_PUT = (
+    _CHECK
+    + """
+local cur = redis.call('HMGET', KEYS[1], 'version', 'data', 'meta', 'created_at', 'updated_at')
+if not holds(cur[1], ARGV[6], ARGV[7]) then return {0, cur[1]} end
+if cur[1] and cur[2] == ARGV[2] and cur[3] == ARGV[3] then return {2, cur[1], cur[4], cur[5]} end
 local seq = redis.call('INCR', KEYS[3])
-local created_at = redis.call('HGET', KEYS[1], 'created_at')
 local created = 0
-if not created_at then created = 1; created_at = ARGV[4] end
+local created_at = cur[4]
+if not cur[1] then created = 1; created_at = ARGV[4] end
 redis.call('HSET', KEYS[1], 'data', ARGV[2], 'meta', ARGV[3], 'version', seq,
            'created_at', created_at, 'updated_at', ARGV[4])
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('PUBLISH', ARGV[5], cjson.encode({id=ARGV[1], version=seq, deleted=false, at=tonumber(ARGV[4])}))
-return {seq, created, created_at}
+return {1, seq, created, created_at}
 """
+)
 
-_DELETE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+# Returns 0: no such id; -version: the condition failed; else the version of the deletion.
+_DELETE = (
+    _CHECK
+    + """
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version then return 0 end
+if not holds(version, ARGV[4], ARGV[5]) then return -tonumber(version) end
 local seq = redis.call('INCR', KEYS[3])
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[3], cjson.encode({id=ARGV[1], version=seq, deleted=true, at=tonumber(ARGV[2])}))
 return seq
 """
+)
 
 _RECORD_FIELDS = ("version", "meta", "created_at", "updated_at")
 
@@ -117,7 +159,9 @@ class RedisStore(ProfileStore):
         )
 
     # -- contract --------------------------------------------------------------------------
-    async def put(self, profile_id: str, data: bytes, meta: dict) -> tuple[ProfileRecord, bool]:
+    async def put(
+        self, profile_id: str, data: bytes, meta: dict, condition: Condition | None = None
+    ) -> PutResult:
         stamp = now()
         args: list[bytes | str] = [
             profile_id,
@@ -125,11 +169,23 @@ class RedisStore(ProfileStore):
             json.dumps(meta, separators=(",", ":")),
             repr(stamp),
             self.channel,
+            *_condition_args(condition),
         ]
-        seq, created, created_at = await self._call(
+        status, *rest = await self._call(
             "put", self._put(keys=[self.key(profile_id), self.ids_key, self.seq_key], args=args)
         )
-        return ProfileRecord(profile_id, int(seq), dict(meta), float(created_at), stamp), bool(created)
+        if status == 0:  # the script checked the same condition: raise its refusal
+            current = None if rest[0] is None else int(rest[0])
+            check(condition, profile_id, current)
+            raise AssertionError("the store refused a condition that holds")  # pragma: no cover
+        if status == 2:
+            version, created_at, updated_at = rest
+            record = ProfileRecord(profile_id, int(version), dict(meta), float(created_at), float(updated_at))
+            return PutResult(record, False, True)
+        seq, created, created_at = rest
+        return PutResult(
+            ProfileRecord(profile_id, int(seq), dict(meta), float(created_at), stamp), bool(created)
+        )
 
     async def get(self, profile_id: str) -> StoredProfile | None:
         values = await self._call("get", self._redis.hmget(self.key(profile_id), *_RECORD_FIELDS, "data"))
@@ -144,14 +200,17 @@ class RedisStore(ProfileStore):
         values = await self._call("get", self._redis.hmget(self.key(profile_id), *_RECORD_FIELDS))
         return None if values[0] is None else self._record(profile_id, values)
 
-    async def delete(self, profile_id: str) -> int | None:
+    async def delete(self, profile_id: str, condition: Condition | None = None) -> int | None:
         seq = await self._call(
             "delete",
             self._delete(
                 keys=[self.key(profile_id), self.ids_key, self.seq_key],
-                args=[profile_id, repr(now()), self.channel],
+                args=[profile_id, repr(now()), self.channel, *_condition_args(condition)],
             ),
         )
+        if int(seq) < 0:
+            check(condition, profile_id, -int(seq))
+            raise AssertionError("the store refused a condition that holds")  # pragma: no cover
         return int(seq) or None
 
     async def list(self, cursor: str | None, limit: int) -> tuple[list[ProfileRecord], str | None]:

@@ -21,10 +21,13 @@ from typing import TypeVar
 
 from xpeft.server.stores.base import (
     ChangeEvent,
+    Condition,
     ProfileRecord,
     ProfileStore,
+    PutResult,
     StoredProfile,
     StoreUnavailable,
+    check,
     load_meta,
     now,
     readable_records,
@@ -119,24 +122,31 @@ class SQLiteStore(ProfileStore):
         )
 
     # -- contract --------------------------------------------------------------------------
-    async def put(self, profile_id: str, data: bytes, meta: dict) -> tuple[ProfileRecord, bool]:
+    async def put(
+        self, profile_id: str, data: bytes, meta: dict, condition: Condition | None = None
+    ) -> PutResult:
         stamp = now()
         meta_json = json.dumps(meta, separators=(",", ":"))
 
-        def write(db: sqlite3.Connection) -> tuple[ProfileRecord, bool]:
-            old = db.execute("SELECT created_at FROM profiles WHERE id = ?", (profile_id,)).fetchone()
+        def write(db: sqlite3.Connection) -> PutResult:
+            old = db.execute(
+                "SELECT version, data, meta, created_at, updated_at FROM profiles WHERE id = ?", (profile_id,)
+            ).fetchone()
+            check(condition, profile_id, None if old is None else old[0])
+            if old is not None and bytes(old[1]) == data and old[2] == meta_json:
+                return PutResult(ProfileRecord(profile_id, old[0], dict(meta), old[3], old[4]), False, True)
             seq = db.execute(
                 "INSERT INTO changes (id, deleted, at) VALUES (?, 0, ?)", (profile_id, stamp)
             ).lastrowid
             assert seq is not None  # an INSERT always sets it
-            created_at = stamp if old is None else old[0]
+            created_at = stamp if old is None else old[3]
             db.execute(
                 "INSERT INTO profiles (id, version, data, meta, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET version = excluded.version, "
                 "data = excluded.data, meta = excluded.meta, updated_at = excluded.updated_at",
                 (profile_id, seq, data, meta_json, created_at, stamp),
             )
-            return ProfileRecord(profile_id, seq, dict(meta), created_at, stamp), old is None
+            return PutResult(ProfileRecord(profile_id, seq, dict(meta), created_at, stamp), old is None)
 
         return await self._run(lambda: self._write(write))
 
@@ -163,10 +173,13 @@ class SQLiteStore(ProfileStore):
         )
         return None if row is None else self._record(row)
 
-    async def delete(self, profile_id: str) -> int | None:
+    async def delete(self, profile_id: str, condition: Condition | None = None) -> int | None:
         def write(db: sqlite3.Connection) -> int | None:
-            if db.execute("DELETE FROM profiles WHERE id = ?", (profile_id,)).rowcount == 0:
+            row = db.execute("SELECT version FROM profiles WHERE id = ?", (profile_id,)).fetchone()
+            if row is None:
                 return None
+            check(condition, profile_id, row[0])
+            db.execute("DELETE FROM profiles WHERE id = ?", (profile_id,))
             return db.execute(
                 "INSERT INTO changes (id, deleted, at) VALUES (?, 1, ?)", (profile_id, now())
             ).lastrowid

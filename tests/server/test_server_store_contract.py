@@ -14,7 +14,13 @@ from typing import TypeVar
 import pytest
 import redis
 
-from xpeft.server.stores.base import ChangeEvent, ProfileStore, StoreUnavailable
+from xpeft.server.stores.base import (
+    ChangeEvent,
+    Condition,
+    PreconditionFailed,
+    ProfileStore,
+    StoreUnavailable,
+)
 from xpeft.server.stores.redis_store import RedisStore
 from xpeft.server.stores.sqlite_store import SQLiteStore
 
@@ -51,12 +57,12 @@ def test_put_get_replace(new_store: StoreFactory) -> None:
         store = new_store()
         try:
             assert await store.get("p") is None and await store.get_record("p") is None
-            rec1, created1 = await store.put("p", b"\x00one\xff", {"kind": "hard", "labels": ["a", "b"]})
+            rec1, created1, _ = await store.put("p", b"\x00one\xff", {"kind": "hard", "labels": ["a", "b"]})
             assert created1 and rec1.version >= 1
             got = await store.get("p")
             assert got is not None and got.data == b"\x00one\xff" and got.version == rec1.version
             assert got.meta == {"kind": "hard", "labels": ["a", "b"]}
-            rec2, created2 = await store.put("p", b"two", {"kind": "soft"})
+            rec2, created2, _ = await store.put("p", b"two", {"kind": "soft"})
             assert not created2 and rec2.version > rec1.version
             assert rec2.created_at == pytest.approx(rec1.created_at) and rec2.updated_at >= rec1.updated_at
             got = await store.get("p")
@@ -79,13 +85,13 @@ def test_versions_increase_across_ids_and_deletes(new_store: StoreFactory) -> No
         store = new_store()
         try:
             seen = []
-            for profile_id in ("a", "b", "a"):
-                record, _ = await store.put(profile_id, b"x", {})
+            for profile_id, data in (("a", b"x"), ("b", b"x"), ("a", b"x2")):
+                record, _, _ = await store.put(profile_id, data, {})
                 seen.append(record.version)
             deleted = await store.delete("a")
             assert deleted is not None
             seen.append(deleted)
-            again, created = await store.put("a", b"y", {})
+            again, created, _ = await store.put("a", b"y", {})
             assert created  # a deleted id comes back as new ...
             seen.append(again.version)
             assert seen == sorted(set(seen))  # ... with a version above every earlier one
@@ -157,7 +163,7 @@ def test_watch_sees_writes_of_another_instance_within_a_second(new_store: StoreF
                     break
                 await asyncio.sleep(0.01)
             assert events and events[0].id is None
-            put, _ = await writer.put("w", b"1", {})
+            put = (await writer.put("w", b"1", {})).record
             deleted = await writer.delete("w")
             loop = asyncio.get_running_loop()
             start = loop.time()
@@ -187,7 +193,8 @@ def test_concurrent_writers_keep_bytes_and_version_together(new_store: StoreFact
             async def writer(store: ProfileStore, tag: str) -> list[int]:
                 versions = []
                 for i in range(15):
-                    record, _ = await store.put("race", f"{tag}{i}".encode(), {"tag": f"{tag}{i}"})
+                    data, meta = f"{tag}{i}".encode(), {"tag": f"{tag}{i}"}
+                    record = (await store.put("race", data, meta)).record
                     versions.append(record.version)
                 return versions
 
@@ -206,6 +213,119 @@ def test_concurrent_writers_keep_bytes_and_version_together(new_store: StoreFact
             final = await two.get("race")
             assert final is not None and final.version == max(v1 + v2)
             assert final.data.decode() == final.meta["tag"]
+        finally:
+            await one.close()
+            await two.close()
+
+    run(body())
+
+
+def test_identical_put_is_unchanged_no_version_no_event(new_store: StoreFactory) -> None:
+    """The same bytes and metadata again: the stored record as it was, no version, no event."""
+
+    async def body() -> None:
+        watcher, store = new_store(), new_store()
+        events: list[ChangeEvent] = []
+
+        async def collect() -> None:
+            async for event in watcher.watch():
+                events.append(event)
+
+        task = asyncio.create_task(collect())
+        try:
+            for _ in range(100):  # the first event is the resync marker: subscribed from here on
+                if events:
+                    break
+                await asyncio.sleep(0.01)
+            first = await store.put("same", b"\x00bytes", {"kind": "hard"})
+            assert first.created and not first.unchanged
+            seq = await store.current_seq()
+            again = await store.put("same", b"\x00bytes", {"kind": "hard"})
+            assert again.unchanged and not again.created
+            assert again.record.version == first.record.version == seq == await store.current_seq()
+            assert again.record.updated_at == pytest.approx(first.record.updated_at)
+            # other bytes, or the same bytes with other metadata, are a new version
+            changed = await store.put("same", b"\x00bytes", {"kind": "soft"})
+            assert not changed.unchanged and changed.record.version > seq
+            changed2 = await store.put("same", b"\x00other", {"kind": "soft"})
+            assert not changed2.unchanged and changed2.record.version > changed.record.version
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while len(events) < 4 and loop.time() - start < 1.0:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)  # room for an event that should not come
+            versions = [e.version for e in events if e.id == "same"]
+            assert versions == [first.record.version, changed.record.version, changed2.record.version]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await watcher.close()
+            await store.close()
+
+    run(body())
+
+
+def test_conditional_put_and_delete(new_store: StoreFactory) -> None:
+    """If-Match / If-None-Match semantics: a failed condition raises and writes nothing."""
+
+    async def body() -> None:
+        store = new_store()
+        try:
+            with pytest.raises(PreconditionFailed) as err:  # If-Match on an id that does not exist
+                await store.put("c", b"1", {}, Condition(versions=frozenset({1})))
+            assert err.value.current is None and err.value.code == "precondition_failed"
+            with pytest.raises(PreconditionFailed):  # If-Match: * likewise
+                await store.put("c", b"1", {}, Condition(exists=True))
+            assert await store.get("c") is None and await store.current_seq() == 0
+            v1 = (await store.put("c", b"1", {}, Condition(exists=False))).record.version  # create only
+            with pytest.raises(PreconditionFailed) as err:  # create only, but it exists
+                await store.put("c", b"2", {}, Condition(exists=False))
+            assert err.value.current == v1
+            for stale in (frozenset({v1 + 100}), frozenset()):  # another version; no strong tag at all
+                with pytest.raises(PreconditionFailed) as err:
+                    await store.put("c", b"2", {}, Condition(versions=stale))
+                assert err.value.current == v1
+                with pytest.raises(PreconditionFailed):
+                    await store.delete("c", Condition(versions=stale))
+            got = await store.get("c")
+            assert got is not None and (got.data, got.version) == (b"1", v1)
+            assert await store.current_seq() == v1  # nothing was written, not even a change entry
+            v2 = (await store.put("c", b"2", {}, Condition(versions=frozenset({v1, 7})))).record.version
+            assert v2 > v1
+            again = await store.put("c", b"2", {}, Condition(versions=frozenset({v2})))
+            assert again.unchanged and again.record.version == v2
+            with pytest.raises(PreconditionFailed):  # the old tag no longer matches
+                await store.delete("c", Condition(versions=frozenset({v1})))
+            deleted = await store.delete("c", Condition(exists=True, versions=frozenset({v2})))
+            assert deleted is not None and deleted > v2
+            # a delete of a missing id is "not found" whatever the condition (HTTP: 404, not 412)
+            assert await store.delete("c", Condition(versions=frozenset({v2}))) is None
+        finally:
+            await store.close()
+
+    run(body())
+
+
+def test_conditional_writers_race_one_wins(new_store: StoreFactory) -> None:
+    """Two instances update one version at once with If-Match: exactly one of them writes."""
+
+    async def body() -> None:
+        one, two = new_store(), new_store()
+        try:
+            base = (await one.put("r", b"base", {})).record.version
+            for round_ in range(10):
+                expect = frozenset({base})
+                results = await asyncio.gather(
+                    one.put("r", f"one{round_}".encode(), {}, Condition(versions=expect)),
+                    two.put("r", f"two{round_}".encode(), {}, Condition(versions=expect)),
+                    return_exceptions=True,
+                )
+                won = [r for r in results if not isinstance(r, BaseException)]
+                lost = [r for r in results if isinstance(r, PreconditionFailed)]
+                assert len(won) == 1 and len(lost) == 1, results
+                got = await one.get("r")
+                assert got is not None and got.version == won[0].record.version == lost[0].current
+                base = got.version
         finally:
             await one.close()
             await two.close()

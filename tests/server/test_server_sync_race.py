@@ -16,14 +16,14 @@ def test_events_applied_during_the_counter_read_are_not_a_reset(bank, profile_by
         store = SQLiteStore(tmp_path / "s.sqlite3", poll_s=0.02)
         cache, metrics = make_cache(store, bank)
         sync = CacheSync(store, cache, metrics, check_s=10)
-        kept, _ = await store.put("kept", profile_bytes(1), {})
+        kept = (await store.put("kept", profile_bytes(1), {})).record
         await sync.check_once()
         assert (await cache.get("kept")).version == kept.version
         real_seq = store.current_seq
 
         async def racing_seq() -> int:
             seq = await real_seq()  # the counter as it is now ...
-            newer, _ = await store.put("other", profile_bytes(2), {})  # ... then a write lands
+            newer = (await store.put("other", profile_bytes(2), {})).record  # ... then a write lands
             await sync.apply(ChangeEvent("other", newer.version))  # and its event is applied first
             return seq
 
