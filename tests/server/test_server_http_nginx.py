@@ -2,28 +2,24 @@
 a draining replica's 503 is retried on the other, predictions included; /metrics and the OpenAPI
 pages are not served; the version is not announced; a client over its rate gets the JSON 429.
 
-The copy under test differs from the file only in addresses, log paths and (for the rate test)
-a small rate, so that the run is quick and touches nothing but loopback.
+The copy under test (bench/affinity/nginx.py renders it) differs from the file only in addresses,
+log paths and (for the rate test) a small rate, so that the run is quick and touches nothing but
+loopback. tests/server/test_server_affinity.py checks the routing by profile id.
 """
 
 from __future__ import annotations
 
 import http.server
 import json
-import re
-import shutil
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.affinity.nginx import Nginx, nginx_binary, render
 from bench.reliability.harness import free_port
-
-NGINX = Path(__file__).resolve().parents[2] / "docker" / "nginx.conf"
 
 
 def _backend(status: int, body: dict) -> http.server.ThreadingHTTPServer:
@@ -51,61 +47,21 @@ def _backend(status: int, body: dict) -> http.server.ThreadingHTTPServer:
     return server
 
 
-def render(tmp: Path, upstreams: list[int], port: int, rate: str | None = None) -> Path:
-    conf = NGINX.read_text()
-    names = iter(upstreams)
-    conf = re.sub(r"server xpeft-\d:8000", lambda _: f"server 127.0.0.1:{next(names)}", conf)
-    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};").replace("worker_processes auto;", "")
-    conf = conf.replace("/dev/stdout", str(tmp / "access.log")).replace("/dev/stderr", str(tmp / "error.log"))
-    if rate:
-        conf = re.sub(r"rate=\S+;", f"rate={rate};", conf).replace("burst=400", "burst=1")
-    path = tmp / "nginx.conf"
-    path.write_text(conf)
-    return path
-
-
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator:
-    if shutil.which("nginx") is None:
+    """``start(upstreams, rate=None) -> url``: the repository's nginx.conf on loopback (bench/affinity/nginx.py)."""
+    if nginx_binary() is None:
         pytest.skip("nginx is not installed (Debian's nginx-light is enough)")
-    procs: list[subprocess.Popen] = []
+    started: list[Nginx] = []
 
     def start(upstreams: list[int], rate: str | None = None) -> str:
         port = free_port()
-        conf = render(tmp_path, upstreams, port, rate)
-        check = subprocess.run(
-            ["nginx", "-t", "-c", str(conf), "-p", str(tmp_path), "-g", f"pid {tmp_path}/nginx.pid;"],
-            capture_output=True,
-            text=True,
-        )
-        assert check.returncode == 0, check.stderr
-        procs.append(
-            subprocess.Popen(
-                [
-                    "nginx",
-                    "-c",
-                    str(conf),
-                    "-p",
-                    str(tmp_path),
-                    "-g",
-                    f"daemon off; pid {tmp_path}/nginx.pid;",
-                ]
-            )
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(url, timeout=1)
-                return url
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "nginx did not start"
-                time.sleep(0.05)
+        started.append(Nginx(render(tmp_path, upstreams, port, rate=rate), port).start())
+        return started[-1].url
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(10)
+    for server in started:
+        server.stop()
 
 
 def test_a_draining_replica_is_skipped_for_every_method_and_ops_pages_are_private(nginx) -> None:
