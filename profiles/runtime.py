@@ -19,7 +19,9 @@ from xpeft.adapters.encoder import AdapterEncoder, TextInput, best_device, encod
 from xpeft.adapters.errors import BankError
 from xpeft.adapters.fusion import FusedAdapters, fuse
 from xpeft.profiles import format as xpm
+from xpeft.profiles.graphs import GraphRunner
 from xpeft.profiles.profile import Profile, ProfileKind
+from xpeft.profiles.slots import SlotPool
 
 
 @dataclass
@@ -32,7 +34,22 @@ class Prediction:
         return {"label": self.label, "score": self.score, "scores": self.scores}
 
 
-__all__ = ["MultiProfileModel", "Prediction", "best_device", "distinct_profiles", "to_prediction"]
+@dataclass
+class SlotBatch:
+    """A batch's distinct profiles as slots of a pool, in :func:`distinct_profiles` order."""
+
+    pool: SlotPool
+    slots: list[int]
+
+
+__all__ = [
+    "MultiProfileModel",
+    "Prediction",
+    "SlotBatch",
+    "best_device",
+    "distinct_profiles",
+    "to_prediction",
+]
 
 BatchRequest = tuple[Profile, Sequence[TextInput]]
 
@@ -63,6 +80,8 @@ class MultiProfileModel:
         self.bank = bank
         # The bank lives where the encoder runs, in its dtype: fusion is a GEMM over it.
         self.device_bank = bank.to(encoder.device, encoder.dtype)
+        #: replays the forward from CUDA graphs when set (the server's worker sets it, see graphs.py)
+        self.graphs: GraphRunner | None = None
 
     @classmethod
     def load(
@@ -93,28 +112,59 @@ class MultiProfileModel:
         return xpm.decode(data, self.bank)
 
     def fuse(self, profiles: Sequence[Profile]) -> list[FusedAdapters]:
-        """One ``U=1`` fused adapter per profile; bank profiles are fused in one batched GEMM."""
+        """One ``U=1`` fused adapter per profile: views into one batched fusion (no copies)."""
+        batch = self.fuse_batch(profiles)
+        return [FusedAdapters(*(t[:, u : u + 1] for t in batch.tensors())) for u in range(len(profiles))]
+
+    def fuse_batch(self, profiles: Sequence[Profile]) -> FusedAdapters:
+        """The profiles' adapters, layer-major ``(L, U, ...)``: bank profiles in one batched GEMM."""
         enc = self.encoder
-        out: list[FusedAdapters | None] = [None] * len(profiles)
-        bank_index = [i for i, p in enumerate(profiles) if p.kind.uses_bank]
-        if bank_index:
-            weights = [profiles[i].mixing_weights() for i in bank_index]
-            w_down = torch.stack([w[0] for w in weights]).to(enc.device)
-            w_up = torch.stack([w[1] for w in weights]).to(enc.device)
-            for i, part in zip(bank_index, fuse(w_down, w_up, self.device_bank).split(), strict=True):
-                out[i] = part
-        for i, p in enumerate(profiles):
+        if profiles and all(p.kind.uses_bank for p in profiles):
+            return self._fuse_bank(profiles)  # the GEMM's output is the batch's weights as it is
+        out = FusedAdapters.zeros(
+            self.bank.num_layers,
+            self.bank.hidden_size,
+            self.bank.bottleneck,
+            len(profiles),
+            device=enc.device,
+            dtype=enc.dtype,
+        )
+        self.fuse_into(out, list(range(len(profiles))), profiles)
+        return out
+
+    def _fuse_bank(self, profiles: Sequence[Profile]) -> FusedAdapters:
+        """Mixing weights of bank profiles, stacked on the host, sent in one copy, fused in one GEMM."""
+        weights = torch.stack([torch.stack(p.mixing_weights()) for p in profiles])  # (U, 2, L, N)
+        weights = weights.to(self.encoder.device, non_blocking=True)
+        return fuse(weights[:, 0], weights[:, 1], self.device_bank)
+
+    def fuse_into(self, target: FusedAdapters, slots: Sequence[int], profiles: Sequence[Profile]) -> None:
+        """Fuse ``profiles[j]`` into slot ``slots[j]`` of ``target`` (a slot pool's ``(L, S, ...)`` tensors).
+
+        Bank profiles: one host-to-device copy of their mixing weights, one GEMM, one indexed copy
+        per tensor into their slots; whole adapters are copied in; head-only slots are zeroed.
+        """
+        device = target.down.device
+        bank = [j for j, p in enumerate(profiles) if p.kind.uses_bank]
+        if bank:
+            fused = self._fuse_bank([profiles[j] for j in bank])
+            index = torch.as_tensor([slots[j] for j in bank], dtype=torch.long).to(device)
+            for pool_t, new in zip(target.tensors(), fused.tensors(), strict=True):
+                pool_t.index_copy_(1, index, new.to(pool_t.dtype))
+        for j, p in enumerate(profiles):
+            s = slots[j]
             if p.kind is ProfileKind.SINGLE_ADAPTER:
-                out[i] = FusedAdapters.from_single(p.adapter_tensors()).to(enc.device, enc.dtype)
+                single = FusedAdapters.from_single(p.adapter_tensors())
+                for pool_t, new in zip(target.tensors(), single.tensors(), strict=True):
+                    pool_t[:, s : s + 1].copy_(new)
             elif p.kind is ProfileKind.HEAD_ONLY:
-                out[i] = FusedAdapters.zeros(
-                    self.bank.num_layers,
-                    self.bank.hidden_size,
-                    self.bank.bottleneck,
-                    device=enc.device,
-                    dtype=enc.dtype,
-                )
-        return out  # type: ignore[return-value]
+                for pool_t in target.tensors():
+                    pool_t[:, s : s + 1].zero_()
+
+    def fuse_into_pool(self, pool: SlotPool, slots: Sequence[int], profiles: Sequence[Profile]) -> None:
+        """Cold profiles straight into their pool slots: adapters and heads."""
+        self.fuse_into(pool.weights, slots, profiles)
+        pool.write_heads(slots, [p.head_weight for p in profiles], [p.head_bias for p in profiles])
 
     # -- forward ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -123,38 +173,60 @@ class MultiProfileModel:
         inputs: Sequence[TextInput],
         rows: Sequence[int],
         profiles: Sequence[Profile],
-        fused: Sequence[FusedAdapters],
+        fused: Sequence[FusedAdapters] | SlotBatch,
     ) -> list[torch.Tensor]:
-        """Per-row logits; row i runs with ``profiles[rows[i]]`` and its ``fused[rows[i]]``."""
+        """Per-row logits; row i runs with ``profiles[rows[i]]`` and its ``fused[rows[i]]``.
+
+        ``fused`` is either one ``U=1`` entry per profile or a :class:`SlotBatch`: the profiles'
+        slots in a pool, whose weights and heads are read in place (no concatenation, no head
+        tensor built per batch).
+        """
         enc = self.encoder
         encodings = enc.tokenize(inputs, [profiles[r].max_length for r in rows])
-        row_index = torch.as_tensor(list(rows), device=enc.device, dtype=torch.long)
-        batch = FusedAdapters.cat(list(fused))
-        pooled = enc(encodings, batch, row_index if batch.num_profiles > 1 else None)
+        if isinstance(fused, SlotBatch):
+            pool = fused.pool
+            slot_rows = pool.index([fused.slots[r] for r in rows])
+            if self.graphs is not None and self.graphs.weights is pool.weights:
+                pooled = self.graphs(encodings, slot_rows)
+            else:
+                pooled = enc(encodings, pool.weights, slot_rows)
+            heads, biases = pool.heads[slot_rows], pool.head_bias[slot_rows]
+        else:
+            row_index = torch.as_tensor(list(rows), dtype=torch.long).to(enc.device)
+            batch = FusedAdapters.cat(list(fused))
+            pooled = enc(encodings, batch, row_index if batch.num_profiles > 1 else None)
+            heads, biases = self._heads(profiles)
+            heads, biases = heads[row_index], biases[row_index]
+        logits = (torch.bmm(heads, pooled.float().unsqueeze(-1)).squeeze(-1) + biases).cpu()
+        return [logits[i, : profiles[r].num_labels] for i, r in enumerate(rows)]
+
+    def _heads(self, profiles: Sequence[Profile]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, C, d)`` heads and ``(U, C)`` biases on the device, zero-padded to the most labels."""
+        enc = self.encoder
         c_max = max(p.num_labels for p in profiles)
         heads = torch.zeros(len(profiles), c_max, enc.hidden_size)
         biases = torch.zeros(len(profiles), c_max)
         for u, p in enumerate(profiles):
             heads[u, : p.num_labels] = p.head_weight
             biases[u, : p.num_labels] = p.head_bias
-        heads, biases = heads.to(enc.device, torch.float32), biases.to(enc.device, torch.float32)
-        logits = torch.einsum("bd,bcd->bc", pooled.float(), heads[row_index]) + biases[row_index]
-        return [logits[i, : profiles[r].num_labels].cpu() for i, r in enumerate(rows)]
+        return heads.to(enc.device), biases.to(enc.device)
 
     def predict_batch(
         self,
         requests: Sequence[BatchRequest],
-        fused: Sequence[FusedAdapters] | None = None,
+        fused: Sequence[FusedAdapters] | SlotBatch | None = None,
     ) -> list[list[Prediction]]:
         """Many profiles' requests in one forward; the answer keeps the request order.
 
-        ``fused`` holds the already-fused weights of the batch's distinct profiles, one ``U=1``
-        entry each in :func:`distinct_profiles` order (the server passes its cached weights);
-        without it they are fused here, once per distinct profile. Profiles are only read.
+        ``fused`` holds the already-fused weights of the batch's distinct profiles in
+        :func:`distinct_profiles` order: one ``U=1`` entry each, or a :class:`SlotBatch` naming
+        their slots in a pool (the server's cache). Without it they are fused here in one batched
+        call, straight into a transient pool of U slots. Profiles are only read.
         """
         profiles = distinct_profiles(requests)
-        if fused is not None and len(fused) != len(profiles):
-            raise ValueError(f"{len(fused)} fused entries for {len(profiles)} distinct profiles")
+        given = len(fused.slots) if isinstance(fused, SlotBatch) else None if fused is None else len(fused)
+        if given is not None and given != len(profiles):
+            raise ValueError(f"{given} fused entries for {len(profiles)} distinct profiles")
         slot = {id(p): u for u, p in enumerate(profiles)}
         inputs: list[TextInput] = []
         rows: list[int] = []
@@ -164,7 +236,7 @@ class MultiProfileModel:
         if not inputs:
             return [[] for _ in requests]
         if fused is None:
-            fused = self.fuse(profiles)
+            fused = self.transient_batch(profiles)
         logits = self.logits(inputs, rows, profiles, fused)
         answers: list[list[Prediction]] = []
         start = 0
@@ -172,6 +244,14 @@ class MultiProfileModel:
             answers.append([to_prediction(profile, z) for z in logits[start : start + len(texts)]])
             start += len(texts)
         return answers
+
+    def transient_batch(self, profiles: Sequence[Profile]) -> SlotBatch:
+        """A pool of exactly these profiles: fused in one call, heads built once, slot u = profile u."""
+        pool = SlotPool.wrap(self.fuse_batch(profiles))
+        pool.write_heads(
+            range(len(profiles)), [p.head_weight for p in profiles], [p.head_bias for p in profiles]
+        )
+        return SlotBatch(pool, list(range(len(profiles))))
 
     def predict(
         self, profile: Profile, inputs: Sequence[TextInput], batch_size: int = 64

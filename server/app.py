@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if model is not None:
-            worker.model = model
+            worker.attach(model, settings.cuda_graphs, settings.max_batch_size)
             metrics.model_ready.set(1)
         else:
             state.tasks.append(asyncio.create_task(_load_model(state), name="xpeft-load-model"))
@@ -240,15 +240,15 @@ def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict:
 async def _load_model(state: ServerState) -> None:
     loop = asyncio.get_running_loop()
     try:
-        state.worker.model = await loop.run_in_executor(
-            state.worker.executor, build_model, state.settings, state.bank
-        )
+        built = await loop.run_in_executor(state.worker.executor, build_model, state.settings, state.bank)
+        graphs, max_batch = state.settings.cuda_graphs, state.settings.max_batch_size
+        await loop.run_in_executor(state.worker.executor, state.worker.attach, built, graphs, max_batch)
     except Exception as exc:  # reported by /healthz and /readyz; the process cannot recover by itself
         state.model_error = f"{getattr(exc, 'code', type(exc).__name__)}: {getattr(exc, 'message', exc)}"
         log.error("model failed to load: %s", state.model_error)
         return
     state.metrics.model_ready.set(1)
-    model = state.worker.model
+    model = built
     log.info(
         "model ready: encoder %s on %s, bank %s (L=%d N=%d)",
         model.encoder.name,

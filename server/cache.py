@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
 
 from xpeft.adapters.fusion import FusedAdapters
 from xpeft.profiles.profile import Profile
+from xpeft.profiles.slots import SlotPool, slot_nbytes
 from xpeft.server.metrics import Metrics
 from xpeft.server.stores.base import ProfileStore
 
@@ -61,92 +65,195 @@ class VersionFloors:
 
 
 class FusedCache:
-    """Fused adapter weights on the model's device, least recently used first out, bounded in bytes.
+    """Fused adapter weights on the model's device: a :class:`SlotPool` sized from the byte budget.
 
-    Used by the model worker thread and invalidated from the event loop, hence the lock.
+    The pool is allocated once, when the model is known (:meth:`attach`, or the first :meth:`put`),
+    with ``capacity_bytes // slot_bytes`` slots. A batch reserves its profiles' slots
+    (:meth:`reserve`): hits are pinned, cold profiles get a pinned free or least recently used slot
+    and are fused straight into it, then committed under their key unless an invalidation raised
+    the version floor meanwhile. Pins hold until the batch ran, so an eviction or an invalidation
+    never overwrites a slot under a batch that reads it. Used by the model worker thread and
+    invalidated from the event loop, hence the lock.
     """
 
     def __init__(self, capacity_bytes: int, floors: VersionFloors, metrics: Metrics | None = None) -> None:
         self.capacity_bytes = capacity_bytes
         self.floors = floors
         self.metrics = metrics
-        self._entries: OrderedDict[CacheKey, FusedAdapters] = OrderedDict()
-        self._versions: dict[str, set[int]] = {}
-        self._nbytes = 0
+        self.pool: SlotPool | None = None
         self._lock = threading.Lock()
+
+    def attach(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        bottleneck: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> SlotPool | None:
+        """Allocate the pool for this shape (once); ``None`` when not even one slot fits the budget."""
+        with self._lock:
+            if self.pool is not None:
+                if self.pool.shape != (num_layers, hidden_size, bottleneck):
+                    raise ValueError(
+                        f"the pool holds {self.pool.shape} adapters, not {(num_layers, hidden_size, bottleneck)}"
+                    )
+                return self.pool
+            slots = self.capacity_bytes // slot_nbytes(num_layers, hidden_size, bottleneck, dtype)
+            if slots < 1:
+                return None
+            self.pool = SlotPool(slots, num_layers, hidden_size, bottleneck, device, dtype)
+        self._gauge()
+        return self.pool
+
+    @property
+    def num_slots(self) -> int:
+        return 0 if self.pool is None else self.pool.num_slots
 
     @property
     def nbytes(self) -> int:
-        return self._nbytes
+        """Bytes of the slots in use (the pool itself is allocated whole)."""
+        return 0 if self.pool is None else len(self.pool) * self.pool.slot_bytes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return 0 if self.pool is None else len(self.pool)
 
     def __contains__(self, key: CacheKey) -> bool:
-        return key in self._entries
+        return self.pool is not None and key in self.pool
 
     def get(self, key: CacheKey) -> FusedAdapters | None:
+        """The cached weights of ``key`` as a view of its slot (valid until the slot is reused)."""
         with self._lock:
-            fused = self._entries.get(key)
-            if fused is not None:
-                self._entries.move_to_end(key)
+            slot = None if self.pool is None else self.pool.find(key)
+            fused = None if slot is None or self.pool is None else self.pool.view(slot)
         self._count("hit" if fused is not None else "miss")
         return fused
 
     def put(self, key: CacheKey, fused: FusedAdapters) -> bool:
-        """Keep ``fused`` unless it is stale or alone larger than the whole cache."""
-        size = fused.nbytes
-        if size > self.capacity_bytes:
+        """Copy ``fused`` (one profile) into a slot, unless it is stale or no slot fits at all."""
+        L, _, d, r = fused.down.shape
+        pool = self.attach(L, d, r, fused.down.device, fused.down.dtype)
+        if pool is None:
             return False
-        evicted = 0
         with self._lock:
-            # checked under the lock: an invalidation raises the floor, then drops under this lock
-            if key[1] < self.floors.get(key[0]):
+            if key[1] < self.floors.get(key[0]):  # checked under the lock, like every commit
                 return False
-            if key in self._entries:
+            if key in pool:
                 return True
-            while self._entries and self._nbytes + size > self.capacity_bytes:
-                self._remove(next(iter(self._entries)))
-                evicted += 1
-            self._entries[key] = fused
-            self._versions.setdefault(key[0], set()).add(key[1])
-            self._nbytes += size
-        self._count("eviction", evicted)
+            slot, evicted = pool.claim()
+            if slot is None:
+                return False
+            pool.write([slot], fused)
+            pool.commit(key, slot)
+            pool.unpin(slot)
+        self._count("eviction", len(evicted))
         self._gauge()
         return True
 
-    def drop(self, profile_id: str, below: int | None = None) -> int:
-        """Remove the entries of ``profile_id`` (only versions under ``below`` when given)."""
+    def reserve(self, keys: Sequence[CacheKey]) -> Reservation:
+        """Pin the slots of a batch's profiles: hits where cached, fresh slots for the cold ones."""
+        reservation = Reservation(self, list(keys))
+        if self.pool is None:
+            reservation.slots = [None] * len(keys)
+            reservation.cold = list(range(len(keys)))
+            self._count("miss", len(keys))
+            return reservation
+        evicted = 0
+        hits = 0
         with self._lock:
-            versions = [v for v in self._versions.get(profile_id, ()) if below is None or v < below]
-            for v in versions:
-                self._remove((profile_id, v))
+            pool = self.pool
+            for key in keys:
+                slot = pool.find(key)
+                if slot is not None:
+                    pool.pin(slot)
+                    hits += 1
+                reservation.slots.append(slot)
+            for i, slot in enumerate(reservation.slots):
+                if slot is None:
+                    reservation.cold.append(i)
+                    fresh, gone = pool.claim()
+                    evicted += len(gone)
+                    reservation.slots[i] = fresh
+        self._count("hit", hits)
+        self._count("miss", len(reservation.cold))
+        self._count("eviction", evicted)
+        return reservation
+
+    def drop(self, profile_id: str, below: int | None = None) -> int:
+        """Forget the slots of ``profile_id`` (only versions under ``below`` when given)."""
+        if self.pool is None:
+            return 0
+        with self._lock:
+            owned = [cast(CacheKey, k) for k in self.pool.registered()]
+            keys = [k for k in owned if k[0] == profile_id and (below is None or k[1] < below)]
+            for key in keys:
+                self.pool.drop(key)
         self._gauge()
-        return len(versions)
+        return len(keys)
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._versions.clear()
-            self._nbytes = 0
+        if self.pool is not None:
+            with self._lock:
+                self.pool.clear()
         self._gauge()
 
-    def _remove(self, key: CacheKey) -> None:
-        fused = self._entries.pop(key)
-        self._nbytes -= fused.nbytes
-        versions = self._versions[key[0]]
-        versions.discard(key[1])
-        if not versions:
-            del self._versions[key[0]]
+    def _commit(self, key: CacheKey, slot: int) -> bool:
+        assert self.pool is not None
+        with self._lock:
+            if key[1] < self.floors.get(key[0]) or key in self.pool:
+                return False  # replaced or deleted while it was fused: used by this batch, never kept
+            self.pool.commit(key, slot)
+        self._gauge()
+        return True
+
+    def _release(self, slots: Sequence[int]) -> None:
+        if self.pool is None:
+            return
+        with self._lock:
+            for slot in slots:
+                self.pool.unpin(slot)
 
     def _count(self, event: str, count: int = 1) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and count:
             self.metrics.cache_event("fused", event, count)
 
     def _gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.fused_bytes.set(self._nbytes)
-            self.metrics.cache_entries.labels("fused").set(len(self._entries))
+            self.metrics.fused_bytes.set(self.nbytes)
+            self.metrics.cache_entries.labels("fused").set(len(self))
+
+
+@dataclass
+class Reservation:
+    """A batch's hold on its slots, from assembly until it ran (use as a context manager).
+
+    ``slots[i]`` is the slot of ``keys[i]`` (``None``: no slot was free, fuse it outside the pool);
+    ``cold`` lists the indices that must be fused before the batch runs.
+    """
+
+    cache: FusedCache
+    keys: list[CacheKey]
+    slots: list[int | None] = field(default_factory=list)
+    cold: list[int] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return all(s is not None for s in self.slots)
+
+    def commit(self, index: int) -> bool:
+        """The cold profile ``keys[index]`` was fused into its slot: keep it for later batches."""
+        slot = self.slots[index]
+        return slot is not None and self.cache._commit(self.keys[index], slot)
+
+    def release(self) -> None:
+        self.cache._release([s for s in self.slots if s is not None])
+        self.slots = []
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # Python objects around a decoded profile's tensors (dataclass, dicts, tensor headers, labels).

@@ -77,7 +77,15 @@ class Settings(BaseSettings):
         ge=0,
         description="host memory for decoded profiles (tensors plus a fixed 4 KiB per profile)",
     )
-    fused_cache_bytes: int = Field(256 * 2**20, ge=0, description="fused adapter weights kept on the device")
+    fused_cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        description="fused adapter weights kept on the device: a pool of slots allocated at startup",
+    )
+    cuda_graphs: bool | None = Field(
+        None,
+        description="replay the forward from CUDA graphs per batch/length bucket; unset: on with CUDA",
+    )
 
     # request limits
     max_profile_bytes: int = Field(4 * 2**20, ge=1, description="PUT body limit (413 too_large)")

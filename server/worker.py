@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from xpeft.adapters.fusion import FusedAdapters
+from xpeft.profiles.graphs import GraphRunner, graphs_wanted
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.runtime import MultiProfileModel, Prediction, distinct_profiles
+from xpeft.profiles.runtime import MultiProfileModel, Prediction, SlotBatch, distinct_profiles
 from xpeft.server.batcher import Job
-from xpeft.server.cache import CacheKey, FusedCache
+from xpeft.server.cache import CacheKey, FusedCache, Reservation
 from xpeft.server.metrics import Metrics
 
 
@@ -33,29 +34,71 @@ class ModelWorker:
         if torch_threads:
             self.executor.submit(torch.set_num_threads, torch_threads).result()
 
+    def attach(self, model: MultiProfileModel, cuda_graphs: bool | None = None, max_batch: int = 64) -> None:
+        """Take ``model``: allocate the fused-weight pool for its shape, and its CUDA graphs if wanted."""
+        enc = model.encoder
+        pool = self.fused_cache.attach(
+            model.bank.num_layers, model.bank.hidden_size, model.bank.bottleneck, enc.device, enc.dtype
+        )
+        if pool is not None and graphs_wanted(cuda_graphs, enc.device):
+            model.graphs = GraphRunner(enc, pool.weights, max_batch)
+        self.model = model
+
     def fused_weights(self, profiles: Sequence[Profile], keys: Sequence[CacheKey]) -> list[FusedAdapters]:
-        """Cached weights where present; every cold profile fused in one batched call, then cached."""
+        """Each profile's weights: cached where present, the cold ones fused in one batched call.
+
+        For callers that want ``U=1`` entries; :meth:`run` reads the pool in place instead.
+        """
         assert self.model is not None
-        cached = [self.fused_cache.get(key) for key in keys]
-        cold = [i for i, f in enumerate(cached) if f is None]
+        with self.fused_cache.reserve(keys) as held:
+            fused = self._fill(profiles, held)
+            # copies: the slots may be reused once released
+            return [FusedAdapters(*(t.clone() for t in f.tensors())) for f in self._entries(fused)]
+
+    def _fill(self, profiles: Sequence[Profile], held: Reservation) -> list[FusedAdapters] | SlotBatch:
+        """Fuse the reservation's cold profiles into their slots (or, without one, outside the pool)."""
+        assert self.model is not None
+        pool = self.fused_cache.pool
+        cold = held.cold
+        slotted = {i: s for i in cold if (s := held.slots[i]) is not None}
+        if slotted and pool is not None:
+            self.model.fuse_into_pool(pool, list(slotted.values()), [profiles[i] for i in slotted])
+            for i in slotted:
+                held.commit(i)
         if cold:
-            for i, part in zip(cold, self.model.fuse([profiles[i] for i in cold]), strict=True):
-                cached[i] = part
-                self.fused_cache.put(keys[i], part)
             self.metrics.fused_profiles.inc(len(cold))
-        out = [f for f in cached if f is not None]
-        assert len(out) == len(keys), "fusion must return one entry per cold profile"
-        return out
+        slots = [s for s in held.slots if s is not None]
+        if pool is not None and len(slots) == len(held.slots):
+            missing = pool.headless(slots)
+            if missing:  # weights put through the plain cache API carry no head
+                pool.write_heads(
+                    [slots[j] for j in missing],
+                    [profiles[j].head_weight for j in missing],
+                    [profiles[j].head_bias for j in missing],
+                )
+            return SlotBatch(pool, slots)
+        # more distinct profiles than free slots: the rest are fused for this batch only
+        outside = [i for i, s in enumerate(held.slots) if s is None]
+        extra = dict(zip(outside, self.model.fuse([profiles[i] for i in outside]), strict=True))
+        return [extra[i] if s is None else pool.view(s) for i, s in enumerate(held.slots)]  # type: ignore[union-attr]
+
+    @staticmethod
+    def _entries(fused: list[FusedAdapters] | SlotBatch) -> list[FusedAdapters]:
+        if isinstance(fused, SlotBatch):
+            return [fused.pool.view(s) for s in fused.slots]
+        return fused
 
     def run(self, jobs: Sequence[Job]) -> list[list[Prediction]]:
-        """One forward for all jobs (called on the worker thread)."""
+        """One forward for all jobs (called on the worker thread), its slots pinned throughout."""
         assert self.model is not None, "the model is not loaded"
+        if self.fused_cache.pool is None:  # a model set directly rather than through attach()
+            self.attach(self.model)
         start = time.perf_counter()
         requests = [(job.entry.profile, job.inputs) for job in jobs]
         key_of = {id(job.entry.profile): job.entry.key for job in jobs}
         profiles = distinct_profiles(requests)
-        fused = self.fused_weights(profiles, [key_of[id(p)] for p in profiles])
-        answers = self.model.predict_batch(requests, fused)
+        with self.fused_cache.reserve([key_of[id(p)] for p in profiles]) as held:
+            answers = self.model.predict_batch(requests, self._fill(profiles, held))
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_rows.observe(sum(len(job.inputs) for job in jobs))
         self.metrics.batch_profiles.observe(len(profiles))

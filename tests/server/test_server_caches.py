@@ -84,7 +84,7 @@ def test_profile_cache_loads_once_for_many_callers(bank, profile_bytes, tmp_path
     async def body() -> None:
         store = SlowStore(tmp_path / "s.sqlite3")
         cache, metrics = make_cache(store, bank)
-        record, _ = await store.put("p", profile_bytes(1), {})
+        record = (await store.put("p", profile_bytes(1), {})).record
         store.hold.clear()
         waiting = [asyncio.create_task(cache.get("p")) for _ in range(20)]
         await asyncio.sleep(0.05)
@@ -108,7 +108,7 @@ def test_a_load_that_races_a_newer_write_is_not_cached(bank, profile_bytes, tmp_
         store.hold.clear()
         loading = asyncio.create_task(cache.get("p"))  # reads version 1, then is held
         await asyncio.sleep(0.05)
-        record, _ = await store.put("p", profile_bytes(2, labels=["x", "y"]), {})
+        record = (await store.put("p", profile_bytes(2, labels=["x", "y"]), {})).record
         cache.invalidate("p", record.version)  # the event for version 2 arrives first
         store.hold.set()
         entry = await loading
@@ -141,13 +141,13 @@ def test_sync_applies_events_and_catches_missed_ones(bank, profile_bytes, tmp_pa
         store = SQLiteStore(tmp_path / "s.sqlite3", poll_s=0.02)
         cache, metrics = make_cache(store, bank)
         sync = CacheSync(store, cache, metrics, check_s=10)
-        v1, _ = await store.put("p", profile_bytes(1), {})
+        v1 = (await store.put("p", profile_bytes(1), {})).record
         assert (await cache.get("p")).version == v1.version
         cache.fused.put(("p", v1.version), fused_entry())
 
         # the feed: an event drops both caches' old copies
         task = asyncio.create_task(sync._listen())
-        v2, _ = await store.put("p", profile_bytes(2), {})
+        v2 = (await store.put("p", profile_bytes(2), {})).record
         for _ in range(100):
             if cache.cached_version("p") is None:
                 break
@@ -160,7 +160,7 @@ def test_sync_applies_events_and_catches_missed_ones(bank, profile_bytes, tmp_pa
         assert (await cache.get("p")).version == v2.version
         await sync.check_once()  # nothing missed so far
         assert cache.cached_version("p") == v2.version
-        v3, _ = await store.put("p", profile_bytes(3), {})  # nobody tells the cache
+        v3 = (await store.put("p", profile_bytes(3), {})).record  # nobody tells the cache
         await sync.check_once()
         assert cache.cached_version("p") == v2.version  # the feed may still deliver it
         await sync.check_once()
@@ -187,8 +187,8 @@ def test_worker_fuses_cold_profiles_together_once_and_matches_the_model(encoder,
         for i, kind in enumerate(["hard", "soft", "single_adapter", "head_only"])
     ]
     calls = []
-    real_fuse = model.fuse
-    model.fuse = lambda ps: calls.append(len(ps)) or real_fuse(ps)  # type: ignore[method-assign]
+    real_fuse = model.fuse_into_pool
+    model.fuse_into_pool = lambda pool, slots, ps: calls.append(len(ps)) or real_fuse(pool, slots, ps)  # type: ignore[method-assign]
     texts = [["a fine day"], ["rain again", "sun"], ["meh"], ["wow"]]
     jobs = [Job(p, t, None) for p, t in zip(profiles, texts, strict=True)]  # type: ignore[arg-type]
     first = worker.run(jobs + [Job(profiles[0], ["twice"], None)])  # type: ignore[arg-type]

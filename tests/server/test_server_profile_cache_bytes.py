@@ -40,7 +40,7 @@ def test_large_profiles_are_evicted_by_bytes(bank, profile_bytes, tmp_path) -> N
         assert cache.nbytes <= budget and cache.cached_version("h2") is not None
         # a newer version replacing a cached one is not counted twice
         before = cache.nbytes
-        newer, _ = await store.put("h2", profile_bytes(9), {})
+        newer = (await store.put("h2", profile_bytes(9), {})).record
         cache.floors.raise_to("h2", newer.version)  # as a change event would, without dropping the entry
         assert (await cache.get("h2")).version == newer.version
         assert cache.nbytes == before
