@@ -18,12 +18,14 @@ from pathlib import Path as FilePath
 
 import torch
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import DEFAULT_MODEL, load_encoder
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel, best_device
+from xpeft.server import telemetry
 from xpeft.server.auth import Authorizer, check_exposure
 from xpeft.server.batcher import MicroBatcher
 from xpeft.server.cache import FusedCache, ProfileCache, VersionFloors
@@ -34,6 +36,7 @@ from xpeft.server.middleware import (
     AdmissionMiddleware,
     BodyLimitMiddleware,
     MetricsMiddleware,
+    RequestIdMiddleware,
     redact_access_log,
 )
 from xpeft.server.routes import _validate_profile, router
@@ -169,7 +172,9 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
             await store.close()
             worker.shutdown()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from files in the package, not a CDN: /docs works on an offline network.
+    app = FastAPIOffline(
+        static_url="/docs/assets",
         title="xpeft",
         version=_package_version(),
         lifespan=lifespan,
@@ -194,7 +199,9 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
         body_timeout_s=settings.body_timeout_s,
     )
     app.add_middleware(AdmissionMiddleware, admission=state.admission)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also counts 413s and refusals
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # it also counts 413s and refusals
+    # outermost: every response, refusals and errors included, carries the request's id
+    app.add_middleware(RequestIdMiddleware, on_id=telemetry.setup(app, settings))
     app.include_router(router)
     return app
 

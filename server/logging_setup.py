@@ -49,8 +49,9 @@ def formatter(fmt: LogFormat) -> logging.Formatter:
     """The formatter of ``fmt`` (text lines, or one JSON object per line)."""
     if fmt == "json":
         return XpeftJsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            "%(levelname)s %(name)s %(message)s %(request_id)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="time",  # ISO 8601 in UTC
             reserved_attrs=[*RESERVED_ATTRS, "color_message"],  # uvicorn's coloured copy of the message
             json_ensure_ascii=False,
         )

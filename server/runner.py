@@ -59,6 +59,7 @@ def graceful_server(app: FastAPI, settings: Settings) -> Any:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        log_config=None,  # keep configure_logging's one format (text or JSON) for uvicorn's lines too
         timeout_graceful_shutdown=FINAL_GRACE_S,
         http=header_deadline_protocol(settings.header_timeout_s),
     )
@@ -68,10 +69,9 @@ def graceful_server(app: FastAPI, settings: Settings) -> Any:
 def run_server(settings: Settings) -> None:
     """Build the app from ``settings`` and serve until a signal; refuses bad settings before listening."""
     from xpeft.server.app import create_app
+    from xpeft.server.logging_setup import configure_logging
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     log = logging.getLogger("xpeft.server")  # create_app announced open writes (protected mode)
     tenants = app.state.server.auth.tenants

@@ -129,6 +129,14 @@ class Settings(BaseSettings):
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text lines, or one JSON object per line (every logger, access log included)"
+    )
+    otel: bool | None = Field(
+        None,
+        description="OpenTelemetry tracing of requests (the otel extra); default: on when an "
+        "OTEL_*_EXPORTER or OTEL_EXPORTER_OTLP_*ENDPOINT variable is set and the packages are installed",
+    )
 
     @model_validator(mode="after")
     def _empty_tokens_mean_none(self) -> Settings:
