@@ -30,6 +30,7 @@ from xpeft.server.auth import Authorizer, check_exposure
 from xpeft.server.batcher import MicroBatcher
 from xpeft.server.cache import FusedCache, ProfileCache, VersionFloors
 from xpeft.server.errors import ApiError, install_error_handlers
+from xpeft.server.jobs.service import JobService
 from xpeft.server.metrics import Metrics
 from xpeft.server.middleware import (
     Admission,
@@ -44,6 +45,7 @@ from xpeft.server.schemas import ErrorBody, PredictRequest
 from xpeft.server.settings import Settings
 from xpeft.server.stores import ProfileStore, open_store
 from xpeft.server.sync import CacheSync
+from xpeft.server.train_routes import router as train_router
 from xpeft.server.worker import ModelWorker
 
 log = logging.getLogger("xpeft.server")
@@ -162,9 +164,11 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
             state.tasks.append(asyncio.create_task(_load_model(state), name="xpeft-load-model"))
         state.tasks.append(asyncio.create_task(batcher.run(), name="xpeft-batcher"))
         state.tasks.append(asyncio.create_task(state.sync.run(), name="xpeft-cache-sync"))
+        await asyncio.to_thread(jobs.start)  # the embedded trainer, when jobs wait from before a restart
         try:
             yield
         finally:
+            await asyncio.to_thread(jobs.stop)
             for task in state.tasks:
                 task.cancel()
             await asyncio.gather(*state.tasks, return_exceptions=True)
@@ -191,6 +195,7 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     app.openapi = lambda: _openapi_with_limits(app, settings)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.server = state
+    app.state.jobs = jobs = JobService(settings)
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -202,6 +207,7 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # it also counts 413s and refusals
     # outermost: every response, refusals and errors included, carries the request's id
     app.add_middleware(RequestIdMiddleware, on_id=telemetry.setup(app, settings))
+    app.include_router(train_router)  # before the catch-all under /profiles/ in routes.py
     app.include_router(router)
     return app
 

@@ -127,6 +127,24 @@ class Settings(BaseSettings):
     admin_token_file: Path | None = Field(None, description="the admin token in a file (a mounted secret)")
     api_token_file: Path | None = Field(None, description="the API token in a file (a mounted secret)")
 
+    # training as a service (POST /profiles/{id}/train; server/jobs/)
+    embedded_trainer: bool = Field(
+        True,
+        description="with the SQLite store, run one trainer process beside the server (Redis: xpeft worker)",
+    )
+    train_threads: int = Field(1, ge=1, description="CPU threads of a trainer process")
+    train_nice: int = Field(10, ge=0, le=19, description="niceness of a trainer process (serving goes first)")
+    train_lease_s: float = Field(
+        30.0, gt=0, description="a running job whose worker sent no heartbeat for this long fails"
+    )
+    train_heartbeat_s: float = Field(1.0, gt=0, description="how often a trainer reports progress")
+    job_ttl_s: float = Field(7 * 86400.0, gt=0, description="how long finished job records are kept")
+    max_pending_jobs: int = Field(100, ge=1, description="queued and running jobs before 503 too_many_jobs")
+    max_train_examples: int = Field(50_000, ge=2, description="labelled examples per training request")
+    max_train_epochs: int = Field(50, ge=1, description="largest epochs a training request may ask for")
+    max_label_chars: int = Field(100, ge=1, description="characters per label name")
+    max_labels: int = Field(1000, ge=2, description="distinct labels per training request")
+
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True
     log_format: Literal["text", "json"] = Field(

@@ -1,0 +1,164 @@
+"""Job records: what ``GET /jobs/{id}`` shows, kept in the profile store's backend.
+
+A record is a JSON object; every change is a read-modify-write in one transaction of the
+backend (Redis WATCH/MULTI, a SQLite IMMEDIATE transaction), so two processes never interleave
+their changes. The state machine::
+
+    queued -> running -> succeeded | failed | cancelled
+    queued -> cancelled
+
+A running job belongs to one worker attempt (``worker``, a random token) until it ends; that
+worker refreshes ``heartbeat_at``. A running job whose heartbeat is older than the lease failed
+(``worker_lost``): whoever reads it first (a replica answering ``GET /jobs``, or a worker's
+reaper) records that, and the dead worker's token no longer owns it, so nothing it might still
+write is accepted.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+
+JOB_ID = re.compile(r"^[0-9a-f]{20}$")
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+Update = Callable[[dict], "dict | None"]  # the new record, or None to leave it as it is
+
+
+def new_job_id() -> str:
+    """12 hex digits of milliseconds, then 8 random: ids sort by creation time."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+def worker_token() -> str:
+    return f"{os.uname().nodename[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class JobStore(abc.ABC):
+    """Job records and the examples each job trains on. Synchronous: a worker calls it from its
+    own threads, the server through ``asyncio.to_thread``."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+
+    # -- backend ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def create(self, record: dict, data: bytes) -> None:
+        """Store a new queued record and its examples."""
+
+    @abc.abstractmethod
+    def get(self, job_id: str) -> dict | None: ...
+
+    @abc.abstractmethod
+    def data(self, job_id: str) -> bytes | None:
+        """The examples of a job (dropped once it ends)."""
+
+    @abc.abstractmethod
+    def update(self, job_id: str, fn: Update) -> dict | None:
+        """Apply ``fn`` to the record atomically; the record as it is afterwards (``None``: no job)."""
+
+    @abc.abstractmethod
+    def list(self, cursor: str | None, limit: int) -> tuple[builtins.list[dict], str | None]:
+        """Newest first; ``cursor`` is the last id of the previous page."""
+
+    @abc.abstractmethod
+    def active_ids(self) -> builtins.list[str]:
+        """Ids of queued and running jobs."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # -- state machine ---------------------------------------------------------------------
+    def claim(self, job_id: str, worker: str) -> dict | None:
+        """queued -> running for ``worker``; ``None`` when the job is not (or no longer) queued."""
+        claimed: list[dict] = []
+
+        def fn(rec: dict) -> dict | None:
+            if rec["state"] != "queued":
+                return None
+            stamp = time.time()
+            rec.update(state="running", worker=worker, started_at=stamp, heartbeat_at=stamp)
+            rec["attempts"] = rec.get("attempts", 0) + 1
+            claimed.append(rec)
+            return rec
+
+        self.update(job_id, fn)
+        return claimed[0] if claimed else None
+
+    def heartbeat(self, job_id: str, worker: str, progress: dict | None = None) -> dict | None:
+        """Refresh the lease (and progress); ``None`` when ``worker`` no longer owns the job."""
+        owned: list[dict] = []
+
+        def fn(rec: dict) -> dict | None:
+            if rec["state"] != "running" or rec.get("worker") != worker:
+                return None
+            rec["heartbeat_at"] = time.time()
+            if progress is not None:
+                rec["progress"] = progress
+            owned.append(rec)
+            return rec
+
+        self.update(job_id, fn)
+        return owned[0] if owned else None
+
+    def finish(self, job_id: str, worker: str, state: str, **fields: object) -> bool:
+        """running -> ``state`` for the owning worker only; ``False`` when it lost the job."""
+        assert state in TERMINAL
+        done: list[bool] = []
+
+        def fn(rec: dict) -> dict | None:
+            if rec["state"] != "running" or rec.get("worker") != worker:
+                return None
+            rec.update(state=state, finished_at=time.time(), **fields)
+            done.append(True)
+            return rec
+
+        self.update(job_id, fn)
+        return bool(done)
+
+    def cancel(self, job_id: str) -> dict | None:
+        """A queued job ends cancelled now; a running one is asked to stop (its worker ends it)."""
+
+        def fn(rec: dict) -> dict | None:
+            if rec["state"] == "queued":
+                rec.update(state="cancelled", finished_at=time.time())
+                return rec
+            if rec["state"] == "running" and not rec.get("cancel_requested"):
+                rec["cancel_requested"] = True
+                return rec
+            return None
+
+        return self.update(job_id, fn)
+
+    def expire(self, job_id: str, lease_s: float) -> dict | None:
+        """The record, after failing it if its worker missed the lease."""
+
+        def fn(rec: dict) -> dict | None:
+            if rec["state"] != "running" or time.time() - rec.get("heartbeat_at", 0) <= lease_s:
+                return None
+            rec.update(
+                state="failed",
+                finished_at=time.time(),
+                error={
+                    "code": "worker_lost",
+                    "message": f"the trainer stopped reporting for over {lease_s:g} s (it died or hung); "
+                    "nothing was stored: submit the job again",
+                },
+            )
+            return rec
+
+        return self.update(job_id, fn)
+
+    def reap(self, lease_s: float) -> int:
+        """Fail every running job whose worker missed the lease; how many."""
+        failed = 0
+        for job_id in self.active_ids():
+            rec = self.expire(job_id, lease_s)
+            failed += rec is not None and rec.get("error", {}).get("code") == "worker_lost"
+        return failed

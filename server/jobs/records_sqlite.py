@@ -1,0 +1,114 @@
+"""Job records in the embedded store's SQLite file (table ``jobs``, beside ``profiles``).
+
+One connection per thread (the server calls from ``asyncio.to_thread``, a worker from its
+consumer and heartbeat threads); every change is one IMMEDIATE transaction. Finished records
+older than the TTL are deleted when a new job is created.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from xpeft.server.jobs.records import ACTIVE, JobStore, Update
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    record TEXT NOT NULL,
+    data BLOB,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+"""
+
+
+class SQLiteJobStore(JobStore):
+    def __init__(self, path: str | Path, ttl_s: float, timeout_s: float = 10.0) -> None:
+        super().__init__(ttl_s)
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        self._db().executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(str(self.path), timeout=self.timeout_s, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def create(self, record: dict, data: bytes) -> None:
+        db = self._db()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "DELETE FROM jobs WHERE state NOT IN (?, ?) AND updated_at < ?", (*ACTIVE, now - self.ttl_s)
+            )
+            db.execute(
+                "INSERT INTO jobs (id, state, record, data, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (record["id"], record["state"], json.dumps(record), data, now),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def get(self, job_id: str) -> dict | None:
+        row = self._db().execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def data(self, job_id: str) -> bytes | None:
+        row = self._db().execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def update(self, job_id: str, fn: Update) -> dict | None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                db.execute("ROLLBACK")
+                return None
+            record = json.loads(row[0])
+            new = fn(record)
+            if new is None:
+                db.execute("ROLLBACK")
+                return record
+            ended = new["state"] not in ACTIVE
+            db.execute(
+                "UPDATE jobs SET state = ?, record = ?, updated_at = ?"
+                + (", data = NULL" if ended else "")
+                + " WHERE id = ?",
+                (new["state"], json.dumps(new), time.time(), job_id),
+            )
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return new
+
+    def list(self, cursor: str | None, limit: int) -> tuple[builtins.list[dict], str | None]:
+        sql = "SELECT record FROM jobs" + (" WHERE id < ?" if cursor else "") + " ORDER BY id DESC LIMIT ?"
+        rows = self._db().execute(sql, (*([cursor] if cursor else []), limit + 1)).fetchall()
+        records = [json.loads(r[0]) for r in rows[:limit]]
+        return records, (records[-1]["id"] if len(rows) > limit else None)
+
+    def active_ids(self) -> builtins.list[str]:
+        rows = self._db().execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY id", ACTIVE).fetchall()
+        return [r[0] for r in rows]
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

@@ -1,0 +1,258 @@
+"""A training request, validated completely before anything is queued.
+
+Two forms: a JSON body (``{"examples": [{"text", "text_pair", "label"}], "method": ...}``), or a
+labelled file as the body (``.tsv``, ``.csv`` or ``.jsonl``, chosen by ``Content-Type`` or
+``?format=``) read by the library's own :func:`~xpeft.profiles.data.load_dataset` with the CLI's
+column options as query parameters. Either way the same checks run: sizes and lengths, labels
+(at least two classes left for training), the options' types, and ``TrainConfig.validate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.data import Dataset, load_dataset
+from xpeft.profiles.train_config import TrainConfig
+from xpeft.server.errors import ApiError
+from xpeft.server.settings import Settings
+
+# TrainConfig fields a request may set (the rest keep the library's defaults)
+CONFIG_FIELDS = (
+    "method",
+    "k",
+    "epochs",
+    "batch_size",
+    "max_length",
+    "seed",
+    "lr_scores",
+    "lr_head",
+    "lr_adapter",
+    "lr_gain",
+    "temperature",
+    "scale_power",
+    "gain",
+    "weighted",
+    "estimator",
+)
+_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+SERVICE_FIELDS = ("eval_fraction", "keep_if_better")
+FILE_FIELDS = ("format", "text_col", "text_pair_col", "label_col")
+FORMATS = {
+    "text/tab-separated-values": "tsv",
+    "text/tsv": "tsv",
+    "text/csv": "csv",
+    "application/jsonl": "jsonl",
+    "application/x-ndjson": "jsonl",
+    "application/jsonlines": "jsonl",
+}
+DEFAULT_EVAL_FRACTION = 0.1
+MAX_EVAL_FRACTION = 0.5
+MAX_BATCH_SIZE = 1024
+MAX_LENGTH = 512
+
+
+def invalid(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(422, code, message)
+
+
+@dataclass
+class TrainRequest:
+    data: Dataset
+    config: TrainConfig
+    eval_fraction: float
+    keep_if_better: bool
+
+    def options(self) -> dict:
+        """What the job record shows and the worker reads back."""
+        given = {name: getattr(self.config, name) for name in CONFIG_FIELDS}
+        return {**given, "eval_fraction": self.eval_fraction, "keep_if_better": self.keep_if_better}
+
+    def encoded_examples(self) -> bytes:
+        inputs = [x if isinstance(x, str) else list(x) for x in self.data.inputs]
+        return json.dumps({"inputs": inputs, "labels": self.data.labels}).encode()
+
+
+def decode_examples(raw: bytes) -> Dataset:
+    body = json.loads(raw)
+    inputs = [x if isinstance(x, str) else (x[0], x[1]) for x in body["inputs"]]
+    return Dataset(inputs, list(body["labels"]))
+
+
+def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """A seeded held-out share (at least one example when ``fraction > 0``) and the rest."""
+    if fraction <= 0:
+        return data, None
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(data) * fraction))
+    held, rest = sorted(order[:n_eval]), sorted(order[n_eval:])
+
+    def pick(index: list[int]) -> Dataset:
+        return Dataset([data.inputs[i] for i in index], [data.labels[i] for i in index])
+
+    return pick(rest), pick(held)
+
+
+def _typed(name: str, value: object, from_query: bool) -> object:
+    """A request value as the type the option takes; query strings are converted first."""
+    kind = _TYPES.get(name, {"eval_fraction": "float", "keep_if_better": "bool"}.get(name, "str"))
+    if from_query and isinstance(value, str):
+        text = value
+        try:
+            if "bool" in kind:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1")
+            elif "int" in kind:
+                value = int(value)
+            elif "float" in kind:
+                value = float(value)
+        except ValueError:
+            raise invalid(f"{name}={text[:50]!r} is not a valid {kind.split()[0]}") from None
+    ok = (
+        (isinstance(value, bool) if "bool" in kind else False)
+        or ("int" in kind and type(value) is int)
+        or ("float" in kind and type(value) in (int, float))
+        or (kind == "str" and isinstance(value, str))
+    )
+    if not ok:
+        raise invalid(f"{name} must be a {kind.split()[0]}, got {json.dumps(value)[:50]}")
+    return value
+
+
+def parse_options(raw: Mapping[str, object], from_query: bool, allowed: tuple[str, ...]) -> dict:
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise invalid(f"unknown field(s) {unknown[:5]}; allowed: {', '.join(allowed)}")
+    return {name: _typed(name, value, from_query) for name, value in raw.items()}
+
+
+def _config(options: dict, settings: Settings) -> tuple[TrainConfig, float, bool]:
+    config = TrainConfig(**{k: v for k, v in options.items() if k in CONFIG_FIELDS})
+    try:
+        config.validate()
+    except XPeftError as exc:
+        raise invalid(exc.message, exc.code) from None
+    limits = (
+        ("epochs", settings.max_train_epochs),
+        ("batch_size", MAX_BATCH_SIZE),
+        ("max_length", MAX_LENGTH),
+    )
+    for name, most in limits:
+        if getattr(config, name) > most:
+            raise invalid(f"{name} must be at most {most}, got {getattr(config, name)}", "bad_argument")
+    fraction = float(options.get("eval_fraction", DEFAULT_EVAL_FRACTION))
+    if not 0.0 <= fraction <= MAX_EVAL_FRACTION:
+        raise invalid(f"eval_fraction must lie in [0, {MAX_EVAL_FRACTION}], got {fraction}", "bad_argument")
+    keep = bool(options.get("keep_if_better", False))
+    if keep and fraction == 0:
+        raise invalid("keep_if_better compares held-out accuracy: it needs eval_fraction > 0", "bad_argument")
+    return config, fraction, keep
+
+
+def _check_data(data: Dataset, settings: Settings, fraction: float, seed: int) -> None:
+    if len(data) == 0:
+        raise invalid("no examples", "bad_data")
+    if len(data) > settings.max_train_examples:
+        raise invalid(f"{len(data)} examples; at most {settings.max_train_examples}", "bad_data")
+    for n, (x, label) in enumerate(zip(data.inputs, data.labels, strict=True)):
+        texts = [x] if isinstance(x, str) else list(x)
+        if any(not t.strip() for t in texts):
+            raise invalid(f"example {n}: empty text", "bad_data")
+        if any(len(t) > settings.max_text_chars for t in texts):
+            raise invalid(f"example {n}: a text longer than {settings.max_text_chars} characters", "bad_data")
+        if not label.strip() or len(label) > settings.max_label_chars:
+            raise invalid(
+                f"example {n}: a label must have 1 to {settings.max_label_chars} characters", "bad_data"
+            )
+    labels = set(data.labels)
+    if len(labels) > settings.max_labels:
+        raise invalid(f"{len(labels)} distinct labels; at most {settings.max_labels}", "bad_data")
+    train, _ = split(data, fraction, seed)
+    if len(set(train.labels)) < 2:
+        raise invalid(
+            f"training needs at least 2 classes; the examples left for training have {sorted(set(train.labels))[:2]}",
+            "bad_data",
+        )
+
+
+def _json_examples(body: object, settings: Settings) -> tuple[Dataset, dict]:
+    if not isinstance(body, dict):
+        raise invalid('the body must be a JSON object {"examples": [...], ...}')
+    examples = body.get("examples")
+    if not isinstance(examples, list):
+        raise invalid("examples is required: a list of {text, text_pair?, label}")
+    if len(examples) > settings.max_train_examples:
+        raise invalid(f"{len(examples)} examples; at most {settings.max_train_examples}", "bad_data")
+    inputs: list = []
+    labels: list[str] = []
+    for n, ex in enumerate(examples):
+        if not isinstance(ex, dict) or set(ex) - {"text", "text_pair", "label"}:
+            raise invalid(f"example {n} must be an object with text, label and optionally text_pair")
+        text, pair, label = ex.get("text"), ex.get("text_pair"), ex.get("label")
+        if not isinstance(text, str) or not (pair is None or isinstance(pair, str)):
+            raise invalid(f"example {n}: text (and text_pair) must be strings")
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            raise invalid(f"example {n}: label must be a string or an integer")
+        inputs.append(text if pair is None else (text, pair))
+        labels.append(str(label))
+    options = {k: v for k, v in body.items() if k != "examples"}
+    return Dataset(inputs, labels), parse_options(options, False, CONFIG_FIELDS + SERVICE_FIELDS)
+
+
+def _file_examples(raw: bytes, fmt: str, columns: dict) -> Dataset:
+    with tempfile.TemporaryDirectory(prefix="xpeft-train-") as tmp:
+        path = Path(tmp) / f"upload.{fmt}"
+        path.write_bytes(raw)
+        try:
+            data = load_dataset(path, **columns)
+        except XPeftError as exc:
+            raise invalid(exc.message.replace(str(path), "the uploaded file"), "bad_data") from None
+        except (UnicodeDecodeError, csv.Error, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # not UTF-8, a broken CSV, a JSON line that is not an object, a row without a column
+            raise invalid(
+                f"the uploaded {fmt} file cannot be read: {type(exc).__name__}", "bad_data"
+            ) from None
+    return data
+
+
+def parse_train_request(
+    raw: bytes, content_type: str | None, query: Mapping[str, str], settings: Settings
+) -> TrainRequest:
+    """Everything checked; raises :class:`ApiError` (422 or 415) with a stable code."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "application/json" and "format" not in query:
+        if query:
+            raise invalid("with a JSON body, put the options in the body, not the query")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise invalid(f"the body is not JSON: {exc}"[:200]) from None
+        data, options = _json_examples(body, settings)
+    else:
+        fmt = query.get("format") or FORMATS.get(media)
+        if fmt not in ("tsv", "csv", "jsonl"):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "send JSON (application/json) or a labelled file: text/tab-separated-values, text/csv "
+                "or application/jsonl (or ?format=tsv|csv|jsonl)",
+            )
+        options = parse_options(dict(query), True, CONFIG_FIELDS + SERVICE_FIELDS + FILE_FIELDS)
+        columns = {
+            "text_col": options.pop("text_col", "sentence"),
+            "text_pair_col": options.pop("text_pair_col", None),
+            "label_col": options.pop("label_col", "label"),
+        }
+        options.pop("format", None)
+        data = _file_examples(raw, fmt, columns)
+    config, fraction, keep = _config(options, settings)
+    _check_data(data, settings, fraction, config.seed)
+    return TrainRequest(data, config, fraction, keep)

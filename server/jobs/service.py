@@ -1,0 +1,139 @@
+"""The server's side of training: create, read, list and cancel jobs; the embedded trainer child.
+
+Everything here is synchronous I/O (the records' store, Huey's enqueue) run through
+``asyncio.to_thread`` by the routes. With the embedded SQLite store and ``XPEFT_EMBEDDED_TRAINER``
+(the default), one ``xpeft worker`` child runs beside the server: started at startup when jobs
+are waiting (so queued jobs survive a restart), else at the first job, and restarted if it died.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from xpeft.server.errors import ApiError
+from xpeft.server.jobs.records import JobStore, new_job_id
+from xpeft.server.jobs.request import TrainRequest
+from xpeft.server.settings import Settings
+
+log = logging.getLogger("xpeft.server")
+
+
+class JobService:
+    """Opened lazily (the first job request), so a server that never trains pays nothing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._jobs: JobStore | None = None
+        self._task: Any = None
+        self._child: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def embedded(self) -> bool:
+        return not self.settings.redis_url and self.settings.embedded_trainer
+
+    def jobs(self) -> JobStore:
+        with self._lock:
+            if self._jobs is None:
+                from xpeft.server.jobs.queue import make_queue, open_job_store
+
+                self._jobs = open_job_store(self.settings)
+                _, self._task = make_queue(self.settings)
+            return self._jobs
+
+    # -- requests --------------------------------------------------------------------------
+    def submit(self, profile_id: str, request: TrainRequest) -> dict:
+        jobs = self.jobs()
+        active = len(jobs.active_ids())
+        if active >= self.settings.max_pending_jobs:
+            raise ApiError(
+                503,
+                "too_many_jobs",
+                f"{active} jobs are queued or running (at most {self.settings.max_pending_jobs}); retry later",
+                headers={"Retry-After": "10"},
+            )
+        job_id = new_job_id()
+        record = {
+            "id": job_id,
+            "profile_id": profile_id,
+            "state": "queued",
+            "created_at": time.time(),
+            "examples": len(request.data),
+            "labels": request.data.label_names(),
+            "options": request.options(),
+            "attempts": 0,
+        }
+        jobs.create(record, request.encoded_examples())
+        try:
+            self._task(job_id)
+        except Exception:
+            jobs.cancel(job_id)  # never leave a record that no worker will ever see
+            raise
+        if self.embedded:
+            self.ensure_trainer()
+        return record
+
+    def _checked(self, record: dict) -> dict:
+        """The record, failed first if its worker missed the lease (a write only in that case)."""
+        lease = self.settings.train_lease_s
+        if record["state"] == "running" and time.time() - record.get("heartbeat_at", 0) > lease:
+            return self.jobs().expire(record["id"], lease) or record
+        return record
+
+    def get(self, job_id: str) -> dict | None:
+        record = self.jobs().get(job_id)
+        return None if record is None else self._checked(record)
+
+    def list(self, cursor: str | None, limit: int) -> tuple[list[dict], str | None]:
+        records, next_cursor = self.jobs().list(cursor, limit)
+        return [self._checked(r) for r in records], next_cursor
+
+    def cancel(self, job_id: str) -> dict | None:
+        return self.jobs().cancel(job_id)
+
+    # -- the embedded trainer ----------------------------------------------------------------
+    def start(self) -> None:
+        """At startup: with the embedded trainer, start it now if jobs are waiting."""
+        if self.embedded and self.settings.sqlite_path.exists() and self.jobs().active_ids():
+            self.ensure_trainer()
+
+    def ensure_trainer(self) -> None:
+        with self._lock:
+            if self._child is not None and self._child.poll() is None:
+                return
+            if self._child is not None:
+                log.warning(
+                    "the embedded trainer exited (status %s): starting it again", self._child.returncode
+                )
+            cmd = [sys.executable, "-m", "xpeft.cli", "worker", "--parent-pid", str(os.getpid())]
+            env = {**os.environ, **_settings_env(self.settings)}
+            self._child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+            log.info("embedded trainer started (pid %d)", self._child.pid)
+
+    def stop(self) -> None:
+        child, self._child = self._child, None
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(5)
+        if self._jobs is not None:
+            self._jobs.close()
+
+
+def _settings_env(settings: Settings) -> dict[str, str]:
+    """The settings a child trainer needs, as ``XPEFT_*`` variables (flags may have set them)."""
+    env = {"XPEFT_SQLITE_PATH": str(settings.sqlite_path), "XPEFT_LOG_LEVEL": settings.log_level}
+    for name in ("bank", "model", "device", "dtype"):
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"XPEFT_{name.upper()}"] = str(value)
+    return env

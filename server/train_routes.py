@@ -1,0 +1,192 @@
+"""Training as a service over HTTP: ``POST /profiles/{id}/train`` and ``/jobs``.
+
+Auth is ``PUT``'s: the admin token (or, without one, loopback clients only), or a tenant token
+for profile ids under its prefixes. Reading a job is a profile read (the API token too); listing
+every job needs the API or admin token. The body is read only after the token check and is
+validated completely (:mod:`xpeft.server.jobs.request`) before anything is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from xpeft.server.auth import require_reader
+from xpeft.server.errors import ApiError
+from xpeft.server.jobs.records import JOB_ID
+from xpeft.server.jobs.request import parse_train_request
+from xpeft.server.routes import ProfileIdPath, _check_id
+from xpeft.server.schemas import ErrorBody
+
+if TYPE_CHECKING:
+    from xpeft.server.app import ServerState
+    from xpeft.server.jobs.service import JobService
+
+router = APIRouter()
+_JOB_DOC = "the job id that POST /profiles/{id}/train answered (20 hex digits)"
+JobIdPath = Path(..., description=_JOB_DOC, json_schema_extra={"pattern": JOB_ID.pattern})
+
+
+class JobView(BaseModel):
+    """A training job: state, progress and (once it ended) its result or error."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    profile_id: str
+    state: str = Field(..., description="queued, running, succeeded, failed or cancelled")
+    progress: dict | None = Field(None, description="step, total, loss, train_accuracy, eta_s, phase")
+    result: dict | None = Field(
+        None, description="version, eval_accuracy, stored (false: the current version was kept)"
+    )
+    error: dict | None = Field(None, description="code and message of a failed job")
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null at the end")
+
+
+def _server(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _service(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+def check_train(request: Request, profile_id: str) -> None:
+    """Writes: the admin token, or a tenant token whose prefixes cover ``profile_id``."""
+    auth = _server(request).auth
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if auth.admin is not None and scheme.lower() == "bearer" and token:
+        given = token.encode()
+        if not hmac.compare_digest(given, auth.admin):
+            prefixes = auth._tenant(given)  # noqa: SLF001 - the one place tenants may write
+            if prefixes is not None:
+                if profile_id.startswith(prefixes):
+                    return
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    "this token may not train that profile: its id has none of the token's prefixes",
+                )
+    auth.check_admin(request)
+
+
+def _check_job_id(job_id: str) -> str:
+    if not JOB_ID.fullmatch(job_id):
+        raise ApiError(422, "invalid_job_id", f"job ids are 20 hex digits; got {job_id[:100]!r}")
+    return job_id
+
+
+def _view(request: Request, record: dict) -> dict:
+    """The record as shown; a success this replica had not seen invalidates its cache now."""
+    result = record.get("result") or {}
+    if record["state"] == "succeeded" and result.get("stored"):
+        _server(request).profiles.invalidate(record["profile_id"], result["version"])
+    worker = record.get("worker")  # host:pid:attempt-token; the token is the worker's own business
+    return {**record, "worker": worker.rsplit(":", 1)[0] if worker else None}
+
+
+async def _job(request: Request, job_id: str) -> dict:
+    record = await asyncio.to_thread(_service(request).get, _check_job_id(job_id))
+    if record is None:
+        raise ApiError(
+            404, "job_not_found", f"no job with id {job_id!r} (finished jobs are kept for a while)"
+        )
+    return record
+
+
+@router.post(
+    "/profiles/{profile_id}/train",
+    status_code=202,
+    response_model=JobView,
+    tags=["training"],
+    responses={415: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "JSON {examples: [{text, text_pair?, label}], method?, epochs?, eval_fraction?, "
+            "keep_if_better?, ...}, or a .tsv/.csv/.jsonl file with options as query parameters",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/tab-separated-values": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}},
+                "application/jsonl": {"schema": {"type": "string"}},
+            },
+        }
+    },
+)
+async def train(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
+    """Queue a training job for this profile: 202 with the job and its Location; nothing is
+    queued unless every example and option is valid."""
+    _check_id(profile_id)
+    check_train(request, profile_id)
+    state = _server(request)
+    raw = await request.body()
+    parsed = await asyncio.to_thread(
+        parse_train_request, raw, request.headers.get("content-type"), request.query_params, state.settings
+    )
+    record = await asyncio.to_thread(_service(request).submit, profile_id, parsed)
+    response.headers["Location"] = f"/jobs/{record['id']}"
+    return _view(request, record)
+
+
+@router.get(
+    "/jobs/{job_id}", response_model=JobView, tags=["training"], responses={404: {"model": ErrorBody}}
+)
+async def get_job(request: Request, job_id: str = JobIdPath) -> dict:
+    """A job's state, progress, and result or error."""
+    auth = _server(request).auth
+    if not auth.reads_open and not request.headers.get("authorization"):
+        auth.check_profile(request, "")  # 401 before anything is read
+    record = await _job(request, job_id)
+    auth.check_profile(request, record["profile_id"])
+    return _view(request, record)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=JobView,
+    tags=["training"],
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+async def cancel_job(request: Request, job_id: str = JobIdPath) -> dict:
+    """Cancel: a queued job ends cancelled at once; a running one stops at its next step
+    (``cancel_requested`` until then). Nothing is stored for a cancelled job."""
+    _check_job_id(job_id)
+    if _server(request).auth.admin is None or not request.headers.get("authorization"):
+        check_train(request, "")  # protected mode, or 401 without a token: before anything is read
+    record = await _job(request, job_id)
+    check_train(request, record["profile_id"])
+    if record["state"] in ("succeeded", "failed"):
+        raise ApiError(
+            409, "job_finished", f"the job already ended: {record['state']}", state=record["state"]
+        )
+    updated = await asyncio.to_thread(_service(request).cancel, job_id)
+    return _view(request, updated or record)
+
+
+@router.get("/jobs", response_model=JobList, dependencies=[Depends(require_reader)], tags=["training"])
+async def list_jobs(
+    request: Request,
+    cursor: str | None = Query(None, description="next_cursor of the last page (a job id)"),
+    limit: int | None = Query(
+        None, ge=1, description="page size (default 100, at most XPEFT_MAX_LIST_LIMIT)"
+    ),
+) -> dict:
+    """Jobs, newest first, one page at a time."""
+    settings = _server(request).settings
+    limit = limit or min(100, settings.max_list_limit)
+    if limit > settings.max_list_limit:
+        raise ApiError(422, "invalid_request", f"limit must be at most {settings.max_list_limit}")
+    if cursor is not None:
+        _check_job_id(cursor)
+    records, next_cursor = await asyncio.to_thread(_service(request).list, cursor, limit)
+    return {"jobs": [_view(request, r) for r in records], "next_cursor": next_cursor}
