@@ -56,6 +56,7 @@ def test_profile_lifecycle(a, admin_headers, profile_bytes, bank) -> None:
         and len(meta["sha256"]) == 64
     )
     got = a.get("/profiles/life-1")
+    assert meta.pop("unchanged") is False  # only a PUT's answer says whether it changed anything
     assert got.status_code == 200 and got.json() == meta
 
     replaced = a.put("/profiles/life-1", content=profile_bytes(2, "soft"), headers=admin_headers)
@@ -131,7 +132,7 @@ def test_refused_replacement_keeps_the_old_version(a, admin_headers, profile_byt
         422,
         "invalid_profile",
     )
-    assert a.get("/profiles/keep-1").json() == v1
+    assert a.get("/profiles/keep-1").json() == {k: v for k, v in v1.items() if k != "unchanged"}
     answer = a.post("/profiles/keep-1/predict", json={"inputs": ["still here"]})
     assert answer.status_code == 200 and answer.json()["version"] == v1["version"]
 
