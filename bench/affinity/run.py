@@ -30,12 +30,16 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.affinity.nginx import Entry, Nginx, nginx_binary, render, shares
 from bench.load.infra import ServerProcess, bulk_put
 from bench.load.run import Profiles, hardware, load_texts, profile_id
 from bench.load.stats import ZipfSampler
 from bench.reliability.harness import RedisServer, free_port
+
+if TYPE_CHECKING:
+    from xpeft.adapters.bank import AdapterBank
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -76,6 +80,23 @@ QUICK = {
     "cache_profiles": [8],
     "sequence": 2000,
 }
+
+
+def minilm_bank(work: Path, adapters: int) -> tuple[AdapterBank, Path]:
+    """The seeded random bank of the embedded MiniLM (what the image serves), saved under ``work``."""
+    from xpeft.adapters.bank import create_random_bank
+    from xpeft.adapters.encoder import load_encoder
+
+    encoder = load_encoder("minilm", device="cpu")
+    bank = create_random_bank(
+        encoder.num_layers,
+        encoder.hidden_size,
+        encoder.model_id,
+        num_adapters=adapters,
+        seed=0,
+        model_name="minilm",
+    )
+    return bank, bank.save(work / "bank.safetensors")
 
 
 def log(message: str) -> None:
@@ -305,8 +326,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from xpeft.adapters.bank import create_random_bank
-    from xpeft.adapters.encoder import load_encoder
     from xpeft.server.cache import slot_nbytes
     from xpeft.server.stores.redis_store import RedisStore
 
@@ -314,17 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="xpeft-affinity-"))
     redis_server = RedisServer()
     try:
-        encoder = load_encoder("minilm", device="cpu")
-        bank = create_random_bank(
-            encoder.num_layers,
-            encoder.hidden_size,
-            encoder.model_id,
-            num_adapters=config.adapters,
-            seed=0,
-            model_name="minilm",
-        )
-        del encoder
-        bank_path = bank.save(work / "bank.safetensors")
+        bank, bank_path = minilm_bank(work, config.adapters)
         prefix = f"xpeft-affinity-{uuid.uuid4().hex[:8]}"
         log(f"storing {config.profiles} profiles")
 

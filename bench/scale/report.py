@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.affinity.report import fill, machine
+from bench.affinity.report import fill, machine, shown_path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -52,9 +52,7 @@ def section(result: dict, results_path: str) -> str:
 
 
 def write_section(result: dict, doc: Path, results_path: Path) -> None:
-    resolved = results_path.resolve()
-    shown = resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else results_path
-    fill(doc, NAME, section(result, str(shown)))
+    fill(doc, NAME, section(result, shown_path(results_path)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.affinity.run import minilm_bank
 from bench.load.infra import ServerProcess, rss_bytes
 from bench.load.run import hardware
 from bench.reliability.harness import RedisServer
@@ -204,8 +205,6 @@ def main(argv: list[str] | None = None) -> None:
     doc = args.doc or (None if args.quick else REPO / "docs" / "DEPLOYMENT.md")
 
     from bench.load.run import load_texts
-    from xpeft.adapters.bank import create_random_bank
-    from xpeft.adapters.encoder import load_encoder
     from xpeft.profiles import format as xpm
     from xpeft.profiles.synthetic import random_profile
     from xpeft.server.app import _validate_profile
@@ -215,17 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="xpeft-scale-"))
     redis_server = RedisServer()
     try:
-        encoder = load_encoder("minilm", device="cpu")
-        bank = create_random_bank(
-            encoder.num_layers,
-            encoder.hidden_size,
-            encoder.model_id,
-            num_adapters=100,
-            seed=0,
-            model_name="minilm",
-        )
-        del encoder
-        bank_path = bank.save(work / "bank.safetensors")
+        bank, bank_path = minilm_bank(work, 100)
         distinct = min(args.distinct, count)
         payloads, metas = [], []
         for i in range(distinct):
