@@ -23,7 +23,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from xpeft.adapters.errors import XPeftError
@@ -227,7 +228,7 @@ class ClientBase:
         }
 
 
-_backoff = wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2)
+_backoff = wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.2)
 
 
 def _wait(state: RetryCallState) -> float:
