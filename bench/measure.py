@@ -29,6 +29,7 @@ from xpeft.adapters.fusion import FusedAdapters, fuse, fuse_gather
 from xpeft.adapters.layer import apply_adapters
 from xpeft.profiles.profile import Profile
 from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.profiles.slots import SlotPool
 from xpeft.profiles.synthetic import random_profile
 
 
@@ -181,6 +182,10 @@ class MixedBatch:
     encodings: dict[str, torch.Tensor] = field(init=False)
     rows: torch.Tensor | None = field(init=False)
     cached: list[FusedAdapters] = field(init=False)
+    pool: SlotPool = field(init=False)
+    cold_pool: SlotPool = field(init=False)
+    slots: list[int] = field(init=False)
+    slot_rows: torch.Tensor = field(init=False)
     weights: tuple[torch.Tensor, torch.Tensor] = field(init=False)
     static_ids: torch.Tensor = field(init=False)
     static_mask: torch.Tensor = field(init=False)
@@ -192,8 +197,15 @@ class MixedBatch:
         self.encodings = random_inputs(self.batch, self.seq_len, enc.device, self.seed)
         rows = [i % U for i in range(self.batch)]
         self.rows = torch.tensor(rows, device=enc.device) if U > 1 else None
+        bank = self.model.bank
+        shape = (bank.num_layers, bank.hidden_size, bank.bottleneck, enc.device, enc.dtype)
+        # the server's pool: more slots than the batch uses, the batch's in no particular order
+        self.pool, self.cold_pool = SlotPool(2 * U, *shape), SlotPool(2 * U, *shape)
+        self.slots = [2 * U - 1 - 2 * u for u in range(U)]
+        self.slot_rows = torch.tensor([self.slots[r] for r in rows], device=enc.device)
         with torch.no_grad():
             self.cached = self.model.fuse(self.profiles)
+            self.model.fuse_into_pool(self.pool, self.slots, self.profiles)
         self.weights = device_weights(self.profiles, enc.device)
         # the naive server's groups, sliced ahead of time (in its favour)
         self.groups = []
@@ -206,15 +218,15 @@ class MixedBatch:
         return self.model.encoder(self.encodings)
 
     def warm(self) -> torch.Tensor:
-        """Fused weights cached: the runtime's per-batch concatenation, then one forward."""
-        return self.model.encoder(self.encodings, FusedAdapters.cat(self.cached), self.rows)
+        """Every profile in its slot of the pool: one forward, rows indexing the pool by slot id."""
+        return self.model.encoder(self.encodings, self.pool.weights, self.slot_rows)
 
     def cold(self) -> torch.Tensor:
-        """The runtime path with nothing cached: ``MultiProfileModel.fuse`` (host masks to weights,
-        one GEMM, split per profile for the cache), concatenation, one forward."""
-        return self.model.encoder(
-            self.encodings, FusedAdapters.cat(self.model.fuse(self.profiles)), self.rows
-        )
+        """The runtime path with nothing cached: ``fuse_into_pool`` (mixing weights from the host
+        masks, one copy to the device, one GEMM, one indexed copy into the slots, the heads), then
+        the same forward as ``warm``."""
+        self.model.fuse_into_pool(self.cold_pool, self.slots, self.profiles)
+        return self.model.encoder(self.encodings, self.cold_pool.weights, self.slot_rows)
 
     def cold_batched(self) -> torch.Tensor:
         """Nothing cached, weights already on the device: one fusion GEMM straight into the forward."""
@@ -241,7 +253,9 @@ class MixedBatch:
         if variant == "base":
             return graphed(lambda: self.pooled(None, None), copies)
         if variant == "warm":
-            return graphed(lambda: self.pooled(FusedAdapters.cat(self.cached), rows), copies)
+            slot_rows = self.slot_rows.clone()
+            copies.append((self.slot_rows, slot_rows))
+            return graphed(lambda: self.pooled(self.pool.weights, slot_rows), copies)
         static_w = tuple(w.clone() for w in self.weights)
         copies += list(zip(self.weights, static_w, strict=True))
         return graphed(lambda: self.pooled(fuse(*static_w, self.model.device_bank), rows), copies)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 VARIANTS = {
     "base": "the frozen encoder alone, no adapters (the ceiling)",
-    "warm": "X-PEFT, every profile's fused weights cached: concatenate them, one forward",
-    "cold": "X-PEFT through today's runtime (`MultiProfileModel.fuse`: masks to weights on the host, "
-    "one GEMM, split per profile for the cache), then concatenate and one forward",
+    "warm": "X-PEFT, every profile's fused weights in its slot of the device pool: one forward, each row "
+    "indexing the pool by its slot id",
+    "cold": "X-PEFT through the runtime with nothing cached (`MultiProfileModel.fuse_into_pool`: masks to "
+    "weights on the host, one copy to the device, one GEMM, one indexed copy into the slots, the heads), "
+    "then the same forward as `warm`",
     "cold_batched": "X-PEFT with nothing fused yet, mixing weights already on the device: one fusion GEMM "
     "straight into the forward (batched fusion)",
     "naive": "the PEFT / AdapterHub way: one forward per profile's group of rows, its adapter ready (no fusion)",
@@ -340,10 +342,10 @@ def render(
         "Reading the tables:",
         "",
         "- `cold` against `cold_batched` is the cost of the runtime's host-side work per profile "
-        "(masks to weights, the split into per-profile cache entries, the concatenation back), "
-        "not of fusion itself, which the Fusion table times alone.",
-        "- `warm` against `base` is the price of applying per-row adapters plus the concatenation of "
-        "cached entries; the Adapter application table times one layer's share of it.",
+        "(masks to weights, the copy into the pool's slots, the heads), not of fusion itself, which "
+        "the Fusion table times alone.",
+        "- `warm` against `base` is the price of applying per-row adapters read from the slot pool; "
+        "the Adapter application table times one layer's share of it.",
         "- When a forward's enqueue time is close to its finished time (GPU host-cost list), the batch "
         "is bound by Python and kernel launches; the `_graph` variants show the same work with "
         "launches replayed from a CUDA graph.",

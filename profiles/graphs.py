@@ -82,13 +82,14 @@ class GraphRunner:
     """Pads each batch to a bucket and replays (or, eagerly, runs) that bucket's forward.
 
     ``replay``: ``"cuda"`` captures CUDA graphs (the encoder must be on CUDA); ``"eager"`` runs the
-    same static-buffer path without graphs (tests, and buckets whose capture failed).
+    same static-buffer path without graphs (tests, and buckets whose capture failed). ``weights``
+    ``None`` graphs the plain encoder (benchmarks compare against it).
     """
 
     def __init__(
         self,
         encoder: AdapterEncoder,
-        weights: FusedAdapters,
+        weights: FusedAdapters | None,
         max_batch: int,
         replay: str = "cuda",
         max_tokens: int | None = None,

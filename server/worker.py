@@ -40,8 +40,8 @@ class ModelWorker:
         pool = self.fused_cache.attach(
             model.bank.num_layers, model.bank.hidden_size, model.bank.bottleneck, enc.device, enc.dtype
         )
-        if pool is not None and graphs_wanted(cuda_graphs, enc.device):
-            model.graphs = GraphRunner(enc, pool.weights, max_batch)
+        wanted = pool is not None and graphs_wanted(cuda_graphs, enc.device)
+        model.graphs = GraphRunner(enc, pool.weights, max_batch) if wanted and pool is not None else None
         self.model = model
 
     def fused_weights(self, profiles: Sequence[Profile], keys: Sequence[CacheKey]) -> list[FusedAdapters]:

@@ -21,7 +21,8 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from xpeft.adapters.bank import AdapterBank
+from xpeft.adapters.bank import AdapterBank, create_random_bank
+from xpeft.adapters.encoder import AdapterEncoder, load_encoder
 from xpeft.server.app import _validate_profile
 from xpeft.server.stores.redis_store import RedisStore
 
@@ -274,3 +275,12 @@ async def bulk_put(
         await asyncio.gather(*pending)
         done += len(pending)
     return done
+
+
+def minilm_bank(adapters: int, seed: int) -> tuple[AdapterEncoder, AdapterBank]:
+    """The MiniLM default encoder and a seeded random bank for it, as ``xpeft bank create --n N --seed S``."""
+    encoder = load_encoder("minilm", device="cpu")
+    bank = create_random_bank(
+        encoder.num_layers, encoder.hidden_size, encoder.model_id, adapters, seed=seed, model_name="minilm"
+    )
+    return encoder, bank

@@ -45,8 +45,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from xpeft.adapters.bank import AdapterBank, create_random_bank
-from xpeft.adapters.encoder import load_encoder
+from xpeft.adapters.bank import AdapterBank
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
@@ -56,7 +55,7 @@ from xpeft.server.settings import Settings
 from xpeft.server.stores.redis_store import RedisStore
 from xpeft.server.worker import ModelWorker
 
-from .infra import RedisArea, ServerProcess, batch_stats, bulk_put
+from .infra import RedisArea, ServerProcess, batch_stats, bulk_put, minilm_bank
 from .loadgen import PassResult, PlannedRequest, run_pass
 from .report import write_report
 from .stats import ZipfSampler, latency_summary, median
@@ -629,15 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
             "loading the MiniLM encoder and making the bank (as `xpeft bank create --n "
             f"{config.adapters} --seed {config.seed}`)"
         )
-        encoder = load_encoder("minilm")
-        bank = create_random_bank(
-            encoder.num_layers,
-            encoder.hidden_size,
-            encoder.model_id,
-            config.adapters,
-            seed=config.seed,
-            model_name="minilm",
-        )
+        encoder, bank = minilm_bank(config.adapters, config.seed)
         bank_path = bank.save(workdir / "bank.safetensors")
         model = MultiProfileModel(encoder, bank)
         texts, source = load_texts(config.texts)
