@@ -44,8 +44,7 @@ from xpeft.profiles.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
-TOKEN = "bench-train-admin-token-5e2a9c"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH: dict[str, str] = {}  # loopback servers without an admin token (protected mode): writes need none
 
 
 @dataclass
@@ -135,7 +134,6 @@ def server_env(work: Path, name: str, extra: dict[str, str]) -> dict[str, str]:
         "XPEFT_ACCESS_LOG": "false",
         "XPEFT_LOG_LEVEL": "warning",
         "XPEFT_SQLITE_PATH": str(work / f"{name}.sqlite3"),
-        "XPEFT_ADMIN_TOKEN": TOKEN,
         "XPEFT_TORCH_THREADS": str(os.cpu_count() or 1),
         **extra,
     }

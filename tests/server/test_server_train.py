@@ -9,6 +9,9 @@ Jobs train the tests' small separable set (64 examples) for a few steps with the
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -348,3 +351,44 @@ def test_client_wait_raises_on_a_cancelled_job(trainers, separable) -> None:
         with pytest.raises(ClientError) as missing:
             client.get("cancel-c")
         assert missing.value.code == "profile_not_found"
+
+
+def test_cli_train_url_uploads_waits_and_prints_the_served_job(trainers, separable, tmp_path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"sentence": x, "label": y}) + "\n"
+            for x, y in zip(separable.inputs, separable.labels, strict=True)
+        )
+    )
+    base = [sys.executable, "-m", "xpeft.cli", "train", "--url", trainers.s.url, "--data", str(path)]
+    env = {**os.environ, "XPEFT_ADMIN_TOKEN": ADMIN}
+    missing = subprocess.run(base, capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        "error: bad_argument: train --url needs --id"
+    )
+    flags = [
+        "--id",
+        "cli-1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "16",
+        "--eval-fraction",
+        "0.2",
+    ]
+    done = subprocess.run(base + flags, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["state"] == "succeeded" and record["options"]["eval_fraction"] == 0.2
+    assert record["options"]["epochs"] == 1 and record["options"]["method"] == "hard"
+    meta = httpx.get(f"{trainers.s.url}/profiles/cli-1", headers=AUTH).json()
+    assert meta["version"] == record["result"]["version"]
+    refused = subprocess.run(
+        [*base, "--id", "cli-2", "--epochs", "0"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        "error: bad_argument: epochs must be at least 1"
+    )
