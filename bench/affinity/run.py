@@ -158,6 +158,7 @@ def fused_counts(metrics: dict[str, float]) -> tuple[float, float]:
     )
 
 
+SETTLE_S = 2.0  # after a pass, until nginx has logged the requests wrk left open
 CANCELLED = 499  # nginx's code for a client that closed first: wrk's open requests when a pass ends
 
 
@@ -198,11 +199,13 @@ def measure(setup: Setup, config: Config, balance: str, slots: int) -> dict:
         port = free_port()
         lb = Nginx(render(run_dir, [r.port for r in replicas], port, balance=balance), port).start()
         run_wrk(lb.url, paths, config.connections, config.warmup_s)
+        time.sleep(SETTLE_S)  # the warm-up's last requests (499 when wrk closed) reach the log
         before = [r.metrics() for r in replicas]
         seen = len(lb.log())
         began = time.perf_counter()
         totals = run_wrk(lb.url, paths, config.connections, config.measure_s)
         wall = time.perf_counter() - began
+        time.sleep(SETTLE_S)
         after = [r.metrics() for r in replicas]
         entries = predictions(lb.log()[seen:])
         per_replica = []
@@ -267,6 +270,7 @@ def kill_pass(setup: Setup, config: Config) -> dict:
         port = free_port()
         lb = Nginx(render(run_dir, [r.port for r in replicas], port), port).start()
         run_wrk(lb.url, paths, config.connections, config.warmup_s / 2)
+        time.sleep(SETTLE_S)
         seen = len(lb.log())
         proc = wrk(lb.url, paths, config.connections, config.kill_pass_s)
         time.sleep(config.kill_pass_s / 2)
@@ -276,6 +280,7 @@ def kill_pass(setup: Setup, config: Config) -> dict:
         victim.proc.kill()  # SIGKILL, our own child, by pid
         victim.proc.wait(10)
         out, _ = proc.communicate(timeout=config.kill_pass_s + 120)
+        time.sleep(SETTLE_S)
         entries = predictions(lb.log()[seen:])
         after_kill = predictions(lb.log()[in_flight_before:])
         failed = [e for e in entries if e.status not in (200, CANCELLED)]
