@@ -46,7 +46,9 @@ def _entity_tags(request: Request, name: str) -> tuple[bool, list[tuple[bool, st
 
 def _versions(tags: list[tuple[bool, str]], weak_ok: bool) -> frozenset[int]:
     """The versions that the tags name (a weak tag never matches in a strong comparison)."""
-    return frozenset(int(t) for weak, t in tags if (weak_ok or not weak) and t.isdigit() and len(t) < 20)
+    return frozenset(
+        int(t) for weak, t in tags if (weak_ok or not weak) and t.isascii() and t.isdigit() and len(t) < 20
+    )
 
 
 def write_condition(request: Request, create_allowed: bool) -> Condition | None:

@@ -22,7 +22,7 @@ from xpeft.profiles import format as xpm
 from xpeft.server.auth import require_admin, require_profile_access, require_reader
 from xpeft.server.batcher import Job, Overloaded
 from xpeft.server.conditional import PRECONDITION_RESPONSES, not_modified, write_condition
-from xpeft.server.errors import ApiError, etag
+from xpeft.server.errors import ApiError, allowed_methods, etag
 from xpeft.server.middleware import START_KEY
 from xpeft.server.schemas import (
     BodyError,
@@ -319,12 +319,19 @@ def _timing_headers(
 
 @router.api_route("/profiles/{rest:path}", methods=["GET", "PUT", "DELETE", "POST"], include_in_schema=False)
 async def bad_profile_path(rest: str, request: Request) -> None:
-    """Ids with a slash (or other paths under /profiles/): a clear refusal instead of a bare 404."""
-    head, _, tail = rest.partition("/")
-    if tail == "predict" and PROFILE_ID.fullmatch(head):
-        raise ApiError(405, "method_not_allowed", "predict takes POST", headers={"Allow": "POST"})
-    if tail == "file" and PROFILE_ID.fullmatch(head):
-        raise ApiError(405, "method_not_allowed", "a profile's file takes GET", headers={"Allow": "GET"})
+    """Ids with a slash (or other paths under /profiles/): a clear refusal instead of a bare 404.
+
+    A path that the schema documents (``/profiles/{id}/predict``, ``/file``, ...) with another
+    method is 405 with the ``Allow`` of that path; anything else names the id's rule.
+    """
+    allowed = allowed_methods(request)
+    if allowed:
+        raise ApiError(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}",
+            headers={"Allow": allowed},
+        )
     _check_id(rest)
     raise ApiError(
         405,
