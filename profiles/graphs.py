@@ -140,6 +140,10 @@ class GraphRunner:
             name: torch.zeros(b, t, dtype=tensor.dtype, device=device) for name, tensor in encodings.items()
         }
         bucket = Bucket(b, t, inputs, torch.zeros(b, dtype=torch.long, device=device))
+        # captured with padding present (first token kept, the rest masked), so the forward takes
+        # the general masked-attention path, never a shortcut that a mask of all ones would allow
+        if "attention_mask" in inputs:
+            inputs["attention_mask"][:, 0] = 1
         if self.replay == "cuda":
             self._capture(bucket)
         return bucket

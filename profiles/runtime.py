@@ -167,7 +167,6 @@ class MultiProfileModel:
         pool.write_heads(slots, [p.head_weight for p in profiles], [p.head_bias for p in profiles])
 
     # -- forward ---------------------------------------------------------------------------
-    @torch.no_grad()
     def logits(
         self,
         inputs: Sequence[TextInput],
@@ -175,7 +174,19 @@ class MultiProfileModel:
         profiles: Sequence[Profile],
         fused: Sequence[FusedAdapters] | SlotBatch,
     ) -> list[torch.Tensor]:
-        """Per-row logits; row i runs with ``profiles[rows[i]]`` and its ``fused[rows[i]]``.
+        """Per-row logits on the host; row i runs with ``profiles[rows[i]]`` and its ``fused[rows[i]]``."""
+        logits = self.batch_logits(inputs, rows, profiles, fused).cpu()
+        return [logits[i, : profiles[r].num_labels] for i, r in enumerate(rows)]
+
+    @torch.no_grad()
+    def batch_logits(
+        self,
+        inputs: Sequence[TextInput],
+        rows: Sequence[int],
+        profiles: Sequence[Profile],
+        fused: Sequence[FusedAdapters] | SlotBatch,
+    ) -> torch.Tensor:
+        """``(B, C_max)`` logits on the device; columns past a row's labels hold padding.
 
         ``fused`` is either one ``U=1`` entry per profile or a :class:`SlotBatch`: the profiles'
         slots in a pool, whose weights and heads are read in place (no concatenation, no head
@@ -197,8 +208,7 @@ class MultiProfileModel:
             pooled = enc(encodings, batch, row_index if batch.num_profiles > 1 else None)
             heads, biases = self._heads(profiles)
             heads, biases = heads[row_index], biases[row_index]
-        logits = (torch.bmm(heads, pooled.float().unsqueeze(-1)).squeeze(-1) + biases).cpu()
-        return [logits[i, : profiles[r].num_labels] for i, r in enumerate(rows)]
+        return torch.bmm(heads, pooled.float().unsqueeze(-1)).squeeze(-1) + biases
 
     def _heads(self, profiles: Sequence[Profile]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, C, d)`` heads and ``(U, C)`` biases on the device, zero-padded to the most labels."""
@@ -237,11 +247,15 @@ class MultiProfileModel:
             return [[] for _ in requests]
         if fused is None:
             fused = self.transient_batch(profiles)
-        logits = self.logits(inputs, rows, profiles, fused)
+        logits = self.batch_logits(inputs, rows, profiles, fused)
+        # one softmax for the whole batch, each row over its own labels, and one copy to the host
+        labels = torch.as_tensor([profiles[r].num_labels for r in rows]).to(logits.device)
+        columns = torch.arange(logits.shape[1], device=logits.device)
+        probs = torch.softmax(logits.masked_fill(columns >= labels[:, None], float("-inf")), dim=-1).tolist()
         answers: list[list[Prediction]] = []
         start = 0
         for profile, texts in requests:
-            answers.append([to_prediction(profile, z) for z in logits[start : start + len(texts)]])
+            answers.append([from_probs(profile, p) for p in probs[start : start + len(texts)]])
             start += len(texts)
         return answers
 
@@ -263,7 +277,12 @@ class MultiProfileModel:
 
 
 def to_prediction(profile: Profile, logits: torch.Tensor) -> Prediction:
-    probs = torch.softmax(logits.float(), dim=-1).tolist()
+    return from_probs(profile, torch.softmax(logits.float(), dim=-1).tolist())
+
+
+def from_probs(profile: Profile, probs: list[float]) -> Prediction:
+    """The prediction for one row's label probabilities (padding columns past its labels ignored)."""
+    probs = probs[: profile.num_labels]
     best = max(range(len(probs)), key=probs.__getitem__)
     return Prediction(
         label=profile.labels[best], score=probs[best], scores=dict(zip(profile.labels, probs, strict=True))
