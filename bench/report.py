@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from bench.serving_report import serving_sections
+
 VARIANTS = {
     "base": "the frozen encoder alone, no adapters (the ceiling)",
     "warm": "X-PEFT, every profile's fused weights in its slot of the device pool: one forward, each row "
@@ -310,7 +312,14 @@ def section(data: dict, device: str, title: str, img_dir: Path, doc_dir: Path) -
 
 
 def render(
-    cpu: dict | None, gpu: dict | None, checks: dict | None, command: str, img_dir: Path, doc_dir: Path
+    cpu: dict | None,
+    gpu: dict | None,
+    checks: dict | None,
+    command: str,
+    img_dir: Path,
+    doc_dir: Path,
+    serving_cpu: dict | None = None,
+    single: dict | None = None,
 ) -> str:
     lines = [
         "# Benchmarks",
@@ -322,7 +331,10 @@ def render(
         "Reproduce: `python -m bench.offline --device cpu` (writes `bench/results/cpu.json`); on a GPU "
         "machine `OUT=out python bench/gpu_check.py` (writes `out/bench_cuda.json` and "
         "`out/gpu_check.json`, copied to `bench/results/cuda.json` and `bench/results/gpu_check.json`); "
-        "then `python -m bench.report`.",
+        "then `python -m bench.report`. The serving path: on a GPU machine `bench/gpu_run.sh` "
+        "(after `bench/gpu_prepare.sh` here; it runs the same gpu_check with the runtime and HTTP "
+        "steps), on a CPU `python -m bench.gpu_check --cpu --out bench/results/serving-cpu` and "
+        "`python -m bench.load.single` (wrk).",
         "",
         "The server under HTTP load (10,000 profiles in Redis, Zipf traffic, latency percentiles, "
         "throughput against offline, Redis bytes and server memory against profiles stored) is "
@@ -357,6 +369,7 @@ def render(
             lines += checks_block(checks)
     if cpu:
         lines += section(cpu, "cpu", "CPU", img_dir, doc_dir)
+    lines += serving_sections(checks, serving_cpu, single)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -367,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", type=Path, default=Path("bench/results/cpu.json"))
     parser.add_argument("--gpu", type=Path, default=Path("bench/results/cuda.json"))
     parser.add_argument("--checks", type=Path, default=Path("bench/results/gpu_check.json"))
+    parser.add_argument("--serving-cpu", type=Path, default=Path("bench/results/serving-cpu/gpu_check.json"))
+    parser.add_argument("--single", type=Path, default=Path("bench/load/results/single.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     parser.add_argument("--img", type=Path, default=Path("docs/img"))
     args = parser.parse_args(argv)
@@ -377,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         f" --{k} {v}" for k, v in vars(args).items() if v != parser.get_default(k)
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(cpu, gpu, checks, command, args.img, args.out.parent))
+    serving = load(args.serving_cpu), load(args.single)
+    args.out.write_text(render(cpu, gpu, checks, command, args.img, args.out.parent, *serving))
     print(f"wrote {args.out} and {args.img}/bench_*.png")
     return 0
 

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import serving  # noqa: E402
+from bench import serving, serving_report  # noqa: E402
 from bench.load.single import wrk_result  # noqa: E402
 
 
@@ -35,6 +35,8 @@ def test_cpu_quick_run_checks_and_times_the_serving_path(tmp_path, monkeypatch) 
     assert all(r["ms"] > 0 and r["ratio_to_base"] > 0 for r in rows)
     bench = json.loads((tmp_path / "bench_cpu.json").read_text())
     assert any(r.get("variant") == "cold" for r in bench["throughput"])
+    table = "\n".join(serving_report.serving_sections(None, report, None))
+    assert "## Serving path" in table and "| 1 | 100 | cold | 8 | 16 |" in table
 
 
 def test_http_check_serves_and_compares_with_offline(encoder) -> None:

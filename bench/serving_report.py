@@ -1,0 +1,124 @@
+"""The serving-path sections of docs/BENCHMARKS.md (rendered by bench/report.py).
+
+From three JSON files: a gpu_check run's ``runtime`` and ``http`` parts (GPU, and the same script
+on a CPU with ``--cpu``), and bench/load/single.py's wrk run. Each table names the hardware and
+the command its numbers came from.
+"""
+
+from __future__ import annotations
+
+#: the issue's targets, as ratios to the base encoder (runtime) or to offline (HTTP)
+TARGETS = {
+    "cuda": {"cold": 0.90, "warm": 0.93, "naive_speedup": 30.0, "http": 0.7},
+    "cpu": {"cold": 0.85, "http_wrk": 0.8},
+}
+
+
+def _met(value: float, target: float | None) -> str:
+    return "" if target is None else ("yes" if value >= target else "no")
+
+
+def runtime_block(check: dict, device: str) -> list[str]:
+    rows = [r for r in check.get("runtime", []) if "ratio_to_base" in r]
+    if not rows:
+        return []
+    meta = check["meta"]
+    targets = TARGETS[device]
+    naive = {r["distinct"]: r for r in rows if r["variant"] == "naive"}
+    out = [
+        f"### Serving path, the runtime's own batch step ({'GPU' if device == 'cuda' else 'CPU'})",
+        "",
+        f"Run: {meta['hardware']}, {meta['date']}; command `{meta['command']}`. Texts in, predictions "
+        "out through `ModelWorker.run` (the server's batch step: slot pool, `predict_batch`, heads, "
+        "CUDA graphs where on); `cold` empties the pool before every batch, so every profile is fused "
+        "into its slot; `base` is the plain encoder on the same texts, tokenized the same way "
+        "(as a CUDA graph where graphs are on). Medians of rotating rounds.",
+        "",
+        "| U | N | variant | batch | tokens | ms | seq/s | ratio to base | vs naive | target met |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        variant = r["variant"]
+        target = targets.get(variant) if r["distinct"] == 64 else None
+        vs = ""
+        if r["distinct"] in naive and variant in ("cold", "warm"):
+            speedup = naive[r["distinct"]]["ms"] / r["ms"]
+            vs = f"{speedup:.1f}x"
+            if device == "cuda" and target is not None:
+                target_met = r["ratio_to_base"] >= target and speedup >= targets["naive_speedup"]
+                met = "yes" if target_met else "no"
+            else:
+                met = _met(r["ratio_to_base"], target)
+        else:
+            met = _met(r["ratio_to_base"], target)
+        out.append(
+            f"| {r['distinct']} | {r['N'] or ''} | {variant} | {r['batch']} | {r['seq_len']} | {r['ms']:.2f} | "
+            f"{r['seq_per_s']:.0f} | {r['ratio_to_base']:.3f} | {vs} | {met} |"
+        )
+    return [*out, ""]
+
+
+def http_block(check: dict, device: str) -> list[str]:
+    http = check.get("http")
+    if not http or not http.get("passes"):
+        return []
+    target = TARGETS[device].get("http")
+    out = [
+        f"### Serving path under HTTP ({'GPU' if device == 'cuda' else 'CPU'})",
+        "",
+        f"Run: {check['meta']['hardware']}. `xpeft serve` on loopback, {http['profiles']} warm profiles, "
+        f"{http['texts_per_request']} texts per request, {http['clients']} clients of {http['generator']}; "
+        "offline: the same requests through `ModelWorker.run` in this process, in batches of the size "
+        "the server formed, alternating with the HTTP passes.",
+        "",
+        "| pass | HTTP seq/s | offline seq/s | ratio | p50 ms | p99 ms | rows per batch | worker busy | target met | where the time goes |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for p in http["passes"]:
+        b = p["server_batches"]
+        out.append(
+            f"| {p['pass']} | {p['http_seq_per_s']:.0f} | {p['offline']['seq_per_s']:.0f} | {p['ratio']:.3f} | "
+            f"{p['latency'].get('p50_ms', 0):.1f} | {p['latency'].get('p99_ms', 0):.1f} | "
+            f"{b.get('mean_rows', 0):.1f} | {b.get('worker_busy', 0):.0%} | {_met(p['ratio'], target)} | "
+            f"{p['bottleneck']} |"
+        )
+    return [*out, ""]
+
+
+def single_block(single: dict | None) -> list[str]:
+    if not single or not single.get("runs"):
+        return []
+    c, hw = single["config"], single["hardware"]
+    target = TARGETS["cpu"]["http_wrk"]
+    out = [
+        "### Single-text predicts under wrk against the plain encoder (CPU)",
+        "",
+        f"Run: {hw['cpu']}, {hw['usable_cpus']} usable cores, torch threads {c['threads'] or hw['usable_cpus']}; "
+        "command `python -m bench.load.single`. `xpeft serve` holds "
+        f"{c['profiles']} warm profiles; wrk (one thread) sends single-text predicts round-robin over "
+        f"them for {c['seconds']:.0f} s per round; the plain transformers encoder runs the same texts in "
+        f"batches of {c['plain_batch']} in between, on the same threads. The measured generator is wrk; "
+        "the Python generator's pass is shown beside it (it shares the server's cores).",
+        "",
+        "| clients | wrk seq/s | plain encoder seq/s | ratio | target met | Python generator seq/s |",
+        "| ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in single["runs"]:
+        out.append(
+            f"| {r['clients']} | {r['wrk_seq_per_s']:.0f} | {r['plain_seq_per_s']:.0f} | {r['ratio']:.3f} | "
+            f"{_met(r['ratio'], target)} | {r['python_generator']['sequences_per_s']:.0f} |"
+        )
+    return [*out, ""]
+
+
+def serving_sections(gpu_check: dict | None, cpu_check: dict | None, single: dict | None) -> list[str]:
+    """Everything above that has data, GPU first."""
+    lines: list[str] = []
+    if gpu_check and gpu_check.get("meta", {}).get("device") == "cuda":
+        lines += runtime_block(gpu_check, "cuda") + http_block(gpu_check, "cuda")
+    if cpu_check:
+        lines += runtime_block(cpu_check, "cpu") + http_block(cpu_check, "cpu")
+    lines += single_block(single)
+    if lines:
+        lines = ["## Serving path", "", *lines]
+    return lines
