@@ -2,6 +2,7 @@
 
     python -m bench.train_service.run            # full run -> bench/train_service/results/train_service.json
     python -m bench.train_service.run --quick    # smoke run (a few minutes) -> runs/train-service-quick.json
+    python -m bench.train_service.run --device cuda --out bench/train_service/results/train_service_gpu.json
     python -m bench.train_service.report         # the JSON -> docs/TRAINING.md
 
 One ``xpeft serve`` process per phase on loopback (embedded SQLite store, the MiniLM default
@@ -58,6 +59,7 @@ class Config:
     rounds: int = 3
     adapters: int = 100
     seed: int = 0
+    device: str = "cpu"
     data: str = str(DATA)
 
 
@@ -129,18 +131,19 @@ def wait_running(client: httpx.Client, job_id: str, timeout: float = 300) -> Non
     raise RuntimeError("the background job did not start training in time")
 
 
-def server_env(work: Path, name: str, extra: dict[str, str]) -> dict[str, str]:
+def server_env(config: Config, work: Path, name: str, extra: dict[str, str]) -> dict[str, str]:
     return {
         "XPEFT_ACCESS_LOG": "false",
         "XPEFT_LOG_LEVEL": "warning",
         "XPEFT_SQLITE_PATH": str(work / f"{name}.sqlite3"),
         "XPEFT_TORCH_THREADS": str(os.cpu_count() or 1),
+        "XPEFT_DEVICE": config.device,
         **extra,
     }
 
 
-def _server(bank_path: Path, work: Path, name: str, extra: dict[str, str]) -> ServerProcess:
-    server = ServerProcess(bank_path, "", "", work, server_env(work, name, extra), name)
+def _server(config: Config, bank_path: Path, work: Path, name: str, extra: dict[str, str]) -> ServerProcess:
+    server = ServerProcess(bank_path, "", "", work, server_env(config, work, name, extra), name)
     for key in ("XPEFT_REDIS_URL", "XPEFT_REDIS_PREFIX"):
         server.env.pop(key, None)
     return server
@@ -149,7 +152,7 @@ def _server(bank_path: Path, work: Path, name: str, extra: dict[str, str]) -> Se
 def phase_a(config: Config, bank_path: Path, tsv: Path, work: Path) -> dict:
     threads = config.train_threads or os.cpu_count() or 1
     runs = []
-    server = _server(bank_path, work, "time-to-serve", {"XPEFT_TRAIN_THREADS": str(threads)})
+    server = _server(config, bank_path, work, "time-to-serve", {"XPEFT_TRAIN_THREADS": str(threads)})
     with server, httpx.Client(base_url=server.url, timeout=60, trust_env=False) as client:
         for r in range(config.repeats):
             run = time_to_serve(client, f"sst2-{r}", tsv)
@@ -166,7 +169,7 @@ def phase_a(config: Config, bank_path: Path, tsv: Path, work: Path) -> dict:
 
 def phase_b(config: Config, bank, bank_path: Path, tsv: Path, work: Path) -> dict:
     rounds = []
-    with _server(bank_path, work, "serve-while-training", {}) as server:
+    with _server(config, bank_path, work, "serve-while-training", {}) as server:
         ids = store_profiles(server, bank, config.profiles, config.seed)
         texts, _ = load_texts("")
         lines = work / "requests.tsv"
@@ -220,9 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--data", default=str(DATA), help="SST-2 train.tsv (sentence, label)")
     parser.add_argument("--train-threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cuda on a GPU machine (server and trainer)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    config = Config(data=args.data, train_threads=args.train_threads)
+    config = Config(data=args.data, train_threads=args.train_threads, device=args.device)
     if args.quick:
         config = Config(**{**asdict(config), **QUICK})
     out = args.out or (

@@ -122,6 +122,20 @@ class JobStore(abc.ABC):
         self.update(job_id, fn)
         return bool(done)
 
+    def requeue(self, job_id: str, worker: str) -> bool:
+        """running -> queued again, for the owning worker that is stopping (not crashing)."""
+        done: list[bool] = []
+
+        def fn(rec: dict) -> dict | None:
+            if rec["state"] != "running" or rec.get("worker") != worker or rec.get("cancel_requested"):
+                return None
+            rec.update(state="queued", worker=None, progress=None, started_at=None, heartbeat_at=None)
+            done.append(True)
+            return rec
+
+        self.update(job_id, fn)
+        return bool(done)
+
     def cancel(self, job_id: str) -> dict | None:
         """A queued job ends cancelled now; a running one is asked to stop (its worker ends it)."""
 

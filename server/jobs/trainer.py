@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from xpeft.adapters.bank import AdapterBank
@@ -52,6 +53,7 @@ class TrainerContext:
 
 
 CONTEXT: TrainerContext | None = None  # set once by the worker process (server/jobs/worker.py)
+RUNNING: dict[str, _Progress] = {}  # job id -> its progress, while this process trains it
 
 
 class _Progress:
@@ -117,6 +119,7 @@ def run_job(job_id: str) -> None:
         return
     log.info("job %s: training profile %s", job_id, record["profile_id"])
     progress = _Progress(ctx.jobs, job_id, worker, ctx.settings.train_heartbeat_s)
+    RUNNING[job_id] = progress
     try:
         fields = _train_and_store(ctx, record, progress)
         state = "succeeded"
@@ -129,10 +132,27 @@ def run_job(job_id: str) -> None:
         state, fields = "failed", {"error": {"code": "internal_error", "message": type(exc).__name__}}
     finally:
         progress.close()
+        RUNNING.pop(job_id, None)
     if progress.lost or not ctx.jobs.finish(job_id, worker, state, progress=progress.state, **fields):
         log.warning("job %s: this worker lost it (lease expired or cancelled); its result is dropped", job_id)
     else:
         log.info("job %s: %s", job_id, state)
+
+
+def requeue_running(requeue: Callable[[str], None]) -> list[str]:
+    """On a graceful stop: give the jobs this process is training back to the queue (``requeue``
+    enqueues a job id again), unless one is already storing its result. Their training threads
+    lose ownership, so nothing they do afterwards is stored."""
+    assert CONTEXT is not None
+    given_back = []
+    for job_id, progress in list(RUNNING.items()):
+        if progress.state.get("phase") == "storing":
+            continue
+        if CONTEXT.jobs.requeue(job_id, progress.worker):
+            progress.lost = True
+            requeue(job_id)
+            given_back.append(job_id)
+    return given_back
 
 
 def _train_and_store(ctx: TrainerContext, record: dict, progress: _Progress) -> dict:

@@ -41,7 +41,8 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 
 
 def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
-    """Serve the queue until SIGTERM (stop now) or SIGINT (finish the running job first)."""
+    """Serve the queue until SIGTERM (stop now: the job in hand is queued again) or SIGINT
+    (finish the running job first)."""
     if settings.train_nice:
         os.nice(settings.train_nice)
     import torch
@@ -59,7 +60,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     check_readable(settings.bank)
     bank = AdapterBank.load(settings.bank)
     trainer.CONTEXT = trainer.TrainerContext(settings, open_job_store(settings), bank)
-    huey, _ = make_queue(settings)
+    huey, task = make_queue(settings)
     stop = threading.Event()
     threading.Thread(target=_reaper, args=(settings, stop), name="xpeft-reaper", daemon=True).start()
     if parent_pid is not None:
@@ -80,3 +81,6 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
         consumer.run()
     finally:
         stop.set()
+        # a stop (SIGTERM, SIGINT), not a crash: the job in hand goes back to the queue at once
+        for job_id in trainer.requeue_running(task):
+            log.warning("job %s: stopped mid-training; queued again for another trainer", job_id)

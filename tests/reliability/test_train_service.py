@@ -1,7 +1,7 @@
 """Training as a service under faults: every job ends in a clear state, nothing is half-stored.
 
 - a worker killed (SIGKILL) mid-job: the job fails ``worker_lost`` within the lease, and no
-  profile version is written by it;
+  profile version is written by it; a worker stopped (SIGTERM) mid-job queues it again;
 - a server restarted while jobs are queued (the embedded store, its trainer off at first): the
   restarted server starts its trainer and the jobs run;
 - a cancelled job, queued or running: it ends ``cancelled`` and nothing is stored;
@@ -109,6 +109,29 @@ def test_worker_killed_mid_job_fails_the_job_and_stores_nothing(
     finally:
         worker.stop()
     assert profile_status(server.url, "killed-1") == 404
+
+
+def test_worker_stopped_mid_job_queues_it_again(
+    server, redis_env, rel_bank_path, separable, tmp_path
+) -> None:
+    """SIGTERM (a deploy, a scale-down) is not a crash: the job goes back to the queue at once."""
+    worker = start_worker(redis_env, rel_bank_path, tmp_path / "worker.log")
+    try:
+        posted = httpx.post(
+            f"{server.url}/profiles/stopped-1/train",
+            json={"examples": examples(separable), **LONG},
+            headers=AUTH,
+        )
+        job_id = posted.json()["id"]
+        wait_job(server.url, job_id, AUTH, until=("running",), step_at_least=2)
+    finally:
+        worker.stop()  # SIGTERM, then waits for the process to exit
+    record = job(server.url, job_id, AUTH)
+    assert record["state"] == "queued" and record["attempts"] == 1 and record["progress"] is None, record
+    assert "queued again" in worker.log_path.read_text()
+    assert profile_status(server.url, "stopped-1") == 404
+    cancelled = httpx.delete(f"{server.url}/jobs/{job_id}", headers=AUTH).json()
+    assert cancelled["state"] == "cancelled"
 
 
 def test_cancelled_jobs_end_cancelled_and_store_nothing(
