@@ -135,3 +135,28 @@ def test_eviction_never_overwrites_a_slot_reserved_by_a_batch_being_assembled() 
     held.release()
     assert cache.pool.free_slots == 1  # type: ignore[union-attr]
     assert cache.put(("f", 1), fused_entry()) and ("e", 1) in cache  # the freed slot, no eviction
+
+
+def test_without_room_for_one_slot_every_batch_is_fused_for_itself(encoder, bank, profile_bytes) -> None:
+    model = MultiProfileModel(encoder, bank)
+    metrics = Metrics()
+    worker = ModelWorker(FusedCache(0, VersionFloors(), metrics), metrics)  # XPEFT_FUSED_CACHE_BYTES=0
+    worker.attach(model)
+    assert worker.fused_cache.pool is None and worker.fused_cache.num_slots == 0
+    jobs = [Job(p, ["a text", "another"], None) for p in entries(bank, profile_bytes, 3)]  # type: ignore[arg-type]
+    check(model, jobs, worker.run(jobs))
+    check(model, jobs, worker.run(jobs))
+    assert (
+        len(worker.fused_cache) == 0 and metrics.registry.get_sample_value("xpeft_fused_profiles_total") == 6
+    )
+    worker.shutdown()
+
+
+def test_cuda_graphs_asked_for_without_cuda_are_refused(encoder, bank) -> None:
+    model = MultiProfileModel(encoder, bank)
+    worker, _ = make_worker(model, slots=1)
+    with pytest.raises(ValueError, match="cuda_graphs is on"):
+        worker.attach(model, cuda_graphs=True)
+    worker.attach(model, cuda_graphs=False)
+    assert model.graphs is None
+    worker.shutdown()
