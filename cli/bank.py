@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.cli.output import print_json
+from xpeft.cli.output import positive_int, print_json
+
+MODEL_HELP = "encoder: minilm (the bundled MiniLM-L6), a model folder or a hub id"
 
 
 def cmd_create(args: argparse.Namespace) -> None:
@@ -96,12 +98,19 @@ def register(subparsers: Any) -> None:
         dest="bank_command", required=True
     )
     p = bank.add_parser("create", help="a seeded random bank")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--n", type=int, default=100)
-    p.add_argument("--reduction-factor", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-scale", type=float, default=1.0)
+    p.add_argument("--out", required=True, help="the bank file to write (.safetensors)")
+    p.add_argument("--model", default="minilm", help=MODEL_HELP)
+    p.add_argument("--n", type=positive_int, default=100, help="adapters per layer")
+    p.add_argument(
+        "--reduction-factor",
+        type=positive_int,
+        default=16,
+        help="an adapter's bottleneck is the hidden size divided by this",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the same seed and shapes give the same bank")
+    p.add_argument(
+        "--init-scale", type=float, default=1.0, help="scales the random weights (1: output ~ input scale)"
+    )
     p.add_argument(
         "--revision",
         default=None,
@@ -109,19 +118,19 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=cmd_create)
     p = bank.add_parser("from-adapters", help="stack single adapters (single_adapter profiles) into a bank")
-    p.add_argument("--out", required=True)
-    p.add_argument("adapters", nargs="+")
+    p.add_argument("--out", required=True, help="the bank file to write (.safetensors)")
+    p.add_argument("adapters", nargs="+", help="profile files trained with --method single_adapter")
     p.set_defaults(func=cmd_from_adapters)
     p = bank.add_parser("import-adapterhub", help="stack AdapterHub / adapters-library Pfeiffer adapters")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default="minilm")
+    p.add_argument("--out", required=True, help="the bank file to write (.safetensors)")
+    p.add_argument("--model", default="minilm", help=MODEL_HELP)
     p.add_argument(
         "--revision",
         default=None,
         help="branch, tag or commit of a hub model id, recorded in the bank so every later load gets the same weights",
     )
-    p.add_argument("folders", nargs="+")
+    p.add_argument("folders", nargs="+", help="folders of saved Pfeiffer adapters")
     p.set_defaults(func=cmd_import)
     p = bank.add_parser("info", help="print a bank's metadata")
-    p.add_argument("bank")
+    p.add_argument("bank", help="the bank file")
     p.set_defaults(func=cmd_info)

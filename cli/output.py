@@ -1,9 +1,16 @@
-"""What every command shares: JSON on stdout and the reading of inputs from the command line."""
+"""What every command shares: JSON on stdout, inputs and checked values from the command line,
+and output files written whole or not at all."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from xpeft.adapters.errors import XPeftError
 
 if TYPE_CHECKING:  # torch loads only when a command runs
     from xpeft.adapters.encoder import TextInput
@@ -24,3 +31,41 @@ def parse_inputs(texts: list[str], pair_sep: str | None) -> list[TextInput]:
         else:
             out.append(text)
     return out
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1 (else one ``error: bad_argument:`` line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def writable_target(path: Path, force: bool) -> Path:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if path.is_dir():
+        raise XPeftError("bad_argument", f"{path} is a folder; name a file")
+    if path.exists() and not force:
+        raise XPeftError("bad_argument", f"{path} exists; pass --force to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise XPeftError("bad_argument", f"no folder {parent} to write {path.name} into")
+    if not os.access(parent, os.W_OK):
+        raise XPeftError("bad_argument", f"folder {parent} is not writable")
+    return path
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """The whole file or none of it: written beside the target, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,4 +1,4 @@
-"""``xpeft train | eval | info | predict | demo``: profiles offline, on this machine's encoder.
+"""``xpeft train | eval | info | predict``: profiles offline, on the local encoder.
 
 ``predict --url`` goes to a server instead (:mod:`xpeft.cli.remote`), with the same output.
 """
@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import argparse
-from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.cli.output import parse_inputs, print_json
+from xpeft.cli import jobs
+from xpeft.cli.output import parse_inputs, positive_int, print_json, writable_target
+from xpeft.cli.remote import TOKEN_HELP
 from xpeft.profiles.train_config import ESTIMATORS, METHODS, TrainConfig
 
 # TrainConfig fields that `xpeft train` sets from flags of the same name
@@ -34,15 +35,34 @@ TRAIN_FLAGS = (
     "seed",
 )
 
+EVAL_BATCH_SIZE = 64  # xpeft.profiles.evaluate.evaluate's default (a test checks they agree)
+
 if TYPE_CHECKING:
     from xpeft.profiles.data import Dataset
     from xpeft.profiles.runtime import MultiProfileModel
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text-col", default="sentence")
-    p.add_argument("--text-pair-col", default=None)
-    p.add_argument("--label-col", default="label")
+    p.add_argument("--text-col", default="sentence", help="column (or JSON key) of the text")
+    p.add_argument("--text-pair-col", default=None, help="column of a pair's second text, for pair tasks")
+    p.add_argument("--label-col", default="label", help="column of the label")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; one is often faster on a busy machine)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar (bars only show on a terminal)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def _load_data(path: str, args: argparse.Namespace) -> Dataset:
@@ -59,7 +79,13 @@ def _model(args: argparse.Namespace) -> MultiProfileModel:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train one profile and write its ``.xpm`` file; prints a JSON summary."""
+    """Train one profile and write its ``.xpm`` file; prints a JSON summary. With ``--url``, a
+    server trains and stores it instead (:mod:`xpeft.cli.jobs`)."""
+    if args.url:
+        jobs.train_remote(args, TRAIN_FLAGS)
+        return
+    if not (args.bank and args.out):
+        raise XPeftError("bad_argument", "train needs --bank and --out (offline), or --url and --id (server)")
     from xpeft.adapters.bank import AdapterBank
     from xpeft.adapters.encoder import encoder_for_bank
     from xpeft.profiles import format as xpm
@@ -67,6 +93,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FLAGS})
     config.validate()  # before anything is loaded, trained or written
+    writable_target(Path(args.out), force=True)
+    _set_threads(args)
     bank = AdapterBank.load(args.bank)
     encoder = encoder_for_bank(bank, args.model)
     train = _load_data(args.data, args)
@@ -91,9 +119,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Accuracy, F1 and Matthews correlation of a profile on labelled data."""
     from xpeft.profiles.evaluate import evaluate
 
+    _set_threads(args)
     model = _model(args)
     profile = model.load_profile(args.profile)
-    print_json(evaluate(model, profile, _load_data(args.data, args), batch_size=args.batch_size))
+    data = _load_data(args.data, args)
+    print_json(evaluate(model, profile, data, batch_size=args.batch_size, progress=not args.quiet))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -124,77 +154,33 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print_json([{"input": t, **p.as_dict()} for t, p in zip(args.texts, predictions, strict=True)])
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    """Build a random bank, train a hard-mask profile on the bundled examples, predict."""
-    from xpeft.adapters.bank import AdapterBank, create_random_bank
-    from xpeft.adapters.encoder import load_encoder
-    from xpeft.profiles import format as xpm
-    from xpeft.profiles.data import load_dataset
-    from xpeft.profiles.runtime import MultiProfileModel
-    from xpeft.profiles.train import train_profile
-
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    encoder = load_encoder("minilm")
-    bank_path = work / "bank.safetensors"
-    if bank_path.is_file():
-        bank = AdapterBank.load(bank_path)
-    else:
-        bank = create_random_bank(
-            encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=100, model_name="minilm"
-        )
-        bank.save(bank_path)
-    print(
-        f"bank {bank.bank_id}: L={bank.num_layers} N={bank.num_adapters} d={bank.hidden_size} "
-        f"r={bank.bottleneck} -> {bank_path}"
-    )
-    data = load_dataset(str(files("xpeft.profiles.examples") / "sentiment.tsv"))
-    result = train_profile(
-        encoder, bank, data, TrainConfig(method="hard", epochs=8, batch_size=16, max_length=32)
-    )
-    profile_path = work / "sentiment.xpm"
-    size = xpm.save(result.profile, profile_path)
-    print(
-        f"profile -> {profile_path}: {size} bytes, hard masks k={result.profile.k}, "
-        f"trained in {result.seconds:.1f}s, final train accuracy {result.history[-1]['train_accuracy']:.2f}"
-    )
-    model = MultiProfileModel(encoder, bank)
-    profile = model.load_profile(profile_path)
-    texts = [
-        "What a lovely, heartfelt movie.",
-        "The food was cold and the waiter was rude.",
-        "An inventive and joyful show.",
-        "Boring, slow and far too long.",
-    ]
-    for text, pred in zip(texts, model.predict(profile, list(texts)), strict=True):
-        print(f"{pred.label:>9} {pred.score:.3f}  {text}")
-
-
 def register(subparsers: Any) -> None:
-    """Add ``train``, ``eval``, ``info``, ``predict`` and ``demo`` to the ``xpeft`` command."""
+    """Add ``train``, ``eval``, ``info`` and ``predict`` to the ``xpeft`` command."""
     p = subparsers.add_parser("train", help="train a profile")
-    p.add_argument("--bank", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default=None, help="default: the encoder the bank was built for")
+    p.add_argument("--bank", help="the bank file (.safetensors); offline runs")
+    p.add_argument("--data", required=True, help="labelled examples: .tsv, .csv or .jsonl")
+    p.add_argument("--out", help="the profile file to write (.xpm); offline runs")
+    p.add_argument("--model", default=None, help="encoder (default: the one the bank was built for)")
     d = TrainConfig()  # one set of defaults for the CLI, the Python API and the evaluation
-    p.add_argument("--method", choices=METHODS, default=d.method)
-    p.add_argument("--k", type=int, default=d.k, help="hard masks: adapters per layer (default: N/10)")
+    p.add_argument("--method", choices=METHODS, default=d.method, help="what to train (docs/METHOD.md)")
+    p.add_argument("--k", type=int, default=d.k, help="hard: adapters kept per layer (default: N/10)")
     _data_args(p)
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the data")
     p.add_argument(
         "--lr",
         "--lr-scores",
         dest="lr_scores",
         type=float,
         default=d.lr_scores,
-        help="mask scores' learning rate",
+        help="hard, soft: the mask scores' learning rate",
     )
-    p.add_argument("--lr-head", type=float, default=d.lr_head)
+    p.add_argument("--lr-head", type=float, default=d.lr_head, help="the head's learning rate")
     p.add_argument(
-        "--lr-adapter", type=float, default=d.lr_adapter, help="single_adapter: the adapter's rate"
+        "--lr-adapter", type=float, default=d.lr_adapter, help="single_adapter: the adapter's learning rate"
     )
-    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument(
+        "--temperature", type=float, default=d.temperature, help="hard, soft: the masks' softmax temperature"
+    )
     p.add_argument(
         "--scale-power", type=float, default=d.scale_power, help="hard: a selected adapter weighs 1/k**p"
     )
@@ -217,39 +203,41 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--estimator", choices=ESTIMATORS, default=d.estimator, help="hard: straight-through surrogate"
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-data", default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per training step")
+    p.add_argument(
+        "--max-length", type=int, default=d.max_length, help="tokens per input (longer ones are truncated)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the scores, the head and the shuffling")
+    p.add_argument("--eval-data", default=None, help="labelled data scored after each epoch")
+    _run_args(p)
+    jobs.add_remote_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("eval", help="score a profile on labelled data")
-    p.add_argument("--bank", required=True)
-    p.add_argument("--profile", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", default=None)
-    p.add_argument("--batch-size", type=int, default=64)
+    p = subparsers.add_parser(
+        "eval", help="score a profile on labelled data: accuracy, n, f1 (two labels) or f1_macro, mcc"
+    )
+    p.add_argument("--bank", required=True, help="the bank the profile was trained on")
+    p.add_argument("--profile", required=True, help="the profile file (.xpm)")
+    p.add_argument("--data", required=True, help="labelled examples: .tsv, .csv or .jsonl")
+    p.add_argument("--model", default=None, help="encoder (default: the one the bank was built for)")
+    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE, help="inputs per forward")
     _data_args(p)
+    _run_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("info", help="print a profile file's metadata as JSON")
-    p.add_argument("file")
+    p.add_argument("file", help="the .xpm file")
     p.set_defaults(func=cmd_info)
 
     p = subparsers.add_parser(
         "predict", help="predict offline (--bank, --profile) or through a server (--url, --id)"
     )
-    p.add_argument("texts", nargs="+")
-    p.add_argument("--bank")
-    p.add_argument("--profile")
-    p.add_argument("--model", default=None)
+    p.add_argument("texts", nargs="+", help="the texts to classify")
+    p.add_argument("--bank", help="offline: the bank file")
+    p.add_argument("--profile", help="offline: the profile file (.xpm)")
+    p.add_argument("--model", default=None, help="offline: encoder (default: the bank's)")
     p.add_argument("--pair-sep", default=None, help="split each text into a pair at this separator")
-    p.add_argument("--url")
-    p.add_argument("--id", dest="profile_id")
-    p.add_argument("--token", default=None)
+    p.add_argument("--url", help="a server, e.g. http://127.0.0.1:8000 (with --id)")
+    p.add_argument("--id", dest="profile_id", help="the profile's id on the server")
+    p.add_argument("--token", default=None, help=TOKEN_HELP)
     p.set_defaults(func=cmd_predict)
-
-    p = subparsers.add_parser("demo", help="random bank + hard profile on the bundled examples + predictions")
-    p.add_argument("--workdir", default="runs/demo")
-    p.set_defaults(func=cmd_demo)

@@ -1,48 +1,80 @@
-"""``xpeft serve``: flags on top of ``XPEFT_*`` environment variables, then the server process.
+"""``xpeft serve``: one flag per server setting, on top of ``XPEFT_*`` environment variables.
 
-Tokens are taken from the environment only, so they never show in a process listing. Running
-the process (uvicorn, the SIGTERM drain) is :func:`xpeft.server.runner.run_server`'s job.
+The flags are generated from :class:`xpeft.server.settings.Settings` itself, so a new setting is a
+new flag with no list to keep. Secrets (tokens, passwords) get no flag: a process listing would
+show it. They come from the environment, or from a file named by their ``--*-file`` flag.
+Running the process (uvicorn, the SIGTERM drain) is :func:`xpeft.server.runner.run_server`'s job.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+import types
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import SecretStr
 
 from xpeft.adapters.errors import XPeftError
+from xpeft.server.settings import Settings
 
 if TYPE_CHECKING:
-    from xpeft.server.settings import Settings
+    from pydantic.fields import FieldInfo
 
-# flag dest -> Settings field, for the flags that override settings
-_SERVE_FLAGS = (
-    "bank",
-    "model",
-    "host",
-    "port",
-    "redis_url",
-    "sqlite_path",
-    "device",
-    "dtype",
-    "max_batch_size",
-    "max_wait_ms",
-    "max_queue",
-    "fused_cache_bytes",
-    "log_level",
-)
+
+def _types(annotation: Any) -> tuple[Any, ...]:
+    """The types an annotation allows, ``None`` left out (``Path | None`` -> ``(Path,)``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(t for t in typing.get_args(annotation) if t is not type(None))
+    return (annotation,)
+
+
+def is_secret(info: FieldInfo) -> bool:
+    """Settings that hold a secret's value (never a flag)."""
+    return SecretStr in _types(info.annotation)
+
+
+def flag_settings() -> dict[str, FieldInfo]:
+    """Every setting that ``xpeft serve`` takes as a flag, by field name."""
+    return {name: info for name, info in Settings.model_fields.items() if not is_secret(info)}
+
+
+def _add_setting(p: argparse.ArgumentParser, name: str, info: FieldInfo) -> None:
+    """``--a-name`` for ``a_name``, typed and described from the field. Its argparse default is
+    None, so that an unset flag leaves the environment's value; the help shows the setting's default."""
+    allowed = _types(info.annotation)
+    default = "none" if info.default is None else info.default
+    if isinstance(default, Path):
+        default = str(default)
+    text = f"{info.description or name.replace('_', ' ')} (env XPEFT_{name.upper()}; default: {default})"
+    text = text.replace("%", "%%")
+    kwargs: dict[str, Any] = {"dest": name, "default": None, "help": text}
+    kind = allowed[0] if len(allowed) == 1 else str
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is Literal:
+        kwargs["choices"] = list(typing.get_args(kind))
+    else:
+        kwargs["type"] = kind if kind in (int, float) else str
+        kwargs["metavar"] = "N" if kind in (int, float) else name.split("_")[-1].upper()
+    p.add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
     """Environment first, flags on top; a bad value is a clear ``bad_argument`` error."""
     from pydantic import ValidationError
 
-    from xpeft.server.settings import Settings
-
-    overrides = {name: getattr(args, name) for name in _SERVE_FLAGS if getattr(args, name, None) is not None}
+    overrides = {
+        name: getattr(args, name) for name in flag_settings() if getattr(args, name, None) is not None
+    }
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))))
+            for e in exc.errors()
+        )
         raise XPeftError("bad_argument", problems) from exc
     if settings.bank is None:
         raise XPeftError("bad_argument", "serve needs --bank (or XPEFT_BANK)")
@@ -58,22 +90,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``serve`` to the ``xpeft`` command."""
-    p = subparsers.add_parser("serve", help="run the HTTP server (settings: flags, then XPEFT_* variables)")
-    p.add_argument("--bank", help="bank file (XPEFT_BANK)")
-    p.add_argument("--model", help="encoder; default: the bank's model_name, else minilm (XPEFT_MODEL)")
-    p.add_argument("--host", help="default 127.0.0.1 (XPEFT_HOST)")
-    p.add_argument("--port", type=int, help="default 8000 (XPEFT_PORT)")
-    p.add_argument(
-        "--redis-url", help="shared Redis store; without it an embedded SQLite file (XPEFT_REDIS_URL)"
+    p = subparsers.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Run the HTTP server. Every setting is an XPEFT_* environment variable; the flag "
+        "of the same name overrides it. Tokens and passwords have no flag (a process listing would "
+        "show them): set them in the environment or name a file with their --*-file flag.",
     )
-    p.add_argument("--sqlite-path", help="the embedded store's file (XPEFT_SQLITE_PATH)")
-    p.add_argument("--device", help="cuda, cpu, cuda:1, ... (XPEFT_DEVICE)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="(XPEFT_DTYPE)")
-    p.add_argument("--max-batch-size", type=int, help="rows per forward (XPEFT_MAX_BATCH_SIZE)")
-    p.add_argument("--max-wait-ms", type=float, help="batch fill wait (XPEFT_MAX_WAIT_MS)")
-    p.add_argument("--max-queue", type=int, help="queued requests before 503 (XPEFT_MAX_QUEUE)")
-    p.add_argument(
-        "--fused-cache-bytes", type=int, help="device cache of fused weights (XPEFT_FUSED_CACHE_BYTES)"
-    )
-    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    for name, info in flag_settings().items():
+        _add_setting(p, name, info)
     p.set_defaults(func=cmd_serve)

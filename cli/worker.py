@@ -48,6 +48,10 @@ def register(subparsers: Any) -> None:
         "--threads", dest="train_threads", type=int, help="torch CPU threads (XPEFT_TRAIN_THREADS, default 1)"
     )
     p.add_argument("--nice", dest="train_nice", type=int, help="niceness 0-19 (XPEFT_TRAIN_NICE, default 10)")
-    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level (XPEFT_LOG_LEVEL, default info)",
+    )
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_worker)

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from xpeft.profiles.data import DataError, Dataset
 from xpeft.profiles.profile import Profile
 from xpeft.profiles.runtime import MultiProfileModel
 
 
-def evaluate(model: MultiProfileModel, profile: Profile, data: Dataset, batch_size: int = 64) -> dict:
+def evaluate(
+    model: MultiProfileModel, profile: Profile, data: Dataset, batch_size: int = 64, progress: bool = False
+) -> dict:
     """Accuracy and n always; F1 of the second label and Matthews correlation for two labels,
-    macro-F1 and Matthews correlation for more."""
+    macro-F1 and Matthews correlation for more. ``progress``: a bar, on a terminal only."""
     unknown = sorted(set(data.labels) - set(profile.labels))
     if unknown:
         raise DataError("bad_data", f"labels {unknown[:5]} are not among the profile's {profile.labels}")
-    predicted = [p.label for p in model.predict(profile, data.inputs, batch_size)]
+    predicted: list[str] = []
+    with tqdm(total=len(data), desc="eval", unit="input", disable=None if progress else True) as bar:
+        for start in range(0, len(data), batch_size):
+            chunk = data.inputs[start : start + batch_size]
+            predicted += [p.label for p in model.predict(profile, chunk, batch_size)]
+            bar.update(len(chunk))
     metrics = classification_metrics(data.labels, predicted, profile.labels)
     return {"accuracy": metrics.pop("accuracy"), "n": len(data), **metrics}
 

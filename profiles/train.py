@@ -89,7 +89,8 @@ def train_profile(
     history: list[dict] = []
     start = time.perf_counter()
     step = 0
-    bar = tqdm(total=total, desc=f"train {config.method}", disable=not progress, unit="step")
+    # disable=None: a bar on a terminal only, never carriage returns in a log file
+    bar = tqdm(total=total, desc=f"train {config.method}", disable=None if progress else True, unit="step")
     seen = correct = 0
     try:
         for _epoch in range(config.epochs):

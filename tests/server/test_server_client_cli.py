@@ -1,11 +1,13 @@
-"""The Python client and the ``xpeft upload`` / ``predict --url`` / ``serve`` commands."""
+"""The Python client and the ``xpeft upload`` / ``predict --url`` / ``profiles`` / ``serve`` commands."""
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -109,7 +111,8 @@ def test_cli_upload_as_a_process_then_predict(
 def test_cli_errors_are_one_line_and_exit_2(
     cluster, profile_bytes, tmp_path, capsys, monkeypatch, argv, code
 ) -> None:
-    monkeypatch.delenv("XPEFT_TOKEN", raising=False)
+    for name in ("XPEFT_TOKEN", "XPEFT_ADMIN_TOKEN", "XPEFT_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     path = tmp_path / "p.xpm"
     path.write_bytes(profile_bytes(1))
     values = {
@@ -123,7 +126,17 @@ def test_cli_errors_are_one_line_and_exit_2(
     assert err.startswith(f"error: {code}: ") and err.count("\n") == 1
 
 
-def test_serve_refuses_bad_settings_before_listening(tmp_path, capsys, monkeypatch) -> None:
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """``xpeft serve`` in this process configures the root logger: put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_serve_refuses_bad_settings_before_listening(tmp_path, capsys, monkeypatch, root_logging) -> None:
     monkeypatch.delenv("XPEFT_BANK", raising=False)
     assert main(["serve"]) == 2
     assert "error: bad_argument: serve needs --bank" in capsys.readouterr().err
@@ -131,3 +144,66 @@ def test_serve_refuses_bad_settings_before_listening(tmp_path, capsys, monkeypat
     assert "error: bank_not_found" in capsys.readouterr().err
     assert main(["serve", "--bank", "x", "--port", "70000"]) == 2
     assert "error: bad_argument: port" in capsys.readouterr().err
+
+
+def test_profiles_list_get_download_delete(
+    cluster, profile_bytes, tmp_path, capsys, monkeypatch, admin_headers
+) -> None:
+    """The stored profiles of a server, from the command line; the admin token from its variable."""
+    monkeypatch.setenv("XPEFT_ADMIN_TOKEN", admin_headers["Authorization"].removeprefix("Bearer "))
+    url = cluster.a.url
+    stored = {f"cli-stored-{i}": profile_bytes(70 + i, labels=[f"l{i}", "other"]) for i in range(3)}
+    with Client(url) as client:
+        versions = {pid: client.upload(pid, data)["version"] for pid, data in stored.items()}
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = cli("profiles", "list", "--url", url, "--page-size", "2")
+    listed = json.loads(out)
+    ids = [m["id"] for m in listed]
+    assert code == 0 and set(stored) <= set(ids) and ids == sorted(ids)
+    assert {m["id"]: m["version"] for m in listed if m["id"] in stored} == versions
+    code, out, _ = cli("profiles", "get", "cli-stored-1", "--url", url)
+    assert code == 0 and json.loads(out)["labels"] == ["l1", "other"]
+
+    target = tmp_path / "backup.xpm"
+    code, out, _ = cli("profiles", "download", "cli-stored-1", "--url", url, "--out", str(target))
+    assert code == 0 and target.read_bytes() == stored["cli-stored-1"]
+    assert json.loads(out) == {"id": "cli-stored-1", "out": str(target), "bytes": len(stored["cli-stored-1"])}
+    code, _, err = cli("profiles", "download", "cli-stored-2", "--url", url, "--out", str(target))
+    assert code == 2 and err.startswith("error: bad_argument: ") and "--force" in err
+    assert target.read_bytes() == stored["cli-stored-1"]  # refused before any request: unchanged
+    code, _, _ = cli("profiles", "download", "cli-stored-2", "--url", url, "--out", str(target), "--force")
+    assert code == 0 and target.read_bytes() == stored["cli-stored-2"]
+    missing = tmp_path / "missing.xpm"
+    code, _, err = cli("profiles", "download", "no-such-profile", "--url", url, "--out", str(missing))
+    assert code == 2 and err.startswith("error: profile_not_found: ") and not missing.exists()
+    assert not list(tmp_path.glob(".*.part"))  # no half-written file left behind
+
+    code, out, _ = cli("profiles", "delete", "cli-stored-0", "--url", url)
+    assert code == 0 and json.loads(out)["deleted"] is True
+    code, _, err = cli("profiles", "get", "cli-stored-0", "--url", url)
+    assert code == 2 and err.startswith("error: profile_not_found: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["profiles", "get", "bad/../id", "--url", "{url}"], "invalid_profile_id"),
+        (["profiles", "download", "bad/../id", "--url", "{url}"], "invalid_profile_id"),
+        (["profiles", "download", "p", "--url", "{url}", "--out", "{tmp}"], "bad_argument"),  # a folder
+        (["profiles", "download", "p", "--url", "{url}", "--out", "{tmp}/no/such/dir/p.xpm"], "bad_argument"),
+        (["profiles", "list", "--url", "{url}", "--page-size", "0"], "bad_argument"),
+        (["profiles", "delete", "p"], "bad_argument"),  # --url is required
+        (["profiles", "list", "--url", "{url}"], "connection_error"),
+    ],
+)
+def test_profiles_commands_refuse_bad_arguments_before_any_request(tmp_path, capsys, argv, code) -> None:
+    url = closed_port_url()  # nothing listens: a refusal that came from a request would be connection_error
+    assert main([a.format(url=url, tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {code}: ") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
