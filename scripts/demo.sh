@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install, then run the main job on the embedded MiniLM: random bank, hard profile, predictions.
+# Install, then run the main job: `xpeft serve` on the embedded store, three profiles trained from the
+# bundled examples and uploaded over HTTP, one burst of mixed requests answered in shared batches,
+# then serving on localhost until Ctrl-C (`--once` stops after the burst).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
