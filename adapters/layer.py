@@ -24,8 +24,8 @@ def apply_adapters(
     """``h + relu(h A_u + a_u) B_u + b_u`` where u is each row's profile.
 
     ``h (B, T, d)``; ``down (U, d, r)``, ``down_bias (U, r)``, ``up (U, r, d)``, ``up_bias (U, d)``;
-    ``rows (B,)`` maps rows to profiles (``None`` when U == 1). This is the reference path that
-    runs everywhere; ``xpeft.adapters.kernels`` may replace it on CUDA.
+    ``rows (B,)`` maps rows to profiles or to slots of a pool (``U`` is then the pool's slot count;
+    ``None`` when U == 1). This is the reference path that runs everywhere; ``xpeft.adapters.kernels`` may replace it on CUDA.
     """
     if kernels.enabled("apply", h, down, down_bias, up, up_bias):  # CUDA + Triton only
         return kernels.apply_adapters_triton(h, down, down_bias, up, up_bias, rows)
@@ -33,8 +33,10 @@ def apply_adapters(
         z = torch.relu(torch.matmul(h, down[0]) + down_bias[0])
         return h + (torch.matmul(z, up[0]) + up_bias[0])
     assert rows is not None, "rows must map each row to a profile when U > 1"
-    z = torch.relu(torch.baddbmm(down_bias[rows].unsqueeze(1), h, down[rows]))
-    return h + torch.baddbmm(up_bias[rows].unsqueeze(1), z, up[rows])
+    # index_select copies whole rows (memcpy) where advanced indexing runs the general index
+    # kernel; the in-place ReLU and residual add save two (B, T, *) temporaries per layer
+    z = torch.baddbmm(down_bias.index_select(0, rows).unsqueeze(1), h, down.index_select(0, rows)).relu_()
+    return torch.baddbmm(up_bias.index_select(0, rows).unsqueeze(1), z, up.index_select(0, rows)).add_(h)
 
 
 class AdapterSlot(nn.Module):
