@@ -54,11 +54,15 @@ def test_profiles_are_not_changed_and_any_declared_length_predicts(encoder, bank
 
 def test_encoder_for_bank_prefers_the_named_model_then_the_banks_own(monkeypatch) -> None:
     chosen = []
-    monkeypatch.setattr(encoder_module, "load_encoder", lambda name, device, dtype: chosen.append(name))
-    encoder_for_bank(SimpleNamespace(model_name="random:bert-base"), "minilm")  # type: ignore[arg-type]
-    encoder_for_bank(SimpleNamespace(model_name="random:bert-base"))  # type: ignore[arg-type]
-    encoder_for_bank(SimpleNamespace(model_name=""))  # type: ignore[arg-type]
-    assert chosen == ["minilm", "random:bert-base", encoder_module.DEFAULT_MODEL]
+    monkeypatch.setattr(
+        encoder_module, "load_encoder", lambda name, device, dtype, revision: chosen.append((name, revision))
+    )
+    pinned = SimpleNamespace(model_name="random:bert-base", model_revision="abc123")
+    encoder_for_bank(pinned, "minilm")  # type: ignore[arg-type]
+    encoder_for_bank(pinned)  # type: ignore[arg-type]
+    encoder_for_bank(SimpleNamespace(model_name="", model_revision=""))  # type: ignore[arg-type]
+    # a named model is loaded as named; the bank's own model with the revision the bank pinned
+    assert chosen == [("minilm", None), ("random:bert-base", "abc123"), (encoder_module.DEFAULT_MODEL, None)]
 
 
 def test_the_kernel_dispatch_reads_the_environment_once(monkeypatch) -> None:
