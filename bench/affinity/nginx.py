@@ -126,6 +126,16 @@ class Nginx:
         path = self.prefix / "access.log"
         return [Entry.parse(line) for line in path.read_text().splitlines()] if path.exists() else []
 
+    def wait_log(self, count: int, timeout: float = 10.0) -> list[Entry]:
+        """The log once it holds at least ``count`` lines: nginx writes a request's line after the
+        client has its answer, so a reader right after the last answer can be a line short."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.log()
+            if len(entries) >= count or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.02)
+
 
 @dataclass
 class Entry:

@@ -95,7 +95,8 @@ def test_same_profile_same_replica_and_a_killed_replica_loses_nothing(
                 for profile_id in IDS:
                     answer = client.post(f"/profiles/{profile_id}/predict", json={"inputs": ["a fine day"]})
                     assert answer.status_code == 200, answer.text
-        predictions = [e for e in lb.log() if e.profile_id in IDS]
+        logged = lb.wait_log(1 + 4 * len(IDS))  # nginx's start-up probe, the uploads, the predictions
+        predictions = [e for e in logged if e.profile_id in IDS]
         assert len(predictions) == 3 * len(IDS)
         home: dict[str, set[str]] = defaultdict(set)
         for entry in predictions:
@@ -111,12 +112,13 @@ def test_same_profile_same_replica_and_a_killed_replica_loses_nothing(
         victim.proc.wait(10)
         victim.proc = None
         victim.log.close()
-        seen = len(lb.log())
+        seen = len(logged)
         with httpx.Client(base_url=lb.url, timeout=30, trust_env=False) as client:
             for profile_id in IDS:
                 answer = client.post(f"/profiles/{profile_id}/predict", json={"inputs": ["still here?"]})
                 assert answer.status_code == 200, (profile_id, answer.text)
-        after = lb.log()[seen:]
+        after = lb.wait_log(seen + len(IDS))[seen:]
+        assert len(after) == len(IDS)
         assert {e.replica for e in after} == {str(survivor.port)}
         assert all(e.status == 200 for e in after)
     finally:
@@ -163,14 +165,14 @@ def test_a_hot_profile_spills_past_the_bound_and_nothing_is_refused(
         with ThreadPoolExecutor(8) as pool:  # 8 at once for one id, bound 2 per replica
             statuses = list(pool.map(predict, range(8)))
         assert statuses == [200] * 8
-        split = shares([e for e in lb.log() if e.profile_id == "hot"])
+        split = shares([e for e in lb.wait_log(1 + 8) if e.profile_id == "hot"])
         assert len(split) == 2 and max(split.values()) < 1.0, split  # both replicas served it
 
         # One at a time, the same id stays on its replica (no bound reached).
-        seen = len(lb.log())
+        seen = len(lb.wait_log(1 + 8))
         for _ in range(4):
             predict(0)
-        assert len({e.replica for e in lb.log()[seen:]}) == 1
+        assert len({e.replica for e in lb.wait_log(seen + 4)[seen:]}) == 1
     finally:
         lb.stop()
         for backend in backends:
@@ -191,7 +193,7 @@ def test_training_is_routed_by_id_and_never_resent(nginx_available: None, tmp_pa
                 for _ in range(2):
                     assert client.post(f"/profiles/{profile_id}/train", json={}).status_code == 200
         owner: dict[str, set[str | None]] = defaultdict(set)
-        for entry in lb.log():
+        for entry in lb.wait_log(1 + 2 * len(IDS)):
             if entry.profile_id in IDS:
                 owner[entry.profile_id].add(entry.replica)
         assert all(len(p) == 1 for p in owner.values())  # each id always goes to its owner
@@ -205,7 +207,7 @@ def test_training_is_routed_by_id_and_never_resent(nginx_available: None, tmp_pa
         with httpx.Client(base_url=lb.url, timeout=30, trust_env=False) as client:
             for profile_id in IDS:
                 client.post(f"/profiles/{profile_id}/train", json={})
-        trains = [e for e in lb.log() if e.profile_id in IDS]
+        trains = [e for e in lb.wait_log(1 + len(IDS)) if e.profile_id in IDS]
         assert len(trains) == len(IDS)
         # A POST that reached a replica is never resent: the refusing replica's answer is final
         # (until nginx marks it failed after max_fails and the ring skips it).
