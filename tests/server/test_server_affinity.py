@@ -42,6 +42,16 @@ def test_every_upstream_lists_the_same_replicas_and_predictions_hash_on_the_id()
     assert all("zone " in body for body in blocks.values())
 
 
+def test_the_benchmark_renders_the_same_file_with_only_the_balancing_changed(tmp_path: Path) -> None:
+    hashed = render(tmp_path, [7001, 7002], 7000).read_text()
+    least = render(tmp_path, [7001, 7002], 7000, balance="least_conn").read_text()
+    assert "hash $profile_id consistent;" in hashed and "hash $profile_id" not in least
+    assert hashed.replace("hash $profile_id consistent;", "least_conn;") == least
+    assert "xpeft-1" not in hashed and "server 127.0.0.1:7002" in hashed
+    with pytest.raises(ValueError):
+        render(tmp_path, [7001], 7000)  # the file names two replicas
+
+
 @pytest.fixture
 def nginx_available() -> None:
     if nginx_binary() is None:
