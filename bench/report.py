@@ -31,7 +31,7 @@ VARIANTS = {
     "warm_graph": "`warm` as a CUDA graph; ratio against `base_graph`",
     "cold_batched_graph": "`cold_batched` as a CUDA graph, fusion inside; ratio against `base_graph`",
 }
-TARGETS = {"cuda": 0.95, "cpu": 0.90}
+TARGETS = {"cuda": 0.90, "cpu": 0.85}  # a cold batch of 64 distinct profiles against the base encoder
 
 
 def load(path: Path | None) -> dict | None:
