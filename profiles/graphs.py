@@ -1,8 +1,9 @@
 """CUDA graphs for the model worker's forward, one per (batch size, sequence length) bucket.
 
 A served batch has a shape that changes with every request mix; a CUDA graph replays one fixed
-shape. So each batch is padded up to a bucket (batch sizes in powers of two up to the largest
-batch, sequence lengths in steps of 16, 32, 64, ... up to the encoder's positions), copied into
+shape. So each batch is padded up to a bucket (batch sizes 1, 2, 4, 8, then steps of 8 up to the
+largest batch; sequence lengths 16, 32, 48, 64, 96, 128, ... up to the encoder's positions; each
+bucket captured when first seen), copied into
 that bucket's static buffers (token ids, attention mask, token types, each row's slot id), and the
 bucket's graph is replayed; the pooled output is read from a static buffer. Padded rows point at
 slot 0 with an all-zero attention mask, padded tokens are masked out: neither changes a real row.
@@ -28,23 +29,26 @@ from xpeft.adapters.fusion import FusedAdapters
 log = logging.getLogger("xpeft.graphs")
 
 
-def doubling(start: int, stop: int) -> list[int]:
-    """``start``, twice that, ... while below ``stop``, then ``stop`` itself."""
-    sizes = []
-    while start < stop:
-        sizes.append(start)
-        start *= 2
-    return [*sizes, stop]
-
-
 def batch_buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, ... up to and including ``max_batch``."""
-    return doubling(1, max_batch)
+    """1, 2, 4, 8, then every multiple of 8, up to and including ``max_batch``.
+
+    Steps of 8 past 8 rows bound the padding of a batch to 8 rows (powers of two would pad 33
+    rows to 64: twice the work), at the cost of more buckets, each captured only when first seen.
+    """
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8))
+    return [*sizes, max_batch]
 
 
 def seq_buckets(max_tokens: int) -> list[int]:
-    """16, 32, 64, 128, 256, 512 ... up to and including ``max_tokens``."""
-    return doubling(16, max_tokens)
+    """16, 32, 48, 64, 96, 128, 192, 256, 384, 512, ... up to and including ``max_tokens``.
+
+    Each step is at most 1.5 times the last past 32 tokens, so padding adds at most half the tokens.
+    """
+    sizes, power = [16], 32
+    while power < max_tokens:
+        sizes += [power, power * 3 // 2]  # 32, 48, 64, 96, 128, 192, ...
+        power *= 2
+    return [s for s in sizes if s < max_tokens] + [max_tokens]
 
 
 def bucket_for(size: int, buckets: list[int]) -> int | None:

@@ -102,9 +102,10 @@ def test_predictions_from_pool_slots_equal_the_list_path(encoder, bank) -> None:
 
 
 def test_buckets_and_the_setting() -> None:
-    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and batch_buckets(48)[-2:] == [32, 48]
-    assert seq_buckets(512) == [16, 32, 64, 128, 256, 512] and seq_buckets(100) == [16, 32, 64, 100]
-    assert bucket_for(33, [16, 32, 64]) == 64 and bucket_for(65, [16, 32, 64]) is None
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64] and batch_buckets(5) == [1, 2, 4, 5]
+    assert seq_buckets(512) == [16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    assert seq_buckets(100) == [16, 32, 48, 64, 96, 100] and seq_buckets(16) == [16]
+    assert bucket_for(33, batch_buckets(64)) == 40 and bucket_for(65, batch_buckets(64)) is None
     assert not graphs_wanted(None, torch.device("cpu")) and not graphs_wanted(False, torch.device("cpu"))
     assert graphs_wanted(None, torch.device("cuda"))
     with pytest.raises(ValueError, match="cuda_graphs"):
