@@ -243,9 +243,10 @@ def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict:
         for variant in inputs["items"]["anyOf"]:
             for text in variant.get("prefixItems", [variant]):
                 text["maxLength"] = settings.max_text_chars
-        for param in schema["paths"]["/profiles"]["get"]["parameters"]:
-            if param["name"] == "limit":
-                param["schema"]["anyOf"][0]["maximum"] = settings.max_list_limit
+        for listing in ("/profiles", "/jobs"):
+            for param in schema["paths"][listing]["get"]["parameters"]:
+                if param["name"] == "limit":
+                    param["schema"]["anyOf"][0]["maximum"] = settings.max_list_limit
         app.openapi_schema = schema
     return app.openapi_schema
 

@@ -176,7 +176,11 @@ async def cancel_job(request: Request, job_id: str = JobIdPath) -> dict:
 @router.get("/jobs", response_model=JobList, dependencies=[Depends(require_reader)], tags=["training"])
 async def list_jobs(
     request: Request,
-    cursor: str | None = Query(None, description="next_cursor of the last page (a job id)"),
+    cursor: str | None = Query(
+        None,
+        description="next_cursor of the last page (a job id)",
+        json_schema_extra={"pattern": JOB_ID.pattern},
+    ),
     limit: int | None = Query(
         None, ge=1, description="page size (default 100, at most XPEFT_MAX_LIST_LIMIT)"
     ),
