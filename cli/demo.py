@@ -212,9 +212,11 @@ def serve_until_interrupted(server: Server, token: str) -> None:
     except KeyboardInterrupt:
         say("stopping")
         return
-    raise XPeftError(
-        "server_failed", f"the server exited with status {code}; {server.log}:\n{server.log_tail()}"
-    )
+    if code != 0:  # 0: a signal of its own stopped it, after draining
+        raise XPeftError(
+            "server_failed", f"the server exited with status {code}; {server.log}:\n{server.log_tail()}"
+        )
+    say("the server stopped")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

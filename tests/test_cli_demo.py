@@ -80,3 +80,38 @@ def test_demo_refuses_bad_arguments(capsys) -> None:
 
     assert main(["demo", "--port", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: bad_argument: argument --port")
+
+
+def test_serving_ends_on_ctrl_c_or_with_the_server(tmp_path, capsys) -> None:
+    """The demo's last phase supervises the server process: Ctrl-C stops it, a server that stopped
+    itself (status 0, after a signal) ends the demo quietly, a crashed one is an error."""
+    import signal
+    import threading
+
+    from xpeft.adapters.errors import XPeftError
+    from xpeft.cli.demo import Server, serve_until_interrupted
+
+    def server(script: str) -> Server:
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        return Server(proc, "http://127.0.0.1:9", tmp_path / "server.log")
+
+    running = server("import time; time.sleep(60)")
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+    # what Ctrl-C does to the demo process: SIGINT, which interrupts its wait for the server
+    threading.Timer(0.5, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
+    serve_until_interrupted(running, "t" * 32)
+    out = capsys.readouterr().out
+    assert "curl -s -X POST http://127.0.0.1:9/profiles/topic/predict" in out and out.endswith("stopping\n")
+    assert running.proc.poll() is None
+    running.stop()
+    assert running.proc.poll() is not None
+
+    serve_until_interrupted(server("pass"), "t" * 32)
+    assert capsys.readouterr().out.endswith("the server stopped\n")
+    (tmp_path / "server.log").write_text("boom\n")
+    with pytest.raises(XPeftError) as err:
+        serve_until_interrupted(server("raise SystemExit(3)"), "t" * 32)
+    assert (
+        err.value.code == "server_failed" and "status 3" in err.value.message and "boom" in err.value.message
+    )
