@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -18,8 +20,13 @@ from bench.load.single import wrk_result  # noqa: E402
 def test_cpu_quick_run_checks_and_times_the_serving_path(tmp_path, monkeypatch) -> None:
     from bench import gpu_check
 
-    monkeypatch.setattr(gpu_check, "STARTED", __import__("time").monotonic())
-    status = gpu_check.main(["--cpu", "--quick", "--no-http", "--budget", "120", "--out", str(tmp_path)])
+    monkeypatch.setattr(gpu_check, "STARTED", time.monotonic())
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    try:  # main() sets process-wide torch state (threads, no grad) for its own run
+        status = gpu_check.main(["--cpu", "--quick", "--no-http", "--budget", "120", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert status == 0 and report["status"] == "ok" and not report.get("errors")
     runtime_checks = [c for c in report["checks"] if c["check"] == "runtime"]
