@@ -121,7 +121,9 @@ def _compose() -> dict:
 
 
 def _replicas(compose: dict) -> dict[str, dict]:
-    return {name: svc for name, svc in compose["services"].items() if "build" in svc}
+    """The serving replicas: built from the image, serving HTTP (the trainer runs `xpeft worker`)."""
+    services = compose["services"].items()
+    return {name: svc for name, svc in services if "build" in svc and "worker" not in svc.get("command", [])}
 
 
 def test_compose_runs_redis_with_aof_on_a_volume_and_two_replicas_behind_the_lb() -> None:

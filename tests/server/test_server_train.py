@@ -392,3 +392,19 @@ def test_cli_train_url_uploads_waits_and_prints_the_served_job(trainers, separab
     assert refused.returncode == 2 and refused.stderr.startswith(
         "error: bad_argument: epochs must be at least 1"
     )
+
+
+def test_compose_runs_a_trainer_beside_the_replicas() -> None:
+    """docker-compose.yml: one `xpeft worker` from the server image and environment (so the same
+    Redis, prefix, bank and secrets), no port, no health check of an HTTP endpoint it does not
+    serve, and not among nginx's upstreams."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    services = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    trainer, replica = services["trainer"], services["xpeft-1"]
+    assert trainer["command"] == ["xpeft", "worker"]
+    assert trainer["build"] == replica["build"] and trainer["image"] == replica["image"]
+    assert trainer["environment"] == replica["environment"] and trainer["secrets"] == replica["secrets"]
+    assert trainer["expose"] == [] and trainer["healthcheck"] == {"disable": True}
+    assert "trainer" not in (root / "docker" / "nginx.conf").read_text()
