@@ -1,4 +1,4 @@
-"""``xpeft demo``: the whole service on the local machine in about a minute.
+"""``xpeft demo``: the whole service on the local machine, from one command.
 
 It starts ``xpeft serve`` on the embedded SQLite store (a free loopback port, an admin token of
 its own), trains profiles with different label sets from the bundled examples, uploads them over
