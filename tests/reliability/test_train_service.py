@@ -79,20 +79,24 @@ def profile_status(url: str, profile_id: str) -> int:
     return httpx.get(f"{url}/profiles/{profile_id}", headers=AUTH, timeout=10).status_code
 
 
+def train_until_running(url: str, profile_id: str, data: Dataset) -> str:
+    """POST a long job and wait until its worker has trained a few steps; its id."""
+    posted = httpx.post(
+        f"{url}/profiles/{profile_id}/train", json={"examples": examples(data), **LONG}, headers=AUTH
+    )
+    assert posted.status_code == 202, posted.text
+    job_id = posted.json()["id"]
+    running = wait_job(url, job_id, AUTH, until=("running",), step_at_least=3)
+    assert running["state"] == "running", running
+    return job_id
+
+
 def test_worker_killed_mid_job_fails_the_job_and_stores_nothing(
     server, redis_env, rel_bank_path, separable, tmp_path
 ) -> None:
     worker = start_worker(redis_env, rel_bank_path, tmp_path / "worker.log")
     try:
-        posted = httpx.post(
-            f"{server.url}/profiles/killed-1/train",
-            json={"examples": examples(separable), **LONG},
-            headers=AUTH,
-        )
-        assert posted.status_code == 202, posted.text
-        job_id = posted.json()["id"]
-        running = wait_job(server.url, job_id, AUTH, until=("running",), step_at_least=3)
-        assert running["state"] == "running", running
+        job_id = train_until_running(server.url, "killed-1", separable)
         worker.kill()
         killed_at = time.monotonic()
         record = wait_job(server.url, job_id, AUTH, timeout=LEASE_S + 30)
@@ -117,13 +121,7 @@ def test_worker_stopped_mid_job_queues_it_again(
     """SIGTERM (a deploy, a scale-down) is not a crash: the job goes back to the queue at once."""
     worker = start_worker(redis_env, rel_bank_path, tmp_path / "worker.log")
     try:
-        posted = httpx.post(
-            f"{server.url}/profiles/stopped-1/train",
-            json={"examples": examples(separable), **LONG},
-            headers=AUTH,
-        )
-        job_id = posted.json()["id"]
-        wait_job(server.url, job_id, AUTH, until=("running",), step_at_least=2)
+        job_id = train_until_running(server.url, "stopped-1", separable)
     finally:
         worker.stop()  # SIGTERM, then waits for the process to exit
     record = job(server.url, job_id, AUTH)
