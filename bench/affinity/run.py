@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-LUA = HERE / "zipf.lua"
+LUA = REPO / "bench" / "load" / "requests.lua"  # the same wrk script as the single-text load test
 
 
 @dataclass

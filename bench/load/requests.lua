@@ -1,6 +1,6 @@
--- wrk script of bench/load/single.py: POST each line's path and JSON body of a request file
--- ("<path>\t<body>" per line), in order, wrapping around at the end. Each wrk thread keeps
--- its own position.
+-- wrk script of bench/load/single.py and bench/affinity/run.py: POST each line's path and JSON body
+-- of a request file ("<path>\t<body>" per line), in order, wrapping around at the end. Each wrk
+-- thread keeps its own position.
 local paths, bodies = {}, {}
 local next_index = 0
 local headers = { ["Content-Type"] = "application/json" }
