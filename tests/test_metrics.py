@@ -46,6 +46,10 @@ def test_metrics_equal_scikit_learns_on_random_and_degenerate_cases():
 
 
 def test_edge_cases_have_the_documented_values():
-    assert classification_metrics(["a", "a"], ["a", "a"], ["a", "b"]) == {"accuracy": 1.0, "f1": 0.0, "mcc": 0.0}
+    assert classification_metrics(["a", "a"], ["a", "a"], ["a", "b"]) == {
+        "accuracy": 1.0,
+        "f1": 0.0,
+        "mcc": 0.0,
+    }
     perfect = classification_metrics(["a", "b", "c"], ["a", "b", "c"], ["a", "b", "c", "d"])
     assert perfect == {"accuracy": 1.0, "f1_macro": 0.75, "mcc": 1.0}  # "d" never occurs: F1 0
