@@ -82,13 +82,14 @@ def section(result: dict, results_path: str) -> str:
     return "\n".join(lines)
 
 
+def shown_path(results_path: Path) -> str:
+    """The results file as the doc names it: relative to the repository when it lies inside."""
+    resolved = results_path.resolve()
+    return str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else results_path)
+
+
 def write_section(result: dict, doc: Path, results_path: Path) -> None:
-    shown = (
-        results_path.resolve().relative_to(REPO)
-        if results_path.resolve().is_relative_to(REPO)
-        else results_path
-    )
-    fill(doc, NAME, section(result, str(shown)))
+    fill(doc, NAME, section(result, shown_path(results_path)))
 
 
 def main(argv: list[str] | None = None) -> None:
