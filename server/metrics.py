@@ -118,6 +118,12 @@ class Metrics:
             registry=r,
         )
         self.model_ready = Gauge("xpeft_model_ready", "1 once the encoder is loaded", registry=r)
+        self.train_jobs = Counter(
+            "xpeft_train_jobs_total",
+            "training jobs through this replica: queued (202), refused (too_many_jobs), cancelled",
+            ["event"],
+            registry=r,
+        )
 
     def cache_event(self, cache: str, event: str, count: int = 1) -> None:
         if count:

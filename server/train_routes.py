@@ -133,7 +133,13 @@ async def train(request: Request, response: Response, profile_id: str = ProfileI
     parsed = await asyncio.to_thread(
         parse_train_request, raw, request.headers.get("content-type"), request.query_params, state.settings
     )
-    record = await asyncio.to_thread(_service(request).submit, profile_id, parsed)
+    try:
+        record = await asyncio.to_thread(_service(request).submit, profile_id, parsed)
+    except ApiError as exc:
+        if exc.code == "too_many_jobs":
+            state.metrics.train_jobs.labels("refused").inc()
+        raise
+    state.metrics.train_jobs.labels("queued").inc()
     response.headers["Location"] = f"/jobs/{record['id']}"
     return _view(request, record)
 
@@ -170,6 +176,8 @@ async def cancel_job(request: Request, job_id: str = JobIdPath) -> dict:
             409, "job_finished", f"the job already ended: {record['state']}", state=record["state"]
         )
     updated = await asyncio.to_thread(_service(request).cancel, job_id)
+    if updated is not None:  # this request cancelled it (or asked its worker to stop)
+        _server(request).metrics.train_jobs.labels("cancelled").inc()
     return _view(request, updated or record)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.reliability.harness import ServerProcess
 from bench.train_service.procs import WorkerProcess, wait_job
@@ -341,10 +342,25 @@ def test_keep_if_better_keeps_the_current_version_unless_the_new_one_scores_as_w
     assert httpx.get(f"{url}/profiles/keep-2", headers=AUTH).json()["version"] == result["version"]
 
 
+def train_job_events(url: str) -> dict[str, float]:
+    """``xpeft_train_jobs_total`` of one replica, by event."""
+    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+    return {
+        sample.labels["event"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "xpeft_train_jobs"
+        for sample in family.samples
+    }
+
+
 def test_client_wait_raises_on_a_cancelled_job(trainers, separable) -> None:
+    before = train_job_events(trainers.s.url)
     with Client(trainers.s.url, token=ADMIN) as client:
         job = client.train("cancel-c", examples=examples(separable), epochs=40, batch_size=2, max_length=16)
         job.cancel()
+        after = train_job_events(trainers.s.url)
+        assert after["queued"] == before.get("queued", 0) + 1
+        assert after["cancelled"] == before.get("cancelled", 0) + 1
         with pytest.raises(ClientError) as info:
             job.wait(timeout=120, poll_s=0.2)
         assert info.value.code == "job_cancelled"
