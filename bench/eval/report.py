@@ -25,7 +25,7 @@ def _header(res: Results, results_path: str, command: str) -> list[str]:
     hw = sorted({hardware_words(s) for s in res.sessions})
     planned = res.ends[-1]["planned"] if res.ends else None
     done = f"{len(res.runs)} runs in the results" + (
-        f" of {planned} planned by the last session" if planned else ""
+        f" of {planned} planned by the last `run`" if planned else ""
     )
     out = [
         "# Evaluation: X-PEFT profiles against their baselines",
