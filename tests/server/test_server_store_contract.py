@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,6 +51,34 @@ def _delete_keys(url: str, prefix: str) -> None:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@contextlib.asynccontextmanager
+async def watching(store: ProfileStore) -> AsyncIterator[list[ChangeEvent]]:
+    """The events ``store.watch()`` yields, collected from the resync marker on (waited for)."""
+    events: list[ChangeEvent] = []
+
+    async def collect() -> None:
+        async for event in store.watch():
+            events.append(event)
+
+    task = asyncio.create_task(collect())
+    try:
+        for _ in range(100):  # the first event is the resync marker: subscribed from here on
+            if events:
+                break
+            await asyncio.sleep(0.01)
+        yield events
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def wait_for_events(events: list[ChangeEvent], count: int, within_s: float = 1.0) -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while len(events) < count and loop.time() - start < within_s:
+        await asyncio.sleep(0.005)
 
 
 def test_put_get_replace(new_store: StoreFactory) -> None:
@@ -150,33 +179,18 @@ def test_list_pages_in_id_order(new_store: StoreFactory) -> None:
 def test_watch_sees_writes_of_another_instance_within_a_second(new_store: StoreFactory) -> None:
     async def body() -> None:
         watcher, writer = new_store(), new_store()
-        events: list[ChangeEvent] = []
-
-        async def collect() -> None:
-            async for event in watcher.watch():
-                events.append(event)
-
-        task = asyncio.create_task(collect())
         try:
-            for _ in range(100):  # the first event is the resync marker
-                if events:
-                    break
-                await asyncio.sleep(0.01)
-            assert events and events[0].id is None
-            put = (await writer.put("w", b"1", {})).record
-            deleted = await writer.delete("w")
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            while len(events) < 3 and loop.time() - start < 1.0:
-                await asyncio.sleep(0.005)
-            assert [(e.id, e.version, e.deleted) for e in events[1:]] == [
-                ("w", put.version, False),
-                ("w", deleted, True),
-            ]
-            assert events[1].published_at is not None
+            async with watching(watcher) as events:
+                assert events and events[0].id is None
+                put = (await writer.put("w", b"1", {})).record
+                deleted = await writer.delete("w")
+                await wait_for_events(events, 3)
+                assert [(e.id, e.version, e.deleted) for e in events[1:]] == [
+                    ("w", put.version, False),
+                    ("w", deleted, True),
+                ]
+                assert events[1].published_at is not None
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
             await watcher.close()
             await writer.close()
 
@@ -225,40 +239,25 @@ def test_identical_put_is_unchanged_no_version_no_event(new_store: StoreFactory)
 
     async def body() -> None:
         watcher, store = new_store(), new_store()
-        events: list[ChangeEvent] = []
-
-        async def collect() -> None:
-            async for event in watcher.watch():
-                events.append(event)
-
-        task = asyncio.create_task(collect())
         try:
-            for _ in range(100):  # the first event is the resync marker: subscribed from here on
-                if events:
-                    break
-                await asyncio.sleep(0.01)
-            first = await store.put("same", b"\x00bytes", {"kind": "hard"})
-            assert first.created and not first.unchanged
-            seq = await store.current_seq()
-            again = await store.put("same", b"\x00bytes", {"kind": "hard"})
-            assert again.unchanged and not again.created
-            assert again.record.version == first.record.version == seq == await store.current_seq()
-            assert again.record.updated_at == pytest.approx(first.record.updated_at)
-            # other bytes, or the same bytes with other metadata, are a new version
-            changed = await store.put("same", b"\x00bytes", {"kind": "soft"})
-            assert not changed.unchanged and changed.record.version > seq
-            changed2 = await store.put("same", b"\x00other", {"kind": "soft"})
-            assert not changed2.unchanged and changed2.record.version > changed.record.version
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            while len(events) < 4 and loop.time() - start < 1.0:
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0.1)  # room for an event that should not come
-            versions = [e.version for e in events if e.id == "same"]
-            assert versions == [first.record.version, changed.record.version, changed2.record.version]
+            async with watching(watcher) as events:
+                first = await store.put("same", b"\x00bytes", {"kind": "hard"})
+                assert first.created and not first.unchanged
+                seq = await store.current_seq()
+                again = await store.put("same", b"\x00bytes", {"kind": "hard"})
+                assert again.unchanged and not again.created
+                assert again.record.version == first.record.version == seq == await store.current_seq()
+                assert again.record.updated_at == pytest.approx(first.record.updated_at)
+                # other bytes, or the same bytes with other metadata, are a new version
+                changed = await store.put("same", b"\x00bytes", {"kind": "soft"})
+                assert not changed.unchanged and changed.record.version > seq
+                changed2 = await store.put("same", b"\x00other", {"kind": "soft"})
+                assert not changed2.unchanged and changed2.record.version > changed.record.version
+                await wait_for_events(events, 4)
+                await asyncio.sleep(0.1)  # room for an event that should not come
+                versions = [e.version for e in events if e.id == "same"]
+                assert versions == [first.record.version, changed.record.version, changed2.record.version]
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
             await watcher.close()
             await store.close()
 
