@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -28,6 +29,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -178,18 +180,16 @@ class Setup:
     slot_bytes: int
 
 
-def measure(setup: Setup, config: Config, balance: str, slots: int) -> dict:
-    """Two fresh replicas behind nginx with ``balance``; warm-up pass, then the measured pass."""
-    work, bank_path, redis_url, prefix, paths = (
-        setup.work,
-        setup.bank_path,
-        setup.redis_url,
-        setup.prefix,
-        setup.paths,
-    )
-    run_dir = Path(tempfile.mkdtemp(prefix=f"{balance}-{slots}-", dir=work))
-    env = {**config.server_env, "XPEFT_FUSED_CACHE_BYTES": str(slots * setup.slot_bytes)}
-    replicas = [ServerProcess(bank_path, redis_url, prefix, run_dir, env, name) for name in ("r1", "r2")]
+@contextlib.contextmanager
+def fleet(
+    setup: Setup, name: str, env: dict[str, str], balance: str = "hash"
+) -> Iterator[tuple[list[ServerProcess], Nginx]]:
+    """Two fresh replicas on the shared store behind the repository's nginx (``balance``), ready;
+    all stopped on the way out."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=setup.work))
+    replicas = [
+        ServerProcess(setup.bank_path, setup.redis_url, setup.prefix, run_dir, env, n) for n in ("r1", "r2")
+    ]
     for replica in replicas:
         replica.launch()
     lb: Nginx | None = None
@@ -198,6 +198,19 @@ def measure(setup: Setup, config: Config, balance: str, slots: int) -> dict:
             replica.wait_ready()
         port = free_port()
         lb = Nginx(render(run_dir, [r.port for r in replicas], port, balance=balance), port).start()
+        yield replicas, lb
+    finally:
+        if lb is not None:
+            lb.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+def measure(setup: Setup, config: Config, balance: str, slots: int) -> dict:
+    """Two fresh replicas behind nginx with ``balance``; warm-up pass, then the measured pass."""
+    paths = setup.paths
+    env = {**config.server_env, "XPEFT_FUSED_CACHE_BYTES": str(slots * setup.slot_bytes)}
+    with fleet(setup, f"{balance}-{slots}", env, balance) as (replicas, lb):
         run_wrk(lb.url, paths, config.connections, config.warmup_s)
         time.sleep(SETTLE_S)  # the warm-up's last requests (499 when wrk closed) reach the log
         before = [r.metrics() for r in replicas]
@@ -241,34 +254,12 @@ def measure(setup: Setup, config: Config, balance: str, slots: int) -> dict:
             f"{result['fused_hit_rate']:.3f}, shares {[round(s, 3) for s in result['replica_shares']]}"
         )
         return result
-    finally:
-        if lb is not None:
-            lb.stop()
-        for replica in replicas:
-            replica.stop()
 
 
 def kill_pass(setup: Setup, config: Config) -> dict:
     """Profile hash; SIGKILL one replica halfway through a pass; count every logged request."""
-    work, bank_path, redis_url, prefix, paths = (
-        setup.work,
-        setup.bank_path,
-        setup.redis_url,
-        setup.prefix,
-        setup.paths,
-    )
-    run_dir = Path(tempfile.mkdtemp(prefix="kill-", dir=work))
-    replicas = [
-        ServerProcess(bank_path, redis_url, prefix, run_dir, config.server_env, n) for n in ("r1", "r2")
-    ]
-    for replica in replicas:
-        replica.launch()
-    lb: Nginx | None = None
-    try:
-        for replica in replicas:
-            replica.wait_ready()
-        port = free_port()
-        lb = Nginx(render(run_dir, [r.port for r in replicas], port), port).start()
+    paths = setup.paths
+    with fleet(setup, "kill", config.server_env) as (replicas, lb):
         run_wrk(lb.url, paths, config.connections, config.warmup_s / 2)
         time.sleep(SETTLE_S)
         seen = len(lb.log())
@@ -301,11 +292,6 @@ def kill_pass(setup: Setup, config: Config) -> dict:
             f"kill: {result['requests']} requests, {result['failed']} failed, {result['retried_on_survivor']} retried"
         )
         return result
-    finally:
-        if lb is not None:
-            lb.stop()
-        for replica in replicas:
-            replica.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
