@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -92,12 +93,30 @@ def write_section(result: dict, doc: Path, results_path: Path) -> None:
     fill(doc, NAME, section(result, shown_path(results_path)))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("results", nargs="?", type=Path, default=HERE / "results" / "affinity.json")
+SectionWriter = Callable[[dict, Path, Path], None]
+
+
+def save(result: dict, out: Path, doc: Path | None, write: SectionWriter, log: Callable[[str], None]) -> None:
+    """A run's last step: its JSON to ``out``, then its section of ``doc`` (if any) from that JSON."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {out}")
+    if doc is not None:
+        write(result, doc, out)
+        log(f"updated {doc}")
+
+
+def report_main(argv: list[str] | None, description: str | None, results: Path, write: SectionWriter) -> None:
+    """``python -m bench.<name>.report [results.json] [--doc docs/DEPLOYMENT.md]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("results", nargs="?", type=Path, default=results)
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "DEPLOYMENT.md")
     args = parser.parse_args(argv)
-    write_section(json.loads(args.results.read_text()), args.doc, args.results)
+    write(json.loads(args.results.read_text()), args.doc, args.results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    report_main(argv, __doc__, HERE / "results" / "affinity.json", write_section)
 
 
 if __name__ == "__main__":

@@ -360,14 +360,9 @@ def main(argv: list[str] | None = None) -> None:
         "kill": killed,
         "duration_s": time.perf_counter() - started,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"wrote {out}")
-    if doc is not None:
-        from bench.affinity.report import write_section
+    from bench.affinity.report import save, write_section
 
-        write_section(result, doc, out)
-        log(f"updated {doc}")
+    save(result, out, doc, write_section, log)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,9 @@ python -m bench.scale.report [results.json] [--doc docs/DEPLOYMENT.md]
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from bench.affinity.report import fill, machine, shown_path
+from bench.affinity.report import fill, machine, report_main, shown_path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -56,11 +54,7 @@ def write_section(result: dict, doc: Path, results_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("results", nargs="?", type=Path, default=HERE / "results" / "scale.json")
-    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "DEPLOYMENT.md")
-    args = parser.parse_args(argv)
-    write_section(json.loads(args.results.read_text()), args.doc, args.results)
+    report_main(argv, __doc__, HERE / "results" / "scale.json", write_section)
 
 
 if __name__ == "__main__":

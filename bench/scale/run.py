@@ -279,14 +279,10 @@ def main(argv: list[str] | None = None) -> None:
         "redis_rss": redis_rss,
         "duration_s": time.perf_counter() - started,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"wrote {out}")
-    if doc is not None:
-        from bench.scale.report import write_section
+    from bench.affinity.report import save
+    from bench.scale.report import write_section
 
-        write_section(result, doc, out)
-        log(f"updated {doc}")
+    save(result, out, doc, write_section, log)
 
 
 if __name__ == "__main__":
