@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,10 @@ class Dataset:
         """A fixed, seeded random subset (the whole set when ``size`` is larger)."""
         if size >= len(self):
             return self
-        index = sorted(random.Random(seed).sample(range(len(self)), size))
+        return self.select(sorted(random.Random(seed).sample(range(len(self)), size)))
+
+    def select(self, index: Sequence[int]) -> Dataset:
+        """The examples at ``index``, in that order."""
         return Dataset([self.inputs[i] for i in index], [self.labels[i] for i in index])
 
 

@@ -92,12 +92,7 @@ def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset |
     order = list(range(len(data)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(data) * fraction))
-    held, rest = sorted(order[:n_eval]), sorted(order[n_eval:])
-
-    def pick(index: list[int]) -> Dataset:
-        return Dataset([data.inputs[i] for i in index], [data.labels[i] for i in index])
-
-    return pick(rest), pick(held)
+    return data.select(sorted(order[n_eval:])), data.select(sorted(order[:n_eval]))
 
 
 def _typed(name: str, value: object, from_query: bool) -> object:
