@@ -122,3 +122,104 @@ def fuse_gather(index_down: torch.Tensor, index_up: torch.Tensor, bank: AdapterB
         pick(bank.up, index_up),
         pick(bank.up_bias, index_up),
     )
+
+
+# -- units: k bottleneck units per layer out of the bank's N*r -------------------------------------
+# Unit p of a layer is column j = p % r of adapter i = p // r: its down column A[l, i][:, j], its down
+# bias a[l, i][j] and its up row B[l, i][j, :]. A profile's fused adapter keeps the bank's shape: the
+# selected units of position j are summed into column (and row) j, each times ``scale``; the up side
+# is then multiplied by the layer's gain and, optionally, its output scaling vector. The adapters'
+# own up biases belong to no unit: a units profile's up bias is zero.
+
+
+def _unit_output(up: torch.Tensor, gains: torch.Tensor, out_scale: torch.Tensor | None) -> torch.Tensor:
+    """``up (L, U, r, d)`` times each profile's per-layer gain ``(U, L)`` and output scale ``(U, L, d)``."""
+    up = up * gains.transpose(0, 1)[:, :, None, None]
+    if out_scale is not None:
+        up = up * out_scale.transpose(0, 1).unsqueeze(2)
+    return up
+
+
+def fuse_unit_weights(
+    weights_down: torch.Tensor,
+    weights_up: torch.Tensor,
+    bank: AdapterBank,
+    gains: torch.Tensor,
+    out_scale: torch.Tensor | None = None,
+) -> FusedAdapters:
+    """Dense and differentiable, for training: ``weights_* (U, L, N*r)`` over every unit (k-hot
+    times the unit weight in the forward pass), ``gains (U, L)``, ``out_scale (U, L, d)`` or None."""
+    L, N, d, r = bank.down.shape
+    U = weights_down.shape[0]
+    wd = weights_down.to(bank.down.dtype).view(U, L, N, r)
+    wu = weights_up.to(bank.up.dtype).view(U, L, N, r)
+    down = torch.einsum("ulnj,lndj->ludj", wd, bank.down)
+    down_bias = torch.einsum("ulnj,lnj->luj", wd, bank.down_bias)
+    up = _unit_output(torch.einsum("ulnj,lnjd->lujd", wu, bank.up), gains, out_scale)
+    up_bias = torch.zeros(L, U, d, dtype=up.dtype, device=up.device)
+    return FusedAdapters(down, down_bias, up, up_bias)
+
+
+@dataclass
+class UnitTable:
+    """The bank as rows of units, layer-major: ``down (L*N*r, d)`` (each unit's down column as a
+    row), ``down_bias (L*N*r,)``, ``up (L*N*r, d)``; built once per bank and device, so a gather
+    reads contiguous rows."""
+
+    down: torch.Tensor
+    down_bias: torch.Tensor
+    up: torch.Tensor
+    num_layers: int
+    bottleneck: int
+
+    @classmethod
+    def of(cls, bank: AdapterBank) -> UnitTable:
+        L, N, d, r = bank.down.shape
+        return cls(
+            down=bank.down.permute(0, 1, 3, 2).reshape(L * N * r, d).contiguous(),
+            down_bias=bank.down_bias.reshape(L * N * r).contiguous(),
+            up=bank.up.reshape(L * N * r, d).contiguous(),
+            num_layers=L,
+            bottleneck=r,
+        )
+
+    @property
+    def units_per_layer(self) -> int:
+        return self.down.shape[0] // self.num_layers
+
+
+def fuse_units(
+    index_down: torch.Tensor,
+    index_up: torch.Tensor,
+    scale: torch.Tensor,
+    gains: torch.Tensor,
+    out_scale: torch.Tensor | None,
+    table: UnitTable,
+) -> FusedAdapters:
+    """Serving: a gather of each profile's selected units and a sum into their positions.
+
+    ``index_* (U, L, k)`` unit ids within their layer (the same k for every profile of the call),
+    ``scale (U,)`` each profile's unit weight, ``gains (U, L)``, ``out_scale (U, L, d)`` or None.
+    Reads ``2 * U * L * k`` rows of the table, never the whole bank.
+    """
+    U, L, k = index_down.shape
+    r, P, d = table.bottleneck, table.units_per_layer, table.down.shape[1]
+    layer = torch.arange(L, device=index_down.device).view(1, L, 1) * P
+    # target row of (U, L, r) for every selected unit: its profile, its layer, its position
+    base = (
+        torch.arange(U, device=index_down.device).view(U, 1, 1) * L
+        + torch.arange(L, device=index_down.device).view(1, L, 1)
+    ) * r
+    w = scale.to(table.down.dtype).view(U, 1, 1, 1)
+
+    def gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(U * L * r, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        target = (base + index % r).flatten()
+        return out.index_add_(0, target, rows.index_select(0, (layer + index).flatten()))
+
+    down = (gather(table.down, index_down).view(U, L, r, d) * w).permute(1, 0, 3, 2)
+    down_bias = (gather(table.down_bias, index_down).view(U, L, r) * w[..., 0]).transpose(0, 1)
+    up = (gather(table.up, index_up).view(U, L, r, d) * w).transpose(0, 1)
+    up = _unit_output(up, gains.to(up.dtype), None if out_scale is None else out_scale.to(up.dtype))
+    up_bias = torch.zeros(L, U, d, dtype=up.dtype, device=up.device)
+    return FusedAdapters(down.contiguous(), down_bias.contiguous(), up.contiguous(), up_bias)

@@ -9,11 +9,16 @@ Layout (all integers little-endian)::
     payload                    the kind's sections (:func:`sections`), in that order
     crc32                      u32 over everything before it
 
-Payload sections per kind (bits: bitarray big-endian, padded to a byte; floats: fp16)::
+Payload sections per kind (bits: bitarray big-endian, padded to a byte; floats: fp16; int8:
+signed bytes; indices: each in the fewest bits that hold ``N*r - 1``, big-endian, padded to a byte)::
 
     hard            mask_down, mask_up: L*N bits each
                     version 2 may add gains (L floats: one per layer) and values (2*L*k floats:
                     the weight of each selected adapter, row by row in index order)
+    units           unit_down, then unit_up unless tied: the k units of each layer out of N*r, as
+                    L*N*r bits or L*k ascending indices, whichever is smaller; gains (L floats);
+                    with out_scale, out_scale (L*d int8) and out_scale_step (L floats): each
+                    layer's output scaling vector is its int8 row times its step
     soft            weights_down, weights_up: L*N floats each
     single_adapter  down (L,d,r), down_bias (L,r), up (L,r,d), up_bias (L,d)
     head_only       nothing
@@ -22,22 +27,21 @@ Payload sections per kind (bits: bitarray big-endian, padded to a byte; floats: 
 Version 2 adds three optional header fields for hard profiles: ``scale_power`` (a selected
 adapter weighs ``1 / k**p``), ``gains`` and ``values`` (booleans: those sections are present). A
 profile that uses none of them is written as version 1, byte for byte as before, so servers that
-only read version 1 keep serving it; both versions are read. Framing and header checks live in
+only read version 1 keep serving it. Version 3 adds the units kind, with its header fields
+``tied`` and ``out_scale`` (booleans); a hard profile is still written as version 1 or 2, so a
+server that reads only those keeps serving it. All three versions are read. Framing and header checks live in
 :mod:`xpeft.profiles.format_header`; this module owns the sections, the one table of what each
 kind stores.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from bitarray import bitarray
 
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
+from xpeft.profiles.format_codecs import Section, pack, unit_selection, unpack
 from xpeft.profiles.format_header import (
     ERROR_CODES,
     FORMAT_VERSION,
@@ -69,20 +73,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Section:
-    """One payload section: its name, how it is stored, and its shape."""
-
-    name: str
-    bits: bool  # True: packed booleans; False: fp16 numbers
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        count = math.prod(self.shape)
-        return (count + 7) // 8 if self.bits else 2 * count
-
-
 def sections(
     kind: ProfileKind,
     L: int,
@@ -93,39 +83,62 @@ def sections(
     k: int,
     gains: bool = False,
     values: bool = False,
+    tied: bool = False,
+    out_scale: bool = False,
 ) -> list[Section]:
     """What a profile of ``kind`` stores, in file order: the one place that says it."""
     out: list[Section] = []
     if kind is ProfileKind.HARD:
-        out = [Section("mask_down", True, (L, N)), Section("mask_up", True, (L, N))]
+        out = [Section("mask_down", "bits", (L, N)), Section("mask_up", "bits", (L, N))]
         if gains:
-            out.append(Section("gains", False, (L,)))
+            out.append(Section("gains", "f16", (L,)))
         if values:
-            out.append(Section("values", False, (2, L, k)))
+            out.append(Section("values", "f16", (2, L, k)))
+    elif kind is ProfileKind.UNITS:
+        out = [unit_selection("unit_down", L, N * r, k)]
+        if not tied:
+            out.append(unit_selection("unit_up", L, N * r, k))
+        out.append(Section("gains", "f16", (L,)))
+        if out_scale:
+            out += [Section("out_scale", "i8", (L, d)), Section("out_scale_step", "f16", (L,))]
     elif kind is ProfileKind.SOFT:
-        out = [Section("weights_down", False, (L, N)), Section("weights_up", False, (L, N))]
+        out = [Section("weights_down", "f16", (L, N)), Section("weights_up", "f16", (L, N))]
     elif kind is ProfileKind.SINGLE_ADAPTER:
         shapes = {"down": (L, d, r), "down_bias": (L, r), "up": (L, r, d), "up_bias": (L, d)}
-        out = [Section(name, False, shapes[name]) for name in TENSOR_NAMES]
-    return out + [Section("head_weight", False, (C, d)), Section("head_bias", False, (C,))]
+        out = [Section(name, "f16", shapes[name]) for name in TENSOR_NAMES]
+    return out + [Section("head_weight", "f16", (C, d)), Section("head_bias", "f16", (C,))]
 
 
 # -- writing ---------------------------------------------------------------------------------
-def _fp16(t: torch.Tensor) -> bytes:
-    return t.detach().to("cpu", torch.float16).contiguous().numpy().astype("<f2").tobytes()
+def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row as int8 times one fp16 step: ``(q (rows, n) int8, step (rows,))``, with
+    ``q * step`` the values a file holds. Applying it to its own result changes nothing."""
+    v = values.detach().to("cpu", torch.float32)
+    peak = v.abs().amax(dim=-1)
+    step = torch.where(peak > 0, peak / 127, torch.ones_like(peak)).to(torch.float16).float()
+    q = torch.round(v / step.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, step
 
 
-def _bits(mask: torch.Tensor) -> bytes:
-    bits = bitarray(endian="big")
-    bits.pack(mask.detach().to("cpu", torch.bool).flatten().numpy().tobytes())
-    return bits.tobytes()
+def _unit_rows(profile: Profile, row: int, section: Section) -> torch.Tensor:
+    """One projection's units as the section stores them: a k-hot mask or the indices."""
+    assert profile.unit_index is not None
+    index = profile.unit_index[row]
+    if section.codec == "index":
+        return index
+    return torch.zeros(section.shape, dtype=torch.bool).scatter_(1, index, True)
 
 
-def _stored(profile: Profile, name: str) -> torch.Tensor:
+def _stored(profile: Profile, section: Section) -> torch.Tensor:
     """The tensor a section stores, as the profile holds it."""
+    name = section.name
     if name == "values":  # only the selected positions: (2, L, k) in index order
         assert profile.values is not None
         return profile.values[torch.stack(profile.masks())].view(2, profile.num_layers, profile.k)
+    if name in ("unit_down", "unit_up"):
+        return _unit_rows(profile, 0 if name == "unit_down" else 1, section)
+    if name in ("out_scale", "out_scale_step") and profile.out_scale is not None:
+        return quantize_rows(profile.out_scale)[0 if name == "out_scale" else 1]
     if name in TENSOR_NAMES:
         return profile.adapter_tensors()[name]
     tensor = getattr(profile, name)
@@ -134,17 +147,19 @@ def _stored(profile: Profile, name: str) -> torch.Tensor:
     return tensor
 
 
-def _v2_fields(profile: Profile) -> dict:
-    """The version-2 header fields a hard profile needs (none: it is written as version 1)."""
-    if profile.kind is not ProfileKind.HARD:
-        return {}
+def _kind_fields(profile: Profile) -> dict:
+    """The optional header fields a profile needs (none for a hard one: it is written as version 1)."""
     fields: dict = {}
-    if profile.scale_power != 1.0:
-        fields["scale_power"] = float(profile.scale_power)
-    if profile.gains is not None:
-        fields["gains"] = True
-    if profile.values is not None:
-        fields["values"] = True
+    if profile.kind is ProfileKind.HARD:
+        if profile.scale_power != 1.0:
+            fields["scale_power"] = float(profile.scale_power)
+        if profile.gains is not None:
+            fields["gains"] = True
+        if profile.values is not None:
+            fields["values"] = True
+    elif profile.kind is ProfileKind.UNITS:
+        fields["tied"] = bool(profile.tied)
+        fields["out_scale"] = profile.out_scale is not None
     return fields
 
 
@@ -164,10 +179,11 @@ def encode(profile: Profile) -> bytes:
     }
     if profile.meta:
         header["meta"] = dict(profile.meta)
-    extras = _v2_fields(profile)
+    extras = _kind_fields(profile)
     header.update(extras)
-    payload = b"".join((_bits if s.bits else _fp16)(_stored(profile, s.name)) for s in _sections_of(header))
-    return frame(2 if extras else 1, header, payload)
+    payload = b"".join(pack(s, _stored(profile, s)) for s in _sections_of(header))
+    version = max(profile.kind.spec.min_version, 2 if extras else 1)
+    return frame(version, header, payload)
 
 
 def _sections_of(h: dict) -> list[Section]:
@@ -183,32 +199,12 @@ def _sections_of(h: dict) -> list[Section]:
         h["k"],
         h.get("gains", False),
         h.get("values", False),
+        h.get("tied", False),
+        h.get("out_scale", False),
     )
 
 
 # -- reading ---------------------------------------------------------------------------------
-def _floats(raw: bytes, shape: tuple[int, ...], name: str) -> torch.Tensor:
-    t = torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float32)).view(*shape)
-    if not torch.isfinite(t).all():
-        raise ProfileFormatError("bad_payload", f"{name} holds NaN or infinite values")
-    return t
-
-
-def _mask(raw: bytes, shape: tuple[int, ...], k: int, name: str) -> torch.Tensor:
-    L, N = shape
-    bits = bitarray(endian="big")
-    bits.frombytes(raw)
-    if bits[L * N :].any():
-        raise ProfileFormatError("bad_payload", f"{name} has bits set in its padding")
-    mask = torch.from_numpy(np.frombuffer(bits[: L * N].unpack(), dtype=np.bool_).copy()).view(L, N)
-    counts = mask.sum(dim=1)
-    if not bool((counts == k).all()):
-        raise ProfileFormatError(
-            "bad_payload", f"{name} rows select {counts.tolist()} adapters, expected k={k}"
-        )
-    return mask
-
-
 def _read(data: bytes) -> tuple[ProfileInfo, bytes]:
     version, raw_header, payload, crc_ok = split(data)
     try:
@@ -243,6 +239,8 @@ def _read(data: bytes) -> tuple[ProfileInfo, bytes]:
         scale_power=float(h.get("scale_power", 1.0)),
         gains=h.get("gains", False),
         values=h.get("values", False),
+        tied=h.get("tied", False),
+        out_scale=h.get("out_scale", False),
     )
     return info, payload
 
@@ -266,11 +264,39 @@ def _tensors(info: ProfileInfo, payload: bytes) -> dict[str, torch.Tensor]:
         i.k,
         i.gains,
         i.values,
+        i.tied,
+        i.out_scale,
     ):
         raw = payload[offset : offset + s.nbytes]
         offset += s.nbytes
-        out[s.name] = _mask(raw, s.shape, info.k, s.name) if s.bits else _floats(raw, s.shape, s.name)
+        out[s.name] = unpack(s, raw, info.k)
     return out
+
+
+def _gains(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    if not bool(((t["gains"] > 0) & (t["gains"] <= MAX_GAIN)).all()):
+        raise ProfileFormatError("bad_payload", f"gains must lie in (0, {MAX_GAIN:g}]")
+    return t["gains"]
+
+
+def _unit_index(t: dict[str, torch.Tensor], name: str, k: int) -> torch.Tensor:
+    """``(L, k)`` ascending unit ids, from a k-hot mask or stored as such."""
+    rows = t[name]
+    if rows.dtype is torch.bool:
+        return torch.nonzero(rows)[:, 1].view(rows.shape[0], k)
+    return rows
+
+
+def _decode_units(profile: Profile, info: ProfileInfo, t: dict[str, torch.Tensor]) -> None:
+    down = _unit_index(t, "unit_down", info.k)
+    up = down if info.tied else _unit_index(t, "unit_up", info.k)
+    profile.unit_index, profile.tied = torch.stack([down, up]), info.tied
+    profile.gains = _gains(t)
+    if info.out_scale:
+        step = t["out_scale_step"]
+        if not bool(((step > 0) & (step <= MAX_GAIN)).all()):
+            raise ProfileFormatError("bad_payload", f"out_scale_step must lie in (0, {MAX_GAIN:g}]")
+        profile.out_scale = t["out_scale"].float() * step.unsqueeze(-1)
 
 
 def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
@@ -297,13 +323,13 @@ def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
         profile.mask_down, profile.mask_up = t["mask_down"], t["mask_up"]
         profile.scale_power = info.scale_power
         if "gains" in t:
-            if not bool(((t["gains"] > 0) & (t["gains"] <= MAX_GAIN)).all()):
-                raise ProfileFormatError("bad_payload", f"gains must lie in (0, {MAX_GAIN:g}]")
-            profile.gains = t["gains"]
+            profile.gains = _gains(t)
         if "values" in t:
             values = torch.zeros(2, info.num_layers, info.num_adapters)
             values[torch.stack(profile.masks())] = t["values"].flatten()
             profile.values = values
+    elif kind is ProfileKind.UNITS:
+        _decode_units(profile, info, t)
     elif kind is ProfileKind.SOFT:
         ones = torch.ones(info.num_layers)
         for name in ("weights_down", "weights_up"):

@@ -13,26 +13,18 @@ import zlib
 from dataclasses import dataclass, field
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.profile import ProfileKind
+from xpeft.profiles.kinds import KINDS, KINDS_BY_WIRE_NAME, WIRE_NAMES, ProfileKind
 
 MAGIC = b"\x89XPM"
-FORMAT_VERSION = 2  # the newest version this build writes
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest version this build writes
+READ_VERSIONS = (1, 2, 3)
 PREFIX = struct.Struct("<4sHH")
 CRC = struct.Struct("<I")
 # Bounds on declared shapes: far above any real encoder, far below anything that hurts.
 LIMITS = {"L": 128, "N": 65536, "d": 16384, "r": 16384, "C": 4096}
 MAX_META_ITEMS = 32
-# The header's name of each kind. Files say "adapter" for a single_adapter profile, as version 1
-# always did: the name on the wire stays, the Python name is the method's.
-WIRE_NAMES = {
-    ProfileKind.HARD: "hard",
-    ProfileKind.SOFT: "soft",
-    ProfileKind.SINGLE_ADAPTER: "adapter",
-    ProfileKind.HEAD_ONLY: "head_only",
-}
-KINDS_BY_WIRE_NAME = {wire: kind for kind, wire in WIRE_NAMES.items()}
-V2_FIELDS = ("scale_power", "gains", "values")  # hard profiles only
+MAX_UNITS = 65536  # units kind: the most units a layer may select
+__all__ = ["KINDS_BY_WIRE_NAME", "WIRE_NAMES"]  # re-exported from the kinds table
 
 
 class ProfileFormatError(XPeftError):
@@ -70,6 +62,8 @@ class ProfileInfo:
     scale_power: float = 1.0
     gains: bool = False
     values: bool = False
+    tied: bool = False
+    out_scale: bool = False
 
     @property
     def profile_kind(self) -> ProfileKind:
@@ -94,17 +88,26 @@ def _check_int(header: dict, key: str, low: int, high: int) -> None:
         raise ProfileFormatError("bad_header", f"{key}={value!r} is not an integer in [{low}, {high}]")
 
 
-def _check_v2_fields(header: dict, version: int, kind: ProfileKind) -> None:
-    """Version-2 fields: only in version 2, only for hard profiles, and of the right types."""
-    present = [key for key in V2_FIELDS if key in header]
+def _check_kind_fields(header: dict, version: int, kind: ProfileKind) -> None:
+    """A kind's optional fields (the kinds table names them): only in version 2 and later, only
+    for that kind, and of the right types."""
+    spec = KINDS[kind]
+    if version < spec.min_version:
+        raise ProfileFormatError(
+            "bad_header", f"a {spec.wire} profile needs format version {spec.min_version}"
+        )
+    optional = {name for s in KINDS.values() for name in s.header_fields}
+    present = [key for key in sorted(optional) if key in header]
     if not present:
         return
-    if version < 2 or kind is not ProfileKind.HARD:
-        raise ProfileFormatError("bad_header", f"{present} need format version 2 and a hard profile")
+    if version < 2 or not set(present) <= set(spec.header_fields):
+        raise ProfileFormatError(
+            "bad_header", f"{present} need format version 2 and a kind that has them {spec.header_fields}"
+        )
     power = header.get("scale_power", 1.0)
     if not isinstance(power, int | float) or isinstance(power, bool) or not 0.0 <= power <= 4.0:
         raise ProfileFormatError("bad_header", f"scale_power={power!r} is not a number in [0, 4]")
-    for key in ("gains", "values"):
+    for key in ("gains", "values", "tied", "out_scale"):
         if not isinstance(header.get(key, False), bool):
             raise ProfileFormatError("bad_header", f"{key} must be a JSON boolean")
 
@@ -140,6 +143,8 @@ def parse_header(raw: bytes, version: int) -> dict:
             raise ProfileFormatError("bad_header", f"{key} must be a non-empty string")
     if kind is ProfileKind.HARD:
         _check_int(header, "k", 1, header["N"])
+    elif kind is ProfileKind.UNITS:
+        _check_int(header, "k", 1, min(header["N"] * header["r"], MAX_UNITS))
     else:
         _check_int(header, "k", 0, header["N"])
     header.setdefault("max_length", 128)
@@ -151,7 +156,7 @@ def parse_header(raw: bytes, version: int) -> dict:
         or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     ):
         raise ProfileFormatError("bad_header", f"meta must be at most {MAX_META_ITEMS} string pairs")
-    _check_v2_fields(header, version, kind)
+    _check_kind_fields(header, version, kind)
     header["kind"] = kind
     return header
 

@@ -13,6 +13,8 @@ softmax gradient of the noisy scores.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from xpeft.profiles.train_config import ESTIMATORS
@@ -56,6 +58,28 @@ def hard_weights(
         picked = scores - torch.log(-torch.log(uniform.clamp_min(1e-20)))  # scores + Gumbel(0, 1)
     hard = khot(picked.detach(), k).to(scores.dtype) * hard_scale(k, scale_power)
     surrogate = picked if estimator == "identity" else soft_weights(picked, temperature)
+    return hard + (surrogate - surrogate.detach())
+
+
+def unit_scale(k: int, bottleneck: int) -> float:
+    """The weight of one selected unit: ``sqrt(r / k)``. The k units fall on the r bottleneck
+    positions, about k / r on each, and a sum of c independent random columns grows like
+    ``sqrt(c)``: so scaled, the fused adapter is as large as one bank adapter whatever k is."""
+    return math.sqrt(bottleneck / k)
+
+
+def unit_weights(
+    scores: torch.Tensor, k: int, temperature: float = 1.0, estimator: str = "identity"
+) -> torch.Tensor:
+    """k-hot (exactly 0 or 1) over the units of each row forward, a surrogate gradient backward.
+
+    ``identity`` passes the gradient to every score unchanged (edge-popup), so a dropped unit
+    can come back; ``softmax`` takes ``k * softmax(S / tau)``'s, as the hard masks do.
+    """
+    if not 1 <= k <= scores.shape[-1]:
+        raise ValueError(f"k={k} must be between 1 and {scores.shape[-1]} units")
+    hard = khot(scores.detach(), k).to(scores.dtype)
+    surrogate = scores if estimator == "identity" else k * soft_weights(scores, temperature)
     return hard + (surrogate - surrogate.detach())
 
 

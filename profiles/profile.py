@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
-from xpeft.profiles.masks import mask_to_weights
+from xpeft.profiles.kinds import ProfileKind
+from xpeft.profiles.masks import mask_to_weights, unit_scale
 
-
-class ProfileKind(str, Enum):
-    HARD = "hard"  # two bit-packed k-hot masks over the bank
-    SOFT = "soft"  # two fp16 softmax weight tensors over the bank
-    HEAD_ONLY = "head_only"  # baseline: no adapter at all
-    SINGLE_ADAPTER = "single_adapter"  # baseline: one whole adapter of its own, fp16
-
-    @property
-    def uses_bank(self) -> bool:
-        return self in (ProfileKind.HARD, ProfileKind.SOFT)
+__all__ = ["Profile", "ProfileKind"]
 
 
 @dataclass(eq=False)  # identity, not tensor comparison
 class Profile:
     """Everything needed to serve one profile against a given encoder and bank.
 
-    ``mask_*`` are bool ``(L, N)`` (hard), ``weights_*`` float ``(L, N)`` (soft), ``adapter`` holds
+    ``mask_*`` are bool ``(L, N)`` (hard), ``weights_*`` float ``(L, N)`` (soft), ``unit_index``
+    the ``k`` bank units of each layer, ascending, for the down and the up projection ``(2, L, k)``
+    (units; unit ``p`` is column ``p % r`` of adapter ``p // r``), ``adapter`` holds
     ``down (L,d,r)``, ``down_bias (L,r)``, ``up (L,r,d)``, ``up_bias (L,d)`` (adapter kind).
     ``head_weight (C, d)`` and ``head_bias (C,)`` map the pooled embedding to the C labels.
     """
@@ -51,6 +44,9 @@ class Profile:
     scale_power: float = 1.0  # hard: a selected adapter weighs 1 / k**p
     gains: torch.Tensor | None = None  # hard: (L,) positive gain of each layer's fused adapter
     values: torch.Tensor | None = None  # hard: (2, L, N) weight of each selected adapter (0 elsewhere)
+    unit_index: torch.Tensor | None = None  # units: (2, L, k) int64, each row ascending
+    tied: bool = False  # units: one selection for both projections (both rows of unit_index equal)
+    out_scale: torch.Tensor | None = None  # units: (L, d) scaling of each layer's adapter output
     meta: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -98,6 +94,8 @@ class Profile:
             self.weights_up,
             self.gains,
             self.values,
+            self.unit_index,
+            self.out_scale,
             *(self.adapter or {}).values(),
         ]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -119,6 +117,10 @@ class Profile:
             assert self.weights_down is not None and self.weights_up is not None
             return self.weights_down.float(), self.weights_up.float()
         raise ValueError(f"a {self.kind.value} profile has no mixing weights")
+
+    def unit_weight(self) -> float:
+        """What each selected unit weighs (units): the fused adapter then has one bank adapter's scale."""
+        return unit_scale(self.k, self.bottleneck)
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask_down, mask_up)``, bool ``(L, N)`` k-hot (hard only)."""

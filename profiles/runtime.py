@@ -17,7 +17,7 @@ import torch
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, TextInput, best_device, encoder_for_bank
 from xpeft.adapters.errors import BankError
-from xpeft.adapters.fusion import FusedAdapters, fuse
+from xpeft.adapters.fusion import FusedAdapters, UnitTable, fuse, fuse_units
 from xpeft.profiles import format as xpm
 from xpeft.profiles.graphs import GraphRunner
 from xpeft.profiles.profile import Profile, ProfileKind
@@ -80,6 +80,7 @@ class MultiProfileModel:
         self.bank = bank
         # The bank lives where the encoder runs, in its dtype: fusion is a GEMM over it.
         self.device_bank = bank.to(encoder.device, encoder.dtype)
+        self._unit_table: UnitTable | None = None  # the bank as rows of units, once a units profile is served
         #: replays the forward from CUDA graphs when set (the server's worker sets it, see graphs.py)
         self.graphs: GraphRunner | None = None
 
@@ -119,7 +120,7 @@ class MultiProfileModel:
     def fuse_batch(self, profiles: Sequence[Profile]) -> FusedAdapters:
         """The profiles' adapters, layer-major ``(L, U, ...)``: bank profiles in one batched GEMM."""
         enc = self.encoder
-        if profiles and all(p.kind.uses_bank for p in profiles):
+        if profiles and all(p.kind.spec.fusion == "mix" for p in profiles):
             return self._fuse_bank(profiles)  # the GEMM's output is the batch's weights as it is
         out = FusedAdapters.zeros(
             self.bank.num_layers,
@@ -138,17 +139,47 @@ class MultiProfileModel:
         weights = weights.to(self.encoder.device, non_blocking=True)
         return fuse(weights[:, 0], weights[:, 1], self.device_bank)
 
+    def _fuse_units(self, profiles: Sequence[Profile]) -> FusedAdapters:
+        """Units profiles of one k: their unit ids and scales sent in one copy, one gather and sum."""
+        if self._unit_table is None:
+            self._unit_table = UnitTable.of(self.device_bank)
+        device = self.encoder.device
+        index = torch.stack([p.unit_index for p in profiles if p.unit_index is not None]).to(device)
+        scale = torch.tensor([p.unit_weight() for p in profiles])
+        gains = torch.stack([p.gains for p in profiles if p.gains is not None])
+        outs = [p.out_scale for p in profiles]
+        out = None
+        if any(o is not None for o in outs):
+            ones = torch.ones(self.bank.num_layers, self.bank.hidden_size)
+            out = torch.stack([ones if o is None else o for o in outs]).to(device)
+        return fuse_units(index[:, 0], index[:, 1], scale.to(device), gains.to(device), out, self._unit_table)
+
+    def _fused_groups(self, profiles: Sequence[Profile]) -> list[tuple[list[int], FusedAdapters]]:
+        """The profiles that fuse over the bank, in groups that fuse in one call each: the mixing
+        kinds in one GEMM, units profiles in one gather per k."""
+        groups: dict[object, list[int]] = {}
+        for j, p in enumerate(profiles):
+            fusion = p.kind.spec.fusion
+            if fusion == "mix":
+                groups.setdefault("mix", []).append(j)
+            elif fusion == "units":
+                groups.setdefault(("units", p.k), []).append(j)
+        out = []
+        for key, members in groups.items():
+            chosen = [profiles[j] for j in members]
+            out.append((members, self._fuse_bank(chosen) if key == "mix" else self._fuse_units(chosen)))
+        return out
+
     def fuse_into(self, target: FusedAdapters, slots: Sequence[int], profiles: Sequence[Profile]) -> None:
         """Fuse ``profiles[j]`` into slot ``slots[j]`` of ``target`` (a slot pool's ``(L, S, ...)`` tensors).
 
-        Bank profiles: one host-to-device copy of their mixing weights, one GEMM, one indexed copy
-        per tensor into their slots; whole adapters are copied in; head-only slots are zeroed.
+        Bank profiles: one host-to-device copy of their mixing weights (or unit ids), one GEMM
+        (or gather), one indexed copy per tensor into their slots; whole adapters are copied in;
+        head-only slots are zeroed.
         """
         device = target.down.device
-        bank = [j for j, p in enumerate(profiles) if p.kind.uses_bank]
-        if bank:
-            fused = self._fuse_bank([profiles[j] for j in bank])
-            index = torch.as_tensor([slots[j] for j in bank], dtype=torch.long).to(device)
+        for members, fused in self._fused_groups(profiles):
+            index = torch.as_tensor([slots[j] for j in members], dtype=torch.long).to(device)
             for pool_t, new in zip(target.tensors(), fused.tensors(), strict=True):
                 pool_t.index_copy_(1, index, new.to(pool_t.dtype))
         for j, p in enumerate(profiles):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from xpeft.adapters.bank import AdapterBank
+from xpeft.profiles.format import quantize_rows
 from xpeft.profiles.masks import khot
 from xpeft.profiles.profile import Profile, ProfileKind
 
@@ -23,9 +24,12 @@ def random_profile(
     scale_power: float = 1.0,
     gains: bool = False,
     weighted: bool = False,
+    tied: bool = False,
+    out_scale: bool = False,
 ) -> Profile:
     """A seeded random profile of any kind that fits ``bank``; hard ones may carry the
-    version-2 extras (a scale exponent, per-layer gains, a weight per selected adapter)."""
+    version-2 extras (a scale exponent, per-layer gains, a weight per selected adapter), units
+    ones a tied selection and an output scaling vector."""
     kind = ProfileKind(kind)
     g = torch.Generator().manual_seed(seed)
     L, N, d, r = bank.down.shape
@@ -50,6 +54,15 @@ def random_profile(
         if weighted:
             keep = torch.stack([profile.mask_down, profile.mask_up]).float()
             profile.values = (torch.rand(2, L, N, generator=g) * 0.4 - 0.1) * keep
+    elif kind is ProfileKind.UNITS:
+        profile.k, profile.tied = k or 4 * r, tied
+        rows = [torch.nonzero(khot(torch.randn(L, N * r, generator=g), profile.k))[:, 1] for _ in range(2)]
+        index = torch.stack(rows).view(2, L, profile.k)
+        profile.unit_index = torch.stack([index[0], index[0]]) if tied else index
+        profile.gains = torch.rand(L, generator=g) * 0.5 + 0.1
+        if out_scale:
+            q, step = quantize_rows(torch.rand(L, d, generator=g) * 2 - 0.5)
+            profile.out_scale = q.float() * step.unsqueeze(-1)
     elif kind is ProfileKind.SOFT:
         profile.weights_down = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)
         profile.weights_up = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)

@@ -20,7 +20,7 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder
 from xpeft.profiles.data import DataError, Dataset
 from xpeft.profiles.diagnostics import adapter_ratio, mask_overlap
-from xpeft.profiles.profile import Profile
+from xpeft.profiles.profile import Profile, ProfileKind
 from xpeft.profiles.train_config import METHODS, TrainConfig
 from xpeft.profiles.trainable import Trainable
 
@@ -83,7 +83,8 @@ def train_profile(
     probe = encoder.tokenize(train.inputs[: config.batch_size], config.max_length)
     trainable.eval()
     diagnostics: dict = {"adapter_ratio_start": adapter_ratio(encoder, trainable.fused(), probe)}
-    start_masks = trainable.masks() if config.method == "hard" else None
+    spec = ProfileKind(config.method).spec
+    start_masks = trainable.masks() if spec.selects else None
     grad_norms: list[float] = []
 
     history: list[dict] = []
@@ -111,7 +112,7 @@ def train_profile(
                 loss = nn.functional.cross_entropy(logits, target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if config.method in ("hard", "soft"):
+                if "lr_scores" in spec.train_fields:  # a method that trains mask scores
                     grad_norms.append(_score_grad_norm(trainable))
                 optimizer.step()
                 scheduler.step()
@@ -150,7 +151,8 @@ def _temperature(config: TrainConfig, step: int, total: int) -> float:
 
 
 def _score_grad_norm(trainable: Trainable) -> float:
-    grads = [p.grad.float() for p in (trainable.scores_down, trainable.scores_up) if p.grad is not None]
+    scores = dict.fromkeys([trainable.scores_down, trainable.scores_up])  # one tensor when tied
+    grads = [p.grad.float() for p in scores if p.grad is not None]
     return float(torch.cat([g.flatten() for g in grads]).norm()) if grads else 0.0
 
 

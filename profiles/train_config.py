@@ -10,25 +10,15 @@ import math
 from dataclasses import dataclass, fields
 
 from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.kinds import METHODS, applies_to
 
-METHODS = ("hard", "soft", "single_adapter", "head_only")  # the profile kinds, by the method that trains each
+__all__ = ["APPLIES_TO", "ESTIMATORS", "MAX_GAIN", "METHODS", "TrainConfig"]
+
 ESTIMATORS = ("softmax", "identity", "gumbel")
 MAX_GAIN = 1024.0  # the largest gain a profile file may hold
+UNITS_GAIN_INIT = 0.1  # units: the gains' default starting value
 # fields that only some methods read: a value other than the default for another method is an error
-APPLIES_TO = {
-    "k": ("hard",),
-    "scale_power": ("hard",),
-    "estimator": ("hard",),
-    "gain": ("hard",),
-    "gain_init": ("hard",),
-    "weighted": ("hard",),
-    "lr_gain": ("hard",),
-    "lr_scores": ("hard", "soft"),
-    "temperature": ("hard", "soft"),
-    "temperature_end": ("hard", "soft"),
-    "score_init_std": ("hard", "soft"),
-    "lr_adapter": ("single_adapter",),
-}
+APPLIES_TO = applies_to()
 
 
 @dataclass
@@ -36,8 +26,8 @@ class TrainConfig:
     """Defaults are the ones measured in docs/EVALUATION.md (the variants table decided ``gain``);
     the reasons are in docs/METHOD.md."""
 
-    method: str = "hard"
-    k: int | None = None  # hard masks: adapters kept per layer; default N // 10
+    method: str = "units"  # the shipped default: the best of the measured kinds (docs/EVALUATION.md)
+    k: int | None = None  # adapters (hard) or units (units) kept per layer; default N // 10 or 4 * r
     epochs: int = 3
     lr_scores: float = 0.05  # mask scores move on a softmax scale: far above the head's rate
     lr_head: float = 5e-3
@@ -51,13 +41,19 @@ class TrainConfig:
     eval_every: int = 0  # steps between dev evaluations for training curves (0: once per epoch)
     # hard masks: the method's open choices (docs/METHOD.md has the measurements)
     scale_power: float = 1.0  # a selected adapter weighs 1 / k**p (p = 1: the mean of the k)
-    estimator: str = "softmax"  # straight-through surrogate: softmax, identity or gumbel
+    # straight-through surrogate: softmax, identity or gumbel (hard); softmax or identity (units);
+    # default softmax (hard, the paper's) or identity (units, edge-popup's)
+    estimator: str | None = None
     temperature_end: float | None = None  # anneal the temperature geometrically to this value
     # learn one positive gain per layer (L numbers in the profile): the best of the measured variants
     gain: bool = True
-    gain_init: float = 1.0
+    gain_init: float | None = None  # default 1 (hard) or UNITS_GAIN_INIT (units)
     weighted: bool = False  # learn a weight for each selected adapter (2·L·k numbers)
     lr_gain: float = 0.05  # learning rate of the gains and weights
+    # units: k bottleneck units per layer out of the bank's N*r (docs/METHOD.md)
+    tied: bool = False  # one selection per unit for both projections, instead of one each
+    out_scale: bool = False  # learn a per-layer output scaling vector (L*d numbers, int8 in the file)
+    lr_out_scale: float = 0.01
 
     def validate(self) -> None:
         """Refuse settings that cannot train, or that the chosen method would silently ignore,
@@ -68,14 +64,16 @@ class TrainConfig:
 
         if self.method not in METHODS:
             raise bad(f"unknown method {self.method!r}; one of {METHODS}")
-        if self.estimator not in ESTIMATORS:
+        if self.estimator is not None and self.estimator not in ESTIMATORS:
             raise bad(f"estimator {self.estimator!r} is not one of {ESTIMATORS}")
+        if self.method == "units" and self.estimator == "gumbel":
+            raise bad("estimator 'gumbel' applies to hard only; units take softmax or identity")
         for name in ("epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.k is not None and self.k < 1:
             raise bad(f"k must be at least 1, got {self.k}")
-        for name in ("lr_scores", "lr_head", "lr_adapter", "lr_gain", "score_init_std"):
+        for name in ("lr_scores", "lr_head", "lr_adapter", "lr_gain", "lr_out_scale", "score_init_std"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise bad(f"{name} must be a finite number >= 0, got {value}")
@@ -85,12 +83,40 @@ class TrainConfig:
                 raise bad(f"{name} must be a finite number > 0, got {value}")
         if not 0.0 <= self.scale_power <= 4.0:
             raise bad(f"scale_power must lie in [0, 4], got {self.scale_power}")
-        if not 0.0 < self.gain_init <= MAX_GAIN:
+        if self.gain_init is not None and not 0.0 < self.gain_init <= MAX_GAIN:
             raise bad(f"gain_init must lie in (0, {MAX_GAIN:g}], got {self.gain_init}")
         defaults = {f.name: f.default for f in fields(TrainConfig)}
         for name, methods in APPLIES_TO.items():
             if self.method not in methods and getattr(self, name) != defaults[name]:
                 raise bad(f"{name} applies to {' and '.join(methods)} only, not to method {self.method!r}")
 
-    def resolved_k(self, num_adapters: int) -> int:
-        return self.k if self.k is not None else max(1, num_adapters // 10)
+    def resolved_estimator(self) -> str:
+        """The straight-through surrogate: the paper's softmax for hard masks, the identity for
+        units (every unit's score gets its gradient, so a dropped unit can come back)."""
+        if self.estimator is not None:
+            return self.estimator
+        return "identity" if self.method == "units" else "softmax"
+
+    def resolved_gain_init(self) -> float:
+        """The gains' starting value: a units adapter starts at a fraction of one bank adapter's
+        strength, which at full strength all but replaces the encoder's features (docs/METHOD.md)."""
+        if self.gain_init is not None:
+            return self.gain_init
+        return UNITS_GAIN_INIT if self.method == "units" else 1.0
+
+    def check_bank(self, num_adapters: int, bottleneck: int) -> None:
+        """Refuse a ``k`` the bank cannot give: at most N adapters (hard), N*r units (units)."""
+        if self.method not in ("hard", "units"):
+            return
+        k = self.resolved_k(num_adapters, bottleneck)
+        pool, what = (
+            (num_adapters * bottleneck, "N*r units") if self.method == "units" else (num_adapters, "N")
+        )
+        if not 1 <= k <= pool:
+            raise XPeftError("bad_argument", f"k={k} must be between 1 and {what}={pool}")
+
+    def resolved_k(self, num_adapters: int, bottleneck: int = 1) -> int:
+        """k as given, else the method's default: N // 10 adapters (hard), 4 * r units (units)."""
+        if self.k is not None:
+            return self.k
+        return 4 * bottleneck if self.method == "units" else max(1, num_adapters // 10)

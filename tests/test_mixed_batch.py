@@ -28,6 +28,7 @@ def test_mixed_batch_matches_each_row_alone(encoder, bank):
         ProfileKind.SINGLE_ADAPTER,
         ProfileKind.HEAD_ONLY,
         ProfileKind.HARD,
+        ProfileKind.UNITS,
     ]
     profiles = [
         xpm.decode(xpm.encode(random_profile(bank, kind, seed=i, labels=["a", "b", "c"][: 2 + i % 2])), bank)
@@ -36,9 +37,13 @@ def test_mixed_batch_matches_each_row_alone(encoder, bank):
     # a version-2 hard profile (scale exponent, gains, per-adapter weights) in the same batch
     extras = random_profile(bank, ProfileKind.HARD, seed=9, scale_power=0.75, gains=True, weighted=True)
     profiles.append(xpm.decode(xpm.encode(extras), bank))
+    # units profiles of two sizes, tied and with an output scaling vector: two gathers in one fill
+    for seed, make in ((10, {"k": 32, "tied": True}), (11, {"k": 32, "out_scale": True}), (12, {"k": 7})):
+        units = random_profile(bank, ProfileKind.UNITS, seed=seed, **make)
+        profiles.append(xpm.decode(xpm.encode(units), bank))
     # every profile gets rows, interleaved, so the batch mixes them row by row
     requests = [
-        (profiles[i % len(profiles)], [TEXTS[i % len(TEXTS)], TEXTS[(i + 3) % len(TEXTS)]]) for i in range(12)
+        (profiles[i % len(profiles)], [TEXTS[i % len(TEXTS)], TEXTS[(i + 3) % len(TEXTS)]]) for i in range(20)
     ]
     inputs = [t for _, texts in requests for t in texts]
     distinct = list({id(p): p for p, _ in requests}.values())
@@ -77,3 +82,22 @@ def test_head_only_adapter_adds_nothing(encoder, bank):
         plain = encoder(enc)
         zero = encoder(enc, FusedAdapters.zeros(bank.num_layers, bank.hidden_size, bank.bottleneck))
     torch.testing.assert_close(plain, zero, atol=0, rtol=0)
+
+
+def test_units_gather_equals_the_dense_training_fusion(encoder, bank):
+    """What the server fuses (a gather of the stored units) is what training ran (dense STE weights)."""
+    from xpeft.adapters.fusion import fuse_unit_weights
+
+    model = MultiProfileModel(encoder, bank)
+    for make in ({"k": 32}, {"k": 96, "tied": True, "out_scale": True}):
+        p = xpm.decode(xpm.encode(random_profile(bank, ProfileKind.UNITS, seed=4, **make)), bank)
+        L, P = bank.num_layers, bank.num_adapters * bank.bottleneck
+        dense = [
+            torch.zeros(1, L, P).scatter_(2, p.unit_index[i].unsqueeze(0), p.unit_weight()) for i in (0, 1)
+        ]
+        out = None if p.out_scale is None else p.out_scale.unsqueeze(0)
+        want = fuse_unit_weights(dense[0], dense[1], bank, p.gains.unsqueeze(0), out)
+        got = model.fuse([p])[0]
+        for a, b in zip(got.tensors(), want.tensors(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert got.down.abs().sum() > 0
