@@ -138,12 +138,12 @@ def build_bank(work: Path) -> tuple[AdapterEncoder, AdapterBank, Path]:
 
 
 def train_examples(encoder: AdapterEncoder, bank: AdapterBank, work: Path) -> dict[str, Path]:
-    """One hard-mask profile per bundled example file."""
+    """One profile of the default kind (units) per bundled example file."""
     from xpeft.profiles import format as xpm
     from xpeft.profiles.data import load_dataset
     from xpeft.profiles.train import TrainConfig, train_profile
 
-    config = TrainConfig(method="hard", epochs=6, batch_size=16, max_length=32)
+    config = TrainConfig(epochs=6, batch_size=16, max_length=32)
     paths = {}
     for profile_id, name in EXAMPLES.items():
         data = load_dataset(str(files("xpeft.profiles.examples") / name))

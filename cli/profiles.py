@@ -30,6 +30,9 @@ TRAIN_FLAGS = (
     "weighted",
     "lr_gain",
     "estimator",
+    "tied",
+    "out_scale",
+    "lr_out_scale",
     "batch_size",
     "max_length",
     "seed",
@@ -163,7 +166,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default=None, help="encoder (default: the one the bank was built for)")
     d = TrainConfig()  # one set of defaults for the CLI, the Python API and the evaluation
     p.add_argument("--method", choices=METHODS, default=d.method, help="what to train (docs/METHOD.md)")
-    p.add_argument("--k", type=int, default=d.k, help="hard: adapters kept per layer (default: N/10)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=d.k,
+        help="hard: adapters kept per layer (default N/10); units: units (default 4r)",
+    )
     _data_args(p)
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the data")
     p.add_argument(
@@ -172,7 +180,7 @@ def register(subparsers: Any) -> None:
         dest="lr_scores",
         type=float,
         default=d.lr_scores,
-        help="hard, soft: the mask scores' learning rate",
+        help="hard, units, soft: the mask scores' learning rate",
     )
     p.add_argument("--lr-head", type=float, default=d.lr_head, help="the head's learning rate")
     p.add_argument(
@@ -190,7 +198,9 @@ def register(subparsers: Any) -> None:
         default=d.gain,
         help="hard: learn one gain per layer, stored in the profile",
     )
-    p.add_argument("--gain-init", type=float, default=d.gain_init, help="hard: the gains' starting value")
+    p.add_argument(
+        "--gain-init", type=float, default=d.gain_init, help="hard, units: the gains' starting value"
+    )
     p.add_argument(
         "--weighted",
         action=argparse.BooleanOptionalAction,
@@ -198,10 +208,28 @@ def register(subparsers: Any) -> None:
         help="hard: learn a weight for each selected adapter, stored in the profile",
     )
     p.add_argument(
-        "--lr-gain", type=float, default=d.lr_gain, help="hard: learning rate of gains and weights"
+        "--lr-gain", type=float, default=d.lr_gain, help="hard, units: learning rate of gains and weights"
     )
     p.add_argument(
-        "--estimator", choices=ESTIMATORS, default=d.estimator, help="hard: straight-through surrogate"
+        "--estimator",
+        choices=ESTIMATORS,
+        default=d.estimator,
+        help="hard, units: straight-through surrogate (default softmax for hard, identity for units)",
+    )
+    p.add_argument(
+        "--tied",
+        action=argparse.BooleanOptionalAction,
+        default=d.tied,
+        help="units: one selection per unit for both projections",
+    )
+    p.add_argument(
+        "--out-scale",
+        action=argparse.BooleanOptionalAction,
+        default=d.out_scale,
+        help="units: learn a per-layer output scaling vector (int8 in the profile)",
+    )
+    p.add_argument(
+        "--lr-out-scale", type=float, default=d.lr_out_scale, help="units: the output scaling vector's rate"
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per training step")
     p.add_argument(

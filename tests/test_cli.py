@@ -38,6 +38,23 @@ def workdir(tmp_path_factory, separable):
     return work
 
 
+def test_default_method_trains_a_units_profile(workdir):
+    """No --method: the shipped default, a units profile, with its own flags."""
+    common = ["--bank", str(workdir / "bank.safetensors"), "--data", str(workdir / "train.jsonl")]
+    common += ["--text-col", "text", "--label-col", "y", "--epochs", "1", "--max-length", "16", "--quiet"]
+    run("train", *common, "--out", str(workdir / "u.xpm"), "--k", "40", "--tied")
+    info = json.loads(run("info", str(workdir / "u.xpm")).stdout)
+    assert (info["kind"], info["k"], info["tied"], info["out_scale"], info["format_version"]) == (
+        "units",
+        40,
+        True,
+        False,
+        3,
+    )
+    failed = run("train", *common, "--out", str(workdir / "v.xpm"), "--k", str(16 * 24 + 1), check=False)
+    assert failed.returncode == 2 and "k=385" in failed.stderr and not (workdir / "v.xpm").exists()
+
+
 def test_bank_train_info_eval_predict(workdir):
     bank = AdapterBank.load(workdir / "bank.safetensors")
     assert bank.num_adapters == 16 and bank.model_name == "minilm"
@@ -215,7 +232,7 @@ def test_single_adapters_stack_into_a_bank(workdir):
     "flags,message",
     [
         (["--epochs", "0"], "epochs must be at least 1"),
-        (["--method", "head_only", "--k", "5"], "k applies to hard only"),
+        (["--method", "head_only", "--k", "5"], "k applies to hard and units only"),
         (["--method", "single_adapter", "--no-gain"], "gain applies to hard only"),
         (["--method", "hard", "--lr-adapter", "0.01"], "lr_adapter applies to single_adapter only"),
         (["--scale-power", "9"], "scale_power must lie in [0, 4]"),

@@ -40,6 +40,8 @@ CONFIG_FIELDS = (
     "gain",
     "weighted",
     "estimator",
+    "tied",
+    "out_scale",
 )
 _TYPES = {f.name: f.type for f in fields(TrainConfig)}
 SERVICE_FIELDS = ("eval_fraction", "keep_if_better")

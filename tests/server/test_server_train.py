@@ -399,7 +399,7 @@ def test_cli_train_url_uploads_waits_and_prints_the_served_job(trainers, separab
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert record["state"] == "succeeded" and record["options"]["eval_fraction"] == 0.2
-    assert record["options"]["epochs"] == 1 and record["options"]["method"] == "hard"
+    assert record["options"]["epochs"] == 1 and record["options"]["method"] == "units"
     meta = httpx.get(f"{trainers.s.url}/profiles/cli-1", headers=AUTH).json()
     assert meta["version"] == record["result"]["version"]
     refused = subprocess.run(
