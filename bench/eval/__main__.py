@@ -47,9 +47,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bench.eval.report import write_report
+    from bench.eval.targets import Shipped
 
     command = shlex.join(["python", "-m", "bench.eval", *args.argv])
-    path = write_report(args.results, args.out, img_dir=args.img_dir, command=command)
+    shipped = Shipped(args.shipped_method, args.shipped_variant or "default")
+    path = write_report(args.results, args.out, img_dir=args.img_dir, command=command, shipped=shipped)
     print(f"wrote {path}")
     if args.method_doc or args.readme:
         from bench.eval import method_doc, summary
@@ -61,7 +63,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             text = method_doc.block(res, args.results, command)
             print(f"wrote {method_doc.fill(args.method_doc, text)}")
         if args.readme:
-            text = summary.block(res, args.results, command, doc=args.out, shipped=args.shipped_variant)
+            text = summary.block(res, args.results, command, doc=args.out, shipped=shipped)
             print(f"wrote {method_doc.fill(args.readme, text, 'summary')}")
     return 0
 
@@ -97,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-dir", default=None, help="plots folder (default: img/eval beside --out)")
     p.add_argument("--method-doc", default=None, help="also fill the diagnostics block of this page")
     p.add_argument("--readme", default=None, help="also fill the quality summary block of this page")
+    p.add_argument("--shipped-method", default="hard", help="the method the library trains by default")
     p.add_argument(
-        "--shipped-variant", default=None, help="the variant equal to the library's defaults (its own column)"
+        "--shipped-variant",
+        default=None,
+        help="the variant equal to the library's defaults (default: default)",
     )
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("pack-model", help="copy the encoder with fp16-stored weights (for gpu.sh)")

@@ -16,9 +16,15 @@ from bench.eval.config import BASELINES
 from bench.eval.stats import Interval, Summary, paired, summarize, t_interval
 
 Pairs = dict[tuple[str, int], float]  # (profile, seed) -> value
+MIN_ADAPTER_GAIN = 2.0  # points: a group "discriminates" where an adapter beats a plain head by this much
 TITLES = {
     "sst2": "SST-2",
     "rte": "RTE",
+    "trec6": "TREC-6",
+    "mr": "MR",
+    "sick_e": "SICK-E",
+    "subj": "SUBJ",
+    "cr": "CR",
     "clinc_domain": "CLINC domains",
     "clinc_customers": "Customers",
 }
@@ -92,6 +98,19 @@ class Results:
         names = [v for v in self.config.get("variants", {}) if any(r["variant"] == v for r in self.runs)]
         return names + sorted({r["variant"] for r in self.runs} - set(names) - {"default"})
 
+    def selection_methods(self) -> list[str]:
+        """The methods that read a bank (``hard``, ``units``, ...) that have runs, config order first."""
+        present = {r["method"] for r in self.runs} - set(BASELINES)
+        order = [m for m in self.config.get("methods", []) if m in present]
+        return order + sorted(present - set(order))
+
+    def discriminates(self, task: str) -> bool | None:
+        """Whether an adapter beats a plain head here by MIN_ADAPTER_GAIN points (None: not run)."""
+        single = scaled(
+            difference(self.values(task, "single_adapter", "none"), self.values(task, "head_only", "none"))
+        )
+        return None if single is None else single.mean >= MIN_ADAPTER_GAIN
+
     def profiles(self, task: str) -> int:
         return len({r["profile"] for r in self.runs if r["task"] == task})
 
@@ -126,8 +145,9 @@ class MaskPays:
     gap_closed: float | None  # (hard - head) / (single - head) on the means; None when undefined
 
 
-def mask_pays(res: Results, task: str, bank: str, variant: str = "default") -> MaskPays:
-    hard = res.values(task, "hard", bank, variant)
+def mask_pays(res: Results, task: str, bank: str, variant: str = "default", method: str = "hard") -> MaskPays:
+    """``method`` (a kind that reads the bank) against both baselines on ``task``."""
+    hard = res.values(task, method, bank, variant)
     head = res.values(task, "head_only", "none")
     single = res.values(task, "single_adapter", "none")
     hh = scaled(difference(hard, head))

@@ -16,7 +16,18 @@ from typing import Any, TypeVar
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.train import METHODS, TrainConfig
 
-TASK_KINDS = ("sst2", "rte", "clinc_domain", "clinc_fewshot", "clinc_customers")
+TASK_KINDS = (
+    "sst2",
+    "rte",
+    "trec6",
+    "mr",
+    "sick_e",
+    "subj",
+    "cr",
+    "clinc_domain",
+    "clinc_fewshot",
+    "clinc_customers",
+)
 BANK_KINDS = ("random", "trained")
 BASELINES = ("head_only", "single_adapter")  # read no bank: one run per (profile, seed)
 # Set by the task entry or the run itself; a "train" override may not set them.
@@ -38,7 +49,7 @@ class TaskSpec:
     name: str = ""  # default: the kind (clinc_fewshot: clinc_fewshot<shots>)
     title: str = ""
     train_size: int | None = None  # a fixed seeded subset of each profile's train data
-    dev_size: int | None = None  # a fixed seeded subset of each profile's dev data
+    dev_size: int | None = None  # a fixed seeded subset of each profile's scored data (dev or test)
     subset_seed: int = 0  # seeds the subsets and the few-shot / customer selections
     shots: int | None = None  # clinc_fewshot: training examples per intent
     count: int | None = None  # clinc_customers: number of profiles
@@ -103,6 +114,8 @@ class EvalConfig:
     device: str = "auto"
     eval_batch_size: int = 128
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for every run
+    # TrainConfig overrides for one method's runs, on top of ``train`` (e.g. pinning the paper's hard masks)
+    method_train: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: dict[str, Any] = field(default_factory=dict)  # e.g. {"train_time": {...}}
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -256,11 +269,17 @@ def _validate(c: EvalConfig) -> None:
     if not c.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in c.seeds):
         raise ConfigError(f"seeds must be a non-empty list of integers, got {list(c.seeds)}")
     check_train_overrides(c.train, "train")
+    for method, overrides in c.method_train.items():
+        if method not in c.methods or not isinstance(overrides, dict):
+            raise ConfigError(f"method_train.{method}: an object of overrides for one of {list(c.methods)}")
+        check_train_overrides({**c.train, **overrides}, f"method_train.{method}")
     check_train_overrides(c.trained_bank.train, "trained_bank.train")
     for v in c.variants:
         for t in c.tasks:
             if not v.tasks or t.name in v.tasks:
-                check_train_overrides({**c.train, **t.train, **v.train}, f"variants.{v.name} on {t.name}")
+                for m in v.methods:
+                    merged = {**c.train, **c.method_train.get(m, {}), **t.train, **v.train}
+                    check_train_overrides(merged, f"variants.{v.name} on {t.name}")
 
 
 def load_config(path: str | Path) -> EvalConfig:

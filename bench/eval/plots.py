@@ -7,7 +7,13 @@ from typing import Any
 
 from bench.eval.analysis import Results, group_summary
 
-CURVE_METHODS = (("head_only", "none"), ("single_adapter", "none"), ("hard", "random"), ("hard", "trained"))
+CURVE_METHODS = (
+    ("head_only", "none"),
+    ("single_adapter", "none"),
+    ("hard", "random"),
+    ("hard", "trained"),
+    ("units", "random"),
+)
 
 
 def _pyplot() -> Any:

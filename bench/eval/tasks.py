@@ -18,6 +18,26 @@ CLINC = "clinc150"
 
 
 @dataclass(frozen=True)
+class FileTask:
+    """A single-profile task read from ``<folder>/train.tsv`` and its scored split."""
+
+    folder: str
+    pair: bool  # sentence pairs (sentence1, sentence2) rather than one sentence
+    scored: str  # the file it is scored on: dev.tsv where the test labels are not public, else test.tsv
+
+
+FILE_TASKS = {
+    "sst2": FileTask("sst2", False, "dev.tsv"),
+    "rte": FileTask("rte", True, "dev.tsv"),
+    "trec6": FileTask("trec6", False, "test.tsv"),
+    "mr": FileTask("mr", False, "test.tsv"),
+    "sick_e": FileTask("sick_e", True, "test.tsv"),
+    "subj": FileTask("subj", False, "test.tsv"),
+    "cr": FileTask("cr", False, "test.tsv"),
+}
+
+
+@dataclass(frozen=True)
 class EvalProfile:
     """One customer's classifier: what it trains on and what it is scored on."""
 
@@ -85,7 +105,7 @@ class TaskData:
 
     def profile_names(self, spec: TaskSpec) -> list[str]:
         """The task's profiles, cheaply (no data is read for the single-profile tasks)."""
-        if spec.kind in ("sst2", "rte"):
+        if spec.kind in FILE_TASKS:
             return [spec.kind]
         if spec.kind == "clinc_customers":
             assert spec.count is not None
@@ -95,9 +115,10 @@ class TaskData:
 
     def profile(self, spec: TaskSpec, name: str) -> EvalProfile:
         """One evaluated profile: its data before the task's size limits, then those limits."""
-        if spec.kind in ("sst2", "rte"):
-            pair = spec.kind == "rte"
-            train, dev = self.file(f"{spec.kind}/train.tsv", pair), self.file(f"{spec.kind}/dev.tsv", pair)
+        if spec.kind in FILE_TASKS:
+            task = FILE_TASKS[spec.kind]
+            train = self.file(f"{task.folder}/train.tsv", task.pair)
+            dev = self.file(f"{task.folder}/{task.scored}", task.pair)
         elif spec.kind == "clinc_customers":
             everything = self.file(f"{CLINC}/train.tsv")
             index = int(name[1:])

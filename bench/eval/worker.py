@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,11 @@ from bench.eval.banks import Donor, donor_texts, resolve, train_donor
 from bench.eval.config import EvalConfig, TrainedBankSpec
 from bench.eval.plan import RunSpec
 from bench.eval.tasks import EvalProfile, TaskData, texts
-from xpeft.adapters.bank import AdapterBank
+from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder
 from xpeft.profiles import format as xpm
 from xpeft.profiles.evaluate import evaluate
-from xpeft.profiles.profile import Profile, ProfileKind
+from xpeft.profiles.profile import Profile
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.train import TrainConfig, train_profile
 from xpeft.profiles.train_config import APPLIES_TO
@@ -54,33 +53,34 @@ def hardware(device: torch.device) -> dict[str, Any]:
     }
 
 
+SELECTION_SECTIONS = {"mask_down", "mask_up", "unit_down", "unit_up", "weights_down", "weights_up"}
+HEAD_SECTIONS = {"head_weight", "head_bias"}
+
+
 def profile_sizes(profile: Profile, blob: bytes) -> dict[str, int]:
-    """The ``.xpm`` total and its parts: selection (masks, soft weights or the adapter), head,
-    header + framing (magic, version, lengths, JSON header, checksum), and extras: whatever else
-    the format stores per profile (0 unless the format grows a section)."""
-    L, N, d, r, C = (
-        profile.num_layers,
-        profile.num_adapters,
-        profile.hidden_size,
-        profile.bottleneck,
-        profile.num_labels,
-    )
-    selection = {
-        ProfileKind.HARD: 2 * ((L * N + 7) // 8),
-        ProfileKind.SOFT: 2 * 2 * L * N,
-        ProfileKind.SINGLE_ADAPTER: L * (2 * d * r + r + d) * 2,
-        ProfileKind.HEAD_ONLY: 0,
-    }[profile.kind]
-    head = 2 * (C * d + C)
-    (header_length,) = struct.unpack_from("<H", blob, 6)  # after magic (4) and version (2)
-    framing = 8 + header_length + 4
-    return {
-        "total": len(blob),
-        "selection": selection,
-        "head": head,
-        "header": framing,
-        "extras": len(blob) - selection - head - framing,
-    }
+    """The ``.xpm`` total and its parts, from the file's own sections: selection (masks, units,
+    soft weights or the adapter), head, header + framing (magic, version, lengths, JSON header,
+    checksum), and extras: every other section (gains, per-adapter weights, output scales)."""
+    info = xpm.read_info(blob)
+    parts = {"selection": 0, "head": 0, "extras": 0}
+    for s in xpm.sections(
+        info.profile_kind,
+        info.num_layers,
+        info.num_adapters,
+        info.hidden_size,
+        info.bottleneck,
+        len(info.labels),
+        info.k,
+        info.gains,
+        info.values,
+        info.tied,
+        info.out_scale,
+    ):
+        own = s.name in SELECTION_SECTIONS or s.name in TENSOR_NAMES
+        part = "selection" if own else "head" if s.name in HEAD_SECTIONS else "extras"
+        parts[part] += s.nbytes
+    framing = len(blob) - sum(parts.values())
+    return {"total": len(blob), **parts, "header": framing}
 
 
 def _curve(history: list[dict[str, Any]]) -> list[list[float]]:
@@ -125,7 +125,13 @@ class Worker:
 
     def train_config(self, spec: RunSpec) -> TrainConfig:
         t = self.config.task(spec.task)
-        overrides = {**self.config.train, **t.train, **self.config.variant(spec.variant).train}
+        c = self.config
+        overrides = {
+            **c.train,
+            **c.method_train.get(spec.method, {}),
+            **t.train,
+            **c.variant(spec.variant).train,
+        }
         # a setting pinned for the masks (say gain=false) is not one the baselines may be given
         overrides = {k: v for k, v in overrides.items() if spec.method in APPLIES_TO.get(k, (spec.method,))}
         return TrainConfig(
@@ -182,6 +188,8 @@ class Worker:
             "bank_id": bank.bank_id if spec.bank != "none" else None,
             "num_adapters": bank.num_adapters if spec.bank != "none" else None,
             "k": served.k or None,
+            # what k selects from: the bank's adapters (hard) or their N*r units (units)
+            "pool": served.num_adapters * (served.bottleneck if served.kind.spec.fusion == "units" else 1),
             "train_config": result.config,
         }
         if spec.bank == "trained":
