@@ -148,9 +148,9 @@ def time_op(
 
 
 # -- workloads ------------------------------------------------------------------------------
-def make_profiles(bank: AdapterBank, count: int, seed: int = 0) -> list[Profile]:
-    """Hard-mask profiles with ``random_profile``'s default k = N / 10."""
-    return [random_profile(bank, "hard", seed=seed + i) for i in range(count)]
+def make_profiles(bank: AdapterBank, count: int, seed: int = 0, kind: str = "hard") -> list[Profile]:
+    """Profiles of ``kind`` with ``random_profile``'s default k (N / 10 adapters, 4 r units)."""
+    return [random_profile(bank, kind, seed=seed + i) for i in range(count)]
 
 
 def device_weights(profiles: list[Profile], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,8 +110,25 @@ def runtime_grid(
                 return worker.run(jobs)
 
             variants[f"cold N={n}"], labels[f"cold N={n}"] = cold, {"variant": "cold", "N": n}
+            # the shipped default kind: its profiles are fused by a gather of their units
+            unit_jobs = _jobs(make_profiles(model.bank, u, seed=7 * n + u, kind="units"), chunk, rows)
+
+            def cold_units(worker=worker, jobs=unit_jobs) -> object:
+                worker.fused_cache.clear()
+                return worker.run(jobs)
+
+            variants[f"cold units N={n}"] = cold_units
+            labels[f"cold units N={n}"] = {"variant": "cold_units", "N": n}
             if n == adapters[0]:  # warm and naive do not depend on N
                 variants["warm"], labels["warm"] = warm, {"variant": "warm", "N": None}
+
+                def warm_units(worker=worker, jobs=unit_jobs) -> object:
+                    return worker.run(jobs)
+
+                variants["warm units"], labels["warm units"] = (
+                    warm_units,
+                    {"variant": "warm_units", "N": None},
+                )
             if u == 64 and n == adapters[0]:
 
                 def naive(model=model, jobs=jobs, rows=rows) -> object:

@@ -16,6 +16,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from xpeft.profiles.kinds import WIRE_NAMES
+
 _PREFIX = struct.Struct("<4sHH")
 
 
@@ -96,6 +98,7 @@ for _key in ("kind", "bank_id", "model_id", "labels", "meta"):
         {str(i): "v" for i in range(40)},
         "soft",
         "hard",
+        "units",
     ):
         _edit(f"{_key}={str(_value)[:20]}")(lambda h, k=_key, v=_value: h.__setitem__(k, v))
     _edit(f"no {_key}")(lambda h, k=_key: h.pop(k, None))
@@ -123,7 +126,7 @@ def corpus(valid: bytes, foreign: list[bytes], n: int = 1000, seed: int = 0) -> 
         (6, 65536, 384, 24),
         (128, 20, 16384, 16384),
     ]:
-        for kind in ("hard", "soft", "single_adapter", "head_only"):
+        for kind in (*WIRE_NAMES.values(), "single_adapter"):  # every kind, and a Python name files never use
             add(
                 "huge_declared",
                 f"{kind} L={L} N={N} d={d} r={r}",

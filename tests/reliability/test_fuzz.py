@@ -77,7 +77,16 @@ def _foreign(encoder) -> list[bytes]:
     )
     return [
         xpm.encode(random_profile(b, kind, seed=i))
-        for i, (b, kind) in enumerate([(other, "hard"), (other, "soft"), (small, "hard"), (small, "soft")])
+        for i, (b, kind) in enumerate(
+            [
+                (other, "hard"),
+                (other, "soft"),
+                (other, "units"),
+                (small, "hard"),
+                (small, "soft"),
+                (small, "units"),
+            ]
+        )
     ]
 
 
