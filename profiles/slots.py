@@ -32,6 +32,14 @@ def head_nbytes(num_labels: int, hidden_size: int) -> int:
     return num_labels * (hidden_size + 1) * 4
 
 
+def head_memory_bound(head_cache_bytes: int, max_batch_size: int, max_labels: int, hidden_size: int) -> int:
+    """The most bytes classification heads take on the model's device, whatever tenants upload:
+    the resident heads' budget, plus the heads of the one batch being run (its slots are pinned,
+    so they stay even past the budget), plus that batch's padded gather ``(B, C, d)``."""
+    one_batch = max_batch_size * head_nbytes(max_labels, hidden_size)
+    return head_cache_bytes + 2 * one_batch
+
+
 class SlotHeads:
     """Each slot's fp32 head at its own label count, not the largest any profile ever had: one
     tenant's 1,000-label profile costs its own 1.5 MB, not 1.5 MB times every slot. ``nbytes``
