@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.reliability.boundary import boundary_section
+
 MIB = 2**20
 
 
@@ -344,6 +346,8 @@ def render(results: dict) -> str:
     lines += updates_section(results["updates"])
     lines += overload_section(results["overload"])
     lines += hostile_section(results["hostile"])
+    if "boundary" in results:
+        lines += boundary_section(results["boundary"])
     lines += shutdown_section(results["shutdown"], results["shutdown_deadline"])
     lines.append(STATIC_BOTTOM)
     return "\n".join(lines).rstrip() + "\n"

@@ -76,5 +76,9 @@ def test_a_maximal_profile_stays_within_the_head_bound(bank, bank_path, profile_
         grown = rss_bytes(server.pid) - before
         assert grown <= bound, f"RSS grew {grown / 2**20:.0f} MiB; the bound is {bound / 2**20:.0f} MiB"
         assert after_s <= 1.6 * before_s + 0.05, (before_s, after_s)
+        # the bound docs/DEPLOYMENT.md states next to the pod limits is this one (MiniLM: d = 384)
+        assert (
+            f"{bound:,} bytes" in (Path(__file__).resolve().parents[2] / "docs" / "DEPLOYMENT.md").read_text()
+        )
     finally:
         server.stop()
