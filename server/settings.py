@@ -231,8 +231,6 @@ class Settings(BaseSettings):
                     )
                 if len(token) < MIN_TOKEN_CHARS:
                     raise ValueError(f"{where}: token {n} is shorter than {MIN_TOKEN_CHARS} characters")
-                if token in table:  # in the variable and the file: which prefixes were meant?
-                    raise ValueError(f"{where}: token {n} is listed already (in XPEFT_PREDICT_TOKENS)")
                 table[token] = tuple(prefixes)
         _refuse_overlapping_tenants(table)
         return table

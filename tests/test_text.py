@@ -89,16 +89,6 @@ def test_settings_refuse_tokens_that_could_never_work_as_meant(monkeypatch, env,
         Settings()
 
 
-def test_a_predict_token_in_the_variable_and_the_file_is_refused(monkeypatch, tmp_path: Path) -> None:
-    path = tmp_path / "tokens.json"
-    path.write_text('{"tenant-token-0123456789": ["b-"]}')
-    monkeypatch.setenv("XPEFT_ADMIN_TOKEN", ADMIN)
-    monkeypatch.setenv("XPEFT_PREDICT_TOKENS", '{"tenant-token-0123456789": ["a-"]}')
-    monkeypatch.setenv("XPEFT_PREDICT_TOKENS_FILE", str(path))
-    with pytest.raises(ValueError, match="listed already"):
-        Settings()
-
-
 # -- fuzz: every training parser and the upload decoder --------------------------------------
 _SETTINGS = Settings(max_train_examples=50, max_text_chars=200)
 _MEDIA = ["application/json", "text/tab-separated-values", "text/csv", "application/jsonl"]
