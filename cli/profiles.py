@@ -68,10 +68,18 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _load_data(path: str, args: argparse.Namespace) -> Dataset:
-    from xpeft.profiles.data import load_dataset
+# Offline texts are only bounded by memory; a label must fit the .xpm header's 256 characters.
+_CLI_MAX_TEXT_CHARS = 2**20
+_CLI_MAX_LABEL_CHARS = 256
 
-    return load_dataset(path, args.text_col, args.text_pair_col, args.label_col)
+
+def _load_data(path: str, args: argparse.Namespace) -> Dataset:
+    """The file, every text and label checked by the same rule the server applies."""
+    from xpeft.profiles.data import check_dataset, load_dataset
+
+    data = load_dataset(path, args.text_col, args.text_pair_col, args.label_col)
+    check_dataset(data, _CLI_MAX_TEXT_CHARS, _CLI_MAX_LABEL_CHARS)
+    return data
 
 
 def _model(args: argparse.Namespace) -> MultiProfileModel:

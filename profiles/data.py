@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import json
 import random
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,8 +12,12 @@ from pathlib import Path
 
 from xpeft.adapters.encoder import TextInput
 from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.text import TextError, check_text, load_json
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+# A label that sorts as a number: ASCII digits only (``"²"`` and ``"--1"`` pass ``isdigit`` checks
+# but not ``int``).
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 class DataError(XPeftError):
@@ -33,7 +37,7 @@ class Dataset:
     def label_names(self) -> list[str]:
         """Distinct labels, numerically sorted when they are all integers, else alphabetically."""
         names = set(self.labels)
-        if all(n.lstrip("-").isdigit() for n in names):
+        if all(_INTEGER.fullmatch(n) for n in names):
             return sorted(names, key=int)
         return sorted(names)
 
@@ -61,9 +65,12 @@ def _rows(path: Path) -> list[dict]:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DataError("bad_data", f"{path}:{lineno} is not JSON: {exc}") from exc
+                        row = load_json(line, f"line {lineno}")
+                    except TextError as exc:
+                        raise DataError("bad_data", f"{path}: {exc.message}") from None
+                    if not isinstance(row, dict):
+                        raise DataError("bad_data", f"{path}: line {lineno} is not a JSON object")
+                    rows.append(row)
             return rows
     raise DataError("bad_data", f"{path}: unknown extension {suffix!r}; use .tsv, .csv or .jsonl")
 
@@ -76,7 +83,10 @@ def load_dataset(
         raise DataError("bad_data", f"{path} is a folder; name the file (e.g. {path}/train.tsv)")
     if not path.is_file():
         raise DataError("bad_data", f"no data file at {path}")
-    rows = _rows(path)
+    try:
+        rows = _rows(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError("bad_data", f"{path} cannot be read: {type(exc).__name__}: {exc}"[:300]) from None
     if not rows:
         raise DataError("bad_data", f"{path} has no rows")
     columns = [text_col, label_col] + ([text_pair_col] if text_pair_col else [])
@@ -90,3 +100,15 @@ def load_dataset(
         inputs.append((text, str(row[text_pair_col])) if text_pair_col else text)
         labels.append(str(row[label_col]))
     return Dataset(inputs, labels)
+
+
+def check_dataset(data: Dataset, max_text_chars: int, max_label_chars: int) -> None:
+    """Every text and label through the one text rule (:func:`~xpeft.profiles.text.check_text`),
+    so that the CLI and the server refuse the same data; :class:`DataError` names the example."""
+    for n, (x, label) in enumerate(zip(data.inputs, data.labels, strict=True)):
+        try:
+            for text in [x] if isinstance(x, str) else list(x):
+                check_text(text, f"example {n}: the text", max_text_chars, multiline=True)
+            check_text(label, f"example {n}: the label", max_label_chars)
+        except TextError as exc:
+            raise DataError("bad_data", exc.message) from None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.kinds import KINDS, KINDS_BY_WIRE_NAME, WIRE_NAMES, ProfileKind
+from xpeft.profiles.text import TextError, check_text
 
 MAGIC = b"\x89XPM"
 FORMAT_VERSION = 3  # the newest version this build writes
@@ -157,6 +158,16 @@ def parse_header(raw: bytes, version: int) -> dict:
     ):
         raise ProfileFormatError("bad_header", f"meta must be at most {MAX_META_ITEMS} string pairs")
     _check_kind_fields(header, version, kind)
+    try:  # the one text rule (profiles/text.py): what is stored here is shown by every listing
+        for n, label in enumerate(labels):
+            check_text(label, f"labels[{n}]", 256)
+        for key in ("bank_id", "model_id"):
+            check_text(header[key], key, 128)
+        for name, value in meta.items():
+            check_text(name, "a meta key", 256)
+            check_text(value, f"meta[{name[:64]!r}]", 0xFFFF, multiline=True, allow_empty=True)
+    except TextError as exc:
+        raise ProfileFormatError("bad_header", exc.message) from None
     header["kind"] = kind
     return header
 

@@ -2,7 +2,8 @@
 
 The S-LoRA / vLLM way of serving many adapters: instead of one small tensor per profile that each
 batch concatenates (and each fusion splits), the pool owns fixed tensors ``(L, S, ...)`` for the
-adapters and ``(S, C, d)`` for the heads, allocated once. A profile occupies one slot; a batch
+adapters, allocated once, and each slot's head at its own label count within a byte budget
+(:class:`SlotHeads`: the largest head any tenant uploads never sizes every slot's). A profile occupies one slot; a batch
 passes each row's slot id, and the per-row adapter application (``layer.apply_adapters``, the
 Triton SGMV kernel) indexes the pool directly. Cold profiles are fused straight into their slots.
 
@@ -21,6 +22,80 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from xpeft.adapters.fusion import FusedAdapters
+
+# Resident heads of a pool, unless the caller gives another budget (the server: XPEFT_HEAD_CACHE_BYTES).
+DEFAULT_HEAD_BYTES = 64 * 2**20
+
+
+def head_nbytes(num_labels: int, hidden_size: int) -> int:
+    """Bytes of one fp32 head ``(C, d)`` and its bias ``(C,)``."""
+    return num_labels * (hidden_size + 1) * 4
+
+
+def head_memory_bound(head_cache_bytes: int, max_batch_size: int, max_labels: int, hidden_size: int) -> int:
+    """The most bytes classification heads take on the model's device, whatever tenants upload:
+    the resident heads' budget, plus the heads of the one batch being run (its slots are pinned,
+    so they stay even past the budget), plus that batch's padded gather ``(B, C, d)``."""
+    one_batch = max_batch_size * head_nbytes(max_labels, hidden_size)
+    return head_cache_bytes + 2 * one_batch
+
+
+class SlotHeads:
+    """Each slot's fp32 head at its own label count, not the largest any profile ever had: one
+    tenant's 1,000-label profile costs its own 1.5 MB, not 1.5 MB times every slot. ``nbytes``
+    counts what is resident; the pool keeps it within its budget by evicting idle slots."""
+
+    def __init__(self, num_slots: int, hidden_size: int, device: torch.device) -> None:
+        self.weights: list[torch.Tensor | None] = [None] * num_slots
+        self.biases: list[torch.Tensor | None] = [None] * num_slots
+        self.hidden_size = hidden_size
+        self.device = device
+        self.nbytes = 0
+
+    def set(self, slot: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.clear(slot)
+        self.weights[slot] = weight.to(self.device, torch.float32, non_blocking=True).clone()
+        self.biases[slot] = bias.to(self.device, torch.float32, non_blocking=True).clone()
+        self.nbytes += head_nbytes(weight.shape[0], self.hidden_size)
+
+    def clear(self, slot: int) -> None:
+        weight = self.weights[slot]
+        if weight is not None:
+            self.nbytes -= head_nbytes(weight.shape[0], self.hidden_size)
+            self.weights[slot] = self.biases[slot] = None
+
+    def gather(self, slots: Sequence[int], bias: bool) -> torch.Tensor:
+        """``(B, C, d)`` heads (``bias``: ``(B, C)`` biases) of these slots, zero-padded to the most
+        labels among them only (at least 2 columns; a slot without a head reads zeros)."""
+        unique = sorted(set(slots))
+        source = self.biases if bias else self.weights
+        columns = max([2] + [t.shape[0] for s in unique if (t := source[s]) is not None])
+        shape = (len(unique), columns) if bias else (len(unique), columns, self.hidden_size)
+        stacked = torch.zeros(shape, device=self.device, dtype=torch.float32)
+        for u, s in enumerate(unique):
+            t = source[s]
+            if t is not None:
+                stacked[u, : t.shape[0]] = t
+        position = {s: u for u, s in enumerate(unique)}
+        return stacked[torch.as_tensor([position[s] for s in slots], device=self.device)]
+
+
+class _HeadIndex:
+    """``pool.heads[slots]`` / ``pool.head_bias[slots]``: the padded gather of :class:`SlotHeads`,
+    indexed as the pool's former ``(S, C, d)`` tensor was (a slot tensor, a slot, or a tuple)."""
+
+    def __init__(self, heads: SlotHeads, bias: bool) -> None:
+        self._heads, self._bias = heads, bias
+
+    def __getitem__(self, key: int | torch.Tensor | Sequence[int] | tuple) -> torch.Tensor:
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            rest = key[1:]
+            key = key[0]
+        slots: list[int] = [key] if isinstance(key, int) else torch.as_tensor(key).reshape(-1).tolist()
+        out = self._heads.gather(slots, self._bias)
+        out = out[0] if isinstance(key, int) else out
+        return out[rest] if rest else out
 
 
 def slot_nbytes(num_layers: int, hidden_size: int, bottleneck: int, dtype: torch.dtype) -> int:
@@ -41,6 +116,7 @@ class SlotPool:
         bottleneck: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        head_bytes: int | None = DEFAULT_HEAD_BYTES,
     ) -> None:
         if num_slots < 1:
             raise ValueError("a slot pool needs at least one slot")
@@ -53,19 +129,31 @@ class SlotPool:
             torch.empty(L, S, r, d, device=device, dtype=dtype),
             torch.empty(L, S, d, device=device, dtype=dtype),
         )
-        self._setup(S, L, d, r, torch.device(device), dtype, weights)
+        self._setup(S, L, d, r, torch.device(device), dtype, weights, head_bytes)
 
     def _setup(
-        self, S: int, L: int, d: int, r: int, device: torch.device, dtype: torch.dtype, weights: FusedAdapters
+        self,
+        S: int,
+        L: int,
+        d: int,
+        r: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        weights: FusedAdapters,
+        head_bytes: int | None,
     ) -> None:
         self.num_slots = S
         self.shape = (L, d, r)
         self.device = device
         self.dtype = dtype
         self.weights = weights
-        # heads in fp32, as the runtime computes logits; columns grow with the most labels seen
-        self.heads = torch.zeros(S, 2, d, device=device, dtype=torch.float32)
-        self.head_bias = torch.zeros(S, 2, device=device, dtype=torch.float32)
+        # heads in fp32, as the runtime computes logits: per slot, at its own label count, within
+        # head_bytes (None: unbounded, for a transient pool of one batch)
+        self.slot_heads = SlotHeads(S, d, device)
+        self.heads = _HeadIndex(self.slot_heads, bias=False)
+        self.head_bias = _HeadIndex(self.slot_heads, bias=True)
+        self.head_bytes = head_bytes
+        self.head_evictions = 0  # idle slots dropped to keep the heads within head_bytes
         self.slot_bytes = slot_nbytes(L, d, r, dtype)
         self._slot_of: OrderedDict[Hashable, int] = OrderedDict()  # registered keys, LRU first
         self._key_of: dict[int, Hashable] = {}
@@ -79,7 +167,7 @@ class SlotPool:
         """A pool over already-fused ``(L, U, ...)`` weights, slot u = profile u (no copy)."""
         L, U, d, r = weights.down.shape
         pool = cls.__new__(cls)
-        pool._setup(U, L, d, r, weights.down.device, weights.down.dtype, weights)
+        pool._setup(U, L, d, r, weights.down.device, weights.down.dtype, weights, None)
         return pool
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -145,6 +233,7 @@ class SlotPool:
             del self._pins[slot]
             if slot in self._doomed or slot not in self._key_of:
                 self._doomed.discard(slot)
+                self.slot_heads.clear(slot)
                 if slot not in self._free:
                     self._free.append(slot)
 
@@ -166,6 +255,7 @@ class SlotPool:
             self._doomed.add(slot)
         else:
             self._pins.pop(slot, None)
+            self.slot_heads.clear(slot)
             self._free.append(slot)
 
     def headless(self, slots: Sequence[int]) -> list[int]:
@@ -183,40 +273,40 @@ class SlotPool:
     def write(self, slots: Sequence[int] | torch.Tensor, fused: FusedAdapters) -> None:
         """Copy ``fused`` (``(L, U, ...)``, U = len(slots)) into the slots, one copy per tensor."""
         index = slots if isinstance(slots, torch.Tensor) else self.index(slots)
-        self._headed.difference_update(index.tolist())
+        for slot in index.tolist():
+            self._headed.discard(slot)
+            self.slot_heads.clear(slot)
         for pool_t, new in zip(self.weights.tensors(), fused.tensors(), strict=True):
             pool_t.index_copy_(1, index, new.to(pool_t.dtype))
 
     def zero(self, slots: Sequence[int]) -> None:
         index = self.index(slots)
         self._headed.difference_update(slots)
+        for slot in slots:
+            self.slot_heads.clear(slot)
         for pool_t in self.weights.tensors():
             pool_t.index_fill_(1, index, 0)
 
     def write_heads(
         self, slots: Sequence[int], weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
     ) -> None:
-        """Each slot's head ``(C_u, d)`` and bias ``(C_u,)``, padded with zeros to the pool's columns.
+        """Each slot's head ``(C_u, d)`` and bias ``(C_u,)``, stored at its own size.
 
-        Built on the host and copied in once; the columns grow (a reallocation) when a head has
-        more labels than any before it.
+        Within ``head_bytes``: idle slots (registered, unpinned), least recently used first, are
+        dropped until the new heads fit. The slots of the batch being run are pinned and always
+        kept, so the resident heads stay below ``head_bytes`` plus one batch's own heads.
         """
-        if not slots:
-            return
-        c_max = max(w.shape[0] for w in weights)
-        if c_max > self.heads.shape[1]:
-            grown = torch.zeros(self.num_slots, c_max, self.heads.shape[2], device=self.device)
-            grown_bias = torch.zeros(self.num_slots, c_max, device=self.device)
-            grown[:, : self.heads.shape[1]] = self.heads
-            grown_bias[:, : self.heads.shape[1]] = self.head_bias
-            self.heads, self.head_bias = grown, grown_bias
-        C = self.heads.shape[1]
-        host = torch.zeros(len(slots), C, self.heads.shape[2])
-        host_bias = torch.zeros(len(slots), C)
-        for j, (w, b) in enumerate(zip(weights, biases, strict=True)):
-            host[j, : w.shape[0]] = w
-            host_bias[j, : b.shape[0]] = b
-        index = self.index(slots)
-        self._headed.update(slots)
-        self.heads.index_copy_(0, index, host.to(self.device, non_blocking=True))
-        self.head_bias.index_copy_(0, index, host_bias.to(self.device, non_blocking=True))
+        for slot in slots:
+            self.slot_heads.clear(slot)
+        needed = sum(head_nbytes(w.shape[0], self.slot_heads.hidden_size) for w in weights)
+        if self.head_bytes is not None:
+            writing = set(slots)
+            for key, slot in list(self._slot_of.items()):
+                if self.slot_heads.nbytes + needed <= self.head_bytes:
+                    break
+                if slot not in writing and not self._pins[slot] and self.slot_heads.weights[slot] is not None:
+                    self._unregister(key)
+                    self.head_evictions += 1
+        for slot, w, b in zip(slots, weights, biases, strict=True):
+            self.slot_heads.set(slot, w, b)
+            self._headed.add(slot)

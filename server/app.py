@@ -129,7 +129,7 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     metrics = Metrics()
     store = open_store(settings)
     floors = VersionFloors()
-    fused = FusedCache(settings.fused_cache_bytes, floors, metrics)
+    fused = FusedCache(settings.fused_cache_bytes, floors, metrics, settings.head_cache_bytes)
     profiles = ProfileCache(
         store,
         lambda data: xpm.decode(data, bank),

@@ -169,6 +169,18 @@ class Authorizer:
             )
         raise ApiError(403, "forbidden", "the bearer token is not valid for this endpoint")
 
+    def tenant_of(self, request: Request) -> tuple[str, ...] | None:
+        """Before a job is read: ``None`` when the caller may read any job (reads open, the API or
+        admin token), a tenant token's prefixes otherwise; 401 / 403 for anything else, so that a
+        bogus token learns nothing about which job ids exist."""
+        given = self._unprivileged(request)
+        if given is None:
+            return None
+        prefixes = self._tenant(given)
+        if prefixes is None:
+            raise ApiError(403, "forbidden", "the bearer token is not valid for this endpoint")
+        return prefixes
+
     def check_profile(self, request: Request, profile_id: str) -> None:
         """Predict and metadata of one profile: API or admin token, or a tenant token with a matching prefix."""
         given = self._unprivileged(request)

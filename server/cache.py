@@ -19,7 +19,7 @@ import torch
 
 from xpeft.adapters.fusion import FusedAdapters
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.slots import SlotPool, slot_nbytes
+from xpeft.profiles.slots import DEFAULT_HEAD_BYTES, SlotPool, slot_nbytes
 from xpeft.server.metrics import Metrics
 from xpeft.server.stores.base import ProfileStore
 
@@ -76,8 +76,15 @@ class FusedCache:
     invalidated from the event loop, hence the lock.
     """
 
-    def __init__(self, capacity_bytes: int, floors: VersionFloors, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        capacity_bytes: int,
+        floors: VersionFloors,
+        metrics: Metrics | None = None,
+        head_bytes: int = DEFAULT_HEAD_BYTES,
+    ) -> None:
         self.capacity_bytes = capacity_bytes
+        self.head_bytes = head_bytes
         self.floors = floors
         self.metrics = metrics
         self.pool: SlotPool | None = None
@@ -102,7 +109,7 @@ class FusedCache:
             slots = self.capacity_bytes // slot_nbytes(num_layers, hidden_size, bottleneck, dtype)
             if slots < 1:
                 return None
-            self.pool = SlotPool(slots, num_layers, hidden_size, bottleneck, device, dtype)
+            self.pool = SlotPool(slots, num_layers, hidden_size, bottleneck, device, dtype, self.head_bytes)
         self._gauge()
         return self.pool
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.format import ProfileFormatError
@@ -48,11 +49,13 @@ class StoreUnavailable(XPeftError):
 
 
 class CorruptRecord(XPeftError):
-    """A stored record that cannot be read back (its metadata is not a JSON object, say)."""
+    """A stored record that cannot be read back (its metadata is not a JSON object, or holds a
+    string that is not text, say). ``kind``: ``profile`` or ``job``; ``profile_id`` is its id."""
 
-    def __init__(self, profile_id: str, message: str) -> None:
+    def __init__(self, profile_id: str, message: str, kind: str = "profile") -> None:
         super().__init__("corrupt_record", message)
         self.profile_id = profile_id
+        self.kind = kind
 
 
 class PreconditionFailed(XPeftError):
@@ -108,6 +111,8 @@ def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: object
 ) -> JSONResponse:
     """The one shape of every error; it carries the request's id (body and header) when there is one."""
+    # a message may quote a request's value: never let one that is not text break the answer
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     request_id = request_id_var.get()
     if request_id is not None:
         extra.setdefault("request_id", request_id)
@@ -167,11 +172,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CorruptRecord)
     async def _corrupt(request: Request, exc: CorruptRecord) -> JSONResponse:
-        log.error("profile %r: %s", exc.profile_id, exc.message)
+        # the store holds a record this version cannot show: a conflict with its state, which the
+        # operator resolves with a DELETE (listings leave such records out)
+        log.error("%s %r: %s", exc.kind, exc.profile_id, exc.message)
+        if exc.kind == "job":
+            fix = f"delete it with DELETE /jobs/{exc.profile_id}?purge=true"
+        else:
+            fix = "delete it (DELETE /profiles/{id}) and upload the profile again"
         return error_response(
-            500,
-            exc.code,
-            f"the stored record of profile {exc.profile_id!r} is damaged; upload the profile again",
+            409, exc.code, f"the stored record of {exc.kind} {exc.profile_id!r} is damaged; {fix}"
         )
 
     @app.exception_handler(XPeftError)
@@ -194,6 +203,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if status == 405:
             headers = {**(headers or {}), "Allow": allowed_methods(request)}
         return error_response(status, _STATUS_CODES.get(status, "http_error"), message, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # the client closed the connection before its body arrived: nothing failed here, so no
+        # traceback and no 5xx; 499 (nginx's "client closed request") is what the metrics count
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        return error_response(499, "client_closed_request", "the client closed the connection")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -9,6 +9,7 @@ body slowly.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -29,12 +30,14 @@ START_KEY = "xpeft.start"
 # An incoming X-Request-ID is kept when it is 1 to 128 of these characters; else one is generated.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@+=/-]{1,128}")
 _REQUEST_ID_BYTES = REQUEST_ID_HEADER.lower().encode()
+NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 
 class RequestIdMiddleware:
     """Every request gets an id: the caller's ``X-Request-ID`` when it is safe to log (bounded,
     plain characters), else a new one. It is echoed on every response, errors included, and held
-    in a context variable that the log filter and the error bodies read.
+    in a context variable that the log filter and the error bodies read. Every response also says
+    ``X-Content-Type-Options: nosniff``.
 
     The variable is set, not reset, on purpose: each request runs in its own task, and the handler
     of unexpected errors (outside this middleware) and uvicorn's access log run after it returns.
@@ -60,7 +63,9 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
                 if not any(k.lower() == _REQUEST_ID_BYTES for k, _ in headers):
-                    message = {**message, "headers": [*headers, header]}
+                    headers.append(header)
+                # bodies echo labels and ids that a client chose: never let a browser sniff HTML
+                message = {**message, "headers": [*headers, NOSNIFF]}
             await send(message)
 
         await self.app(scope, receive, send_with_id)
@@ -316,5 +321,19 @@ def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's own refusal of a malformed request, as the API's JSON error (its is text)."""
+            body = json.dumps({"error": "bad_request", "message": msg}).encode()
+            head = [b"HTTP/1.1 400 Bad Request"]
+            head += [name + b": " + value for name, value in self.server_state.default_headers]
+            head += [
+                b"content-type: application/json",
+                b"content-length: " + str(len(body)).encode(),
+                b"connection: close",
+                b": ".join(NOSNIFF),
+            ]
+            self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            self.transport.close()
 
     return HeaderDeadlineProtocol

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import TextInput
+from xpeft.adapters.errors import XPeftError
 from xpeft.profiles import format as xpm
 from xpeft.server.auth import require_admin, require_profile_access, require_reader
 from xpeft.server.batcher import Job, Overloaded
@@ -75,8 +76,9 @@ def _not_found(profile_id: str) -> ApiError:
     return ApiError(404, "profile_not_found", f"no profile with id {profile_id!r}")
 
 
-def _validate_profile(data: bytes, bank: AdapterBank) -> dict:
-    """Decode all of it against the served bank (any ProfileFormatError refuses the upload)."""
+def _validate_profile(data: bytes, bank: AdapterBank, max_labels: int | None = None) -> dict:
+    """Decode all of it against the served bank (any ProfileFormatError refuses the upload); at
+    most ``max_labels`` labels (``XPEFT_MAX_LABELS``: one profile's head memory and per-batch work)."""
     try:
         xpm.decode(data, bank)
         info = xpm.read_info(data)
@@ -91,6 +93,10 @@ def _validate_profile(data: bytes, bank: AdapterBank) -> dict:
         raise xpm.ProfileFormatError(
             "bad_header", f"the file could not be decoded ({type(exc).__name__})"
         ) from exc
+    if max_labels is not None and len(info.labels) > max_labels:
+        raise XPeftError(
+            "too_many_labels", f"{len(info.labels)} labels; this server takes at most {max_labels}"
+        )
     return {**info.as_dict(), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -113,7 +119,7 @@ async def put_profile(request: Request, response: Response, profile_id: str = Pr
     condition = write_condition(request, create_allowed=True)
     state = _server(request)
     data = await request.body()
-    meta = await asyncio.to_thread(_validate_profile, data, state.bank)
+    meta = await asyncio.to_thread(_validate_profile, data, state.bank, state.settings.max_labels)
     result = await state.metrics.timed_store("put", state.store.put(profile_id, data, meta, condition))
     if not result.unchanged:  # this replica reads its own write at once; an unchanged put changed nothing
         state.profiles.invalidate(profile_id, result.record.version)

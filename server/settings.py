@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         ge=0,
         description="fused adapter weights kept on the device: a pool of slots allocated at startup",
     )
+    head_cache_bytes: int = Field(
+        64 * 2**20,
+        ge=0,
+        description="classification heads kept beside the fused weights (each at its own label count)",
+    )
     cuda_graphs: bool | None = Field(
         None,
         description="replay the forward from CUDA graphs per batch/length bucket; unset: on with CUDA",
@@ -143,7 +148,9 @@ class Settings(BaseSettings):
     max_train_examples: int = Field(50_000, ge=2, description="labelled examples per training request")
     max_train_epochs: int = Field(50, ge=1, description="largest epochs a training request may ask for")
     max_label_chars: int = Field(100, ge=1, description="characters per label name")
-    max_labels: int = Field(1000, ge=2, description="distinct labels per training request")
+    max_labels: int = Field(
+        1000, ge=2, le=4096, description="distinct labels per training request and per uploaded profile"
+    )
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True
@@ -164,15 +171,8 @@ class Settings(BaseSettings):
             if value is not None and not value.get_secret_value():
                 value = None
             setattr(self, name, value)
-            if (
-                name != "redis_password"
-                and value is not None
-                and len(value.get_secret_value()) < MIN_TOKEN_CHARS
-            ):
-                raise ValueError(
-                    f"XPEFT_{name.upper()} is shorter than {MIN_TOKEN_CHARS} characters: "
-                    "use a long random one, e.g. `openssl rand -hex 24`"
-                )
+            if name != "redis_password" and value is not None:
+                _check_token(f"XPEFT_{name.upper()}", value.get_secret_value())
         if self.redis_url == "":
             self.redis_url = None
         if self.predict_tokens is not None and not self.predict_tokens.get_secret_value().strip():
@@ -182,6 +182,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "predict tokens need XPEFT_ADMIN_TOKEN: without it anyone may overwrite any tenant's profiles"
             )
+        if (
+            self.admin_token is not None
+            and self.api_token is not None
+            and self.admin_token.get_secret_value() == self.api_token.get_secret_value()
+        ):
+            raise ValueError("XPEFT_ADMIN_TOKEN and XPEFT_API_TOKEN must differ: the API token may not write")
         others = {s.get_secret_value() for s in (self.admin_token, self.api_token) if s is not None}
         if others & tenants.keys():
             raise ValueError("a predict token must differ from the admin and API tokens")
@@ -203,9 +209,11 @@ class Settings(BaseSettings):
         table: dict[str, tuple[str, ...]] = {}
         for where, text in sources:
             try:
-                raw = json.loads(text)
-            except json.JSONDecodeError:
-                raise ValueError(f"{where} is not JSON") from None
+                raw = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+            except ValueError as exc:  # not JSON, or one token listed twice
+                raise ValueError(
+                    f"{where} is not JSON" if isinstance(exc, json.JSONDecodeError) else f"{where}: {exc}"
+                ) from None
             if not isinstance(raw, dict):
                 raise ValueError(f'{where} must be a JSON object {{"<token>": ["<prefix>", ...]}}')
             for n, (token, prefixes) in enumerate(raw.items(), 1):
@@ -226,6 +234,31 @@ class Settings(BaseSettings):
                 table[token] = tuple(prefixes)
         _refuse_overlapping_tenants(table)
         return table
+
+
+def _check_token(name: str, token: str) -> None:
+    """A bearer token as the server compares it: long enough, and only visible ASCII characters
+    (the presented token is stripped, so one with a space or a newline in it could never match).
+    The message never shows the token."""
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"{name} is shorter than {MIN_TOKEN_CHARS} characters: "
+            "use a long random one, e.g. `openssl rand -hex 24`"
+        )
+    if not all("!" <= ch <= "~" for ch in token):
+        raise ValueError(
+            f"{name} holds whitespace or a character that is not visible ASCII: no client could send it"
+        )
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads``' object hook: a token listed twice would silently keep only its last prefixes."""
+    table: dict[str, object] = {}
+    for n, (key, value) in enumerate(pairs, 1):
+        if key in table:
+            raise ValueError(f"entry {n} repeats an earlier token")
+        table[key] = value
+    return table
 
 
 def _secret_from_file(settings: Settings, name: str) -> SecretStr | None:

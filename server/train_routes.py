@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from xpeft.server.auth import require_reader
-from xpeft.server.errors import ApiError
+from xpeft.server.errors import ApiError, CorruptRecord
 from xpeft.server.jobs.records import JOB_ID
 from xpeft.server.jobs.request import parse_train_request
 from xpeft.server.routes import ProfileIdPath, _check_id
@@ -88,7 +88,7 @@ def _check_job_id(job_id: str) -> str:
 def _view(request: Request, record: dict) -> dict:
     """The record as shown; a success this replica had not seen invalidates its cache now."""
     result = record.get("result") or {}
-    if record["state"] == "succeeded" and result.get("stored"):
+    if record["state"] == "succeeded" and result.get("stored") and isinstance(result.get("version"), int):
         _server(request).profiles.invalidate(record["profile_id"], result["version"])
     worker = record.get("worker")  # host:pid:attempt-token; the token is the worker's own business
     return {**record, "worker": worker.rsplit(":", 1)[0] if worker else None}
@@ -131,7 +131,13 @@ async def train(request: Request, response: Response, profile_id: str = ProfileI
     state = _server(request)
     raw = await request.body()
     parsed = await asyncio.to_thread(
-        parse_train_request, raw, request.headers.get("content-type"), request.query_params, state.settings
+        parse_train_request,
+        raw,
+        request.headers.get("content-type"),
+        request.query_params,
+        state.settings,
+        state.bank.num_adapters,
+        state.bank.bottleneck,
     )
     try:
         record = await asyncio.to_thread(_service(request).submit, profile_id, parsed)
@@ -144,17 +150,31 @@ async def train(request: Request, response: Response, profile_id: str = ProfileI
     return _view(request, record)
 
 
+def _not_theirs() -> ApiError:
+    return ApiError(403, "forbidden", "this token may not use that job (or there is no such job)")
+
+
+async def _tenant_job(request: Request, job_id: str, prefixes: tuple[str, ...] | None) -> dict:
+    """The record, for a caller whose token was checked already. A tenant gets the same 403 for
+    another tenant's job, a damaged record and an id that does not exist: no existence oracle."""
+    try:
+        record = await _job(request, job_id)
+    except (ApiError, CorruptRecord):
+        if prefixes is not None:
+            raise _not_theirs() from None
+        raise
+    if prefixes is not None and not record["profile_id"].startswith(prefixes):
+        raise _not_theirs()
+    return record
+
+
 @router.get(
     "/jobs/{job_id}", response_model=JobView, tags=["training"], responses={404: {"model": ErrorBody}}
 )
 async def get_job(request: Request, job_id: str = JobIdPath) -> dict:
     """A job's state, progress, and result or error."""
-    auth = _server(request).auth
-    if not auth.reads_open and not request.headers.get("authorization"):
-        auth.check_profile(request, "")  # 401 before anything is read
-    record = await _job(request, job_id)
-    auth.check_profile(request, record["profile_id"])
-    return _view(request, record)
+    prefixes = _server(request).auth.tenant_of(request)  # 401 / 403 before anything is read
+    return _view(request, await _tenant_job(request, _check_job_id(job_id), prefixes))
 
 
 @router.delete(
@@ -163,13 +183,31 @@ async def get_job(request: Request, job_id: str = JobIdPath) -> dict:
     tags=["training"],
     responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
 )
-async def cancel_job(request: Request, job_id: str = JobIdPath) -> dict:
+async def cancel_job(
+    request: Request,
+    job_id: str = JobIdPath,
+    purge: bool = Query(
+        False, description="admin only: delete the job's record whatever its state (a damaged one too)"
+    ),
+) -> dict:
     """Cancel: a queued job ends cancelled at once; a running one stops at its next step
-    (``cancel_requested`` until then). Nothing is stored for a cancelled job."""
+    (``cancel_requested`` until then). Nothing is stored for a cancelled job. ``?purge=true``
+    (admin token) deletes the record instead, so that an operator can remove a damaged one."""
     _check_job_id(job_id)
-    if _server(request).auth.admin is None or not request.headers.get("authorization"):
+    auth = _server(request).auth
+    if purge:
+        auth.check_admin(request)
+        if not await asyncio.to_thread(_service(request).purge, job_id):
+            raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+        return {"id": job_id, "profile_id": "", "state": "purged", "purged": True}
+    prefixes: tuple[str, ...] | None = None
+    if auth.admin is None or not request.headers.get("authorization"):
         check_train(request, "")  # protected mode, or 401 without a token: before anything is read
-    record = await _job(request, job_id)
+    else:
+        prefixes = auth.tenant_of(request)  # a bogus token: 403 before anything is read
+        if prefixes is None:
+            check_train(request, "")  # the API token may not write
+    record = await _tenant_job(request, job_id, prefixes)
     check_train(request, record["profile_id"])
     if record["state"] in ("succeeded", "failed"):
         raise ApiError(

@@ -9,7 +9,7 @@ from xpeft.adapters.fusion import FusedAdapters
 from xpeft.profiles.graphs import GraphRunner, batch_buckets, bucket_for, graphs_wanted, seq_buckets
 from xpeft.profiles.profile import ProfileKind
 from xpeft.profiles.runtime import MultiProfileModel, SlotBatch
-from xpeft.profiles.slots import SlotPool, slot_nbytes
+from xpeft.profiles.slots import SlotPool, head_nbytes, slot_nbytes
 from xpeft.profiles.synthetic import random_profile
 
 TEXTS = ["a fine film", "dull and long, far too long for anyone", "bright", ("is it good?", "yes it is")]
@@ -57,12 +57,18 @@ def test_a_dropped_slot_is_not_reused_while_a_batch_holds_it() -> None:
     assert pool.claim()[0] == slot  # free once the batch ran
 
 
-def test_heads_grow_with_the_labels_and_are_tracked_per_slot() -> None:
+def test_heads_are_stored_per_slot_at_their_own_size_and_tracked_per_slot() -> None:
     pool = SlotPool(3, 2, 8, 4)
     pool.write_heads([0], [torch.ones(2, 8)], [torch.ones(2)])
     pool.write_heads([2], [torch.full((5, 8), 2.0)], [torch.full((5,), 3.0)])
-    assert pool.heads.shape == (3, 5, 8)
-    assert torch.equal(pool.heads[0, :2], torch.ones(2, 8)) and pool.heads[0, 2:].abs().sum() == 0
+    # a 5-label head costs its own bytes, never 5 columns for every slot
+    assert pool.slot_heads.nbytes == head_nbytes(2, 8) + head_nbytes(5, 8)
+    assert pool.heads[torch.tensor([0, 2])].shape == (2, 5, 8)  # a batch pads to its own most labels
+    assert pool.heads[0].shape == (2, 8)
+    assert (
+        torch.equal(pool.heads[0, :2], torch.ones(2, 8))
+        and pool.heads[torch.tensor([0, 2])][0, 2:].abs().sum() == 0
+    )
     assert torch.equal(pool.head_bias[2], torch.full((5,), 3.0))
     assert pool.headless([0, 1, 2]) == [1]
     pool.write([0], entry(1))  # new weights in a slot: its old head no longer belongs to it
@@ -157,3 +163,25 @@ def test_cuda_graph_replay_matches_eager(bank) -> None:  # pragma: no cover - GP
     for again in replayed:
         for a, b in zip(eager, again, strict=True):
             assert [x.score for x in a] == pytest.approx([x.score for x in b], abs=1e-4)
+
+
+def test_the_heads_stay_within_their_budget_by_evicting_idle_slots() -> None:
+    budget = head_nbytes(1000, 8) + head_nbytes(2, 8) * 4
+    pool = SlotPool(8, 2, 8, 4, head_bytes=budget)
+    for n in range(6):  # six small profiles, registered and idle
+        slot, _ = pool.claim()
+        assert slot is not None
+        pool.write_heads([slot], [torch.ones(2, 8)], [torch.ones(2)])
+        pool.commit(f"small-{n}", slot)
+        pool.unpin(slot)
+    big, _ = pool.claim()
+    assert big is not None
+    pool.write_heads([big], [torch.ones(1000, 8)], [torch.ones(1000)])  # a maximal head
+    assert pool.slot_heads.nbytes <= budget and pool.head_evictions >= 2
+    assert "small-5" in pool and "small-0" not in pool  # least recently used first
+    pool.commit("big", big)
+    pool.unpin(big)
+    slot, _ = pool.claim()
+    assert slot is not None
+    pool.write_heads([slot], [torch.ones(1000, 8)], [torch.ones(1000)])  # a second: the first goes
+    assert pool.slot_heads.nbytes <= budget and "big" not in pool

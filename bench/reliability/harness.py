@@ -24,6 +24,24 @@ import redis
 STARTUP_TIMEOUT_S = 180.0
 
 
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header of a bearer token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def drop_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key of a test's or run's own prefix (``{prefix}``-tagged keys and the like)."""
+    import redis  # noqa: PLC0415 - only the Redis runs need it
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,6 +23,7 @@ import httpx
 import redis
 import torch
 
+from bench.reliability.boundary import run_boundary
 from bench.reliability.harness import RedisServer, ServerProcess
 from bench.reliability.hostile import run_hostile
 from bench.reliability.outage import OutageConfig, run_outage
@@ -34,10 +35,14 @@ from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.profiles.slots import head_memory_bound
 from xpeft.profiles.synthetic import random_profile
+from xpeft.server.settings import Settings
 
 ADMIN = "bench-admin-token"
 API = "bench-api-token-52c1"
+TENANTS = ("bench-acme-token-8f2d61", "bench-beta-token-3c90ae")
+MAX_PENDING_JOBS = 20
 HEADER_TIMEOUT_S = 2.0
 TEXTS = ["a gripping, beautifully acted film", "the plot is dull and the jokes are stale"]
 
@@ -184,6 +189,22 @@ def scenario_hostile(server: ServerProcess, bank, rounds: int) -> dict:
     return run_hostile(server.url, server.port, "hostile-1", ADMIN, HEADER_TIMEOUT_S, rounds)
 
 
+def scenario_boundary(server: ServerProcess, redis_url: str, prefix: str, bank, make_profile) -> dict:
+    """The second attack's classes of case (bench/reliability/boundary.py)."""
+    settings = Settings()
+    limits = {
+        "max_pending_jobs": MAX_PENDING_JOBS,
+        "max_labels": settings.max_labels,
+        "num_adapters": bank.num_adapters,
+        "head_bound_bytes": head_memory_bound(
+            settings.head_cache_bytes, settings.max_batch_size, settings.max_labels, bank.hidden_size
+        ),
+    }
+    return run_boundary(
+        server.url, server.port, server.pid, ADMIN, TENANTS, make_profile, redis_url, prefix, limits
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,6 +240,8 @@ def main() -> None:
             {
                 **common,
                 "XPEFT_API_TOKEN": API,  # reads need a token: the stalled unauthenticated case
+                "XPEFT_PREDICT_TOKENS": json.dumps({TENANTS[0]: ["acme-"], TENANTS[1]: ["beta-"]}),
+                "XPEFT_MAX_PENDING_JOBS": str(MAX_PENDING_JOBS),  # no trainer: jobs stay queued
                 "XPEFT_MAX_TEXT_CHARS": "4096",
                 "XPEFT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
             },
@@ -304,6 +327,10 @@ def main() -> None:
                 ),
             ),
             ("hostile", lambda: scenario_hostile(servers["main"], bank, 5 if quick else 20)),
+            (
+                "boundary",
+                lambda: scenario_boundary(servers["main"], shared_redis.url, prefix, bank, make_profile),
+            ),
             ("shutdown", lambda: scenario_shutdown(bank_path, workdir, bank, 60.0, 20)),
             ("shutdown_deadline", lambda: scenario_shutdown(bank_path, workdir, bank, 1.0, 40)),
         ]

@@ -18,17 +18,65 @@ from __future__ import annotations
 
 import abc
 import builtins
+import json
+import logging
 import os
 import re
 import secrets
 import time
 from collections.abc import Callable
 
+from xpeft.profiles.text import clean_strings
+from xpeft.server.errors import CorruptRecord
+
 JOB_ID = re.compile(r"^[0-9a-f]{20}$")
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 Update = Callable[[dict], "dict | None"]  # the new record, or None to leave it as it is
+log = logging.getLogger("xpeft.server")
+
+
+class TooManyJobs(Exception):
+    """``create`` refused: ``active`` jobs are queued or running already (the bound is reached)."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(f"{active} jobs are active")
+        self.active = active
+
+
+def load_record(job_id: str, raw: str | bytes) -> dict:
+    """A stored job record; :class:`CorruptRecord` when it is not a record this version can show
+    (not a JSON object, fields missing, or a string that is not text): it costs that one job,
+    never a listing."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        record = None
+    if (
+        not isinstance(record, dict)
+        or not all(isinstance(record.get(key), str) for key in ("id", "profile_id", "state"))
+        or not all(
+            isinstance(record.get(key), dict | None) for key in ("options", "progress", "result", "error")
+        )
+        or not isinstance(record.get("worker"), str | None)
+        or not clean_strings(record)
+    ):
+        raise CorruptRecord(job_id, "its stored record is not a readable job record", kind="job")
+    return record
+
+
+def readable_jobs(rows: builtins.list[tuple[str, str | bytes]]) -> builtins.list[dict]:
+    """The records of a page of ``(id, raw)`` rows, leaving out (and logging) damaged ones."""
+    records = []
+    for job_id, raw in rows:
+        try:
+            records.append(load_record(job_id, raw))
+        except CorruptRecord as exc:
+            log.error(
+                "listing leaves out job %r: %s (DELETE /jobs/{id}?purge=true removes it)", job_id, exc.message
+            )
+    return records
 
 
 def new_job_id() -> str:
@@ -49,8 +97,14 @@ class JobStore(abc.ABC):
 
     # -- backend ---------------------------------------------------------------------------
     @abc.abstractmethod
-    def create(self, record: dict, data: bytes) -> None:
-        """Store a new queued record and its examples."""
+    def create(self, record: dict, data: bytes, max_active: int | None = None) -> None:
+        """Store a new queued record and its examples; with ``max_active``, only while fewer jobs
+        are active, checked and written in one atomic step (else :class:`TooManyJobs`)."""
+
+    @abc.abstractmethod
+    def purge(self, job_id: str) -> bool:
+        """Delete a job's record and examples whatever its state (an operator removing a damaged
+        record); ``False`` when there was none. A worker that held it loses it."""
 
     @abc.abstractmethod
     def get(self, job_id: str) -> dict | None: ...

@@ -15,9 +15,22 @@ import json
 
 import redis
 
-from xpeft.server.jobs.records import ACTIVE, JobStore, Update
+from xpeft.server.jobs.records import ACTIVE, JobStore, TooManyJobs, Update, load_record, readable_jobs
 
 _RETRIES = 50
+# The pending-jobs bound and the insert in one step: no two creates can both see room for one.
+# KEYS: record, data, index, active. ARGV: record, data, ttl ms, id, bound (0: none).
+# Answers {1, active before} when created, {0, active} when the bound is reached.
+_CREATE = """
+local active = redis.call('SCARD', KEYS[4])
+local bound = tonumber(ARGV[5])
+if bound > 0 and active >= bound then return {0, active} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[3], 0, ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[4])
+return {1, active}
+"""
 
 
 class RedisJobStore(JobStore):
@@ -32,19 +45,26 @@ class RedisJobStore(JobStore):
             url, socket_timeout=5, socket_connect_timeout=5, **({"password": password} if password else {})
         )
         self._ttl_ms = int(ttl_s * 1000)
+        self._create = self._redis.register_script(_CREATE)
 
-    def create(self, record: dict, data: bytes) -> None:
+    def create(self, record: dict, data: bytes, max_active: int | None = None) -> None:
         job_id = record["id"]
+        keys = [self._job + job_id, self._data + job_id, self.index, self.active]
+        args = [json.dumps(record), data, self._ttl_ms, job_id, max_active or 0]
+        created, active = self._create(keys=keys, args=args)
+        if not created:
+            raise TooManyJobs(int(active))
+
+    def purge(self, job_id: str) -> bool:
         pipe = self._redis.pipeline(transaction=True)
-        pipe.set(self._job + job_id, json.dumps(record), px=self._ttl_ms)
-        pipe.set(self._data + job_id, data, px=self._ttl_ms)
-        pipe.zadd(self.index, {job_id: 0})
-        pipe.sadd(self.active, job_id)
-        pipe.execute()
+        pipe.delete(self._job + job_id, self._data + job_id)
+        pipe.zrem(self.index, job_id)
+        pipe.srem(self.active, job_id)
+        return bool(pipe.execute()[0])
 
     def get(self, job_id: str) -> dict | None:
         raw = self._redis.get(self._job + job_id)
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else load_record(job_id, raw)
 
     def data(self, job_id: str) -> bytes | None:
         raw = self._redis.get(self._data + job_id)
@@ -60,7 +80,7 @@ class RedisJobStore(JobStore):
                     raw = pipe.get(key)
                     if raw is None:
                         return None
-                    record = json.loads(raw)
+                    record = load_record(job_id, raw)
                     new = fn(record)
                     if new is None:
                         return record
@@ -87,12 +107,12 @@ class RedisJobStore(JobStore):
             gone = [i for i, v in zip(ids, values, strict=True) if v is None]
             if gone:  # expired records: drop them from the index
                 self._redis.zrem(self.index, *gone)
-            for raw in values:
+            for job_id, raw in zip(ids, values, strict=True):
                 if raw is None:
                     continue
                 if len(records) == limit:
                     return records, records[-1]["id"]
-                records.append(json.loads(raw))
+                records.extend(readable_jobs([(job_id, raw)]))
             if len(ids) <= limit:
                 return records, None
             top = b"(" + ids[-1].encode()

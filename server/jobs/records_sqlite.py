@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from xpeft.server.jobs.records import ACTIVE, JobStore, Update
+from xpeft.server.jobs.records import ACTIVE, JobStore, TooManyJobs, Update, load_record, readable_jobs
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -45,14 +45,18 @@ class SQLiteJobStore(JobStore):
             self._local.conn = conn
         return conn
 
-    def create(self, record: dict, data: bytes) -> None:
+    def create(self, record: dict, data: bytes, max_active: int | None = None) -> None:
         db = self._db()
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")  # the write lock first: the count and the insert are one step
         try:
             db.execute(
                 "DELETE FROM jobs WHERE state NOT IN (?, ?) AND updated_at < ?", (*ACTIVE, now - self.ttl_s)
             )
+            if max_active is not None:
+                (active,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", ACTIVE).fetchone()
+                if active >= max_active:
+                    raise TooManyJobs(active)
             db.execute(
                 "INSERT INTO jobs (id, state, record, data, updated_at) VALUES (?, ?, ?, ?, ?)",
                 (record["id"], record["state"], json.dumps(record), data, now),
@@ -62,9 +66,12 @@ class SQLiteJobStore(JobStore):
             raise
         db.execute("COMMIT")
 
+    def purge(self, job_id: str) -> bool:
+        return self._db().execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
+
     def get(self, job_id: str) -> dict | None:
         row = self._db().execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        return None if row is None else load_record(job_id, row[0])
 
     def data(self, job_id: str) -> bytes | None:
         row = self._db().execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -78,7 +85,7 @@ class SQLiteJobStore(JobStore):
             if row is None:
                 db.execute("ROLLBACK")
                 return None
-            record = json.loads(row[0])
+            record = load_record(job_id, row[0])
             new = fn(record)
             if new is None:
                 db.execute("ROLLBACK")
@@ -98,10 +105,12 @@ class SQLiteJobStore(JobStore):
         return new
 
     def list(self, cursor: str | None, limit: int) -> tuple[builtins.list[dict], str | None]:
-        sql = "SELECT record FROM jobs" + (" WHERE id < ?" if cursor else "") + " ORDER BY id DESC LIMIT ?"
+        sql = (
+            "SELECT id, record FROM jobs" + (" WHERE id < ?" if cursor else "") + " ORDER BY id DESC LIMIT ?"
+        )
         rows = self._db().execute(sql, (*([cursor] if cursor else []), limit + 1)).fetchall()
-        records = [json.loads(r[0]) for r in rows[:limit]]
-        return records, (records[-1]["id"] if len(rows) > limit else None)
+        # the cursor is the page's last row, read or left out: a damaged record never stops paging
+        return readable_jobs(rows[:limit]), (rows[limit - 1][0] if len(rows) > limit else None)
 
     def active_ids(self) -> builtins.list[str]:
         rows = self._db().execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY id", ACTIVE).fetchall()

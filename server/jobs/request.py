@@ -18,7 +18,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.data import Dataset, load_dataset
+from xpeft.profiles.data import Dataset, check_dataset, load_dataset
+from xpeft.profiles.format_header import LIMITS
+from xpeft.profiles.text import TextError, load_json
 from xpeft.profiles.train_config import TrainConfig
 from xpeft.server.errors import ApiError
 from xpeft.server.settings import Settings
@@ -58,6 +60,8 @@ DEFAULT_EVAL_FRACTION = 0.1
 MAX_EVAL_FRACTION = 0.5
 MAX_BATCH_SIZE = 1024
 MAX_LENGTH = 512
+# torch seeds the trainer's generators with seed and seed + 1 (both must fit 64 bits)
+MAX_SEED = 2**63 - 1
 
 
 def invalid(message: str, code: str = "invalid_request") -> ApiError:
@@ -131,10 +135,24 @@ def parse_options(raw: Mapping[str, object], from_query: bool, allowed: tuple[st
     return {name: _typed(name, value, from_query) for name, value in raw.items()}
 
 
-def _config(options: dict, settings: Settings) -> tuple[TrainConfig, float, bool]:
+def check_trainable(config: TrainConfig, num_adapters: int, bottleneck: int) -> None:
+    """Everything about a config the trainer would refuse, against the served bank's ``N`` and
+    ``r``: the route runs it before a job is queued, the trainer again before it trains.
+    :class:`XPeftError`."""
+    config.validate()
+    if type(config.seed) is not int or not 0 <= config.seed <= MAX_SEED:
+        raise XPeftError(
+            "bad_argument", f"seed must be an integer in [0, 2**63 - 1], got {config.seed}"[:200]
+        )
+    config.check_bank(num_adapters, bottleneck)  # k: at most N adapters (hard), N*r units (units)
+
+
+def _config(
+    options: dict, settings: Settings, num_adapters: int, bottleneck: int
+) -> tuple[TrainConfig, float, bool]:
     config = TrainConfig(**{k: v for k, v in options.items() if k in CONFIG_FIELDS})
     try:
-        config.validate()
+        check_trainable(config, num_adapters, bottleneck)
     except XPeftError as exc:
         raise invalid(exc.message, exc.code) from None
     limits = (
@@ -159,16 +177,10 @@ def _check_data(data: Dataset, settings: Settings, fraction: float, seed: int) -
         raise invalid("no examples", "bad_data")
     if len(data) > settings.max_train_examples:
         raise invalid(f"{len(data)} examples; at most {settings.max_train_examples}", "bad_data")
-    for n, (x, label) in enumerate(zip(data.inputs, data.labels, strict=True)):
-        texts = [x] if isinstance(x, str) else list(x)
-        if any(not t.strip() for t in texts):
-            raise invalid(f"example {n}: empty text", "bad_data")
-        if any(len(t) > settings.max_text_chars for t in texts):
-            raise invalid(f"example {n}: a text longer than {settings.max_text_chars} characters", "bad_data")
-        if not label.strip() or len(label) > settings.max_label_chars:
-            raise invalid(
-                f"example {n}: a label must have 1 to {settings.max_label_chars} characters", "bad_data"
-            )
+    try:  # the one text rule, as xpeft train applies it
+        check_dataset(data, settings.max_text_chars, settings.max_label_chars)
+    except XPeftError as exc:
+        raise invalid(exc.message, "bad_data") from None
     labels = set(data.labels)
     if len(labels) > settings.max_labels:
         raise invalid(f"{len(labels)} distinct labels; at most {settings.max_labels}", "bad_data")
@@ -210,10 +222,10 @@ def _file_examples(raw: bytes, fmt: str, columns: dict) -> Dataset:
         path.write_bytes(raw)
         try:
             data = load_dataset(path, **columns)
-        except XPeftError as exc:
+        except XPeftError as exc:  # not UTF-8, a broken CSV or JSON line, too deep, missing columns
             raise invalid(exc.message.replace(str(path), "the uploaded file"), "bad_data") from None
-        except (UnicodeDecodeError, csv.Error, ValueError, KeyError, TypeError, AttributeError) as exc:
-            # not UTF-8, a broken CSV, a JSON line that is not an object, a row without a column
+        except (csv.Error, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            # anything else the readers raise is still the file's fault: a typed 422, never a 500
             raise invalid(
                 f"the uploaded {fmt} file cannot be read: {type(exc).__name__}", "bad_data"
             ) from None
@@ -221,17 +233,25 @@ def _file_examples(raw: bytes, fmt: str, columns: dict) -> Dataset:
 
 
 def parse_train_request(
-    raw: bytes, content_type: str | None, query: Mapping[str, str], settings: Settings
+    raw: bytes,
+    content_type: str | None,
+    query: Mapping[str, str],
+    settings: Settings,
+    num_adapters: int | None = None,
+    bottleneck: int | None = None,
 ) -> TrainRequest:
-    """Everything checked; raises :class:`ApiError` (422 or 415) with a stable code."""
+    """Everything checked; raises :class:`ApiError` (422 or 415) with a stable code.
+
+    ``num_adapters``, ``bottleneck``: the served bank's N and r, which bound ``k`` (``None``: no
+    bank known, only the format's own bounds are checked)."""
     media = (content_type or "").split(";")[0].strip().lower()
     if media == "application/json" and "format" not in query:
         if query:
             raise invalid("with a JSON body, put the options in the body, not the query")
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise invalid(f"the body is not JSON: {exc}"[:200]) from None
+            body = load_json(raw)
+        except TextError as exc:  # not JSON, not UTF-8, or nested past the bound
+            raise invalid(exc.message[:200]) from None
         data, options = _json_examples(body, settings)
     else:
         fmt = query.get("format") or FORMATS.get(media)
@@ -250,6 +270,10 @@ def parse_train_request(
         }
         options.pop("format", None)
         data = _file_examples(raw, fmt, columns)
-    config, fraction, keep = _config(options, settings)
+    shape = (
+        LIMITS["N"] if num_adapters is None else num_adapters,
+        LIMITS["r"] if bottleneck is None else bottleneck,
+    )
+    config, fraction, keep = _config(options, settings, *shape)
     _check_data(data, settings, fraction, config.seed)
     return TrainRequest(data, config, fraction, keep)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from xpeft.server.errors import ApiError
-from xpeft.server.jobs.records import JobStore, new_job_id
+from xpeft.server.jobs.records import JobStore, TooManyJobs, new_job_id
 from xpeft.server.jobs.request import TrainRequest
 from xpeft.server.settings import Settings
 
@@ -50,14 +50,6 @@ class JobService:
     # -- requests --------------------------------------------------------------------------
     def submit(self, profile_id: str, request: TrainRequest) -> dict:
         jobs = self.jobs()
-        active = len(jobs.active_ids())
-        if active >= self.settings.max_pending_jobs:
-            raise ApiError(
-                503,
-                "too_many_jobs",
-                f"{active} jobs are queued or running (at most {self.settings.max_pending_jobs}); retry later",
-                headers={"Retry-After": "10"},
-            )
         job_id = new_job_id()
         record = {
             "id": job_id,
@@ -69,7 +61,16 @@ class JobService:
             "options": request.options(),
             "attempts": 0,
         }
-        jobs.create(record, request.encoded_examples())
+        try:  # the bound is checked and the record written in one atomic step of the store
+            jobs.create(record, request.encoded_examples(), self.settings.max_pending_jobs)
+        except TooManyJobs as exc:
+            raise ApiError(
+                503,
+                "too_many_jobs",
+                f"{exc.active} jobs are queued or running (at most {self.settings.max_pending_jobs}); "
+                "retry later",
+                headers={"Retry-After": "10"},
+            ) from None
         try:
             self._task(job_id)
         except Exception:
@@ -96,6 +97,9 @@ class JobService:
 
     def cancel(self, job_id: str) -> dict | None:
         return self.jobs().cancel(job_id)
+
+    def purge(self, job_id: str) -> bool:
+        return self.jobs().purge(job_id)
 
     # -- the embedded trainer ----------------------------------------------------------------
     def start(self) -> None:

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles import format as xpm
+from xpeft.profiles.data import check_dataset
 from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.profile import Profile
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.train import train_profile
 from xpeft.profiles.train_config import TrainConfig
 from xpeft.server.jobs.records import JobStore, worker_token
-from xpeft.server.jobs.request import CONFIG_FIELDS, decode_examples, split
+from xpeft.server.jobs.request import CONFIG_FIELDS, check_trainable, decode_examples, split
 from xpeft.server.settings import Settings
 from xpeft.server.stores.base import Condition
 
@@ -161,7 +162,12 @@ def _train_and_store(ctx: TrainerContext, record: dict, progress: _Progress) -> 
     if raw is None:
         raise XPeftError("job_data_missing", "the job's examples are gone (expired)")
     config = TrainConfig(**{k: options[k] for k in CONFIG_FIELDS})
-    train, held_out = split(decode_examples(raw), options["eval_fraction"], config.seed)
+    check_trainable(
+        config, ctx.bank.num_adapters, ctx.bank.bottleneck
+    )  # what the route checked, against this bank
+    examples = decode_examples(raw)
+    check_dataset(examples, ctx.settings.max_text_chars, ctx.settings.max_label_chars)
+    train, held_out = split(examples, options["eval_fraction"], config.seed)
     model = ctx.get_model()
     progress.phase("training")
     result = train_profile(model.encoder, ctx.bank, train, config, progress=False, on_step=progress.on_step)
@@ -226,7 +232,7 @@ async def _store(
     from xpeft.server.stores import open_store
     from xpeft.server.stores.base import PreconditionFailed
 
-    meta = _validate_profile(data, bank)
+    meta = _validate_profile(data, bank, settings.max_labels)
     store = open_store(settings)
     try:
         result = await store.put(profile_id, data, meta, condition)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NamedTuple, TypeVar
 
+from xpeft.profiles.text import clean_strings
 from xpeft.server.errors import CorruptRecord, PreconditionFailed, StoreUnavailable
 
 __all__ = [
@@ -50,6 +51,8 @@ def load_meta(profile_id: str, raw: str | bytes | None) -> dict:
         meta = None
     if not isinstance(meta, dict):
         raise CorruptRecord(profile_id, "its stored metadata is not a JSON object")
+    if not clean_strings(meta):  # written before the text rule, or by hand: it cannot be shown
+        raise CorruptRecord(profile_id, "its stored metadata holds a string that is not text")
     return meta
 
 

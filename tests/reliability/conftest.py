@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
 from xpeft.adapters.bank import AdapterBank
 from xpeft.profiles import format as xpm
@@ -31,16 +30,12 @@ from xpeft.profiles.synthetic import random_profile
 # bench/ is not an installed package: `python -m pytest` finds it from the repository root, plain `pytest` not.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.reliability.harness import RedisServer, ServerProcess, redis_answers  # noqa: E402
+from bench.reliability.harness import RedisServer, ServerProcess, bearer, drop_prefix, redis_answers  # noqa: E402, F401 - the tests import bearer from here
 
 ADMIN = "rel-admin-token-7c1f0a"
 API = "rel-api-token-52be91"
 TENANTS = {"rel-acme-token-e4d2c8": ["acme-"], "rel-beta-token-9b3a17": ["beta-", "shared-beta-"]}
 ACME, BETA = list(TENANTS)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @dataclass
@@ -170,8 +165,4 @@ def fleet(
         for proc in procs.values():
             proc.stop()
         outage_redis.close()
-        client = redis.Redis.from_url(rel_redis_url)
-        keys = list(client.scan_iter(match=f"{{{prefix}}}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_prefix(rel_redis_url, "{" + prefix + "}")

@@ -75,7 +75,7 @@ def test_a_damaged_record_is_a_typed_error_and_the_listing_still_works(
         store.hset(f"{{{redis_prefix}}}:profile:dmg-2", "meta", b"{not json")
         store.close()
         answer = client.get("/profiles/dmg-2")
-        assert answer.status_code == 500 and answer.json()["error"] == "corrupt_record"
+        assert answer.status_code == 409 and answer.json()["error"] == "corrupt_record"
         assert "dmg-2" in answer.json()["message"]
         ids = [
             p["id"]

@@ -95,3 +95,29 @@ def test_a_client_over_its_rate_gets_json_429(nginx) -> None:
         assert limited[0].headers["retry-after"] == "1"
     finally:
         healthy.shutdown()
+
+
+def test_nginx_answers_its_own_refusals_as_json(nginx) -> None:
+    import socket
+
+    healthy = _backend(200, {"ok": True})
+    try:
+        url = nginx([healthy.server_port, healthy.server_port])
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for path in ("/profiles/p-1", "/profiles/p-1/predict"):  # the predict location has its own list
+                method = "PUT" if path == "/profiles/p-1" else "POST"
+                answer = client.request(method, path, content=b"x" * (9 * 2**20))  # over client_max_body_size
+                assert answer.status_code == 413, path
+                assert answer.headers["content-type"].startswith("application/json")
+                assert answer.json()["error"] == "too_large"
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GARBAGE / HTTP/1.1\r\nHost x\r\n\r\n")  # a header line without a colon
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"400" and b"application/json" in head.lower()
+        assert json.loads(body)["error"] == "bad_request"
+    finally:
+        healthy.shutdown()

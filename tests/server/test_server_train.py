@@ -19,10 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.reliability.harness import ServerProcess
+from bench.reliability.harness import ServerProcess, bearer, drop_prefix
 from bench.train_service.procs import WorkerProcess, wait_job
 from xpeft.profiles.data import Dataset
 from xpeft.server.client import Client, ClientError
@@ -33,10 +32,6 @@ TENANTS = {"train-acme-token-c81b5e": ["acme-"], "train-beta-token-4e90d2": ["be
 ACME, BETA = list(TENANTS)
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 QUICK = {"epochs": 1, "batch_size": 16, "max_length": 16}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @dataclass
@@ -85,11 +80,7 @@ def trainers(redis_url: str, bank_path: Path, tmp_path_factory: pytest.TempPathF
         worker.stop()
         r.stop()
         s.stop()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_prefix(redis_url, prefix)
 
 
 def examples(data: Dataset) -> list[dict]:
