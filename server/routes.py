@@ -366,13 +366,14 @@ async def readyz(request: Request) -> dict:
         raise ApiError(
             503, "not_ready", state.model_error or "the model is still loading", headers={"Retry-After": "1"}
         )
-    await state.metrics.timed_store("ping", state.store.ping())
+    store_state = await state.metrics.timed_store("ping", state.store.ping())
     model = state.worker.model
     assert model is not None
     return {
         "status": "ready",
         "detail": {
             "store": state.store.kind,
+            **({"store_state": store_state} if store_state else {}),
             "bank_id": state.bank.bank_id,
             "model_id": model.encoder.model_id,
             "model": model.encoder.name,

@@ -163,6 +163,36 @@ class Settings(BaseSettings):
         "OTEL_*_EXPORTER or OTEL_EXPORTER_OTLP_*ENDPOINT variable is set and the packages are installed",
     )
 
+    # Redis Cluster (server/stores/redis_cluster_store.py)
+    redis_cluster: bool = Field(
+        False, description="XPEFT_REDIS_URL names a Redis Cluster node: profiles spread over every master"
+    )
+    redis_wait_replicas: int = Field(
+        1, ge=0, description="cluster mode: a write is acknowledged once this many replicas hold it (WAIT)"
+    )
+    jobs_redis_url: str | None = Field(
+        None,
+        description="a plain Redis for the training queue and job records; required in cluster mode "
+        "(Huey does not speak Redis Cluster); default XPEFT_REDIS_URL",
+    )
+
+    @model_validator(mode="after")
+    def _cluster_mode_needs_a_plain_jobs_redis(self) -> Settings:
+        if self.jobs_redis_url == "":
+            self.jobs_redis_url = None
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("XPEFT_REDIS_CLUSTER needs XPEFT_REDIS_URL (any node of the cluster)")
+        if self.redis_cluster and not self.jobs_redis_url:
+            raise ValueError(
+                "XPEFT_REDIS_CLUSTER needs XPEFT_JOBS_REDIS_URL: the training queue (Huey) and the job "
+                "records live in a plain Redis, not in the cluster"
+            )
+        return self
+
+    def jobs_url(self) -> str | None:
+        """The Redis of the training queue and job records (``None``: the SQLite file)."""
+        return self.jobs_redis_url or self.redis_url
+
     @model_validator(mode="after")
     def _empty_tokens_mean_none(self) -> Settings:
         # `XPEFT_ADMIN_TOKEN=` in a compose file means "no token", not "the empty token".

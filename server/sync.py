@@ -4,7 +4,8 @@ Two paths: the store's change feed (Redis pub/sub, or the SQLite change log) app
 within milliseconds; a version check every ``check_s`` seconds catches anything the feed lost
 (pub/sub delivers at most once: a dropped connection loses messages silently). When the store's
 counter went *backwards* the store was reset (e.g. a Redis without persistence restarted), and
-versions may repeat, so both caches are emptied.
+versions may repeat, so both caches are emptied. A sharded store (Redis Cluster) has one counter
+per slot group: each is tracked on its own (``seen`` maps shard -> version).
 """
 
 from __future__ import annotations
@@ -32,18 +33,18 @@ class CacheSync:
         self.cache = cache
         self.metrics = metrics
         self.check_s = check_s
-        self.seen = 0  # the highest store version this replica has applied
-        self._unexplained: int | None = None  # a counter value the feed had not explained at the last check
+        self.seen: dict[str, int] = {}  # per counter: the highest store version this replica has applied
+        self._unexplained: dict[str, int] = {}  # counters the feed had not explained at the last check
 
     async def run(self) -> None:
         await asyncio.gather(self._listen(), self._check_loop())
 
     async def apply(self, event: ChangeEvent) -> None:
         if event.id is None:
-            await self._resync(event.version, "resync")
+            await self._resync(event.counters(), "resync")
             return
         self.cache.invalidate(event.id, event.version)
-        self.seen = max(self.seen, event.version)
+        self.seen[event.shard] = max(self.seen.get(event.shard, 0), event.version)
         self.metrics.invalidations.labels("delete" if event.deleted else "put").inc()
         if event.published_at is not None:
             self.metrics.invalidation_lag.observe(max(0.0, time.time() - event.published_at))
@@ -60,35 +61,40 @@ class CacheSync:
                 log.warning("store change feed lost: %s", exc.message)
                 await asyncio.sleep(0.5)
 
-    async def _resync(self, store_seq: int, kind: str, seen_before: int | None = None) -> None:
-        """``seen_before``: ``self.seen`` as it was when ``store_seq`` was read. Events applied while
+    async def _resync(
+        self, store_seqs: dict[str, int], kind: str, seen_before: dict[str, int] | None = None
+    ) -> None:
+        """``seen_before``: ``self.seen`` as it was when ``store_seqs`` were read. Events applied while
         the store answered raise ``self.seen`` past a counter that was current when read; that is
         not a reset."""
         baseline = self.seen if seen_before is None else seen_before
-        if store_seq < baseline:
+        back = [s for s, seq in store_seqs.items() if seq < baseline.get(s, 0)]
+        if back:
             log.warning(
                 "store version went back from %d to %d: the store was reset, emptying caches",
-                baseline,
-                store_seq,
+                baseline[back[0]],
+                store_seqs[back[0]],
             )
             self.cache.clear()
             self.metrics.invalidations.labels("reset").inc()
-            self.seen = store_seq
+            self.seen = dict(store_seqs)
             return
         await self.cache.resync()
         self.metrics.invalidations.labels(kind).inc()
-        self.seen = max(self.seen, store_seq)
+        for shard, seq in store_seqs.items():
+            self.seen[shard] = max(self.seen.get(shard, 0), seq)
 
     async def check_once(self) -> None:
         """Resync when the store's counter stayed ahead of the feed for a whole interval."""
-        seen_before = self.seen
-        seq = await self.metrics.timed_store("seq", self.store.current_seq())
-        if seq < seen_before:
-            await self._resync(seq, "reset", seen_before)
-        elif self._unexplained is not None and self._unexplained > self.seen:
-            log.info("change feed missed versions up to %d; resyncing", self._unexplained)
-            await self._resync(seq, "missed", seen_before)
-        self._unexplained = seq if seq > self.seen else None
+        seen_before = dict(self.seen)
+        seqs = await self.metrics.timed_store("seq", self.store.current_seqs())
+        missed = [s for s, seq in self._unexplained.items() if seq > self.seen.get(s, 0)]
+        if any(seq < seen_before.get(s, 0) for s, seq in seqs.items()):
+            await self._resync(seqs, "reset", seen_before)
+        elif missed:
+            log.info("change feed missed versions up to %d; resyncing", self._unexplained[missed[0]])
+            await self._resync(seqs, "missed", seen_before)
+        self._unexplained = {s: seq for s, seq in seqs.items() if seq > self.seen.get(s, 0)}
 
     async def _check_loop(self) -> None:
         while True:

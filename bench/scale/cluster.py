@@ -1,5 +1,5 @@
-"""A real Redis Cluster on loopback: three masters (redis-server --cluster-enabled yes), our own
-ports and folders, joined with ``redis-cli --cluster create``; stopped by pid."""
+"""A real Redis Cluster on loopback: three masters (redis-server --cluster-enabled yes), optionally
+a replica each, our own ports and folders, joined with ``redis-cli --cluster create``; stopped by pid."""
 
 from __future__ import annotations
 
@@ -30,14 +30,16 @@ def cluster_port() -> int:
 
 
 class LocalCluster:
-    """Three cluster-mode masters, no replicas; :meth:`owner` says which one holds a key."""
+    """Cluster-mode masters (and ``replicas`` per master); :meth:`owner` says which one holds a key."""
 
-    def __init__(self, masters: int = 3, timeout: float = 30.0) -> None:
+    def __init__(
+        self, masters: int = 3, timeout: float = 30.0, replicas: int = 0, node_timeout_ms: int = 2000
+    ) -> None:
         for tool in ("redis-server", "redis-cli"):
             if shutil.which(tool) is None:
                 raise FileNotFoundError(f"{tool} is not installed")
         self.dir = Path(tempfile.mkdtemp(prefix="xpeft-cluster-"))
-        self.ports = [cluster_port() for _ in range(masters)]
+        self.ports = [cluster_port() for _ in range(masters * (1 + replicas))]
         self.procs: list[subprocess.Popen] = []
         try:
             for port in self.ports:
@@ -56,7 +58,7 @@ class LocalCluster:
                             "--cluster-config-file",
                             "nodes.conf",
                             "--cluster-node-timeout",
-                            "2000",
+                            str(node_timeout_ms),
                             "--save",
                             "",
                             "--appendonly",
@@ -81,7 +83,7 @@ class LocalCluster:
                     "create",
                     *(f"127.0.0.1:{p}" for p in self.ports),
                     "--cluster-replicas",
-                    "0",
+                    str(replicas),
                     "--cluster-yes",
                 ],
                 capture_output=True,
@@ -92,7 +94,7 @@ class LocalCluster:
                 raise RuntimeError(
                     f"redis-cli --cluster create failed: {created.stdout[-2000:]}{created.stderr}"
                 )
-            while not all(self._state_ok(p) for p in self.ports):
+            while not self._settled(masters, replicas):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the cluster did not reach cluster_state:ok")
                 time.sleep(0.1)
@@ -107,6 +109,21 @@ class LocalCluster:
                 return bool(client.ping())
         except (redis.RedisError, OSError):
             return False
+
+    def _settled(self, masters: int, replicas: int) -> bool:
+        """Every node says ok, and each master has its replicas attached and in sync."""
+        if not all(self._state_ok(p) for p in self.ports):
+            return False
+        serving = self.masters()
+        if len(serving) != masters:
+            return False
+        for port in serving:
+            with redis.Redis(port=port) as client:
+                info = client.info("replication")
+            synced = [k for k, v in info.items() if k.startswith("slave") and v.get("state") == "online"]
+            if len(synced) < replicas:
+                return False
+        return True
 
     @staticmethod
     def _state_ok(port: int) -> bool:
@@ -128,6 +145,30 @@ class LocalCluster:
                 if start <= slot <= end:
                     return int(master[1])
         raise RuntimeError(f"no master serves slot {slot}")
+
+    def masters(self) -> list[int]:
+        """The ports of the nodes that serve slots now (a promoted replica is one)."""
+        for port in self.ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=2) as client:
+                    slots = client.execute_command("CLUSTER", "SLOTS")
+                return sorted({int(master[1]) for _, _, master, *_ in slots})
+            except (redis.RedisError, OSError):
+                continue
+        return []
+
+    def delete_matching(self, pattern: str) -> None:
+        """Delete every key matching ``pattern`` on every master (a test's namespace)."""
+        for port in self.masters():
+            with redis.Redis(port=port) as client:
+                for key in client.scan_iter(match=pattern, count=1000):
+                    client.delete(key)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node, as a crashed host would go."""
+        proc = self.procs[self.ports.index(port)]
+        proc.kill()
+        proc.wait(10)
 
     def close(self) -> None:
         for proc in self.procs:

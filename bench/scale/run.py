@@ -51,8 +51,11 @@ def profile_id(i: int) -> str:
     return f"customer-{i:07d}"
 
 
-async def fill(store, count: int, payloads: list[tuple[bytes, str]], batch: int, start: int = 0) -> float:
-    """Store ids ``start..count-1`` through the store's put script, ``batch`` calls per pipeline."""
+async def fill(
+    store, count: int, payloads: list[tuple[bytes, str]], batch: int, start: int = 0, queue=None
+) -> float:
+    """Store ids ``start..count-1`` through the store's put script, ``batch`` calls per pipeline;
+    ``queue(store, pipe, id, data, meta)`` queues one (default: the single-node store's script)."""
     from xpeft.server.stores.base import now
     from xpeft.server.stores.redis_store import _condition_args
 
@@ -62,6 +65,9 @@ async def fill(store, count: int, payloads: list[tuple[bytes, str]], batch: int,
         for i in range(first, min(first + batch, count)):
             data, meta = payloads[i % len(payloads)]
             pid = profile_id(i)
+            if queue is not None:
+                queue(store, pipe, pid, data, meta)
+                continue
             # exactly RedisStore.put's keys and arguments (no condition), queued instead of awaited
             await store._put(
                 keys=[store.key(pid), store.ids_key, store.seq_key],
@@ -150,10 +156,11 @@ def memory(url: str, store, ids: list[str]) -> dict:
     }
 
 
-def replica(bank_path: Path, url: str, prefix: str, work: Path, count: int, texts: list[str]) -> dict:
-    server = ServerProcess(
-        bank_path, url, prefix, work, {"XPEFT_LOG_LEVEL": "warning", "XPEFT_ACCESS_LOG": "false"}, "scale"
-    )
+def replica(
+    bank_path: Path, url: str, prefix: str, work: Path, count: int, texts: list[str], env: dict | None = None
+) -> dict:
+    quiet = {"XPEFT_LOG_LEVEL": "warning", "XPEFT_ACCESS_LOG": "false"}
+    server = ServerProcess(bank_path, url, prefix, work, {**quiet, **(env or {})}, "scale")
     server.start()
     try:
         began = time.perf_counter()
@@ -183,11 +190,32 @@ def replica(bank_path: Path, url: str, prefix: str, work: Path, count: int, text
         server.stop()
 
 
+def make_payloads(bank, distinct: int) -> tuple[list[tuple[bytes, str]], list[dict]]:
+    """``distinct`` random hard profiles: (.xpm bytes, metadata JSON) and the metadata, each
+    validated once by the PUT handler's own check (what PUT stores)."""
+    from xpeft.profiles import format as xpm
+    from xpeft.profiles.synthetic import random_profile
+    from xpeft.server.app import _validate_profile
+
+    payloads, metas = [], []
+    for i in range(distinct):
+        data = xpm.encode(random_profile(bank, "hard", seed=i))
+        meta = _validate_profile(data, bank)
+        metas.append(meta)
+        payloads.append((data, json.dumps(meta, separators=(",", ":"))))
+    return payloads, metas
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="20,000 profiles, no doc")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="over a local 3-master Redis Cluster, then a failover -> results/scale-cluster.json",
+    )
     parser.add_argument("--profiles", type=int, help="how many (default 1,000,000; 20,000 with --quick)")
     parser.add_argument("--distinct", type=int, default=1000, help="distinct profile files under the ids")
     parser.add_argument("--batch", type=int, default=1000, help="put calls per pipeline")
@@ -205,23 +233,20 @@ def main(argv: list[str] | None = None) -> None:
     doc = args.doc or (None if args.quick else REPO / "docs" / "DEPLOYMENT.md")
 
     from bench.load.run import load_texts
-    from xpeft.profiles import format as xpm
-    from xpeft.profiles.synthetic import random_profile
-    from xpeft.server.app import _validate_profile
     from xpeft.server.stores.redis_store import RedisStore
 
     started = time.perf_counter()
+    if args.cluster:
+        from bench.scale.cluster_run import main_cluster
+
+        main_cluster(args, count, started)
+        return
     work = Path(tempfile.mkdtemp(prefix="xpeft-scale-"))
     redis_server = RedisServer()
     try:
         bank, bank_path = minilm_bank(work, 100)
         distinct = min(args.distinct, count)
-        payloads, metas = [], []
-        for i in range(distinct):
-            data = xpm.encode(random_profile(bank, "hard", seed=i))
-            meta = _validate_profile(data, bank)  # what PUT stores: the handler's own check
-            metas.append(meta)
-            payloads.append((data, json.dumps(meta, separators=(",", ":"))))
+        payloads, metas = make_payloads(bank, distinct)
         prefix = f"xpeft-scale-{uuid.uuid4().hex[:8]}"
 
         async def phase() -> dict:

@@ -26,12 +26,11 @@ def _password(settings: Settings) -> str | None:
 
 def open_job_store(settings: Settings) -> JobStore:
     """Job records in the store the settings name."""
-    if settings.redis_url:
+    url = settings.jobs_url()
+    if url:
         from xpeft.server.jobs.records_redis import RedisJobStore
 
-        return RedisJobStore(
-            settings.redis_url, settings.redis_prefix, settings.job_ttl_s, _password(settings)
-        )
+        return RedisJobStore(url, settings.redis_prefix, settings.job_ttl_s, _password(settings))
     from xpeft.server.jobs.records_sqlite import SQLiteJobStore
 
     settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,11 +46,12 @@ def _run_task(job_id: str) -> None:
 def make_queue(settings: Settings) -> tuple[Huey, Any]:
     """The Huey instance and its one task (call it with a job id to enqueue the job)."""
     huey: Huey
-    if settings.redis_url:
+    url = settings.jobs_url()
+    if url:
         from redis import ConnectionPool
 
         password = _password(settings)
-        pool = ConnectionPool.from_url(settings.redis_url, **({"password": password} if password else {}))
+        pool = ConnectionPool.from_url(url, **({"password": password} if password else {}))
         huey = RedisHuey(f"{settings.redis_prefix}.train", results=False, connection_pool=pool)
     else:
         huey = SqliteHuey("xpeft-train", results=False, filename=str(settings.sqlite_path))

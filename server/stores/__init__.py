@@ -23,6 +23,16 @@ def open_store(settings: Settings) -> ProfileStore:
                 "put it in XPEFT_REDIS_PASSWORD_FILE instead"
             )
         password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        if settings.redis_cluster:
+            from xpeft.server.stores.redis_cluster_store import RedisClusterStore
+
+            return RedisClusterStore(
+                settings.redis_url,
+                settings.redis_prefix,
+                settings.store_timeout_s,
+                password=password,
+                wait_replicas=settings.redis_wait_replicas,
+            )
         return RedisStore(
             settings.redis_url, settings.redis_prefix, settings.store_timeout_s, password=password
         )

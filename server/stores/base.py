@@ -99,13 +99,21 @@ class ChangeEvent:
     """One write seen by :meth:`ProfileStore.watch`.
 
     ``id is None`` means "events may have been missed" (first subscription, reconnect, pruned
-    log): the listener must re-check every cached version against the store.
+    log): the listener must re-check every cached version against the store. ``shard`` names the
+    counter ``version`` came from (``""``: the one store-wide counter; the cluster store has one
+    per slot group); a resync event of a sharded store carries every counter in ``seqs``.
     """
 
     id: str | None
     version: int
     deleted: bool = False
     published_at: float | None = None
+    shard: str = ""
+    seqs: dict[str, int] | None = field(default=None, hash=False, compare=False)
+
+    def counters(self) -> dict[str, int]:
+        """The counters a resync event read: ``{shard: version}`` unless it carries ``seqs``."""
+        return dict(self.seqs) if self.seqs is not None else {self.shard: self.version}
 
 
 @dataclass(frozen=True)
@@ -198,13 +206,19 @@ class ProfileStore(abc.ABC):
     async def current_seq(self) -> int:
         """The store-wide counter: the version of the latest write."""
 
+    async def current_seqs(self) -> dict[str, int]:
+        """Every version counter by shard (one, ``""``, unless the store is sharded): what the
+        replicas' version check compares with the events it has seen, counter by counter."""
+        return {"": await self.current_seq()}
+
     @abc.abstractmethod
     def watch(self) -> AsyncIterator[ChangeEvent]:
         """Every write from any process, in order, starting with a resync event (``id=None``)."""
 
     @abc.abstractmethod
-    async def ping(self) -> None:
-        """Raise :class:`StoreUnavailable` unless the store answers."""
+    async def ping(self) -> dict[str, object] | None:
+        """Raise :class:`StoreUnavailable` unless the store answers; optionally the store's own
+        state for ``/readyz`` (the cluster store: ``CLUSTER INFO``)."""
 
     @abc.abstractmethod
     async def close(self) -> None:

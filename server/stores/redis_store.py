@@ -19,12 +19,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from xpeft.server.stores.base import (
     ChangeEvent,
@@ -41,6 +41,9 @@ from xpeft.server.stores.base import (
 )
 
 T = TypeVar("T")
+# What a store call that did not get an answer raises (RedisClusterException, from the cluster
+# client when no node answers, is no RedisError).
+DOWN = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 def _condition_args(condition: Condition | None) -> list[str]:
@@ -145,10 +148,19 @@ class RedisStore(ProfileStore):
     def key(self, profile_id: str) -> str:
         return self._profile_prefix + profile_id
 
+    def channel_of(self, profile_id: str) -> str:
+        """The channel a write of ``profile_id`` publishes on (one here; the cluster store: one per group)."""
+        return self.channel
+
+    async def _write(self, script: str, profile_id: str, args: list) -> Any:
+        """Run the put or delete script on the record, the index and the counter of ``profile_id``."""
+        run = self._put if script == "put" else self._delete
+        return await run(keys=[self.key(profile_id), self.ids_key, self.seq_key], args=args)
+
     async def _call(self, what: str, op: Awaitable[T]) -> T:
         try:
             return await asyncio.wait_for(op, self.timeout_s)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except DOWN as exc:
             raise StoreUnavailable(f"Redis did not answer {what}: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
@@ -168,12 +180,10 @@ class RedisStore(ProfileStore):
             data,
             json.dumps(meta, separators=(",", ":")),
             repr(stamp),
-            self.channel,
+            self.channel_of(profile_id),
             *_condition_args(condition),
         ]
-        status, *rest = await self._call(
-            "put", self._put(keys=[self.key(profile_id), self.ids_key, self.seq_key], args=args)
-        )
+        status, *rest = await self._call("put", self._write("put", profile_id, args))
         if status == 0:  # the script checked the same condition: raise its refusal
             current = None if rest[0] is None else int(rest[0])
             check(condition, profile_id, current)
@@ -201,24 +211,23 @@ class RedisStore(ProfileStore):
         return None if values[0] is None else self._record(profile_id, values)
 
     async def delete(self, profile_id: str, condition: Condition | None = None) -> int | None:
-        seq = await self._call(
-            "delete",
-            self._delete(
-                keys=[self.key(profile_id), self.ids_key, self.seq_key],
-                args=[profile_id, repr(now()), self.channel, *_condition_args(condition)],
-            ),
-        )
+        args = [profile_id, repr(now()), self.channel_of(profile_id), *_condition_args(condition)]
+        seq = await self._call("delete", self._write("delete", profile_id, args))
         if int(seq) < 0:
             check(condition, profile_id, -int(seq))
             raise AssertionError("the store refused a condition that holds")  # pragma: no cover
         return int(seq) or None
 
-    async def list(self, cursor: str | None, limit: int) -> tuple[list[ProfileRecord], str | None]:
+    async def _page(self, cursor: str | None, limit: int) -> tuple[list[str], bool]:
+        """Up to ``limit`` ids after ``cursor`` in id order, and whether more follow."""
         start = b"(" + cursor.encode() if cursor else b"-"
         ids = await self._call(
             "list", self._redis.zrangebylex(self.ids_key, start, b"+", start=0, num=limit + 1)
         )
-        page = [i.decode() if isinstance(i, bytes) else i for i in ids[:limit]]
+        return [i.decode() if isinstance(i, bytes) else i for i in ids[:limit]], len(ids) > limit
+
+    async def list(self, cursor: str | None, limit: int) -> tuple[list[ProfileRecord], str | None]:
+        page, more = await self._page(cursor, limit)
         pipe = self._redis.pipeline(transaction=False)
         for profile_id in page:
             pipe.hmget(self.key(profile_id), *_RECORD_FIELDS)
@@ -226,7 +235,7 @@ class RedisStore(ProfileStore):
         # An id deleted between the two reads is left out rather than shown half.
         found = [(i, v) for i, v in zip(page, rows, strict=True) if v[0] is not None]
         records = readable_records(found, lambda row: self._record(*row))
-        return records, (page[-1] if len(ids) > limit else None)
+        return records, (page[-1] if more else None)
 
     async def versions(self, profile_ids: Iterable[str]) -> dict[str, int]:
         ids = list(profile_ids)
@@ -266,8 +275,9 @@ class RedisStore(ProfileStore):
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
 
-    async def ping(self) -> None:
+    async def ping(self) -> dict[str, object] | None:
         await self._call("ping", self._redis.ping())
+        return None
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -26,6 +26,7 @@ from xpeft.profiles.synthetic import random_profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.reliability.harness import RedisServer, ServerProcess, redis_answers  # noqa: E402
+from bench.scale.cluster import LocalCluster  # noqa: E402
 
 ADMIN = "admin-token-for-tests"
 READER = "reader-token-for-tests"
@@ -50,6 +51,18 @@ def redis_url() -> Iterator[str]:
     server = new_redis_server()
     yield server.url
     server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A real Redis Cluster on loopback for the session: 3 masters with a replica each (so the
+    cluster store's ``WAIT 1`` is met). Tests that kill nodes start their own."""
+    try:
+        started = LocalCluster(replicas=1)
+    except (FileNotFoundError, RuntimeError, OSError) as exc:
+        pytest.skip(f"a local Redis Cluster could not start: {exc}")
+    yield started
+    started.close()
 
 
 @pytest.fixture(scope="session")

@@ -169,7 +169,7 @@ def test_sync_applies_events_and_catches_missed_ones(bank, profile_bytes, tmp_pa
         assert metrics.registry.get_sample_value("xpeft_invalidations_total", {"kind": "missed"}) == 1
 
         # a counter that went backwards means a reset store: everything goes
-        sync.seen = v3.version + 100
+        sync.seen = {"": v3.version + 100}
         await sync.check_once()
         assert len(cache) == 0
         await store.close()

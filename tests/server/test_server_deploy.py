@@ -245,3 +245,30 @@ def test_every_setting_is_documented() -> None:
         f"XPEFT_{name.upper()}" for name in Settings.model_fields if f"`XPEFT_{name.upper()}`" not in api
     ]
     assert not missing, f"docs/API.md does not document {missing}"
+
+
+def test_cluster_compose_file_passes_config_and_points_every_xpeft_service_at_the_cluster(
+    tmp_path: Path,
+) -> None:
+    command = compose_command()
+    if command is None:
+        pytest.skip("no docker-compose here (.ci/run installs Debian's package)")
+    for secret in ("admin_token", "api_token", "redis_password"):
+        (tmp_path / secret).write_text("x" * 24)
+    files = ["-f", str(COMPOSE), "-f", str(ROOT / "docker-compose.cluster.yml")]
+    result = subprocess.run(
+        [*command, *files, "--project-directory", str(ROOT), "config"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XPEFT_SECRETS_DIR": str(tmp_path)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert {f"redis-node-{i}" for i in range(6)} <= set(services)
+    for name in ("xpeft-1", "xpeft-2", "trainer"):
+        env = services[name]["environment"]
+        assert env["XPEFT_REDIS_CLUSTER"] == "true" and env["XPEFT_JOBS_REDIS_URL"] == "redis://redis:6379/0"
+        settings = Settings(**{k[6:].lower(): v for k, v in env.items() if not k.endswith("_FILE")})
+        assert settings.redis_cluster and settings.jobs_url() == "redis://redis:6379/0"
+    assert "--cluster-enabled yes" in " ".join(services["redis-node-0"]["entrypoint"])

@@ -257,3 +257,14 @@ def test_trainer_runs_the_worker_command() -> None:
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_redis_cluster_overlay_points_servers_and_trainers_at_the_cluster(base) -> None:
+    cluster = {(d["kind"], d["metadata"]["name"]): d for d in kustomize(K8S / "overlays" / "redis-cluster")}
+    for name in ("xpeft-server", "xpeft-trainer"):
+        settings = env(cluster[("Deployment", name)])
+        assert settings["XPEFT_REDIS_CLUSTER"] == "true", name
+        assert settings["XPEFT_REDIS_URL"] == "redis://redis-cluster:6379/0"
+        assert settings["XPEFT_JOBS_REDIS_URL"] == env(base[("Deployment", name)])["XPEFT_REDIS_URL"]
+    for obj in cluster.values():
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)

@@ -5,14 +5,14 @@ operations (the put and delete scripts touch the record, the id index and the ve
 run on one shard without CROSSSLOT; pipelines, listing and the change events work there too.
 Different prefixes hash to different slots, so several deployments spread over the shards. A
 store pointed at a master that does not own its slot gets a clear StoreUnavailable (MOVED),
-which docs/DEPLOYMENT.md tells operators to avoid. Skipped when the cluster cannot start.
+which docs/DEPLOYMENT.md tells operators to avoid (or to use cluster mode, whose store is tested in
+test_server_redis_cluster_store.py). Skipped when the cluster cannot start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -24,14 +24,10 @@ from xpeft.server.stores.base import StoreUnavailable
 from xpeft.server.stores.redis_store import _DELETE, _PUT, RedisStore
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    try:
-        started = LocalCluster()
-    except (FileNotFoundError, RuntimeError, OSError) as exc:
-        pytest.skip(f"a local Redis Cluster could not start: {exc}")
-    yield started
-    started.close()
+@pytest.fixture
+def cluster(redis_cluster: LocalCluster) -> LocalCluster:
+    """The session's cluster (tests/server/conftest.py): 3 masters, a replica each."""
+    return redis_cluster
 
 
 def _store_on_owner(cluster: LocalCluster, prefix: str) -> RedisStore:
@@ -81,7 +77,7 @@ def test_the_store_works_on_the_master_that_owns_its_slot(cluster: LocalCluster,
     with redis.Redis(port=owner) as client:
         keys = {k.decode() for k in client.scan_iter(match="*" + prefix + "*")}
     assert keys and all(k.startswith("{" + prefix + "}:") for k in keys)
-    for port in set(cluster.ports) - {owner}:
+    for port in set(cluster.masters()) - {owner}:
         with redis.Redis(port=port) as client:
             assert not list(client.scan_iter(match="*" + prefix + "*"))
 
@@ -109,7 +105,7 @@ def test_the_scripts_are_single_slot_for_a_cluster_client_and_crossslot_without_
 def test_a_store_on_the_wrong_master_fails_clearly(cluster: LocalCluster, profile_bytes) -> None:
     prefix = f"xpeft-wrong-{uuid.uuid4().hex[:8]}"
     owner = cluster.owner("{" + prefix + "}:ids")
-    wrong = next(p for p in cluster.ports if p != owner)
+    wrong = next(p for p in cluster.masters() if p != owner)
 
     async def scenario() -> None:
         store = RedisStore(cluster.url(wrong), prefix=prefix, timeout_s=2)

@@ -1,4 +1,5 @@
-"""One contract, two stores: the embedded SQLite store and the Redis store behave the same."""
+"""One contract, three stores: the embedded SQLite store, the Redis store and the Redis Cluster
+store (on a real 3-master cluster on loopback) behave the same."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from xpeft.server.stores.base import (
     ProfileStore,
     StoreUnavailable,
 )
+from xpeft.server.stores.redis_cluster_store import RedisClusterStore
 from xpeft.server.stores.redis_store import RedisStore
 from xpeft.server.stores.sqlite_store import SQLiteStore
 
@@ -33,12 +35,18 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
     """A factory of store instances that share one backend (as two replicas would)."""
     if request.param == "sqlite":
         path = tmp_path / "store.sqlite3"
         return lambda: SQLiteStore(path, poll_s=0.02)
+    if request.param == "redis-cluster":
+        nodes = request.getfixturevalue("redis_cluster")
+        url = nodes.url(nodes.masters()[0])
+        prefix = f"xpeft-contract-{uuid.uuid4().hex[:8]}"
+        request.addfinalizer(lambda: nodes.delete_matching("{" + prefix + "#*"))
+        return lambda: RedisClusterStore(url, prefix, timeout_s=5)
     url = request.getfixturevalue("redis_url")
     prefix = f"{request.getfixturevalue('redis_prefix')}-{uuid.uuid4().hex[:8]}"  # a namespace per test
     request.addfinalizer(lambda: _delete_keys(url, prefix))
@@ -348,13 +356,16 @@ def test_meta_round_trips_as_json(new_store: StoreFactory) -> None:
     run(body())
 
 
-def test_unreachable_redis_raises_store_unavailable_quickly() -> None:
+@pytest.mark.parametrize("kind", [RedisStore, RedisClusterStore])
+def test_unreachable_redis_raises_store_unavailable_quickly(
+    kind: type[RedisStore | RedisClusterStore],
+) -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
     async def body() -> None:
-        store = RedisStore(f"redis://127.0.0.1:{port}/0", "down", timeout_s=0.5)
+        store = kind(f"redis://127.0.0.1:{port}/0", "down", timeout_s=0.5)
         start = time.perf_counter()
         for op in (
             store.get("p"),

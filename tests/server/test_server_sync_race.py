@@ -33,7 +33,7 @@ def test_events_applied_during_the_counter_read_are_not_a_reset(bank, profile_by
         assert cache.cached_version("kept") == kept.version  # nothing was emptied
         store.current_seq = real_seq
         # a real reset (the counter below what was seen before the read) still empties everything
-        sync.seen = 10**6
+        sync.seen = {"": 10**6}
         await sync.check_once()
         assert metrics.registry.get_sample_value("xpeft_invalidations_total", {"kind": "reset"}) == 1
         assert cache.cached_version("kept") is None
