@@ -51,6 +51,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-col", default="label", help="column of the label")
 
 
+def _switch(p: argparse.ArgumentParser, flag: str, default: bool, help: str) -> None:
+    """A training switch with its ``--no-`` form."""
+    p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
@@ -200,20 +205,15 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--scale-power", type=float, default=d.scale_power, help="hard: a selected adapter weighs 1/k**p"
     )
+    _switch(p, "--gain", d.gain, "hard: learn one gain per layer, stored in the profile")
     p.add_argument(
-        "--gain",
-        action=argparse.BooleanOptionalAction,
-        default=d.gain,
-        help="hard: learn one gain per layer, stored in the profile",
+        "--gain-init",
+        type=float,
+        default=d.gain_init,
+        help="hard, units: the gains' starting value (default 1 for hard, 0.1 for units)",
     )
-    p.add_argument(
-        "--gain-init", type=float, default=d.gain_init, help="hard, units: the gains' starting value"
-    )
-    p.add_argument(
-        "--weighted",
-        action=argparse.BooleanOptionalAction,
-        default=d.weighted,
-        help="hard: learn a weight for each selected adapter, stored in the profile",
+    _switch(
+        p, "--weighted", d.weighted, "hard: learn a weight for each selected adapter, stored in the profile"
     )
     p.add_argument(
         "--lr-gain", type=float, default=d.lr_gain, help="hard, units: learning rate of gains and weights"
@@ -224,17 +224,9 @@ def register(subparsers: Any) -> None:
         default=d.estimator,
         help="hard, units: straight-through surrogate (default softmax for hard, identity for units)",
     )
-    p.add_argument(
-        "--tied",
-        action=argparse.BooleanOptionalAction,
-        default=d.tied,
-        help="units: one selection per unit for both projections",
-    )
-    p.add_argument(
-        "--out-scale",
-        action=argparse.BooleanOptionalAction,
-        default=d.out_scale,
-        help="units: learn a per-layer output scaling vector (int8 in the profile)",
+    _switch(p, "--tied", d.tied, "units: one selection per unit for both projections")
+    _switch(
+        p, "--out-scale", d.out_scale, "units: learn a per-layer output scaling vector (int8 in the profile)"
     )
     p.add_argument(
         "--lr-out-scale", type=float, default=d.lr_out_scale, help="units: the output scaling vector's rate"
