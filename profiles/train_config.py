@@ -88,7 +88,8 @@ class TrainConfig:
         defaults = {f.name: f.default for f in fields(TrainConfig)}
         for name, methods in APPLIES_TO.items():
             if self.method not in methods and getattr(self, name) != defaults[name]:
-                raise bad(f"{name} applies to {' and '.join(methods)} only, not to method {self.method!r}")
+                names = " and ".join([", ".join(methods[:-1]), methods[-1]] if len(methods) > 1 else methods)
+                raise bad(f"{name} applies to {names} only, not to method {self.method!r}")
 
     def resolved_estimator(self) -> str:
         """The straight-through surrogate: the paper's softmax for hard masks, the identity for

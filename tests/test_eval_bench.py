@@ -225,12 +225,18 @@ def test_smoke_run_resume_and_report(data_root: Path, tmp_path: Path) -> None:
         "sst2/sst2/head_only/none/default/s0",
         "sst2/sst2/single_adapter/none/default/s0",
         "sst2/sst2/hard/random/default/s0",
+        "sst2/sst2/units/random/default/s0",
     ]
+    units = runs[3]  # its sections: unit ids and gains, the head, the framing
+    assert units["bytes"]["total"] == sum(
+        units["bytes"][k] for k in ("selection", "head", "header", "extras")
+    )
+    assert units["bytes"]["selection"] > 0 and units["bytes"]["extras"] == 2 * 6  # an fp16 gain per layer
     hard = runs[2]
     assert hard["bytes"]["total"] == sum(hard["bytes"][k] for k in ("selection", "head", "header", "extras"))
     assert hard["n_dev"] == 8 and hard["bank_id"] and 0 < len(hard["loss_curve"]) <= 50
     assert main(args) == 0  # resume: nothing left to run
-    assert len([r for r in read_results(out) if r["type"] == "run"]) == 3
+    assert len([r for r in read_results(out) if r["type"] == "run"]) == 4
     assert main(["report", "--results", str(out), "--out", str(doc)]) == 0
     text = doc.read_text()
     for r in runs:

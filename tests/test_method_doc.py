@@ -88,7 +88,9 @@ def test_readme_summary_shows_the_shipped_variant_beside_the_paper_setting():
             }
             run["key"] += variant
             rows.append(run)
-    text = summary(Results(rows), "r.jsonl", "cmd", shipped="gain")
-    assert "shipped defaults (variant `gain`" in text
+    from bench.eval.targets import Shipped
+
+    text = summary(Results(rows), "r.jsonl", "cmd", shipped=Shipped("hard", "gain"))
+    assert "`hard` (variant `gain`), shipped defaults" in text
     assert "| 86.5 |" in text and "+6.50 [" in text  # the shipped column and its paired gain
     assert "| 65% |" in text  # (86.5 - 80) / (90 - 80)

@@ -149,7 +149,7 @@ def test_train_config_validation_names_the_setting():
     TrainConfig(method="soft", lr_scores=0.2, temperature=0.5).validate()
     for bad, match in [
         (TrainConfig(method="hard", batch_size=0), "batch_size"),
-        (TrainConfig(method="head_only", lr_scores=0.2), "lr_scores applies to hard and soft only"),
+        (TrainConfig(method="head_only", lr_scores=0.2), "lr_scores applies to hard, units and soft only"),
         (TrainConfig(method="soft", weighted=True), "weighted applies to hard only"),
         (TrainConfig(temperature_end=0.0), "temperature_end"),
         (TrainConfig(gain_init=0.0), "gain_init"),
