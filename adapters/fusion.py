@@ -2,7 +2,8 @@
 
 ``A_l = sum_i w[l, i] A[l, i]`` for U profiles at once is one batched GEMM over the layers:
 ``(L, U, N) @ (L, N, d*r)``. A gather that reads only the k selected adapters is the other
-candidate for hard masks; both are here so the benchmark can compare them (docs/BENCHMARKS.md).
+path for hard masks, cheaper when few profiles select few of many adapters; the runtime picks
+per batch (docs/BENCHMARKS.md has the measurements).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from xpeft.adapters import kernels
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
@@ -101,26 +103,41 @@ def fuse(weights_down: torch.Tensor, weights_up: torch.Tensor, bank: AdapterBank
     return FusedAdapters(down, down_bias, up, up_bias)
 
 
-def fuse_gather(index_down: torch.Tensor, index_up: torch.Tensor, bank: AdapterBank) -> FusedAdapters:
-    """Hard masks only: read the k selected adapters of each profile and average them.
+def fuse_gather(
+    index_down: torch.Tensor,
+    index_up: torch.Tensor,
+    bank: AdapterBank,
+    weight_down: torch.Tensor | None = None,
+    weight_up: torch.Tensor | None = None,
+) -> FusedAdapters:
+    """Hard masks: read only the k selected adapters of each profile and sum them.
 
-    ``index_down`` / ``index_up``: ``(U, L, k)`` adapter indices. Equals :func:`fuse` with k-hot / k
-    weights; kept as the gather candidate for benchmarks and the GPU kernel.
+    ``index_down`` / ``index_up``: ``(U, L, k)`` adapter indices; ``weight_*`` each one's weight
+    (``None``: 1/k, which equals :func:`fuse` with k-hot / k weights). On CUDA with Triton the
+    unweighted mean runs as a kernel; otherwise ``embedding_bag`` sums the rows without copying them.
     """
-    L = bank.num_layers
-    layers = torch.arange(L, device=index_down.device).view(1, L, 1)
+    L, N = bank.num_layers, bank.down.shape[1]
+    U, _, k = index_down.shape
+    offsets = torch.arange(0, U * L * k, k, device=index_down.device)
 
-    def pick(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if kernels.enabled("gather", table):  # CUDA + Triton only
+    def pick(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if weight is None and kernels.enabled("gather", table):  # CUDA + Triton only
             return kernels.gather_mean_triton(table, index)  # reads the k rows without copying them
-        # table (L, N, ...) -> (U, L, k, ...) -> mean over k -> layer-major (L, U, ...)
-        return table[layers, index].mean(dim=2).transpose(0, 1).contiguous()
+        ids = (index + torch.arange(L, device=index.device).view(1, L, 1) * N).flatten()
+        rows = table.reshape(L * N, -1)
+        if weight is None:
+            bags = F.embedding_bag(ids, rows, offsets, mode="mean")
+        else:
+            psw = weight.flatten().to(rows.dtype)
+            bags = F.embedding_bag(ids, rows, offsets, mode="sum", per_sample_weights=psw)
+        # (U*L, ...) -> layer-major (L, U, ...)
+        return bags.view(U, L, *table.shape[2:]).transpose(0, 1).contiguous()
 
     return FusedAdapters(
-        pick(bank.down, index_down),
-        pick(bank.down_bias, index_down),
-        pick(bank.up, index_up),
-        pick(bank.up_bias, index_up),
+        pick(bank.down, index_down, weight_down),
+        pick(bank.down_bias, index_down, weight_down),
+        pick(bank.up, index_up, weight_up),
+        pick(bank.up_bias, index_up, weight_up),
     )
 
 
@@ -196,30 +213,40 @@ def fuse_units(
     out_scale: torch.Tensor | None,
     table: UnitTable,
 ) -> FusedAdapters:
-    """Serving: a gather of each profile's selected units and a sum into their positions.
+    """Serving: each profile's selected units summed into their positions, by ``embedding_bag``.
 
     ``index_* (U, L, k)`` unit ids within their layer (the same k for every profile of the call),
     ``scale (U,)`` each profile's unit weight, ``gains (U, L)``, ``out_scale (U, L, d)`` or None.
-    Reads ``2 * U * L * k`` rows of the table, never the whole bank.
+    One bag per (profile, layer, position): reads ``2 * U * L * k`` rows of the table, never the
+    whole bank, and never materialises them (a gather then a sum copied every row first, 5-10x
+    slower on a CPU; docs/BENCHMARKS.md).
     """
     U, L, k = index_down.shape
-    r, P, d = table.bottleneck, table.units_per_layer, table.down.shape[1]
-    layer = torch.arange(L, device=index_down.device).view(1, L, 1) * P
-    # target row of (U, L, r) for every selected unit: its profile, its layer, its position
-    base = (
-        torch.arange(U, device=index_down.device).view(U, 1, 1) * L
-        + torch.arange(L, device=index_down.device).view(1, L, 1)
-    ) * r
-    w = scale.to(table.down.dtype).view(U, 1, 1, 1)
-
-    def gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(U * L * r, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-        target = (base + index % r).flatten()
-        return out.index_add_(0, target, rows.index_select(0, (layer + index).flatten()))
-
-    down = (gather(table.down, index_down).view(U, L, r, d) * w).permute(1, 0, 3, 2)
-    down_bias = (gather(table.down_bias, index_down).view(U, L, r) * w[..., 0]).transpose(0, 1)
-    up = (gather(table.up, index_up).view(U, L, r, d) * w).transpose(0, 1)
-    up = _unit_output(up, gains.to(up.dtype), None if out_scale is None else out_scale.to(up.dtype))
+    r, d = table.bottleneck, table.down.shape[1]
+    w = scale.to(table.down.dtype).view(U, 1, 1).expand(U, L, k)
+    down, down_bias = _unit_bags(index_down, w, table, (table.down, table.down_bias.unsqueeze(1)))
+    (up,) = _unit_bags(index_up, w * gains.to(w.dtype).unsqueeze(-1), table, (table.up,))
+    down = down.view(U, L, r, d).permute(1, 0, 3, 2)
+    up = up.view(U, L, r, d).transpose(0, 1)
+    if out_scale is not None:
+        up = up * out_scale.to(up.dtype).transpose(0, 1).unsqueeze(2)
     up_bias = torch.zeros(L, U, d, dtype=up.dtype, device=up.device)
-    return FusedAdapters(down.contiguous(), down_bias.contiguous(), up.contiguous(), up_bias)
+    return FusedAdapters(
+        down.contiguous(), down_bias.view(U, L, r).transpose(0, 1).contiguous(), up.contiguous(), up_bias
+    )
+
+
+def _unit_bags(
+    index: torch.Tensor, weight: torch.Tensor, table: UnitTable, rows: tuple[torch.Tensor, ...]
+) -> list[torch.Tensor]:
+    """Sum ``weight``-times the selected rows of each table of ``rows`` into ``(U*L*r, ...)`` bags:
+    bag ``(u, l, j)`` holds the units of profile u, layer l, position j (an empty bag is zero)."""
+    U, L, k = index.shape
+    r, P = table.bottleneck, table.units_per_layer
+    device = index.device
+    bag = (torch.arange(U * L, device=device).view(U, L, 1) * r + index % r).flatten()
+    order = torch.argsort(bag, stable=True)
+    ids = (index + torch.arange(L, device=device).view(1, L, 1) * P).flatten()[order]
+    offsets = torch.searchsorted(bag[order], torch.arange(U * L * r, device=device))
+    psw = weight.flatten()[order]
+    return [F.embedding_bag(ids, t, offsets, mode="sum", per_sample_weights=psw.to(t.dtype)) for t in rows]

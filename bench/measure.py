@@ -316,12 +316,6 @@ def time_apply(
         return time_op(lambda: apply_adapters(h, *weights, rows), encoder.device, estimator=estimator)
 
 
-def gather_bytes(bank: AdapterBank, distinct: int, k: int) -> int:
-    """Bytes the torch gather materialises: a ``(U, L, k, ...)`` copy of every selected adapter."""
-    per_adapter = sum(t[0, 0].numel() for t in bank.tensors().values()) * bank.down.element_size()
-    return distinct * bank.num_layers * k * per_adapter
-
-
 def time_fusion(
     bank: AdapterBank, profiles: list[Profile], device: torch.device, method: str, estimator: str = "median"
 ) -> float:

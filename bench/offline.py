@@ -28,7 +28,6 @@ import torch
 from bench.measure import (
     MixedBatch,
     bench_encoder,
-    gather_bytes,
     make_profiles,
     provenance,
     random_bank,
@@ -53,7 +52,6 @@ class Grid:
     adapters: list[int]
     rounds: int
     fusion_distinct: list[int]
-    gather_torch_limit_gb: float
     note: str
     estimator: str = "median"  # "min" on a shared CPU: other users' load only ever adds time
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
@@ -69,7 +67,6 @@ GRIDS = {
         [100, 400, 1000],
         5,
         [1, 8, 64],
-        1.0,
         "reduced for a 2-core shared CPU: 32 tokens per row, batch 64, at most 64 distinct "
         "profiles (256 needs a batch of 256), 5 timed rounds after 1 warm-up round; each variant's "
         "fastest round counts, since other users' load on the shared cores only ever adds time; one "
@@ -87,13 +84,10 @@ GRIDS = {
         [100, 400, 1000],
         10,
         [1, 8, 64, 256],
-        8.0,
         "full grid: 128 tokens per row, batch 64 (256 rows for 256 distinct profiles), "
         "10 timed rounds after 1 warm-up round",
     ),
-    "smoke": Grid(
-        "minilm", "float32", 8, 4, [1, 4], [20], 1, [1, 4], 1.0, "smoke test of the benchmark code"
-    ),
+    "smoke": Grid("minilm", "float32", 8, 4, [1, 4], [20], 1, [1, 4], "smoke test of the benchmark code"),
 }
 
 Row = dict[str, object]
@@ -251,10 +245,6 @@ def run_fusion(
                 row: Row = {"N": n, "distinct": u, "k": k, "method": method}
                 if time.monotonic() > deadline:
                     row["skipped"] = "time budget"
-                elif (
-                    method == "gather_torch" and gather_bytes(bank, u, k) > grid.gather_torch_limit_gb * 2**30
-                ):
-                    row["skipped"] = f"would copy {gather_bytes(bank, u, k) / 2**30:.1f} GiB"
                 else:
                     row["ms"] = time_fusion(bank, profiles, device, method, grid.estimator) * 1e3
                 out.append(row)

@@ -17,7 +17,7 @@ import torch
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, TextInput, best_device, encoder_for_bank
 from xpeft.adapters.errors import BankError
-from xpeft.adapters.fusion import FusedAdapters, UnitTable, fuse, fuse_units
+from xpeft.adapters.fusion import FusedAdapters, UnitTable, fuse, fuse_gather, fuse_units
 from xpeft.profiles import format as xpm
 from xpeft.profiles.graphs import GraphRunner
 from xpeft.profiles.profile import Profile, ProfileKind
@@ -118,10 +118,11 @@ class MultiProfileModel:
         return [FusedAdapters(*(t[:, u : u + 1] for t in batch.tensors())) for u in range(len(profiles))]
 
     def fuse_batch(self, profiles: Sequence[Profile]) -> FusedAdapters:
-        """The profiles' adapters, layer-major ``(L, U, ...)``: bank profiles in one batched GEMM."""
+        """The profiles' adapters, layer-major ``(L, U, ...)``: bank profiles in one call per group."""
         enc = self.encoder
-        if profiles and all(p.kind.spec.fusion == "mix" for p in profiles):
-            return self._fuse_bank(profiles)  # the GEMM's output is the batch's weights as it is
+        groups = self._fused_groups(profiles)
+        if len(groups) == 1 and groups[0][0] == list(range(len(profiles))):
+            return groups[0][1]  # one call fused them all, in order: its output is the batch's weights
         out = FusedAdapters.zeros(
             self.bank.num_layers,
             self.bank.hidden_size,
@@ -130,7 +131,7 @@ class MultiProfileModel:
             device=enc.device,
             dtype=enc.dtype,
         )
-        self.fuse_into(out, list(range(len(profiles))), profiles)
+        self._fuse_into(out, list(range(len(profiles))), profiles, groups)
         return out
 
     def _fuse_bank(self, profiles: Sequence[Profile]) -> FusedAdapters:
@@ -154,20 +155,44 @@ class MultiProfileModel:
             out = torch.stack([ones if o is None else o for o in outs]).to(device)
         return fuse_units(index[:, 0], index[:, 1], scale.to(device), gains.to(device), out, self._unit_table)
 
+    def _fuse_hard(self, profiles: Sequence[Profile]) -> FusedAdapters:
+        """Hard profiles of one k: each reads its k selected adapters per layer, with their weights
+        (scale, values and gains as :meth:`Profile.mixing_weights` gives them), never the whole bank."""
+        L, k = self.bank.num_layers, profiles[0].k
+        index = torch.stack(
+            [torch.stack([m.nonzero()[:, 1].view(L, k) for m in p.masks()]) for p in profiles]
+        )  # (U, 2, L, k): nonzero() walks each k-hot row in order
+        weights = torch.stack([torch.stack(p.mixing_weights()) for p in profiles]).gather(-1, index)
+        device = self.encoder.device
+        index, weights = index.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+        return fuse_gather(index[:, 0], index[:, 1], self.device_bank, weights[:, 0], weights[:, 1])
+
+    def _gathers(self, rows: int) -> bool:
+        """Whether hard profiles reading ``rows`` bank adapters in all fuse faster by a gather than
+        by the GEMM over the whole bank: while they read at most 4 N rows on a CPU (the two tie
+        near 6 N) and N on a GPU (docs/BENCHMARKS.md, Fusion)."""
+        per_bank = 4 if self.encoder.device.type == "cpu" else 1
+        return rows <= per_bank * self.bank.num_adapters
+
     def _fused_groups(self, profiles: Sequence[Profile]) -> list[tuple[list[int], FusedAdapters]]:
-        """The profiles that fuse over the bank, in groups that fuse in one call each: the mixing
-        kinds in one GEMM, units profiles in one gather per k."""
+        """The profiles that fuse over the bank, in groups that fuse in one call each: hard profiles
+        in one gather per k (or with the soft ones in one GEMM, where that is faster), units
+        profiles in one gather per k."""
         groups: dict[object, list[int]] = {}
         for j, p in enumerate(profiles):
             fusion = p.kind.spec.fusion
             if fusion == "mix":
-                groups.setdefault("mix", []).append(j)
+                groups.setdefault(("hard", p.k) if p.kind is ProfileKind.HARD else "mix", []).append(j)
             elif fusion == "units":
                 groups.setdefault(("units", p.k), []).append(j)
+        for key in [key for key in groups if isinstance(key, tuple) and key[0] == "hard"]:
+            if not self._gathers(len(groups[key]) * key[1]):
+                groups.setdefault("mix", []).extend(groups.pop(key))
+        fusers = {"mix": self._fuse_bank, "hard": self._fuse_hard, "units": self._fuse_units}
         out = []
         for key, members in groups.items():
-            chosen = [profiles[j] for j in members]
-            out.append((members, self._fuse_bank(chosen) if key == "mix" else self._fuse_units(chosen)))
+            fuser = fusers["mix" if key == "mix" else key[0]]  # type: ignore[index]
+            out.append((sorted(members), fuser([profiles[j] for j in sorted(members)])))
         return out
 
     def fuse_into(self, target: FusedAdapters, slots: Sequence[int], profiles: Sequence[Profile]) -> None:
@@ -177,8 +202,17 @@ class MultiProfileModel:
         (or gather), one indexed copy per tensor into their slots; whole adapters are copied in;
         head-only slots are zeroed.
         """
+        self._fuse_into(target, slots, profiles, self._fused_groups(profiles))
+
+    def _fuse_into(
+        self,
+        target: FusedAdapters,
+        slots: Sequence[int],
+        profiles: Sequence[Profile],
+        groups: list[tuple[list[int], FusedAdapters]],
+    ) -> None:
         device = target.down.device
-        for members, fused in self._fused_groups(profiles):
+        for members, fused in groups:
             index = torch.as_tensor([slots[j] for j in members], dtype=torch.long).to(device)
             for pool_t, new in zip(target.tensors(), fused.tensors(), strict=True):
                 pool_t.index_copy_(1, index, new.to(pool_t.dtype))
@@ -216,15 +250,20 @@ class MultiProfileModel:
         rows: Sequence[int],
         profiles: Sequence[Profile],
         fused: Sequence[FusedAdapters] | SlotBatch,
+        features: Sequence[dict[str, list[int]]] | None = None,
     ) -> torch.Tensor:
         """``(B, C_max)`` logits on the device; columns past a row's labels hold padding.
 
         ``fused`` is either one ``U=1`` entry per profile or a :class:`SlotBatch`: the profiles'
         slots in a pool, whose weights and heads are read in place (no concatenation, no head
-        tensor built per batch).
+        tensor built per batch). ``features``: the inputs already tokenized (the encoder's
+        ``features``, each at its row's profile's length), padded here instead of tokenized.
         """
         enc = self.encoder
-        encodings = enc.tokenize(inputs, [profiles[r].max_length for r in rows])
+        if features is not None:
+            encodings = enc.collate(features)
+        else:
+            encodings = enc.tokenize(inputs, [profiles[r].max_length for r in rows])
         if isinstance(fused, SlotBatch):
             pool = fused.pool
             slot_rows = pool.index([fused.slots[r] for r in rows])
@@ -256,13 +295,15 @@ class MultiProfileModel:
         self,
         requests: Sequence[BatchRequest],
         fused: Sequence[FusedAdapters] | SlotBatch | None = None,
+        features: Sequence[dict[str, list[int]]] | None = None,
     ) -> list[list[Prediction]]:
         """Many profiles' requests in one forward; the answer keeps the request order.
 
         ``fused`` holds the already-fused weights of the batch's distinct profiles in
         :func:`distinct_profiles` order: one ``U=1`` entry each, or a :class:`SlotBatch` naming
         their slots in a pool (the server's cache). Without it they are fused here in one batched
-        call, straight into a transient pool of U slots. Profiles are only read.
+        call, straight into a transient pool of U slots. Profiles are only read. ``features``: every
+        input's token ids in request order, when the caller has tokenized them (the server).
         """
         profiles = distinct_profiles(requests)
         given = len(fused.slots) if isinstance(fused, SlotBatch) else None if fused is None else len(fused)
@@ -278,7 +319,7 @@ class MultiProfileModel:
             return [[] for _ in requests]
         if fused is None:
             fused = self.transient_batch(profiles)
-        logits = self.batch_logits(inputs, rows, profiles, fused)
+        logits = self.batch_logits(inputs, rows, profiles, fused, features)
         # one softmax for the whole batch, each row over its own labels, and one copy to the host
         labels = torch.as_tensor([profiles[r].num_labels for r in rows]).to(logits.device)
         columns = torch.arange(logits.shape[1], device=logits.device)

@@ -56,6 +56,13 @@ def test_gather_equals_gemm_for_k_hot(bank):
     gather = fuse_gather(index[0], index[1], bank)
     for a, b in zip(gemm.tensors(), gather.tensors(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # with a weight for each selected adapter: the GEMM with those weights at the selected places
+    weights = torch.rand(2, U, L, k, generator=g)
+    dense = torch.zeros(2, U, L, N).scatter_(-1, index, weights)
+    gemm = fuse(dense[0], dense[1], bank)
+    gather = fuse_gather(index[0], index[1], bank, weights[0], weights[1])
+    for a, b in zip(gemm.tensors(), gather.tensors(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_split_and_cat_round_trip(bank):

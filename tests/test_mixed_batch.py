@@ -64,13 +64,16 @@ def test_fuse_runs_once_per_distinct_profile(encoder, bank, monkeypatch):
     calls = []
     import xpeft.profiles.runtime as runtime
 
-    real = runtime.fuse
+    def counting(real):
+        def call(down, up, b, *weights):
+            calls.append(down.shape[0])
+            return real(down, up, b, *weights)
 
-    def counting(w_down, w_up, b):
-        calls.append(w_down.shape[0])
-        return real(w_down, w_up, b)
+        return call
 
-    monkeypatch.setattr(runtime, "fuse", counting)
+    # hard profiles fuse by a gather on a CPU, by the GEMM on a GPU: either counts
+    monkeypatch.setattr(runtime, "fuse", counting(runtime.fuse))
+    monkeypatch.setattr(runtime, "fuse_gather", counting(runtime.fuse_gather))
     answers = model.predict_batch([(p, ["x", "y", "z"]), (q, ["u"]), (p, ["v", "w"])])
     assert calls == [2]  # one batched fusion, U = 2 distinct profiles, not one per row
     assert [len(a) for a in answers] == [3, 1, 2]
@@ -101,3 +104,24 @@ def test_units_gather_equals_the_dense_training_fusion(encoder, bank):
         for a, b in zip(got.tensors(), want.tensors(), strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert got.down.abs().sum() > 0
+
+
+def test_hard_gather_equals_the_gemm_over_the_bank(encoder, bank):
+    """Hard profiles fused by reading their selected adapters are the GEMM's weights, whatever their
+    scale exponent, gains or per-adapter weights, and a batch mixing them predicts the same."""
+    model = MultiProfileModel(encoder, bank)
+    variants = [{}, {"scale_power": 0.5}, {"gains": True}, {"weighted": True, "gains": True}]
+    profiles = [
+        xpm.decode(xpm.encode(random_profile(bank, ProfileKind.HARD, seed=20 + i, **make)), bank)
+        for i, make in enumerate(variants)
+    ]
+    gathered, gemm = model._fuse_hard(profiles), model._fuse_bank(profiles)
+    for a, b in zip(gathered.tensors(), gemm.tensors(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert (gathered.up[:, 0] - gathered.up[:, 3]).abs().max() > 1e-4  # the variants differ
+    soft = xpm.decode(xpm.encode(random_profile(bank, ProfileKind.SOFT, seed=30)), bank)
+    batch = [*profiles, soft]
+    fused = model.fuse_batch(batch)  # hard by a gather, soft by the GEMM, in one batch
+    want = FusedAdapters.cat([gemm, model._fuse_bank([soft])])
+    for a, b in zip(fused.tensors(), want.tensors(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
