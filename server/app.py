@@ -140,7 +140,12 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     )
     worker = ModelWorker(fused, metrics, settings.torch_threads)
     batcher = MicroBatcher(
-        worker.run_async, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue, metrics
+        worker.run_async,
+        settings.max_batch_size,
+        settings.max_wait_ms / 1000,
+        settings.max_queue,
+        metrics,
+        prepare=worker.prepare,
     )
     state = ServerState(
         settings,
@@ -158,7 +163,9 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if model is not None:
-            worker.attach(model, settings.cuda_graphs, settings.max_batch_size)
+            worker.attach(
+                model, settings.cuda_graphs, settings.max_batch_size, batcher, settings.max_batch_tokens
+            )
             metrics.model_ready.set(1)
         else:
             state.tasks.append(asyncio.create_task(_load_model(state), name="xpeft-load-model"))
@@ -255,8 +262,16 @@ async def _load_model(state: ServerState) -> None:
     loop = asyncio.get_running_loop()
     try:
         built = await loop.run_in_executor(state.worker.executor, build_model, state.settings, state.bank)
-        graphs, max_batch = state.settings.cuda_graphs, state.settings.max_batch_size
-        await loop.run_in_executor(state.worker.executor, state.worker.attach, built, graphs, max_batch)
+        settings = state.settings
+        await loop.run_in_executor(
+            state.worker.executor,
+            state.worker.attach,
+            built,
+            settings.cuda_graphs,
+            settings.max_batch_size,
+            state.batcher,
+            settings.max_batch_tokens,
+        )
     except Exception as exc:  # reported by /healthz and /readyz; the process cannot recover by itself
         state.model_error = f"{getattr(exc, 'code', type(exc).__name__)}: {getattr(exc, 'message', exc)}"
         log.error("model failed to load: %s", state.model_error)
@@ -264,10 +279,12 @@ async def _load_model(state: ServerState) -> None:
     state.metrics.model_ready.set(1)
     model = built
     log.info(
-        "model ready: encoder %s on %s, bank %s (L=%d N=%d)",
+        "model ready: encoder %s on %s, bank %s (L=%d N=%d), batches of at most %d rows and %d tokens",
         model.encoder.name,
         model.encoder.device,
         state.bank.bank_id,
         state.bank.num_layers,
         state.bank.num_adapters,
+        state.settings.max_batch_size,
+        state.batcher.max_batch_tokens,
     )

@@ -1,10 +1,14 @@
 """The micro-batcher: requests of many profiles wait together briefly, then run as one forward.
 
-A batch closes when it holds ``max_batch_size`` rows or its first request has waited
-``max_wait_s``. Requests are never split, so one request is answered by one forward and one
-version of its profile. The queue is bounded in requests (and each request in rows), so a flood
-gets ``overloaded`` answers instead of growing memory. While the worker runs a batch, new
-requests pile up and form the next one: under load batches grow by themselves.
+A batch closes when it holds ``max_batch_size`` rows, when the next request would take it past
+``max_batch_tokens`` padded tokens (rows times its longest input: what the forward costs), or
+when its first request has waited ``max_wait_s``. Requests are never split, so one request is
+answered by one forward and one version of its profile. With a ``prepare`` step (the model
+worker's tokenizer) a request is tokenized on its own thread as it arrives and queued once its
+tokens are known, so the model's thread only pads and runs forwards. The queue is bounded in
+requests (and each request in rows), so a flood gets ``overloaded`` answers instead of growing
+memory. While the worker runs a batch, new requests pile up and form the next one: under load
+batches grow by themselves, up to the budget.
 """
 
 from __future__ import annotations
@@ -39,9 +43,33 @@ class Job:
     # set when its batch runs: when it left the queue, and how long that batch's run took
     started: float | None = None
     run_s: float | None = None
+    #: the inputs' token ids, once prepared (see :meth:`MicroBatcher.submit_job`); None: not tokenized
+    features: list[dict[str, list[int]]] | None = None
+    tokenized: float | None = None  # when they were ready and it joined the queue
+
+    @property
+    def queued(self) -> float:
+        """When it joined the queue: once tokenized, or as it arrived without a prepare step."""
+        return self.tokenized or self.enqueued
+
+    @property
+    def longest(self) -> int:
+        """Tokens of its longest input (0 before it is tokenized)."""
+        return max((len(f["input_ids"]) for f in self.features), default=0) if self.features else 0
 
 
 BatchRunner = Callable[[Sequence[Job]], Awaitable[list[list[Prediction]]]]
+JobPreparer = Callable[[Job], Awaitable[None]]
+
+#: The default token budget of a batch on each kind of device: on a CPU a forward costs about
+#: the same per row from 8 rows up, and smaller batches let one batch's HTTP work overlap the
+#: next one's forward; a GPU wants the large batches text-embeddings-inference defaults to.
+DEFAULT_BATCH_TOKENS = {"cpu": 512, "cuda": 16384}
+
+
+def batch_token_budget(setting: int, device_type: str) -> int:
+    """``setting`` (``XPEFT_MAX_BATCH_TOKENS``), or the device's default when it is 0."""
+    return setting or DEFAULT_BATCH_TOKENS.get(device_type, DEFAULT_BATCH_TOKENS["cuda"])
 
 
 class MicroBatcher:
@@ -54,20 +82,27 @@ class MicroBatcher:
         max_wait_s: float,
         max_queue: int,
         metrics: Metrics | None = None,
+        prepare: JobPreparer | None = None,
+        max_batch_tokens: int = 0,
     ) -> None:
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.metrics = metrics
+        self.prepare = prepare
+        #: padded tokens per batch; 0: rows only (the server sets it once the model's device is known)
+        self.max_batch_tokens = max_batch_tokens
         self._queue: deque[Job] = deque()
+        self._preparing: dict[asyncio.Task[None], Job] = {}
         self._arrived = asyncio.Event()
         if metrics is not None:
-            metrics.set_queue_depth_source(lambda: len(self._queue))
+            metrics.set_queue_depth_source(lambda: self.depth)
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Requests waiting: queued, or being tokenized before they queue."""
+        return len(self._queue) + len(self._preparing)
 
     def submit(self, entry: CachedProfile, inputs: list[TextInput]) -> asyncio.Future[list[Prediction]]:
         """Queue a request; raises :class:`Overloaded` when ``max_queue`` requests already wait."""
@@ -75,14 +110,33 @@ class MicroBatcher:
 
     def submit_job(self, entry: CachedProfile, inputs: list[TextInput]) -> Job:
         """As :meth:`submit`, returning the job (its timings are set once its batch has run)."""
-        if len(self._queue) >= self.max_queue:
+        if self.depth >= self.max_queue:
             if self.metrics is not None:
                 self.metrics.overloaded.inc()
-            raise Overloaded(f"{len(self._queue)} requests are queued (limit {self.max_queue})")
+            raise Overloaded(f"{self.depth} requests are queued (limit {self.max_queue})")
         job = Job(entry, inputs, asyncio.get_running_loop().create_future())
+        if self.prepare is None:
+            self._enqueue(job)
+        else:
+            task = asyncio.create_task(self._prepare(job, self.prepare))
+            self._preparing[task] = job
+            task.add_done_callback(lambda done: self._preparing.pop(done, None))
+        return job
+
+    async def _prepare(self, job: Job, prepare: JobPreparer) -> None:
+        try:
+            await prepare(job)
+        except Exception as exc:  # an input the tokenizer refuses fails its own request only
+            log.exception("a request failed in the tokenizer")
+            self._fail(job, exc)
+            return
+        if not job.future.done():  # the client may have gone while it was tokenized
+            job.tokenized = time.perf_counter()
+            self._enqueue(job)
+
+    def _enqueue(self, job: Job) -> None:
         self._queue.append(job)
         self._arrived.set()
-        return job
 
     async def _wait_for_arrival(self, timeout: float | None) -> bool:
         self._arrived.clear()
@@ -97,15 +151,17 @@ class MicroBatcher:
         while not self._queue:
             await self._wait_for_arrival(None)
         batch = [self._queue.popleft()]
-        rows = len(batch[0].inputs)
+        rows, longest = len(batch[0].inputs), batch[0].longest
         deadline = time.perf_counter() + self.max_wait_s
         while rows < self.max_batch_size:
             if self._queue:
-                if rows + len(self._queue[0].inputs) > self.max_batch_size:
+                nxt = self._queue[0]
+                grown = rows + len(nxt.inputs)
+                tokens = grown * max(longest, nxt.longest)
+                if grown > self.max_batch_size or (self.max_batch_tokens and tokens > self.max_batch_tokens):
                     break  # it opens the next batch: requests are never split
-                job = self._queue.popleft()
-                batch.append(job)
-                rows += len(job.inputs)
+                batch.append(self._queue.popleft())
+                rows, longest = grown, max(longest, nxt.longest)
                 continue
             remaining = deadline - time.perf_counter()
             if remaining <= 0 or not await self._wait_for_arrival(remaining):
@@ -122,7 +178,7 @@ class MicroBatcher:
             for job in batch:
                 job.started = started
                 if self.metrics is not None:
-                    self.metrics.queue_wait.observe(started - job.enqueued)
+                    self.metrics.queue_wait.observe(started - job.queued)
             try:
                 answers = await self.runner(batch)
                 for job in batch:
@@ -170,6 +226,9 @@ class MicroBatcher:
 
     def fail_pending(self, exc: BaseException) -> None:
         """On shutdown: answer every queued request with ``exc``."""
+        for task, job in list(self._preparing.items()):
+            task.cancel()
+            self._fail(job, exc)
         while self._queue:
             job = self._queue.popleft()
             if not job.future.done():

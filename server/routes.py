@@ -299,12 +299,14 @@ def _timing_headers(
 ) -> dict[str, str]:
     """TEI's timing headers (whole milliseconds), plus ``Server-Timing`` with fractions of one.
 
-    queue: enqueued until its batch started; inference: that batch's run (fusion of its cold
-    profiles and one forward, tokenizing included); compute: this handler from the parsed body to
-    the answer (profile lookup, queue, inference); total: from the request's arrival.
+    tokenization: its inputs on the tokenizer thread; queue: tokenized until its batch started;
+    inference: that batch's run (fusion of its cold profiles, padding and one forward); compute:
+    this handler from the parsed body to the answer (profile lookup, tokenization, queue,
+    inference); total: from the request's arrival.
     """
     done = time.perf_counter()
-    queue_s = (job.started or done) - job.enqueued
+    tokenization_s = (job.tokenized - job.enqueued) if job.tokenized is not None else 0.0
+    queue_s = (job.started or done) - job.queued
     inference_s = job.run_s or 0.0
     total_s = done - request.scope.get(START_KEY, computing)
     model = state.worker.model
@@ -313,10 +315,12 @@ def _timing_headers(
         "x-compute-type": model.encoder.device.type if model is not None else "unknown",
         "x-compute-characters": str(chars),
         "x-compute-time": _ms(done - computing),
+        "x-tokenization-time": _ms(tokenization_s),
         "x-queue-time": _ms(queue_s),
         "x-inference-time": _ms(inference_s),
         "x-total-time": _ms(total_s),
         "Server-Timing": (
+            f"tokenization;dur={tokenization_s * 1000:.3f}, "
             f"queue;dur={queue_s * 1000:.3f}, inference;dur={inference_s * 1000:.3f}, "
             f"compute;dur={(done - computing) * 1000:.3f}, total;dur={total_s * 1000:.3f}"
         ),

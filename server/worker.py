@@ -2,7 +2,10 @@
 
 One thread, because one forward at a time already uses every core (or the whole GPU), and
 because the encoder's adapter slots hold per-batch state. The event loop hands it batches
-through :meth:`ModelWorker.run_async` and stays free to accept requests meanwhile.
+through :meth:`ModelWorker.run_async` and stays free to accept requests meanwhile. Requests are
+tokenized as they arrive on a thread of their own (:meth:`ModelWorker.prepare`; the fast
+tokenizer releases the GIL), overlapping the forward that runs, so the model's thread only pads
+the batch's token ids and runs it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from xpeft.adapters.fusion import FusedAdapters
 from xpeft.profiles.graphs import GraphRunner, graphs_wanted
 from xpeft.profiles.profile import Profile
 from xpeft.profiles.runtime import MultiProfileModel, Prediction, SlotBatch, distinct_profiles
-from xpeft.server.batcher import Job
+from xpeft.server.batcher import Job, MicroBatcher, batch_token_budget
 from xpeft.server.cache import CacheKey, FusedCache, Reservation
 from xpeft.server.metrics import Metrics
 
@@ -31,12 +34,23 @@ class ModelWorker:
         self.metrics = metrics
         self.model: MultiProfileModel | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-model")
+        self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-tokenize")
         if torch_threads:
             self.executor.submit(torch.set_num_threads, torch_threads).result()
 
-    def attach(self, model: MultiProfileModel, cuda_graphs: bool | None = None, max_batch: int = 64) -> None:
-        """Take ``model``: allocate the fused-weight pool for its shape, and its CUDA graphs if wanted."""
+    def attach(
+        self,
+        model: MultiProfileModel,
+        cuda_graphs: bool | None = None,
+        max_batch: int = 64,
+        batcher: MicroBatcher | None = None,
+        max_batch_tokens: int = 0,
+    ) -> None:
+        """Take ``model``: allocate the fused-weight pool for its shape, and its CUDA graphs if wanted;
+        give ``batcher`` the device's token budget (``max_batch_tokens``, 0: the device's default)."""
         enc = model.encoder
+        if batcher is not None:
+            batcher.max_batch_tokens = batch_token_budget(max_batch_tokens, enc.device.type)
         pool = self.fused_cache.attach(
             model.bank.num_layers, model.bank.hidden_size, model.bank.bottleneck, enc.device, enc.dtype
         )
@@ -97,8 +111,10 @@ class ModelWorker:
         requests = [(job.entry.profile, job.inputs) for job in jobs]
         key_of = {id(job.entry.profile): job.entry.key for job in jobs}
         profiles = distinct_profiles(requests)
+        features = [f for job in jobs for f in job.features or ()]
+        tokenized = features if all(job.features is not None for job in jobs) else None
         with self.fused_cache.reserve([key_of[id(p)] for p in profiles]) as held:
-            answers = self.model.predict_batch(requests, self._fill(profiles, held))
+            answers = self.model.predict_batch(requests, self._fill(profiles, held), tokenized)
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_rows.observe(sum(len(job.inputs) for job in jobs))
         self.metrics.batch_profiles.observe(len(profiles))
@@ -107,5 +123,17 @@ class ModelWorker:
     async def run_async(self, jobs: Sequence[Job]) -> list[list[Prediction]]:
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.run, jobs)
 
+    async def prepare(self, job: Job) -> None:
+        """Tokenize ``job``'s inputs on the tokenizer thread (the batcher's ``prepare`` step); before
+        the model is loaded they stay untokenized and the forward tokenizes them."""
+        model = self.model
+        if model is None:
+            return
+        max_length = job.entry.profile.max_length
+        job.features = await asyncio.get_running_loop().run_in_executor(
+            self.tokenizer, model.encoder.features, job.inputs, max_length
+        )
+
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.tokenizer.shutdown(wait=False, cancel_futures=True)

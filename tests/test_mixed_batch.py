@@ -125,3 +125,21 @@ def test_hard_gather_equals_the_gemm_over_the_bank(encoder, bank):
     want = FusedAdapters.cat([gemm, model._fuse_bank([soft])])
     for a, b in zip(fused.tensors(), want.tensors(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_hard_profiles_fuse_by_gather_until_they_read_4n_adapters_on_a_cpu(encoder, bank, monkeypatch):
+    import xpeft.profiles.runtime as runtime
+
+    model = MultiProfileModel(encoder, bank)
+    calls: list[tuple[str, int]] = []
+    for name in ("fuse", "fuse_gather"):
+        real = getattr(runtime, name)
+        monkeypatch.setattr(
+            runtime, name, lambda d, *a, _n=name, _r=real: calls.append((_n, d.shape[0])) or _r(d, *a)
+        )
+    k = random_profile(bank, ProfileKind.HARD, seed=0).k
+    fits = 4 * bank.num_adapters // k  # this many profiles read 4 N adapters in all
+    profiles = [random_profile(bank, ProfileKind.HARD, seed=s) for s in range(fits + 1)]
+    model.fuse_batch(profiles[:fits])
+    model.fuse_batch(profiles)
+    assert calls == [("fuse_gather", fits), ("fuse", fits + 1)]

@@ -179,3 +179,85 @@ def test_a_poisoned_request_fails_alone_not_its_batch() -> None:
         assert len(runner.batches[0]) == 3  # they did share a batch first
 
     asyncio.run(body())
+
+
+class Tokens:
+    """A prepare step that gives each input as many token ids as its text has characters (and
+    refuses the text "bad"), after a short pause, as the tokenizer thread would."""
+
+    def __init__(self) -> None:
+        self.prepared: list[str] = []
+
+    async def __call__(self, job: Job) -> None:
+        await asyncio.sleep(0.001)
+        if "bad" in job.inputs:
+            raise ValueError("the tokenizer refuses it")
+        self.prepared.append(job.entry.id)
+        job.features = [{"input_ids": [1] * len(str(x))} for x in job.inputs]
+
+
+def test_batches_close_at_the_token_budget_with_tokens_known_before_they_queue() -> None:
+    async def body() -> None:
+        runner, tokens = Recorder(), Tokens()
+        runner.release.clear()  # hold the first batch so that the rest queue up
+        batcher = MicroBatcher(runner, 64, 0.01, 100, prepare=tokens, max_batch_tokens=60)
+
+        async def go():
+            # 10-token inputs: 6 rows fit in 60 tokens; a request of a 30-token and a 1-token input
+            # pads to 2 x 30 = 60 by itself
+            texts = [["x" * 10]] * 9 + [["y" * 30, "z"]] + [["x" * 10]] * 2
+            futures = [batcher.submit(entry(f"p{i}"), t) for i, t in enumerate(texts)]
+            await asyncio.sleep(0.05)
+            runner.release.set()
+            return await asyncio.gather(*futures)
+
+        answers = await _with_batcher(batcher, go())
+        assert len(tokens.prepared) == 12  # every request tokenized once, before it queued
+        padded = [sum(len(x) for _, x in b) * max(len(t) for _, x in b for t in x) for b in runner.batches]
+        assert all(p <= 60 for p in padded)
+        assert [p for p, _ in runner.batches[0]] == [f"p{i}" for i in range(6)]  # held: all had queued
+        assert ["p9"] in [[p for p, _ in b] for b in runner.batches]  # no 10-token row fits beside it
+        assert sum(len(x) for b in runner.batches for _, x in b) == 13
+        assert answers[9] == ["p9:" + "y" * 30, "p9:z"]
+        assert batcher.depth == 0
+
+    asyncio.run(body())
+
+
+def test_a_request_the_tokenizer_refuses_fails_alone_and_counts_until_then() -> None:
+    async def body() -> None:
+        runner, tokens = Recorder(), Tokens()
+        batcher = MicroBatcher(runner, 64, 0.01, max_queue=2, prepare=tokens)
+
+        async def go():
+            bad = batcher.submit(entry("bad"), ["bad"])
+            good = batcher.submit(entry("good"), ["fine"])
+            with pytest.raises(Overloaded):  # both count against the queue while they are tokenized
+                batcher.submit(entry("third"), ["x"])
+            with pytest.raises(ValueError, match="refuses"):
+                await bad
+            return await good
+
+        assert await _with_batcher(batcher, go()) == ["good:fine"]
+        assert [[p for p, _ in b] for b in runner.batches] == [["good"]]
+
+    asyncio.run(body())
+
+
+def test_shutdown_answers_requests_still_being_tokenized() -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+
+        async def slow(job: Job) -> None:
+            await gate.wait()
+
+        batcher = MicroBatcher(Recorder(), 64, 0.01, 10, prepare=slow)
+        future = batcher.submit(entry("p"), ["x"])
+        await asyncio.sleep(0.01)
+        batcher.fail_pending(RuntimeError("shutting down"))
+        with pytest.raises(RuntimeError, match="shutting down"):
+            await asyncio.wait_for(future, 1)
+        await asyncio.sleep(0)
+        assert batcher.depth == 0
+
+    asyncio.run(body())

@@ -201,3 +201,37 @@ def test_worker_fuses_cold_profiles_together_once_and_matches_the_model(encoder,
         for g, e in zip(got, expected, strict=True):
             assert g.score == pytest.approx(e.score, abs=1e-5)
     worker.shutdown()
+
+
+def test_worker_tokenizes_requests_on_its_own_thread_and_predicts_the_same(encoder, bank, profile_bytes) -> None:
+    """Requests tokenized ahead on the tokenizer thread (pairs and two max lengths in one batch)
+    predict what the model predicts when it tokenizes them itself."""
+    import threading
+
+    model = MultiProfileModel(encoder, bank)
+    metrics = Metrics()
+    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics), metrics)
+    worker.model = model
+    short = xpm.decode(profile_bytes(0, "hard"), bank)
+    short.max_length = 6  # cuts the long text: its tokens must be cut the same way ahead
+    profiles = [CachedProfile("a", 1, short), CachedProfile("b", 1, xpm.decode(profile_bytes(1, "units"), bank))]
+    texts = [["a rather long sentence that six tokens cannot hold", "ok"], [("a pair", "of texts"), "sun"]]
+    threads = []
+    real = encoder.features
+    encoder.features = lambda *a: threads.append(threading.current_thread().name) or real(*a)  # type: ignore[method-assign]
+
+    async def prepared() -> list[Job]:
+        jobs = [Job(p, t, None) for p, t in zip(profiles, texts, strict=True)]  # type: ignore[arg-type]
+        for job in jobs:
+            await worker.prepare(job)
+        return jobs
+
+    jobs = asyncio.run(prepared())
+    assert all(name.startswith("xpeft-tokenize") for name in threads) and len(threads) == 2
+    assert len(jobs[0].features[0]["input_ids"]) == 6  # type: ignore[index]
+    got = worker.run(jobs)
+    want = model.predict_batch([(p.profile, t) for p, t in zip(profiles, texts, strict=True)])
+    for g_rows, w_rows in zip(got, want, strict=True):
+        for g, w in zip(g_rows, w_rows, strict=True):
+            assert g.label == w.label and g.score == pytest.approx(w.score, abs=1e-5)
+    worker.shutdown()
