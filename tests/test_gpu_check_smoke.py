@@ -90,3 +90,43 @@ Requests/sec:    333.11
     assert r["requests"] == 5000 and r["non_2xx"] == 3 and r["socket_errors"] == 3
     assert r["latency"] == {"p50_ms": 81.23, "p90_ms": 120.5, "p99_ms": 1200.0}
     assert r["requests_per_s"] == pytest.approx(5000 / 15.01)
+
+
+def test_profile_top_frames_and_the_single_text_tables() -> None:
+    from bench.load.single import top_frames
+
+    collapsed = (
+        "thread (0x7f01): xpeft-model_0;run (worker.py:9);forward (linear.py:134) 30\n"
+        "thread (0x7f02): MainThread;serve (app.py:3);send (h11.py:5) 10\n"
+        "thread (0x7f01): xpeft-model_0;run (worker.py:9);forward (linear.py:134) 20\n"
+    )
+    total, top = top_frames(collapsed)
+    assert total == 60
+    assert top[0] == {"frame": "xpeft-model_0 | forward (linear.py:134)", "share": 50 / 60}
+    assert top[1]["frame"] == "MainThread | send (h11.py:5)"
+    run = {
+        "clients": 128,
+        "budget": 512,
+        "wrk_seq_per_s": 180.0,
+        "plain_seq_per_s": 200.0,
+        "ratio": 0.9,
+        "p50_ms": 100.0,
+        "p99_ms": 250.0,
+        "non_2xx": 0,
+        "mean_rows": 14.0,
+        "worker_busy": 0.95,
+        "python_generator": {"sequences_per_s": 120.0},
+    }
+    config = {"threads": 0, "profiles": 32, "seconds": 15, "rounds": 3, "plain_batch": 32, "clients": [128]}
+    single = {
+        "config": config,
+        "hardware": {"cpu": "some CPU", "usable_cpus": 2},
+        "command": "python -m bench.load.single",
+        "runs": [run],
+        "profile": {"svg": "serving-flame.svg", "samples": 60, "top": top},
+    }
+    budgets = {**single, "command": "python -m bench.load.single --budgets 512", "runs": [{**run, "ratio": 0.7}]}
+    text = "\n".join(serving_report.single_block(single, budgets))
+    assert "| 128 | 512 | 180 | 200 | 0.900 | yes | 100 | 250 | 2.50 | 0 | 14.0 | 95% | 120 |" in text
+    assert "| 0.700 |  |" in text  # the sweep has no target column filled
+    assert "img/serving-flame.svg" in text and "`xpeft-model_0 | forward (linear.py:134)`" in text

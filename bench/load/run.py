@@ -320,10 +320,12 @@ class Offline:
 
 @dataclass
 class _OfflineJob:
-    """What ``ModelWorker.run`` reads from a batcher ``Job``: the profile entry and the inputs."""
+    """What ``ModelWorker.run`` reads from a batcher ``Job``: the profile entry and the inputs (not
+    tokenized ahead: the offline run tokenizes in the batch step)."""
 
     entry: CachedProfile
     inputs: list[str]
+    features: None = None
 
 
 def check_put_identical(
