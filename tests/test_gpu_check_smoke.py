@@ -125,7 +125,11 @@ def test_profile_top_frames_and_the_single_text_tables() -> None:
         "runs": [run],
         "profile": {"svg": "serving-flame.svg", "samples": 60, "top": top},
     }
-    budgets = {**single, "command": "python -m bench.load.single --budgets 512", "runs": [{**run, "ratio": 0.7}]}
+    budgets = {
+        **single,
+        "command": "python -m bench.load.single --budgets 512",
+        "runs": [{**run, "ratio": 0.7}],
+    }
     text = "\n".join(serving_report.single_block(single, budgets))
     assert "| 128 | 512 | 180 | 200 | 0.900 | yes | 100 | 250 | 2.50 | 0 | 14.0 | 95% | 120 |" in text
     assert "| 0.700 |  |" in text  # the sweep has no target column filled

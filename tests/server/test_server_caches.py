@@ -203,7 +203,9 @@ def test_worker_fuses_cold_profiles_together_once_and_matches_the_model(encoder,
     worker.shutdown()
 
 
-def test_worker_tokenizes_requests_on_its_own_thread_and_predicts_the_same(encoder, bank, profile_bytes) -> None:
+def test_worker_tokenizes_requests_on_its_own_thread_and_predicts_the_same(
+    encoder, bank, profile_bytes
+) -> None:
     """Requests tokenized ahead on the tokenizer thread (pairs and two max lengths in one batch)
     predict what the model predicts when it tokenizes them itself."""
     import threading
@@ -214,7 +216,10 @@ def test_worker_tokenizes_requests_on_its_own_thread_and_predicts_the_same(encod
     worker.model = model
     short = xpm.decode(profile_bytes(0, "hard"), bank)
     short.max_length = 6  # cuts the long text: its tokens must be cut the same way ahead
-    profiles = [CachedProfile("a", 1, short), CachedProfile("b", 1, xpm.decode(profile_bytes(1, "units"), bank))]
+    profiles = [
+        CachedProfile("a", 1, short),
+        CachedProfile("b", 1, xpm.decode(profile_bytes(1, "units"), bank)),
+    ]
     texts = [["a rather long sentence that six tokens cannot hold", "ok"], [("a pair", "of texts"), "sun"]]
     threads = []
     real = encoder.features
