@@ -178,21 +178,21 @@ class MultiProfileModel:
         """The profiles that fuse over the bank, in groups that fuse in one call each: hard profiles
         in one gather per k (or with the soft ones in one GEMM, where that is faster), units
         profiles in one gather per k."""
-        groups: dict[object, list[int]] = {}
+        groups: dict[tuple[str, int], list[int]] = {}  # (how, k) -> the profiles fused that way
         for j, p in enumerate(profiles):
             fusion = p.kind.spec.fusion
             if fusion == "mix":
-                groups.setdefault(("hard", p.k) if p.kind is ProfileKind.HARD else "mix", []).append(j)
+                groups.setdefault(("hard", p.k) if p.kind is ProfileKind.HARD else ("mix", 0), []).append(j)
             elif fusion == "units":
                 groups.setdefault(("units", p.k), []).append(j)
-        for key in [key for key in groups if isinstance(key, tuple) and key[0] == "hard"]:
+        for key in [key for key in groups if key[0] == "hard"]:
             if not self._gathers(len(groups[key]) * key[1]):
-                groups.setdefault("mix", []).extend(groups.pop(key))
+                groups.setdefault(("mix", 0), []).extend(groups.pop(key))
         fusers = {"mix": self._fuse_bank, "hard": self._fuse_hard, "units": self._fuse_units}
         out = []
-        for key, members in groups.items():
-            fuser = fusers["mix" if key == "mix" else key[0]]  # type: ignore[index]
-            out.append((sorted(members), fuser([profiles[j] for j in sorted(members)])))
+        for (how, _), members in groups.items():
+            chosen = sorted(members)
+            out.append((chosen, fusers[how]([profiles[j] for j in chosen])))
         return out
 
     def fuse_into(self, target: FusedAdapters, slots: Sequence[int], profiles: Sequence[Profile]) -> None:
