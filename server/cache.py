@@ -19,6 +19,7 @@ import torch
 
 from xpeft.adapters.fusion import FusedAdapters
 from xpeft.profiles.profile import Profile
+from xpeft.profiles.runtime import MultiProfileModel, SlotBatch
 from xpeft.profiles.slots import DEFAULT_HEAD_BYTES, SlotPool, slot_nbytes
 from xpeft.server.metrics import Metrics
 from xpeft.server.stores.base import ProfileStore
@@ -136,27 +137,6 @@ class FusedCache:
         self._count("hit" if fused is not None else "miss")
         return fused
 
-    def put(self, key: CacheKey, fused: FusedAdapters) -> bool:
-        """Copy ``fused`` (one profile) into a slot, unless it is stale or no slot fits at all."""
-        L, _, d, r = fused.down.shape
-        pool = self.attach(L, d, r, fused.down.device, fused.down.dtype)
-        if pool is None:
-            return False
-        with self._lock:
-            if key[1] < self.floors.get(key[0]):  # checked under the lock, like every commit
-                return False
-            if key in pool:
-                return True
-            slot, evicted = pool.claim()
-            if slot is None:
-                return False
-            pool.write([slot], fused)
-            pool.commit(key, slot)
-            pool.unpin(slot)
-        self._count("eviction", len(evicted))
-        self._gauge()
-        return True
-
     def reserve(self, keys: Sequence[CacheKey]) -> Reservation:
         """Pin the slots of a batch's profiles: hits where cached, fresh slots for the cold ones."""
         reservation = Reservation(self, list(keys))
@@ -235,7 +215,9 @@ class Reservation:
     """A batch's hold on its slots, from assembly until it ran (use as a context manager).
 
     ``slots[i]`` is the slot of ``keys[i]`` (``None``: no slot was free, fuse it outside the pool);
-    ``cold`` lists the indices that must be fused before the batch runs.
+    ``cold`` lists the indices that :meth:`fill` fuses before the batch runs. The reservation is
+    the one writer of the slot pool: it fuses the cold profiles into their slots and keeps each
+    one that no newer version replaced meanwhile (the version floor, checked as it commits).
     """
 
     cache: FusedCache
@@ -246,6 +228,23 @@ class Reservation:
     @property
     def complete(self) -> bool:
         return all(s is not None for s in self.slots)
+
+    def fill(self, model: MultiProfileModel, profiles: Sequence[Profile]) -> list[FusedAdapters] | SlotBatch:
+        """Fuse the cold ``profiles[i]`` (``keys[i]``'s) into their slots, weights and heads, and
+        commit them; the batch's weights as its slots in the pool, or, when some profile got no
+        slot, one ``U=1`` entry each (those fused for this batch only)."""
+        pool = self.cache.pool
+        slotted = {i: s for i in self.cold if (s := self.slots[i]) is not None}
+        if slotted and pool is not None:
+            model.fuse_into_pool(pool, list(slotted.values()), [profiles[i] for i in slotted])
+            for i in slotted:
+                self.commit(i)
+        if pool is not None and self.complete:
+            return SlotBatch(pool, cast(list[int], self.slots))
+        # more distinct profiles than free slots: the rest are fused for this batch only
+        outside = [i for i, s in enumerate(self.slots) if s is None]
+        extra = dict(zip(outside, model.fuse([profiles[i] for i in outside]), strict=True))
+        return [extra[i] if s is None else pool.view(s) for i, s in enumerate(self.slots)]  # type: ignore[union-attr]
 
     def commit(self, index: int) -> bool:
         """The cold profile ``keys[index]`` was fused into its slot: keep it for later batches."""

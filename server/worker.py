@@ -35,6 +35,7 @@ class ModelWorker:
         self.model: MultiProfileModel | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-model")
         self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-tokenize")
+        self._stopped = False
         if torch_threads:
             self.executor.submit(torch.set_num_threads, torch_threads).result()
 
@@ -65,36 +66,15 @@ class ModelWorker:
         """
         assert self.model is not None
         with self.fused_cache.reserve(keys) as held:
-            fused = self._fill(profiles, held)
+            fused = self._fill(held, profiles)
             # copies: the slots may be reused once released
             return [FusedAdapters(*(t.clone() for t in f.tensors())) for f in self._entries(fused)]
 
-    def _fill(self, profiles: Sequence[Profile], held: Reservation) -> list[FusedAdapters] | SlotBatch:
-        """Fuse the reservation's cold profiles into their slots (or, without one, outside the pool)."""
+    def _fill(self, held: Reservation, profiles: Sequence[Profile]) -> list[FusedAdapters] | SlotBatch:
         assert self.model is not None
-        pool = self.fused_cache.pool
-        cold = held.cold
-        slotted = {i: s for i in cold if (s := held.slots[i]) is not None}
-        if slotted and pool is not None:
-            self.model.fuse_into_pool(pool, list(slotted.values()), [profiles[i] for i in slotted])
-            for i in slotted:
-                held.commit(i)
-        if cold:
-            self.metrics.fused_profiles.inc(len(cold))
-        slots = [s for s in held.slots if s is not None]
-        if pool is not None and len(slots) == len(held.slots):
-            missing = pool.headless(slots)
-            if missing:  # weights put through the plain cache API carry no head
-                pool.write_heads(
-                    [slots[j] for j in missing],
-                    [profiles[j].head_weight for j in missing],
-                    [profiles[j].head_bias for j in missing],
-                )
-            return SlotBatch(pool, slots)
-        # more distinct profiles than free slots: the rest are fused for this batch only
-        outside = [i for i, s in enumerate(held.slots) if s is None]
-        extra = dict(zip(outside, self.model.fuse([profiles[i] for i in outside]), strict=True))
-        return [extra[i] if s is None else pool.view(s) for i, s in enumerate(held.slots)]  # type: ignore[union-attr]
+        if held.cold:
+            self.metrics.fused_profiles.inc(len(held.cold))
+        return held.fill(self.model, profiles)
 
     @staticmethod
     def _entries(fused: list[FusedAdapters] | SlotBatch) -> list[FusedAdapters]:
@@ -114,7 +94,7 @@ class ModelWorker:
         features = [f for job in jobs for f in job.features or ()]
         tokenized = features if all(job.features is not None for job in jobs) else None
         with self.fused_cache.reserve([key_of[id(p)] for p in profiles]) as held:
-            answers = self.model.predict_batch(requests, self._fill(profiles, held), tokenized)
+            answers = self.model.predict_batch(requests, self._fill(held, profiles), tokenized)
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_rows.observe(sum(len(job.inputs) for job in jobs))
         self.metrics.batch_profiles.observe(len(profiles))
@@ -127,7 +107,7 @@ class ModelWorker:
         """Tokenize ``job``'s inputs on the tokenizer thread (the batcher's ``prepare`` step); before
         the model is loaded they stay untokenized and the forward tokenizes them."""
         model = self.model
-        if model is None:
+        if model is None or self._stopped:  # shutting down: the queue's drain answers it
             return
         max_length = job.entry.profile.max_length
         job.features = await asyncio.get_running_loop().run_in_executor(
@@ -135,5 +115,6 @@ class ModelWorker:
         )
 
     def shutdown(self) -> None:
+        self._stopped = True
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.tokenizer.shutdown(wait=False, cancel_futures=True)

@@ -114,27 +114,27 @@ def test_a_replaced_profiles_slot_is_never_served_again(encoder, bank, profile_b
 
 def test_eviction_never_overwrites_a_slot_reserved_by_a_batch_being_assembled() -> None:
     """Reservation level: slots handed to a batch keep their contents until it releases them."""
-    from test_server_caches import fused_entry
+    from test_server_caches import fused_entry, keep
 
     size = fused_entry().nbytes
     cache = FusedCache(2 * size, VersionFloors())
     a = fused_entry()
     a.down.fill_(1.0)
-    assert cache.put(("a", 1), a) and cache.put(("b", 1), fused_entry())
+    assert keep(cache, ("a", 1), a) and keep(cache, ("b", 1), fused_entry())
     held = cache.reserve([("a", 1)])  # a batch assembled around "a" ...
     assert held.slots[0] is not None and held.cold == []
-    assert cache.put(("c", 1), fused_entry())  # ... so "b" is evicted, not "a"
+    assert keep(cache, ("c", 1), fused_entry())  # ... so "b" is evicted, not "a"
     assert ("a", 1) in cache and ("b", 1) not in cache
-    assert cache.put(("d", 1), fused_entry())  # "c" goes, "a" stays: it is pinned
+    assert keep(cache, ("d", 1), fused_entry())  # "c" goes, "a" stays: it is pinned
     assert ("a", 1) in cache and ("c", 1) not in cache
     cache.drop("a")  # invalidated while the batch still reads it
-    assert ("a", 1) not in cache and cache.put(("e", 1), fused_entry())  # takes "d"'s slot, not "a"'s
+    assert ("a", 1) not in cache and keep(cache, ("e", 1), fused_entry())  # takes "d"'s slot, not "a"'s
     assert ("d", 1) not in cache
     assert torch.equal(cache.pool.view(held.slots[0]).down, a.down)  # type: ignore[union-attr, arg-type]
     assert cache.pool.free_slots == 0  # type: ignore[union-attr]
     held.release()
     assert cache.pool.free_slots == 1  # type: ignore[union-attr]
-    assert cache.put(("f", 1), fused_entry()) and ("e", 1) in cache  # the freed slot, no eviction
+    assert keep(cache, ("f", 1), fused_entry()) and ("e", 1) in cache  # the freed slot, no eviction
 
 
 def test_without_room_for_one_slot_every_batch_is_fused_for_itself(encoder, bank, profile_bytes) -> None:
