@@ -11,13 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from xpeft.server.client_core import Call, ClientError, profile_path
-
-if TYPE_CHECKING:
-    from xpeft.server.client import Client
 
 Example = dict[str, Any]  # {"text", "text_pair"?, "label"}
 _FORMATS = {".tsv": "text/tab-separated-values", ".csv": "text/csv", ".jsonl": "application/jsonl"}
@@ -57,10 +54,19 @@ def job_path(job_id: str) -> str:
     return f"/jobs/{quote(job_id, safe='')}"
 
 
+class JobClient(Protocol):
+    """What a :class:`TrainJob` asks of its client (``Client`` is one): a job's record, and its
+    cancellation. A protocol, so that this module needs nothing from the client's."""
+
+    def job(self, job_id: str) -> dict: ...
+
+    def cancel_job(self, job_id: str) -> dict: ...
+
+
 class TrainJob:
     """A training job on a server; ``record`` is its last known state (``GET /jobs/{id}``)."""
 
-    def __init__(self, client: Client, record: dict) -> None:
+    def __init__(self, client: JobClient, record: dict) -> None:
         self.client = client
         self.record = record
 

@@ -1,13 +1,16 @@
-"""The import layers: adapters <- profiles <- server <- cli, and no import cycle among modules.
+"""The import rules: adapters <- profiles <- server <- cli, no private name taken from another
+module, and no import cycle among modules.
 
 Checked by walking the source with ``ast`` rather than with import-linter: it needs no extra tool
 or configuration format, it sees imports inside functions (where the CLI keeps its heavy ones)
 and under ``TYPE_CHECKING`` alike, and it runs in the same ``pytest`` that CI already runs.
+Cycles count imports at any depth: one inside a function still ties the two modules together.
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,28 +19,27 @@ ROOT = Path(__file__).resolve().parents[1]
 # package -> its folder, lowest layer first; a package may import only those before it
 LAYERS = {"adapters": "adapters", "profiles": "profiles", "server": "server", "cli": "cli"}
 ORDER = list(LAYERS)
+# Folders held to the private-name and cycle rules too, though they sit outside the layers.
+OUTSIDE = ("bench",)
 
 
-def module_name(path: Path) -> str:
-    """``profiles/data.py`` -> ``xpeft.profiles.data``; a package's ``__init__`` is the package."""
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def module_name(path: Path, root: Path = ROOT) -> str:
+    """``profiles/data.py`` -> ``xpeft.profiles.data``; ``bench/load/run.py`` -> ``bench.load.run``;
+    a package's ``__init__`` is the package."""
+    parts = path.relative_to(root).with_suffix("").parts
     if parts[-1] == "__init__":
         parts = parts[:-1]
-    return ".".join(("xpeft", *parts))
+    return ".".join(parts if parts[0] in OUTSIDE else ("xpeft", *parts))
 
 
-def imports_of(path: Path, module: str | None = None) -> set[str]:
-    """Every ``xpeft.*`` module ``path`` imports, at any depth of the file (functions included).
-
-    ``module`` is the file's module name (default: from its place in the repository).
-    """
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    here = (module or module_name(path)).split(".")
+def _imports(tree: ast.AST, path: Path, module: str) -> Iterator[tuple[str, list[ast.alias]]]:
+    """``(module, names)`` of every import in ``tree`` at any depth, relative ones resolved."""
+    here = module.split(".")
     package = here if path.name == "__init__.py" else here[:-1]
-    found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+            for alias in node.names:
+                yield alias.name, []
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against this module's package
                 base = ".".join(
@@ -45,23 +47,116 @@ def imports_of(path: Path, module: str | None = None) -> set[str]:
                 )
             else:
                 base = node.module or ""
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name.startswith("xpeft.")}
+            yield base, node.names
 
 
-def sources() -> dict[str, Path]:
-    return {module_name(p): p for folder in LAYERS.values() for p in sorted((ROOT / folder).rglob("*.py"))}
+def _ours(name: str) -> bool:
+    return name.startswith("xpeft.") or name.split(".")[0] in OUTSIDE
+
+
+def imports_of(path: Path, module: str | None = None) -> set[str]:
+    """Every ``xpeft.*`` (or bench) module or name ``path`` imports, at any depth of the file
+    (functions and ``TYPE_CHECKING`` blocks included). ``module``: the file's module name."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for base, names in _imports(tree, path, module or module_name(path)):
+        found.add(base)
+        found.update(f"{base}.{alias.name}" for alias in names)
+    return {name for name in found if _ours(name)}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_uses(path: Path, module: str | None = None, known: set[str] | None = None) -> list[str]:
+    """Private names (``_x``) this file takes from another of our modules: imported
+    (``from m import _x``, ``import m._x``), or read as an attribute of a module it imported
+    (``from pkg import m`` then ``m._x``). ``known``: the module names that count as modules."""
+    module = module or module_name(path)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: list[str] = []
+    aliases: dict[str, str] = {}  # local name -> one of our modules
+    for base, names in _imports(tree, path, module):
+        if not _ours(base) or base == module:
+            continue
+        found.extend(f"{base}.{alias.name}" for alias in names if _private(alias.name))
+        found.extend(base for part in base.split(".") if _private(part))
+        for alias in names:
+            if known is None or f"{base}.{alias.name}" in known:
+                aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname and _ours(alias.name):
+                    aliases[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and _private(node.attr)
+        ):
+            found.append(f"{aliases[node.value.id]}.{node.attr}")
+    return sorted(set(found))
+
+
+def sources(folders: tuple[str, ...] = tuple(LAYERS.values())) -> dict[str, Path]:
+    return {module_name(p): p for folder in folders for p in sorted((ROOT / folder).rglob("*.py"))}
 
 
 def layer_of(module: str) -> str | None:
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+    return parts[1] if len(parts) > 1 and parts[0] == "xpeft" and parts[1] in LAYERS else None
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as ``[a, b, ..., a]``, or ``None`` when it has none."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the modules among ``modules`` it imports, at any depth. ``from pkg import mod``
+    leads to ``pkg.mod`` alone; ``from pkg import name`` (a name defined in it) to ``pkg``."""
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        targets: set[str] = set()
+        for base, names in _imports(tree, path, module):
+            subs = {f"{base}.{alias.name}" for alias in names} & modules.keys()
+            targets |= subs
+            if len(subs) < len(names) or not names:
+                targets.add(base)
+        graph[module] = {t for t in targets if t in modules and t != module}
+    return graph
 
 
 def test_the_sources_are_found() -> None:
     found = {layer_of(m) for m in sources()}
     assert found == set(LAYERS), found  # every layer has modules, so the checks below are not vacuous
+    assert any(m.startswith("bench.") for m in sources(OUTSIDE))
 
 
 @pytest.mark.parametrize("layer", ORDER)
@@ -77,43 +172,64 @@ def test_each_layer_imports_only_the_layers_below_it(layer: str) -> None:
     assert not wrong, "imports against the layers adapters <- profiles <- server <- cli:\n" + "\n".join(wrong)
 
 
-def test_no_module_level_import_cycle() -> None:
-    """Imports at module level (not inside functions) form no cycle between modules."""
-    modules = sources()
-    graph: dict[str, set[str]] = {}
-    for module, path in modules.items():
-        targets: set[str] = set()
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:
-            if isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                targets.add(node.module)
-                targets.update(f"{node.module}.{alias.name}" for alias in node.names)
-        graph[module] = {t for t in targets if t in modules and t != module}
-    state: dict[str, int] = {}
-    stack: list[str] = []
+def test_no_private_name_is_taken_from_another_module() -> None:
+    """A name with a leading underscore is its module's own business: code elsewhere (bench
+    included) that needs it gets a public name in a module of its own."""
+    modules = sources((*LAYERS.values(), *OUTSIDE))
+    wrong = sorted(
+        f"{module} uses {name}"
+        for module, path in modules.items()
+        for name in private_uses(path, module, set(modules))
+    )
+    assert not wrong, "private names used outside their module:\n" + "\n".join(wrong)
 
-    def visit(node: str) -> None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt) :] + [nxt]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
-                visit(nxt)
-        stack.pop()
-        state[node] = 2
 
-    for module in sorted(graph):
-        if module not in state:
-            visit(module)
+def test_no_import_cycle() -> None:
+    """No two modules import each other, directly or around a loop, at any depth of the file."""
+    cycle = find_cycle(import_graph(sources((*LAYERS.values(), *OUTSIDE))))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
-    """The walker finds imports inside functions and relative ones, so a violation cannot hide."""
+    """The walker finds imports inside functions, under ``TYPE_CHECKING`` and relative ones, so a
+    violation cannot hide."""
     probe = tmp_path / "probe.py"
-    probe.write_text("def f():\n    from xpeft.server.client import Client\n\nfrom ..cli import main\n")
+    probe.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from xpeft.server.state import ServerState\n"
+        "def f():\n    from xpeft.server.client import Client\n\nfrom ..cli import main\n"
+    )
     found = imports_of(probe, "xpeft.profiles.probe")
-    assert {"xpeft.server.client", "xpeft.cli", "xpeft.cli.main"} <= found
+    assert {"xpeft.server.client", "xpeft.server.state", "xpeft.cli", "xpeft.cli.main"} <= found
     assert {layer_of(name) for name in found} == {"server", "cli"}
+
+
+def test_the_checker_sees_private_names(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from xpeft.server.routes import router, _check_id\n"
+        "from xpeft.server import routes as r\n"
+        "import xpeft.server.jobs.trainer as t\n"
+        "def f():\n    from . import _helper\n    return r._server, t._store, r.router, __name__\n"
+        "from xpeft.server.app import __all__\n"
+    )
+    known = {"xpeft.server.routes", "xpeft.server.jobs.trainer"}
+    assert private_uses(probe, "xpeft.server.probe", known) == [
+        "xpeft.server._helper",
+        "xpeft.server.jobs.trainer._store",
+        "xpeft.server.routes._check_id",
+        "xpeft.server.routes._server",
+    ]
+
+
+def test_the_checker_sees_a_cycle_through_a_function_import(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("import xpeft.server.b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from xpeft.server.c import x\n")
+    (tmp_path / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import xpeft.server.a\n"
+    )
+    modules = {f"xpeft.server.{n}": tmp_path / f"{n}.py" for n in "abc"}
+    cycle = find_cycle(import_graph(modules))
+    assert cycle == ["xpeft.server.a", "xpeft.server.b", "xpeft.server.c", "xpeft.server.a"]
+    (tmp_path / "c.py").write_text("from xpeft.server.b import x\n")
+    assert find_cycle(import_graph(modules)) == ["xpeft.server.b", "xpeft.server.c", "xpeft.server.b"]

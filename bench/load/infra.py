@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from xpeft.adapters.bank import AdapterBank, create_random_bank
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder
-from xpeft.server.app import _validate_profile
 from xpeft.server.stores.redis_store import RedisStore
+from xpeft.server.uploads import validate_profile
 
 from .loadgen import check_loopback
 
@@ -257,14 +257,14 @@ async def bulk_put(
 ) -> int:
     """Store profiles through ``RedisStore.put`` (the PUT endpoint's own call), ``window`` at a time.
 
-    The metadata comes from the PUT handler's own ``_validate_profile`` (it decodes and checks the
+    The metadata comes from the PUT handler's own ``validate_profile`` (it decodes and checks the
     whole file first), then the same Lua script, version counter and change event as a PUT; only
     HTTP is skipped. The runner checks that an HTTP PUT stores identical ``data`` and ``meta``.
     """
     done = 0
     pending: list[asyncio.Task] = []
     for profile_id, data in items:
-        pending.append(asyncio.ensure_future(store.put(profile_id, data, _validate_profile(data, bank))))
+        pending.append(asyncio.ensure_future(store.put(profile_id, data, validate_profile(data, bank))))
         if len(pending) >= window:
             await asyncio.gather(*pending)
             done += len(pending)

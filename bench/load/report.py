@@ -95,7 +95,7 @@ def _setup(result: dict) -> list[str]:
         f"{s['xpm_bytes']} bytes of `.xpm` each, ids `p000000`, `p000001`, ...",
         f"- Storing: in bulk through the server's own `RedisStore.put` (the Lua script a PUT runs: version "
         f"counter, hash, index, change event), with the metadata from the PUT handler's own validation "
-        f"(`_validate_profile`, which decodes the whole file). Check in this run: {put.get('profiles_checked', 0)} "
+        f"(`validate_profile`, which decodes the whole file). Check in this run: {put.get('profiles_checked', 0)} "
         f"profiles uploaded again through `PUT /profiles/{{id}}` are stored with "
         f"{'identical' if put.get('identical') else 'DIFFERENT'} `data` and `meta` fields."
         if put

@@ -295,7 +295,7 @@ def test_check_readable_as_another_user(bank_path) -> None:
     """The same refusal, checked in a forked child that drops to uid nobody (works wherever the
     checkout lives, since the child already has the code in memory)."""
     from xpeft.adapters.errors import XPeftError
-    from xpeft.server.app import check_readable
+    from xpeft.server.model import check_readable
 
     folder = Path(tempfile.mkdtemp(prefix="xpeft-bank-"))
     folder.chmod(0o755)
