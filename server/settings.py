@@ -15,7 +15,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The profile-id pattern (app.py checks ids with it); a tenant prefix is a valid id itself.
-PROFILE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+from xpeft.server.wire import DEFAULT_MAX_INPUTS, PROFILE_ID_PATTERN
+
 _PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
 # Bearer tokens shorter than this are refused at startup: a short token can be guessed.
 MIN_TOKEN_CHARS = 16
@@ -95,7 +96,7 @@ class Settings(BaseSettings):
     # request limits
     max_profile_bytes: int = Field(4 * 2**20, ge=1, description="PUT body limit (413 too_large)")
     max_request_bytes: int = Field(2**20, ge=1, description="any other body limit (413 too_large)")
-    max_inputs: int = Field(64, ge=1, description="inputs per predict")
+    max_inputs: int = Field(DEFAULT_MAX_INPUTS, ge=1, description="inputs per predict")
     max_text_chars: int = Field(4096, ge=1, description="characters per text (each side of a pair)")
     max_list_limit: int = Field(1000, ge=1, description="largest page of GET /profiles")
     max_in_flight: int = Field(

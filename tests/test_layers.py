@@ -1,5 +1,5 @@
-"""The import rules: adapters <- profiles <- server <- cli, no private name taken from another
-module, and no import cycle among modules.
+"""The import rules: adapters <- profiles <- server <- cli, the client beside the server, no
+private name taken from another module, and no import cycle among modules.
 
 Checked by walking the source with ``ast`` rather than with import-linter: it needs no extra tool
 or configuration format, it sees imports inside functions (where the CLI keeps its heavy ones)
@@ -10,15 +10,36 @@ Cycles count imports at any depth: one inside a function still ties the two modu
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# package -> its folder, lowest layer first; a package may import only those before it
-LAYERS = {"adapters": "adapters", "profiles": "profiles", "server": "server", "cli": "cli"}
+# package -> its folder, lowest layer first
+LAYERS = {
+    "adapters": "adapters",
+    "profiles": "profiles",
+    "server": "server",
+    "client": "client",
+    "cli": "cli",
+}
 ORDER = list(LAYERS)
+# What each package may import (a module, or one under it): the layers below it. The client
+# stands beside the server, not on it: of the server it takes only the wire's fixed points
+# (server/wire.py), of adapters only the errors, so it pulls in neither torch nor the server's
+# dependencies; the server never imports the client. The command may import every package.
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "adapters": ("xpeft.adapters",),
+    "profiles": ("xpeft.adapters", "xpeft.profiles"),
+    "server": ("xpeft.adapters", "xpeft.profiles", "xpeft.server"),
+    "client": ("xpeft.adapters.errors", "xpeft.server.wire", "xpeft.client"),
+    "cli": tuple(f"xpeft.{layer}" for layer in LAYERS),
+}
+# Deprecated for one release: the server's former client modules, which re-export xpeft.client.
+SHIMS = {"xpeft.server.client", "xpeft.server.client_core", "xpeft.server.training_client"}
 # Folders held to the private-name and cycle rules too, though they sit outside the layers.
 OUTSIDE = ("bench",)
 
@@ -159,17 +180,45 @@ def test_the_sources_are_found() -> None:
     assert any(m.startswith("bench.") for m in sources(OUTSIDE))
 
 
+def allowed(module: str, target: str) -> bool:
+    """Whether ``module`` may import ``target`` (a module or a name in one)."""
+    prefixes = ALLOWED[layer_of(module) or ""] + (("xpeft.client",) if module in SHIMS else ())
+    return any(target == p or target.startswith(p + ".") for p in prefixes)
+
+
 @pytest.mark.parametrize("layer", ORDER)
-def test_each_layer_imports_only_the_layers_below_it(layer: str) -> None:
-    allowed = set(ORDER[: ORDER.index(layer) + 1])
+def test_each_layer_imports_only_what_it_may(layer: str) -> None:
     wrong = sorted(
         f"{module} imports {target}"
         for module, path in sources().items()
         if layer_of(module) == layer
         for target in imports_of(path)
-        if layer_of(target) not in allowed
+        if not allowed(module, target)
     )
-    assert not wrong, "imports against the layers adapters <- profiles <- server <- cli:\n" + "\n".join(wrong)
+    assert not wrong, "imports against the layers (tests/test_layers.py: ALLOWED):\n" + "\n".join(wrong)
+
+
+def test_the_rule_refuses_what_it_should() -> None:
+    assert allowed("xpeft.client.core", "xpeft.server.wire.PROFILE_ID_PATTERN")
+    assert allowed("xpeft.client.core", "xpeft.adapters.errors")
+    assert not allowed("xpeft.client.core", "xpeft.server.settings")
+    assert not allowed("xpeft.client.core", "xpeft.adapters.encoder")
+    assert not allowed("xpeft.server.routes", "xpeft.client")
+    assert allowed("xpeft.server.client", "xpeft.client.clients")
+    assert not allowed("xpeft.profiles.train", "xpeft.server.wire")
+    assert allowed("xpeft.cli.remote", "xpeft.client")
+
+
+def test_importing_the_client_loads_neither_torch_nor_the_server() -> None:
+    """What the rule is for, checked on a real import in a fresh interpreter."""
+    code = (
+        "import sys, xpeft.client; print(sorted(m for m in ('torch', 'transformers', 'fastapi', "
+        "'pydantic_settings', 'xpeft.server.settings', 'xpeft.profiles') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_no_private_name_is_taken_from_another_module() -> None:
@@ -202,6 +251,7 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     found = imports_of(probe, "xpeft.profiles.probe")
     assert {"xpeft.server.client", "xpeft.server.state", "xpeft.cli", "xpeft.cli.main"} <= found
     assert {layer_of(name) for name in found} == {"server", "cli"}
+    assert not any(allowed("xpeft.profiles.probe", name) for name in found)
 
 
 def test_the_checker_sees_private_names(tmp_path: Path) -> None:

@@ -29,10 +29,10 @@ from starlette.requests import Request
 
 from bench.reliability.harness import free_port, redis_answers
 from xpeft.adapters.errors import XPeftError
+from xpeft.client import Client, ClientError, profile_path
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server.app import create_app
 from xpeft.server.auth import Authorizer, check_exposure
-from xpeft.server.client import Client, ClientError, profile_path
 from xpeft.server.errors import ApiError
 from xpeft.server.middleware import redact_query
 from xpeft.server.settings import Settings

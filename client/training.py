@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from xpeft.server.client_core import Call, ClientError, profile_path
+from xpeft.client.core import Call, ClientError, profile_path
 
+__all__ = ["TERMINAL", "Example", "JobClient", "TrainJob", "job_path", "train_call"]
 Example = dict[str, Any]  # {"text", "text_pair"?, "label"}
 _FORMATS = {".tsv": "text/tab-separated-values", ".csv": "text/csv", ".jsonl": "application/jsonl"}
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -1,4 +1,4 @@
-"""What :class:`~xpeft.server.client.Client` and :class:`~xpeft.server.client.AsyncClient` share.
+"""What :class:`~xpeft.client.Client` and :class:`~xpeft.client.AsyncClient` share.
 
 Each operation (a generator here) builds its requests and reads the answers without doing I/O;
 a client class only sends what it yields, in turn or concurrently. So request building, the
@@ -28,14 +28,31 @@ from tenacity import (
 )
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.server.settings import PROFILE_ID_PATTERN, Settings
+from xpeft.server.wire import DEFAULT_MAX_INPUTS, PROFILE_ID_PATTERN
 
 _PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
 
+__all__ = [
+    "DEFAULT_MAX_INPUTS",
+    "RETRY_STATUSES",
+    "Call",
+    "ClientBase",
+    "ClientError",
+    "Op",
+    "R",
+    "TextInput",
+    "connection_error",
+    "list_call",
+    "predict_op",
+    "profile_path",
+    "read_response",
+    "retry_after_seconds",
+    "single",
+    "upload_call",
+]
 TextInput = str | tuple[str, str] | list[str]
 
-# the server's default inputs per predict; a server with a smaller XPEFT_MAX_INPUTS needs max_inputs=
-DEFAULT_MAX_INPUTS: int = Settings.model_fields["max_inputs"].default
+# DEFAULT_MAX_INPUTS: the server's default; a server with a smaller XPEFT_MAX_INPUTS needs max_inputs=
 RETRY_STATUSES = frozenset({429, 503})  # the server did no work: the same request may succeed later
 _NOT_RETRIED = frozenset({"model_failed"})  # a 503 that only a restart cures
 _VERSION_ROUNDS = 3  # re-sends of the chunks a newer version overtook, before `version_changed`

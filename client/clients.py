@@ -2,7 +2,7 @@
 
 Every refusal raises :class:`ClientError` with the server's stable ``code``, so callers (and the
 CLI, which prints ``error: <code>: <message>``) never parse HTML or guess from status codes.
-Both classes have the same methods and run the same operations (:mod:`xpeft.server.client_core`).
+Both classes have the same methods and run the same operations (:mod:`xpeft.client.core`).
 
 Tokens: an explicit ``token`` is sent with every request. Without one, the client reads the
 variables the server reads: writes send ``$XPEFT_ADMIN_TOKEN``; reads and predictions send
@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, Retrying
 
-from xpeft.server.client_core import (
+from xpeft.client.core import (
     DEFAULT_MAX_INPUTS,
     Call,
     ClientBase,
@@ -35,7 +35,7 @@ from xpeft.server.client_core import (
     read_response,
     upload_call,
 )
-from xpeft.server.training_client import TrainJob, job_path, train_call
+from xpeft.client.training import TrainJob, job_path, train_call
 
 __all__ = ["DEFAULT_MAX_INPUTS", "AsyncClient", "Client", "ClientError", "TextInput", "profile_path"]
 
@@ -135,7 +135,7 @@ class Client(ClientBase):
     def ready(self) -> dict:
         return self._send(Call("GET", "/readyz"))
 
-    # -- training (server/training_client.py) ----------------------------------------------
+    # -- training (client/training.py) ----------------------------------------------------
     def train(
         self,
         profile_id: str,
