@@ -1,18 +1,9 @@
-"""Deprecated: moved to :mod:`xpeft.client.clients` (import from :mod:`xpeft.client`).
-
-Kept for one release as a re-export; importing it warns (``DeprecationWarning``).
-"""
+"""Deprecated for one release: a re-export of :mod:`xpeft.client.clients`, which warns on import."""
 
 from __future__ import annotations
 
-import warnings
-
-from xpeft.client.clients import *  # noqa: F403 - the whole public surface, as before the move
+from xpeft.client.clients import *  # noqa: F403 - its whole public surface
 from xpeft.client.clients import __all__  # noqa: F401
+from xpeft.server.moved import warn_moved
 
-warnings.warn(
-    "xpeft.server.client is deprecated and goes away in the next release: import xpeft.client "
-    "(or xpeft.client.clients) instead",
-    DeprecationWarning,
-    stacklevel=2,
-)
+warn_moved(__name__, "xpeft.client.clients")

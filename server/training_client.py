@@ -1,18 +1,9 @@
-"""Deprecated: moved to :mod:`xpeft.client.training` (import from :mod:`xpeft.client`).
-
-Kept for one release as a re-export; importing it warns (``DeprecationWarning``).
-"""
+"""Deprecated for one release: a re-export of :mod:`xpeft.client.training`, which warns on import."""
 
 from __future__ import annotations
 
-import warnings
-
-from xpeft.client.training import *  # noqa: F403 - the whole public surface, as before the move
+from xpeft.client.training import *  # noqa: F403 - its whole public surface
 from xpeft.client.training import __all__  # noqa: F401
+from xpeft.server.moved import warn_moved
 
-warnings.warn(
-    "xpeft.server.training_client is deprecated and goes away in the next release: import xpeft.client "
-    "(or xpeft.client.training) instead",
-    DeprecationWarning,
-    stacklevel=2,
-)
+warn_moved(__name__, "xpeft.client.training")

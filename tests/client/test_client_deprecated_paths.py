@@ -30,6 +30,8 @@ def test_a_script_on_the_old_path_still_runs_and_fails_under_error_warnings() ->
     code = "from xpeft.server.client import Client, ClientError; print(Client.__module__)"
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0 and ran.stdout.strip() == "xpeft.client.clients", ran.stderr
+    # shown by default for a script's own import, and attributed to the importing line
+    assert ran.stderr.startswith("<string>:1: DeprecationWarning: xpeft.server.client is deprecated")
     strict = subprocess.run(
         [sys.executable, "-W", "error::DeprecationWarning", "-c", code],
         capture_output=True,
