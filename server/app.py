@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from xpeft.adapters import kernels
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel
@@ -34,7 +35,7 @@ from xpeft.server.middleware import (
     RequestIdMiddleware,
     redact_access_log,
 )
-from xpeft.server.model import build_model, load_bank
+from xpeft.server.model import build_model, kernel_report, load_bank
 from xpeft.server.routes import router
 from xpeft.server.schemas import ErrorBody, PredictRequest
 from xpeft.server.settings import Settings
@@ -98,8 +99,9 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if model is not None:
+            kernels.configure(settings.kernels)  # what build_model does for a model it builds
             worker.attach(model, settings.cuda_graphs, settings.max_batch_size)
-            metrics.model_ready.set(1)
+            _model_ready(state, model)
         else:
             state.tasks.append(asyncio.create_task(_load_model(state), name="xpeft-load-model"))
         state.tasks.append(asyncio.create_task(batcher.run(), name="xpeft-batcher"))
@@ -183,13 +185,22 @@ async def _load_model(state: ServerState) -> None:
         state.model_error = f"{getattr(exc, 'code', type(exc).__name__)}: {getattr(exc, 'message', exc)}"
         log.error("model failed to load: %s", state.model_error)
         return
+    _model_ready(state, built)
+
+
+def _model_ready(state: ServerState, model: MultiProfileModel) -> None:
+    """Say so: the readiness gauge, the kernels' info gauge and one log line."""
+    report = kernel_report(state.settings.kernels, model.encoder.device)
+    state.metrics.kernels.labels(**report).set(1)
     state.metrics.model_ready.set(1)
-    model = built
     log.info(
-        "model ready: encoder %s on %s, bank %s (L=%d N=%d)",
+        "model ready: encoder %s on %s, bank %s (L=%d N=%d), kernels %s (XPEFT_KERNELS=%s, running: %s)",
         model.encoder.name,
         model.encoder.device,
         state.bank.bank_id,
         state.bank.num_layers,
         state.bank.num_adapters,
+        report["chosen"],
+        report["setting"],
+        report["running"],
     )

@@ -11,10 +11,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The profile-id pattern (app.py checks ids with it); a tenant prefix is a valid id itself.
+from xpeft.adapters.kernel_policy import parse_policy
 from xpeft.server.wire import DEFAULT_MAX_INPUTS, PROFILE_ID_PATTERN
 
 _PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device; default CUDA when present, else CPU")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int | None = Field(None, ge=1, description="CPU threads of the model worker")
+    kernels: str = Field(
+        "auto",
+        description="Triton kernels on CUDA: auto (those measured faster), off, all, or a list such as "
+        "apply,gather; chosen once, when the model is built",
+    )
 
     # where to listen (used by `xpeft serve`)
     host: str = "127.0.0.1"
@@ -189,6 +195,12 @@ class Settings(BaseSettings):
                 "records live in a plain Redis, not in the cluster"
             )
         return self
+
+    @field_validator("kernels")
+    @classmethod
+    def _known_kernels(cls, value: str) -> str:
+        parse_policy(value)  # a ValueError naming the unknown kernels refuses the start
+        return value.strip().lower() or "auto"
 
     def jobs_url(self) -> str | None:
         """The Redis of the training queue and job records (``None``: the SQLite file)."""
