@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from bench.reliability.harness import RedisServer
+from bench.common.processes import RedisServer
 from bench.scale.cluster import LocalCluster
 from bench.scale.failover import run_failover
 
@@ -59,15 +59,15 @@ def used_memory(nodes: LocalCluster) -> int:
 
 def main_cluster(args, count: int, started: float) -> None:
     """Run the cluster figures, write ``results/scale-cluster.json`` and its doc section."""
-    from bench.affinity.report import save
-    from bench.affinity.run import minilm_bank
-    from bench.load.run import hardware, load_texts
+    from bench.common.docs import save
+    from bench.common.runs import hardware, load_texts
+    from bench.common.server import saved_minilm_bank
     from bench.scale.fill import log, make_payloads
     from bench.scale.report import write_cluster_section
 
     work = Path(tempfile.mkdtemp(prefix="xpeft-scale-cluster-"))
     try:
-        bank, bank_path = minilm_bank(work, 100)
+        bank, bank_path = saved_minilm_bank(work, 100)
         payloads, metas = make_payloads(bank, min(args.distinct, count))
         texts, _ = load_texts("")
         measured = measure(args, count, work, bank_path, payloads, metas, texts, log)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.load.infra import ServerProcess
+from bench.common.server import ServerProcess
 
 
 def log(message: str) -> None:

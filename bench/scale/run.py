@@ -30,10 +30,9 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.affinity.run import minilm_bank
-from bench.load.infra import rss_bytes
-from bench.load.run import hardware
-from bench.reliability.harness import RedisServer
+from bench.common.processes import RedisServer
+from bench.common.runs import hardware
+from bench.common.server import rss_bytes, saved_minilm_bank
 from bench.scale.fill import fill, list_pages, log, make_payloads, profile_id, replica
 
 HERE = Path(__file__).resolve().parent
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (REPO / "runs" / "scale-quick.json" if args.quick else HERE / "results" / "scale.json")
     doc = args.doc or (None if args.quick else REPO / "docs" / "DEPLOYMENT.md")
 
-    from bench.load.run import load_texts
+    from bench.common.runs import load_texts
     from xpeft.server.stores.redis_store import RedisStore
 
     started = time.perf_counter()
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="xpeft-scale-"))
     redis_server = RedisServer()
     try:
-        bank, bank_path = minilm_bank(work, 100)
+        bank, bank_path = saved_minilm_bank(work, 100)
         distinct = min(args.distinct, count)
         payloads, metas = make_payloads(bank, distinct)
         prefix = f"xpeft-scale-{uuid.uuid4().hex[:8]}"
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         "redis_rss": redis_rss,
         "duration_s": time.perf_counter() - started,
     }
-    from bench.affinity.report import save
+    from bench.common.docs import save
     from bench.scale.report import write_section
 
     save(result, out, doc, write_section, log)

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from bench.reliability.harness import free_port, redis_answers
+from bench.common.processes import free_port, redis_answers
 from xpeft.adapters.errors import XPeftError
 from xpeft.client import Client, ClientError, profile_path
 from xpeft.profiles.runtime import MultiProfileModel

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.reliability.harness import ServerProcess, bearer, drop_prefix
+from bench.common.processes import ServerProcess, bearer, drop_prefix
 from bench.train_service.procs import WorkerProcess, wait_job
 from xpeft.client import Client, ClientError
 from xpeft.profiles.data import Dataset

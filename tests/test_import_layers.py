@@ -195,7 +195,9 @@ def test_each_layer_imports_only_what_it_may(layer: str) -> None:
         for target in imports_of(path)
         if not allowed(module, target)
     )
-    assert not wrong, "imports against the layers (tests/test_layers.py: ALLOWED):\n" + "\n".join(wrong)
+    assert not wrong, "imports against the layers (tests/test_import_layers.py: ALLOWED):\n" + "\n".join(
+        wrong
+    )
 
 
 def test_the_rule_refuses_what_it_should() -> None:
@@ -219,6 +221,30 @@ def test_importing_the_client_loads_neither_torch_nor_the_server() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def bench_folder(module: str, path: Path | None = None) -> str:
+    """``bench.load.run`` -> ``load``; a top-level ``bench/x.py`` (or the package) -> ``""``."""
+    parts = module.split(".")
+    is_package = path is not None and path.name == "__init__.py"
+    return parts[1] if len(parts) > 2 or (is_package and len(parts) == 2) else ""
+
+
+def test_bench_harnesses_share_only_bench_common() -> None:
+    """A harness folder imports its own modules, bench/common/ and the top-level bench modules,
+    never another harness; bench/common/ imports only itself."""
+    modules = sources(OUTSIDE)
+    graph = import_graph(modules)
+    wrong = []
+    for module, path in modules.items():
+        mine = bench_folder(module, path)
+        for target in graph[module]:
+            theirs = bench_folder(target, modules[target])
+            if theirs not in (mine, "common") and not (theirs == "" and mine != "common"):
+                wrong.append(f"{module} imports {target}")
+    assert not wrong, "bench harnesses importing each other (share through bench/common/):\n" + "\n".join(
+        wrong
+    )
 
 
 def test_no_private_name_is_taken_from_another_module() -> None:

@@ -21,12 +21,11 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common.loadgen import check_loopback
 from xpeft.adapters.bank import AdapterBank, create_random_bank
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder
 from xpeft.server.stores.redis_store import RedisStore
 from xpeft.server.uploads import validate_profile
-
-from .loadgen import check_loopback
 
 READY_TIMEOUT_S = 180.0
 
@@ -284,3 +283,9 @@ def minilm_bank(adapters: int, seed: int) -> tuple[AdapterEncoder, AdapterBank]:
         encoder.num_layers, encoder.hidden_size, encoder.model_id, adapters, seed=seed, model_name="minilm"
     )
     return encoder, bank
+
+
+def saved_minilm_bank(work: Path, adapters: int, seed: int = 0) -> tuple[AdapterBank, Path]:
+    """:func:`minilm_bank`'s bank (what the image serves), saved under ``work``."""
+    _, bank = minilm_bank(adapters, seed)
+    return bank, bank.save(work / "bank.safetensors")
