@@ -27,6 +27,7 @@ COPY scripts/ scripts/
 COPY adapters/ adapters/
 COPY profiles/ profiles/
 COPY server/ server/
+COPY client/ client/
 COPY cli/ cli/
 COPY docker/ docker/
 RUN case "$VARIANT" in \

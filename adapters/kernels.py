@@ -14,9 +14,11 @@ Two kernels, in the pattern of vLLM's ``lora/ops`` and Punica's SGMV:
 Triton is optional: without it, without CUDA, with gradients required, or with the kernel turned
 off, :func:`enabled` is false and ``layer.apply_adapters`` / ``fusion.fuse_gather`` run their torch
 code, which stays the reference. Which kernel is on by default is what the H200 measured
-(``MEASURED_FASTER``; docs/BENCHMARKS.md); the environment variable ``XPEFT_KERNELS`` overrides it:
-``off``, ``all``, or a comma list such as ``apply,gather``. The dispatch reads that variable once,
-at the first forward of the process; :func:`use_kernels` switches kernels for a block of code.
+(``MEASURED_FASTER``; docs/BENCHMARKS.md); a setting overrides it: ``off``, ``all``, or a comma
+list such as ``apply,gather``. The server passes its ``kernels`` setting (``XPEFT_KERNELS``) to
+:func:`configure` when it builds the model; a library caller that never configures gets the
+environment variable, read once at the first forward. :func:`use_kernels` switches kernels for a
+block of code.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from contextlib import contextmanager
 
 import torch
 
+from xpeft.adapters.kernel_policy import KERNELS, MEASURED_FASTER, parse_policy
+
 try:  # Triton is only on GPU machines; every import of xpeft must work without it.
     import triton
     import triton.language as tl
@@ -35,34 +39,22 @@ except ImportError:  # pragma: no cover - depends on the machine
     tl = None
 
 HAVE_TRITON = triton is not None
-KERNELS = ("apply", "gather")
-
-#: Kernels on by default on CUDA: each measured faster than the torch path it replaces on an H200
-#: (bench/gpu_check.py, bf16, BERT-base shapes; bench/results/cuda.json, docs/BENCHMARKS.md):
-#: ``apply`` 2.5-4.8x per layer at 1-256 distinct profiles, ``gather`` at every (N, U) timed, and
-#: without the torch gather's (U, L, k, d, r) copy. Whether to gather or to GEMM is the caller's
-#: choice: the GEMM was faster from U=64 profiles per fusion on.
-MEASURED_FASTER: dict[str, bool] = {"apply": True, "gather": True}
-
+__all__ = [
+    "HAVE_TRITON",
+    "KERNELS",
+    "MEASURED_FASTER",
+    "apply_adapters_triton",
+    "chosen",
+    "configure",
+    "enabled",
+    "gather_mean_triton",
+    "parse_policy",
+    "policy",
+    "use_kernels",
+]
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _override: dict[str, bool] | None = None
-_from_environment: dict[str, bool] | None = None  # XPEFT_KERNELS, read once on the first dispatch
-
-
-def parse_policy(raw: str) -> dict[str, bool]:
-    """The kernels an ``XPEFT_KERNELS`` value turns on: ``off``, ``all``, ``auto`` or a comma list."""
-    raw = raw.strip().lower()
-    if raw in ("", "auto", "default"):
-        return dict(MEASURED_FASTER)
-    if raw in ("off", "none", "0", "false", "torch"):
-        return dict.fromkeys(KERNELS, False)
-    if raw in ("all", "on", "1", "true", "triton"):
-        return dict.fromkeys(KERNELS, True)
-    chosen = {name.strip() for name in raw.split(",") if name.strip()}
-    unknown = chosen - set(KERNELS)
-    if unknown:
-        raise ValueError(f"XPEFT_KERNELS names unknown kernels {sorted(unknown)}; known: {KERNELS}")
-    return {name: name in chosen for name in KERNELS}
+_chosen: dict[str, bool] | None = None  # configure()'s choice, else XPEFT_KERNELS at the first dispatch
 
 
 def policy() -> dict[str, bool]:
@@ -76,14 +68,29 @@ def policy() -> dict[str, bool]:
     return parse_policy(os.environ.get("XPEFT_KERNELS", ""))
 
 
+def configure(setting: str) -> dict[str, bool]:
+    """Choose the kernels of this process from a setting (``XPEFT_KERNELS``'s grammar), once, when
+    a model is built: the server passes its ``Settings.kernels``. Returns the choice."""
+    global _chosen
+    _chosen = parse_policy(setting)
+    return dict(_chosen)
+
+
+def chosen() -> dict[str, bool]:
+    """The kernels the dispatch follows now: an active :func:`use_kernels` block, else the
+    configured choice (else the environment, read now for good)."""
+    return dict(_active())
+
+
 def _active() -> dict[str, bool]:
-    """The policy the dispatch follows: the override, else the environment as first read."""
-    global _from_environment
+    """The policy the dispatch follows: the override, else the configured choice, else the
+    environment as first read (a library caller that never configured)."""
+    global _chosen
     if _override is not None:
         return _override
-    if _from_environment is None:
-        _from_environment = parse_policy(os.environ.get("XPEFT_KERNELS", ""))
-    return _from_environment
+    if _chosen is None:
+        _chosen = parse_policy(os.environ.get("XPEFT_KERNELS", ""))
+    return _chosen
 
 
 @contextmanager

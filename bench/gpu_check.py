@@ -48,104 +48,14 @@ from bench.gpu_checks import (  # noqa: E402
     check_gather,
     triton_runs_here,
 )
+from bench.gpu_timing import launch_overhead, sweep_apply_tiles  # noqa: E402
 from bench.measure import (  # noqa: E402
     bench_encoder,
-    make_profiles,
     provenance,
     random_bank,
-    time_op,
 )
 from bench.offline import GRIDS, build_models, run_apply, run_fusion, run_throughput, write_json  # noqa: E402
-from xpeft.adapters import kernels  # noqa: E402
-from xpeft.adapters.layer import apply_adapters  # noqa: E402
 
-
-def sweep_apply_tiles(encoder, bank, seq_len: int, deadline: float) -> list[dict]:
-    """The SGMV kernel's time per tile shape at 64 distinct profiles, next to torch: picks the default."""
-    from bench.measure import apply_case
-
-    if not (kernels.HAVE_TRITON and encoder.device.type == "cuda"):
-        return [{"skipped": "needs CUDA and Triton"}]
-    h, weights, rows = apply_case(encoder, bank, 64, seq_len, 64)
-    with kernels.use_kernels(apply=False):
-        rows_out = [
-            {"impl": "torch", "ms": time_op(lambda: apply_adapters(h, *weights, rows), encoder.device) * 1e3}
-        ]
-    for block_t in (16, 32, 64, 128):
-        for warps in (4, 8):
-            if time.monotonic() > deadline:
-                return rows_out
-            try:
-                ms = (
-                    time_op(
-                        lambda bt=block_t, w=warps: kernels.apply_adapters_triton(
-                            h, *weights, rows, block_t=bt, num_warps=w
-                        ),
-                        encoder.device,
-                    )
-                    * 1e3
-                )
-                rows_out.append({"impl": "triton", "block_t": block_t, "num_warps": warps, "ms": ms})
-            except Exception as exc:
-                rows_out.append(
-                    {
-                        "impl": "triton",
-                        "block_t": block_t,
-                        "num_warps": warps,
-                        "error": f"{type(exc).__name__}: {exc}"[:300],
-                    }
-                )
-    return rows_out
-
-
-def launch_overhead(model, seq_len: int) -> list[dict]:
-    """Host cost per adapter call, and each forward's enqueue time against its synchronised time.
-
-    When enqueueing takes as long as finishing, the batch is bound by Python and launches, not
-    by the GPU, and every extra launch shows in the throughput.
-    """
-    from bench.measure import MixedBatch, apply_case, sync
-    from bench.offline import with_apply
-
-    encoder, bank, out = model.encoder, model.device_bank, []
-    h, weights, rows = apply_case(encoder, bank, 1, 16, 1)
-    for impl in ("torch", "triton") if kernels.HAVE_TRITON and encoder.device.type == "cuda" else ("torch",):
-        with kernels.use_kernels(apply=impl == "triton"):
-            apply_adapters(h, *weights, rows)
-            sync(encoder.device)
-            start = time.perf_counter()
-            for _ in range(200):
-                apply_adapters(h, *weights, rows)
-            host = (time.perf_counter() - start) / 200
-            sync(encoder.device)
-        out.append({"what": "apply, host time per call (B=1, T=16)", "impl": impl, "us": host * 1e6})
-    mb = MixedBatch(model, make_profiles(bank, 64, seed=11), 64, seq_len)
-    for name, fn in (
-        ("base", mb.base),
-        ("warm torch", with_apply(mb.warm, "torch")),
-        ("warm triton", with_apply(mb.warm, "triton")),
-    ):
-        fn()
-        enqueue, wall = [], []
-        for _ in range(7):
-            sync(encoder.device)
-            start = time.perf_counter()
-            fn()
-            enqueue.append(time.perf_counter() - start)
-            sync(encoder.device)
-            wall.append(time.perf_counter() - start)
-        out.append(
-            {
-                "what": "forward B=64, U=64",
-                "impl": name,
-                "enqueue_ms": sorted(enqueue)[3] * 1e3,
-                "wall_ms": sorted(wall)[3] * 1e3,
-            }
-        )
-    return out
-
-
-#: the serving steps' sizes: the runtime grid (U, N, batch, tokens, rounds) and the HTTP run
 SERVING = {
     "cuda": {
         "distinct": [1, 8, 64, 256],

@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
   "$CARRY"/whl/*.whl || exit 1
 # xpeft is imported from this tree without installing it: xpeft.<pkg> -> ./<pkg>
 mkdir -p /tmp/xpeft-path/xpeft
-for pkg in adapters profiles server cli; do ln -sfn "$PWD/$pkg" "/tmp/xpeft-path/xpeft/$pkg"; done
+for pkg in adapters profiles server client cli; do ln -sfn "$PWD/$pkg" "/tmp/xpeft-path/xpeft/$pkg"; done
 export PYTHONPATH="$PWD:/tmp/xpeft-path:/tmp/xpeft-site${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu-info.txt" 2>&1 || true
 timeout --signal=TERM --kill-after=15 $((BUDGET + 45)) \

@@ -8,7 +8,7 @@ Used by bench/gpu_check.py (GPU, and ``--cpu --quick`` on any machine). Two meas
   the plain encoder on the same texts (tokenized the same way, mean-pooled), in rotating rounds;
   the naive per-profile loop beside them at U = 64.
 - :func:`http_vs_offline`: one ``xpeft serve`` process on loopback with warm profiles, the Python
-  load generator (bench/load/loadgen.py) at a fixed number of clients, against the same requests
+  load generator (bench/common/loadgen.py) at a fixed number of clients, against the same requests
   run offline through ``ModelWorker.run`` in batches of the size the server formed, alternating.
   The server's ``/metrics`` and the CPU time of each of its threads say where the time goes.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.load.infra import ServerProcess, batch_stats
-from bench.load.loadgen import PlannedRequest, run_pass
-from bench.load.stats import latency_summary
+from bench.common.loadgen import PlannedRequest, run_pass
+from bench.common.server import ServerProcess, batch_stats
+from bench.common.stats import latency_summary
 from bench.measure import make_profiles, random_bank, round_robin, sync
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import AdapterEncoder
@@ -225,7 +225,7 @@ def http_vs_offline(
         "requests_per_pass": requests,
         "texts_per_request": texts_per_request,
         "profiles": profiles,
-        "generator": "bench/load/loadgen.py (httpx, one connection per client)",
+        "generator": "bench/common/loadgen.py (httpx, one connection per client)",
         "passes": [],
     }
     with tempfile.TemporaryDirectory(prefix="xpeft-serve-check-") as tmp:

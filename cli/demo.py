@@ -80,7 +80,7 @@ class Server:
     def wait_ready(self, timeout: float) -> None:
         """Until ``/readyz`` answers 200 (the client retries refusals and unreached ports), or the
         process ended, or ``timeout``."""
-        from xpeft.server.client import Client, ClientError
+        from xpeft.client import Client, ClientError
 
         deadline = time.monotonic() + timeout
         with Client(self.url, max_attempts=100, max_retry_seconds=2) as client:
@@ -174,7 +174,7 @@ def batch_metrics(url: str) -> dict[str, float]:
 
 async def send_burst(url: str) -> list[dict]:
     """Every request of :data:`BURST` at once, each its own HTTP request."""
-    from xpeft.server.client import AsyncClient
+    from xpeft.client import AsyncClient
 
     async with AsyncClient(url) as client:
         return list(await asyncio.gather(*(client.predict(pid, [text]) for pid, text in BURST)))
@@ -221,7 +221,7 @@ def serve_until_interrupted(server: Server, token: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Serve, train, upload, one mixed burst, then keep serving (or stop, with ``--once``)."""
-    from xpeft.server.client import Client
+    from xpeft.client import Client
 
     own = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="xpeft-demo-")) if own else Path(args.workdir)

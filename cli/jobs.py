@@ -50,7 +50,7 @@ def _options(args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Any]
 
 
 def train_remote(args: argparse.Namespace, flags: tuple[str, ...]) -> None:
-    from xpeft.server.client import Client
+    from xpeft.client import Client
 
     if not args.profile_id:
         raise XPeftError("bad_argument", "train --url needs --id (the profile id to store)")

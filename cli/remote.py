@@ -1,6 +1,6 @@
 """``xpeft upload``, ``xpeft profiles list|get|delete|download`` and ``xpeft predict --url``.
 
-Every request goes through :class:`xpeft.server.client.Client` (which builds the URLs, reads the
+Every request goes through :class:`xpeft.client.Client` (which builds the URLs, reads the
 token variables when no ``--token`` is given, and retries what the server asks to retry), so the
 commands and the client refuse the same things with the same codes.
 """
@@ -15,7 +15,7 @@ from xpeft.adapters.errors import XPeftError
 from xpeft.cli.output import parse_inputs, positive_int, print_json, writable_target, write_atomically
 
 if TYPE_CHECKING:
-    from xpeft.server.client import Client
+    from xpeft.client import Client
 
 TOKEN_HELP = (
     "bearer token (default: $XPEFT_ADMIN_TOKEN for writes; $XPEFT_API_TOKEN, else "
@@ -24,7 +24,7 @@ TOKEN_HELP = (
 
 
 def _client(args: argparse.Namespace) -> Client:
-    from xpeft.server.client import Client
+    from xpeft.client import Client
 
     return Client(args.url, token=args.token)
 
@@ -65,7 +65,7 @@ def cmd_delete(args: argparse.Namespace) -> None:
 
 def cmd_download(args: argparse.Namespace) -> None:
     """Write a stored profile's bytes, exactly as uploaded, to a file (default ``ID.xpm``)."""
-    from xpeft.server.client import profile_path
+    from xpeft.client import profile_path
 
     profile_path(args.profile_id)  # an invalid id is refused before the output path is chosen
     out = writable_target(Path(args.out or f"{args.profile_id}.xpm"), args.force)

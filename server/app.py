@@ -10,21 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path as FilePath
 
-import torch
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from xpeft.adapters.bank import AdapterBank
-from xpeft.adapters.encoder import DEFAULT_MODEL, load_encoder
+from xpeft.adapters import kernels
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel, best_device
+from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server import telemetry
 from xpeft.server.auth import Authorizer, check_exposure
 from xpeft.server.batcher import MicroBatcher
@@ -40,62 +35,18 @@ from xpeft.server.middleware import (
     RequestIdMiddleware,
     redact_access_log,
 )
-from xpeft.server.routes import _validate_profile, router
+from xpeft.server.model import build_model, kernel_report, load_bank
+from xpeft.server.routes import router
 from xpeft.server.schemas import ErrorBody, PredictRequest
 from xpeft.server.settings import Settings
-from xpeft.server.stores import ProfileStore, open_store
+from xpeft.server.state import ServerState
+from xpeft.server.stores import open_store
 from xpeft.server.sync import CacheSync
 from xpeft.server.train_routes import router as train_router
 from xpeft.server.worker import ModelWorker
 
 log = logging.getLogger("xpeft.server")
-__all__ = ["ServerState", "_validate_profile", "build_model", "check_readable", "create_app"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ServerState:
-    """Everything one app instance owns (``app.state.server``)."""
-
-    settings: Settings
-    metrics: Metrics
-    store: ProfileStore
-    bank: AdapterBank
-    profiles: ProfileCache
-    worker: ModelWorker
-    batcher: MicroBatcher
-    sync: CacheSync
-    auth: Authorizer
-    admission: Admission
-    model_error: str | None = None
-    tasks: list[asyncio.Task] = field(default_factory=list)
-
-    @property
-    def model_ready(self) -> bool:
-        return self.worker.model is not None
-
-    async def drain(self) -> int:
-        """After SIGTERM: refuse new requests, wait for those in flight, then answer any still queued.
-
-        Waits at least ``drain_delay_s`` (load balancers see /readyz turn 503 and stop sending) and
-        at most ``drain_delay_s + drain_timeout_s``. Returns how many requests were still in flight.
-        """
-        settings = self.settings
-        self.admission.begin_drain()
-        log.warning(
-            "shutting down: refusing new requests, draining %d in flight (at most %g s)",
-            self.admission.in_flight,
-            settings.drain_delay_s + settings.drain_timeout_s,
-        )
-        await asyncio.sleep(settings.drain_delay_s)
-        if await self.admission.wait_idle(settings.drain_timeout_s):
-            return 0
-        left = self.admission.in_flight
-        log.warning(
-            "drain timeout: %d requests still in flight; queued predictions get 503 shutting_down", left
-        )
-        self.batcher.fail_pending(ApiError(503, "shutting_down", "the server is shutting down"))
-        return left
+__all__ = ["create_app"]
 
 
 def _package_version() -> str:
@@ -103,15 +54,6 @@ def _package_version() -> str:
         return version("xpeft")
     except PackageNotFoundError:
         return "0"
-
-
-def build_model(settings: Settings, bank: AdapterBank) -> MultiProfileModel:
-    """The encoder the settings name (default: the bank's own), on the best device, with ``bank``."""
-    device = settings.device or best_device()
-    encoder = load_encoder(
-        settings.model or bank.model_name or DEFAULT_MODEL, device=device, dtype=_DTYPES[settings.dtype]
-    )
-    return MultiProfileModel(encoder, bank)
 
 
 def create_app(settings: Settings | None = None, model: MultiProfileModel | None = None) -> FastAPI:
@@ -123,8 +65,7 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     elif settings.bank is None:
         raise XPeftError("bad_argument", "no bank: pass --bank or set XPEFT_BANK")
     else:
-        check_readable(settings.bank)
-        bank = AdapterBank.load(settings.bank)
+        bank = load_bank(settings.bank)
     redact_access_log()
     metrics = Metrics()
     store = open_store(settings)
@@ -163,10 +104,11 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if model is not None:
+            kernels.configure(settings.kernels)  # what build_model does for a model it builds
             worker.attach(
                 model, settings.cuda_graphs, settings.max_batch_size, batcher, settings.max_batch_tokens
             )
-            metrics.model_ready.set(1)
+            _model_ready(state, model)
         else:
             state.tasks.append(asyncio.create_task(_load_model(state), name="xpeft-load-model"))
         state.tasks.append(asyncio.create_task(batcher.run(), name="xpeft-batcher"))
@@ -219,24 +161,6 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     return app
 
 
-def check_readable(path: FilePath) -> None:
-    """A bank the server's user cannot read is a deployment error with its own clear message
-    (safetensors alone reports it as "No such file or directory")."""
-    try:
-        with open(path, "rb"):
-            pass
-    except FileNotFoundError:
-        raise XPeftError("bank_not_found", f"no bank file at {path}") from None
-    except PermissionError:
-        raise XPeftError(
-            "bank_unreadable",
-            f"cannot read bank {path}: permission denied (the server runs as uid {os.getuid()}; "
-            "make the file readable by it, e.g. chmod 0644)",
-        ) from None
-    except OSError as exc:
-        raise XPeftError("bank_unreadable", f"cannot read bank {path}: {exc.strerror}") from None
-
-
 def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict:
     """The generated schema plus this replica's limits, so that a client (or a fuzzer) generating
     valid requests from it is never refused for a limit the schema did not state."""
@@ -276,10 +200,17 @@ async def _load_model(state: ServerState) -> None:
         state.model_error = f"{getattr(exc, 'code', type(exc).__name__)}: {getattr(exc, 'message', exc)}"
         log.error("model failed to load: %s", state.model_error)
         return
+    _model_ready(state, built)
+
+
+def _model_ready(state: ServerState, model: MultiProfileModel) -> None:
+    """Say so: the readiness gauge, the kernels' info gauge and one log line."""
+    report = kernel_report(state.settings.kernels, model.encoder.device)
+    state.metrics.kernels.labels(**report).set(1)
     state.metrics.model_ready.set(1)
-    model = built
     log.info(
-        "model ready: encoder %s on %s, bank %s (L=%d N=%d), batches of at most %d rows and %d tokens",
+        "model ready: encoder %s on %s, bank %s (L=%d N=%d), batches of at most %d rows and %d tokens, "
+        "kernels %s (XPEFT_KERNELS=%s, running: %s)",
         model.encoder.name,
         model.encoder.device,
         state.bank.bank_id,
@@ -287,4 +218,7 @@ async def _load_model(state: ServerState) -> None:
         state.bank.num_adapters,
         state.settings.max_batch_size,
         state.batcher.max_batch_tokens,
+        report["chosen"],
+        report["setting"],
+        report["running"],
     )

@@ -118,6 +118,12 @@ class Metrics:
             registry=r,
         )
         self.model_ready = Gauge("xpeft_model_ready", "1 once the encoder is loaded", registry=r)
+        self.kernels = Gauge(
+            "xpeft_kernels_info",
+            "1 once the model is loaded, labelled with XPEFT_KERNELS, the kernels it chose and those running",
+            ["setting", "chosen", "running"],
+            registry=r,
+        )
         self.train_jobs = Counter(
             "xpeft_train_jobs_total",
             "training jobs through this replica: queued (202), refused (too_many_jobs), cancelled",

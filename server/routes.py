@@ -1,30 +1,27 @@
 """The HTTP routes: profiles, predictions and the operational endpoints.
 
-Each handler reaches the app's :class:`~xpeft.server.app.ServerState` through ``request.app``;
-auth runs as a dependency, before any body is read.
+Each handler reaches the app's :class:`~xpeft.server.state.ServerState` through
+:func:`~xpeft.server.deps.server_state`; auth runs as a dependency, before any body is read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
 import time
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import TextInput
-from xpeft.adapters.errors import XPeftError
-from xpeft.profiles import format as xpm
 from xpeft.server.auth import require_admin, require_profile_access, require_reader
 from xpeft.server.batcher import Job, Overloaded
 from xpeft.server.conditional import PRECONDITION_RESPONSES, not_modified, write_condition
+from xpeft.server.deps import ProfileIdPath, check_profile_id, server_state
 from xpeft.server.errors import ApiError, allowed_methods, etag
 from xpeft.server.middleware import START_KEY
+from xpeft.server.model import kernel_report
 from xpeft.server.schemas import (
     BodyError,
     ErrorBody,
@@ -36,12 +33,12 @@ from xpeft.server.schemas import (
     parse_predict_body,
 )
 from xpeft.server.settings import PROFILE_ID_PATTERN, Settings
+from xpeft.server.uploads import validate_profile
 
 if TYPE_CHECKING:
-    from xpeft.server.app import ServerState
+    from xpeft.server.state import ServerState
 
 log = logging.getLogger("xpeft.server")
-PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
 
 router = APIRouter()
 _OCTET_BODY = {
@@ -53,51 +50,8 @@ _OCTET_BODY = {
 }
 
 
-# The pattern is in the OpenAPI schema; _check_id enforces it with the stable code invalid_profile_id.
-_ID_DOC = "1 to 128 characters: letters, digits, '.', '_', '-'; the first a letter or digit"
-ProfileIdPath = Path(..., description=_ID_DOC, json_schema_extra={"pattern": PROFILE_ID_PATTERN})
-
-
-def _server(request: Request) -> ServerState:
-    return request.app.state.server
-
-
-def _check_id(profile_id: str) -> str:
-    if not PROFILE_ID.fullmatch(profile_id):
-        raise ApiError(
-            422,
-            "invalid_profile_id",
-            f"profile ids match {PROFILE_ID.pattern} (1 to 128 characters); got {profile_id[:200]!r}",
-        )
-    return profile_id
-
-
 def _not_found(profile_id: str) -> ApiError:
     return ApiError(404, "profile_not_found", f"no profile with id {profile_id!r}")
-
-
-def _validate_profile(data: bytes, bank: AdapterBank, max_labels: int | None = None) -> dict:
-    """Decode all of it against the served bank (any ProfileFormatError refuses the upload); at
-    most ``max_labels`` labels (``XPEFT_MAX_LABELS``: one profile's head memory and per-batch work)."""
-    try:
-        xpm.decode(data, bank)
-        info = xpm.read_info(data)
-        if type(info.max_length) is not int:  # JSON true passes an isinstance(int) check
-            raise xpm.ProfileFormatError("bad_header", f"max_length={info.max_length!r} is not an integer")
-    except xpm.ProfileFormatError:
-        raise
-    except Exception as exc:
-        # Untrusted bytes that trip the decoder itself (a header field of an unexpected type, say) are
-        # still a malformed file: refuse it (422), never a 500; the traceback shows the decoder's gap.
-        log.warning("the profile decoder failed on an upload; refusing it", exc_info=True)
-        raise xpm.ProfileFormatError(
-            "bad_header", f"the file could not be decoded ({type(exc).__name__})"
-        ) from exc
-    if max_labels is not None and len(info.labels) > max_labels:
-        raise XPeftError(
-            "too_many_labels", f"{len(info.labels)} labels; this server takes at most {max_labels}"
-        )
-    return {**info.as_dict(), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 @router.put(
@@ -115,11 +69,11 @@ def _validate_profile(data: bytes, bank: AdapterBank, max_labels: int | None = N
 async def put_profile(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
     """Upload (create or replace) a profile: 201 when new, 200 when replaced or unchanged; nothing is
     stored if refused. ``If-Match`` replaces only that version, ``If-None-Match: *`` only creates."""
-    _check_id(profile_id)
+    check_profile_id(profile_id)
     condition = write_condition(request, create_allowed=True)
-    state = _server(request)
+    state = server_state(request)
     data = await request.body()
-    meta = await asyncio.to_thread(_validate_profile, data, state.bank, state.settings.max_labels)
+    meta = await asyncio.to_thread(validate_profile, data, state.bank, state.settings.max_labels)
     result = await state.metrics.timed_store("put", state.store.put(profile_id, data, meta, condition))
     if not result.unchanged:  # this replica reads its own write at once; an unchanged put changed nothing
         state.profiles.invalidate(profile_id, result.record.version)
@@ -137,8 +91,8 @@ async def put_profile(request: Request, response: Response, profile_id: str = Pr
 )
 async def get_profile(request: Request, response: Response, profile_id: str = ProfileIdPath) -> object:
     """A profile's metadata and current version (``ETag``: that version)."""
-    _check_id(profile_id)
-    state = _server(request)
+    check_profile_id(profile_id)
+    state = server_state(request)
     record = await state.metrics.timed_store("get_record", state.store.get_record(profile_id))
     if record is None:
         raise _not_found(profile_id)
@@ -162,8 +116,8 @@ async def get_profile(request: Request, response: Response, profile_id: str = Pr
 )
 async def get_profile_file(request: Request, profile_id: str = ProfileIdPath) -> Response:
     """The stored profile file, byte for byte; ``ETag`` is its version, as on the metadata."""
-    _check_id(profile_id)
-    state = _server(request)
+    check_profile_id(profile_id)
+    state = server_state(request)
     stored = await state.metrics.timed_store("get", state.store.get(profile_id))
     if stored is None:
         raise _not_found(profile_id)
@@ -188,9 +142,9 @@ async def get_profile_file(request: Request, profile_id: str = ProfileIdPath) ->
 )
 async def delete_profile(request: Request, profile_id: str = ProfileIdPath) -> dict:
     """Delete a profile (``If-Match``: only that version); every replica stops serving it within a second."""
-    _check_id(profile_id)
+    check_profile_id(profile_id)
     condition = write_condition(request, create_allowed=False)
-    state = _server(request)
+    state = server_state(request)
     deleted = await state.metrics.timed_store("delete", state.store.delete(profile_id, condition))
     if deleted is None:
         raise _not_found(profile_id)
@@ -213,12 +167,12 @@ async def list_profiles(
     ),
 ) -> dict:
     """Profiles in id order, one page at a time."""
-    state = _server(request)
+    state = server_state(request)
     limit = limit or min(100, state.settings.max_list_limit)
     if limit > state.settings.max_list_limit:
         raise ApiError(422, "invalid_request", f"limit must be at most {state.settings.max_list_limit}")
     if cursor is not None:
-        _check_id(cursor)
+        check_profile_id(cursor)
     records, next_cursor = await state.metrics.timed_store("list", state.store.list(cursor, limit))
     return {"profiles": [r.as_dict() for r in records], "next_cursor": next_cursor}
 
@@ -254,8 +208,8 @@ _JSON_BODY = {
 async def predict(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
     """Labels and scores for each input, all from one version of the profile; timing headers say
     where the time went (queue, inference), as text-embeddings-inference reports them."""
-    _check_id(profile_id)
-    state = _server(request)
+    check_profile_id(profile_id)
+    state = server_state(request)
     inputs = await _inputs(request, state.settings)
     if not state.model_ready:
         raise ApiError(
@@ -342,7 +296,7 @@ async def bad_profile_path(rest: str, request: Request) -> None:
             f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}",
             headers={"Allow": allowed},
         )
-    _check_id(rest)
+    check_profile_id(rest)
     raise ApiError(
         405,
         "method_not_allowed",
@@ -354,7 +308,7 @@ async def bad_profile_path(rest: str, request: Request) -> None:
 @router.get("/healthz", response_model=Health, tags=["ops"])
 async def healthz(request: Request) -> dict:
     """The process is alive (and its model did not fail to load)."""
-    state = _server(request)
+    state = server_state(request)
     if state.model_error:
         raise ApiError(503, "model_failed", state.model_error)
     return {"status": "ok", "detail": {"model_loaded": state.model_ready}}
@@ -363,7 +317,7 @@ async def healthz(request: Request) -> dict:
 @router.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": ErrorBody}})
 async def readyz(request: Request) -> dict:
     """Ready to predict: the model is loaded and the store answers."""
-    state = _server(request)
+    state = server_state(request)
     if state.admission.draining:
         raise ApiError(503, "shutting_down", "this replica is shutting down", headers={"Retry-After": "1"})
     if not state.model_ready:
@@ -382,6 +336,7 @@ async def readyz(request: Request) -> dict:
             "model_id": model.encoder.model_id,
             "model": model.encoder.name,
             "device": str(model.encoder.device),
+            "kernels": kernel_report(state.settings.kernels, model.encoder.device),
         },
     }
 
@@ -399,4 +354,4 @@ async def readyz(request: Request) -> dict:
 )
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
-    return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(server_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

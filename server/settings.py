@@ -11,11 +11,13 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The profile-id pattern (app.py checks ids with it); a tenant prefix is a valid id itself.
-PROFILE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+from xpeft.adapters.kernel_policy import parse_policy
+from xpeft.server.wire import DEFAULT_MAX_INPUTS, PROFILE_ID_PATTERN
+
 _PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
 # Bearer tokens shorter than this are refused at startup: a short token can be guessed.
 MIN_TOKEN_CHARS = 16
@@ -35,6 +37,11 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device; default CUDA when present, else CPU")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int | None = Field(None, ge=1, description="CPU threads of the model worker")
+    kernels: str = Field(
+        "auto",
+        description="Triton kernels on CUDA: auto (those measured faster), off, all, or a list such as "
+        "apply,gather; chosen once, when the model is built",
+    )
 
     # where to listen (used by `xpeft serve`)
     host: str = "127.0.0.1"
@@ -100,7 +107,7 @@ class Settings(BaseSettings):
     # request limits
     max_profile_bytes: int = Field(4 * 2**20, ge=1, description="PUT body limit (413 too_large)")
     max_request_bytes: int = Field(2**20, ge=1, description="any other body limit (413 too_large)")
-    max_inputs: int = Field(64, ge=1, description="inputs per predict")
+    max_inputs: int = Field(DEFAULT_MAX_INPUTS, ge=1, description="inputs per predict")
     max_text_chars: int = Field(4096, ge=1, description="characters per text (each side of a pair)")
     max_list_limit: int = Field(1000, ge=1, description="largest page of GET /profiles")
     max_in_flight: int = Field(
@@ -193,6 +200,12 @@ class Settings(BaseSettings):
                 "records live in a plain Redis, not in the cluster"
             )
         return self
+
+    @field_validator("kernels")
+    @classmethod
+    def _known_kernels(cls, value: str) -> str:
+        parse_policy(value)  # a ValueError naming the unknown kernels refuses the start
+        return value.strip().lower() or "auto"
 
     def jobs_url(self) -> str | None:
         """The Redis of the training queue and job records (``None``: the SQLite file)."""

@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from xpeft.server.auth import require_reader
+from xpeft.server.deps import (
+    JobIdPath,
+    ProfileIdPath,
+    check_job_id,
+    check_profile_id,
+    job_service,
+    server_state,
+)
 from xpeft.server.errors import ApiError, CorruptRecord
 from xpeft.server.jobs.records import JOB_ID
 from xpeft.server.jobs.request import parse_train_request
-from xpeft.server.routes import ProfileIdPath, _check_id
 from xpeft.server.schemas import ErrorBody
 
-if TYPE_CHECKING:
-    from xpeft.server.app import ServerState
-    from xpeft.server.jobs.service import JobService
-
 router = APIRouter()
-_JOB_DOC = "the job id that POST /profiles/{id}/train answered (20 hex digits)"
-JobIdPath = Path(..., description=_JOB_DOC, json_schema_extra={"pattern": JOB_ID.pattern})
 
 
 class JobView(BaseModel):
@@ -50,17 +50,9 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null at the end")
 
 
-def _server(request: Request) -> ServerState:
-    return request.app.state.server
-
-
-def _service(request: Request) -> JobService:
-    return request.app.state.jobs
-
-
 def check_train(request: Request, profile_id: str) -> None:
     """Writes: the admin token, or a tenant token whose prefixes cover ``profile_id``."""
-    auth = _server(request).auth
+    auth = server_state(request).auth
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -79,23 +71,17 @@ def check_train(request: Request, profile_id: str) -> None:
     auth.check_admin(request)
 
 
-def _check_job_id(job_id: str) -> str:
-    if not JOB_ID.fullmatch(job_id):
-        raise ApiError(422, "invalid_job_id", f"job ids are 20 hex digits; got {job_id[:100]!r}")
-    return job_id
-
-
 def _view(request: Request, record: dict) -> dict:
     """The record as shown; a success this replica had not seen invalidates its cache now."""
     result = record.get("result") or {}
     if record["state"] == "succeeded" and result.get("stored") and isinstance(result.get("version"), int):
-        _server(request).profiles.invalidate(record["profile_id"], result["version"])
+        server_state(request).profiles.invalidate(record["profile_id"], result["version"])
     worker = record.get("worker")  # host:pid:attempt-token; the token is the worker's own business
     return {**record, "worker": worker.rsplit(":", 1)[0] if worker else None}
 
 
 async def _job(request: Request, job_id: str) -> dict:
-    record = await asyncio.to_thread(_service(request).get, _check_job_id(job_id))
+    record = await asyncio.to_thread(job_service(request).get, check_job_id(job_id))
     if record is None:
         raise ApiError(
             404, "job_not_found", f"no job with id {job_id!r} (finished jobs are kept for a while)"
@@ -126,9 +112,9 @@ async def _job(request: Request, job_id: str) -> dict:
 async def train(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
     """Queue a training job for this profile: 202 with the job and its Location; nothing is
     queued unless every example and option is valid."""
-    _check_id(profile_id)
+    check_profile_id(profile_id)
     check_train(request, profile_id)
-    state = _server(request)
+    state = server_state(request)
     raw = await request.body()
     parsed = await asyncio.to_thread(
         parse_train_request,
@@ -140,7 +126,7 @@ async def train(request: Request, response: Response, profile_id: str = ProfileI
         state.bank.bottleneck,
     )
     try:
-        record = await asyncio.to_thread(_service(request).submit, profile_id, parsed)
+        record = await asyncio.to_thread(job_service(request).submit, profile_id, parsed)
     except ApiError as exc:
         if exc.code == "too_many_jobs":
             state.metrics.train_jobs.labels("refused").inc()
@@ -173,8 +159,8 @@ async def _tenant_job(request: Request, job_id: str, prefixes: tuple[str, ...] |
 )
 async def get_job(request: Request, job_id: str = JobIdPath) -> dict:
     """A job's state, progress, and result or error."""
-    prefixes = _server(request).auth.tenant_of(request)  # 401 / 403 before anything is read
-    return _view(request, await _tenant_job(request, _check_job_id(job_id), prefixes))
+    prefixes = server_state(request).auth.tenant_of(request)  # 401 / 403 before anything is read
+    return _view(request, await _tenant_job(request, check_job_id(job_id), prefixes))
 
 
 @router.delete(
@@ -193,11 +179,11 @@ async def cancel_job(
     """Cancel: a queued job ends cancelled at once; a running one stops at its next step
     (``cancel_requested`` until then). Nothing is stored for a cancelled job. ``?purge=true``
     (admin token) deletes the record instead, so that an operator can remove a damaged one."""
-    _check_job_id(job_id)
-    auth = _server(request).auth
+    check_job_id(job_id)
+    auth = server_state(request).auth
     if purge:
         auth.check_admin(request)
-        if not await asyncio.to_thread(_service(request).purge, job_id):
+        if not await asyncio.to_thread(job_service(request).purge, job_id):
             raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
         return {"id": job_id, "profile_id": "", "state": "purged", "purged": True}
     prefixes: tuple[str, ...] | None = None
@@ -213,9 +199,9 @@ async def cancel_job(
         raise ApiError(
             409, "job_finished", f"the job already ended: {record['state']}", state=record["state"]
         )
-    updated = await asyncio.to_thread(_service(request).cancel, job_id)
+    updated = await asyncio.to_thread(job_service(request).cancel, job_id)
     if updated is not None:  # this request cancelled it (or asked its worker to stop)
-        _server(request).metrics.train_jobs.labels("cancelled").inc()
+        server_state(request).metrics.train_jobs.labels("cancelled").inc()
     return _view(request, updated or record)
 
 
@@ -232,11 +218,11 @@ async def list_jobs(
     ),
 ) -> dict:
     """Jobs, newest first, one page at a time."""
-    settings = _server(request).settings
+    settings = server_state(request).settings
     limit = limit or min(100, settings.max_list_limit)
     if limit > settings.max_list_limit:
         raise ApiError(422, "invalid_request", f"limit must be at most {settings.max_list_limit}")
     if cursor is not None:
-        _check_job_id(cursor)
-    records, next_cursor = await asyncio.to_thread(_service(request).list, cursor, limit)
+        check_job_id(cursor)
+    records, next_cursor = await asyncio.to_thread(job_service(request).list, cursor, limit)
     return {"jobs": [_view(request, r) for r in records], "next_cursor": next_cursor}

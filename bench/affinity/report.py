@@ -7,33 +7,13 @@ Only the text between the section's two markers is rewritten; the rest of the pa
 
 from __future__ import annotations
 
-import argparse
-import json
-from collections.abc import Callable
 from pathlib import Path
+
+from bench.common.docs import fill, machine, report_main, shown_path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 NAME = "bench.affinity"
-
-
-def markers(name: str) -> tuple[str, str]:
-    return f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
-
-
-def fill(doc: Path, name: str, text: str) -> None:
-    """Replace the block between ``name``'s markers in ``doc`` (they must be there)."""
-    begin, end = markers(name)
-    page = doc.read_text()
-    if begin not in page or end not in page:
-        raise SystemExit(f"{doc} has no {begin} ... {end} block")
-    head, rest = page.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    doc.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
-
-
-def machine(hw: dict) -> str:
-    return f"a {hw['usable_cpus']}-core x86 CPU ({hw['cpu']}), {hw['memory_gib']} GiB"
 
 
 def section(result: dict, results_path: str) -> str:
@@ -83,36 +63,8 @@ def section(result: dict, results_path: str) -> str:
     return "\n".join(lines)
 
 
-def shown_path(results_path: Path) -> str:
-    """The results file as the doc names it: relative to the repository when it lies inside."""
-    resolved = results_path.resolve()
-    return str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else results_path)
-
-
 def write_section(result: dict, doc: Path, results_path: Path) -> None:
     fill(doc, NAME, section(result, shown_path(results_path)))
-
-
-SectionWriter = Callable[[dict, Path, Path], None]
-
-
-def save(result: dict, out: Path, doc: Path | None, write: SectionWriter, log: Callable[[str], None]) -> None:
-    """A run's last step: its JSON to ``out``, then its section of ``doc`` (if any) from that JSON."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"wrote {out}")
-    if doc is not None:
-        write(result, doc, out)
-        log(f"updated {doc}")
-
-
-def report_main(argv: list[str] | None, description: str | None, results: Path, write: SectionWriter) -> None:
-    """``python -m bench.<name>.report [results.json] [--doc docs/DEPLOYMENT.md]``."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("results", nargs="?", type=Path, default=results)
-    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "DEPLOYMENT.md")
-    args = parser.parse_args(argv)
-    write(json.loads(args.results.read_text()), args.doc, args.results)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,17 +35,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.affinity.nginx import Entry, Nginx, nginx_binary, render, shares
-from bench.load.infra import ServerProcess, bulk_put
-from bench.load.run import Profiles, hardware, load_texts, profile_id
-from bench.load.stats import ZipfSampler
-from bench.reliability.harness import RedisServer, free_port
+from bench.common.processes import RedisServer, free_port
+from bench.common.runs import Profiles, hardware, load_texts, profile_id
+from bench.common.server import ServerProcess, bulk_put, saved_minilm_bank
+from bench.common.stats import ZipfSampler
 
 if TYPE_CHECKING:
-    from xpeft.adapters.bank import AdapterBank
+    pass
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-LUA = REPO / "bench" / "load" / "requests.lua"  # the same wrk script as the single-text load test
+LUA = REPO / "bench" / "common" / "requests.lua"  # the same wrk script as the single-text load test
 
 
 @dataclass
@@ -82,23 +82,6 @@ QUICK = {
     "cache_profiles": [8],
     "sequence": 2000,
 }
-
-
-def minilm_bank(work: Path, adapters: int) -> tuple[AdapterBank, Path]:
-    """The seeded random bank of the embedded MiniLM (what the image serves), saved under ``work``."""
-    from xpeft.adapters.bank import create_random_bank
-    from xpeft.adapters.encoder import load_encoder
-
-    encoder = load_encoder("minilm", device="cpu")
-    bank = create_random_bank(
-        encoder.num_layers,
-        encoder.hidden_size,
-        encoder.model_id,
-        num_adapters=adapters,
-        seed=0,
-        model_name="minilm",
-    )
-    return bank, bank.save(work / "bank.safetensors")
 
 
 def log(message: str) -> None:
@@ -324,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="xpeft-affinity-"))
     redis_server = RedisServer()
     try:
-        bank, bank_path = minilm_bank(work, config.adapters)
+        bank, bank_path = saved_minilm_bank(work, config.adapters)
         prefix = f"xpeft-affinity-{uuid.uuid4().hex[:8]}"
         log(f"storing {config.profiles} profiles")
 
@@ -360,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         "kill": killed,
         "duration_s": time.perf_counter() - started,
     }
-    from bench.affinity.report import save, write_section
+    from bench.affinity.report import write_section
+    from bench.common.docs import save
 
     save(result, out, doc, write_section, log)
 

@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
+from bench.common.docs import BEGIN, END
+from bench.common.docs import fill_block as fill
 from bench.eval.analysis import Results
 from bench.eval.markdown import cell_name, table
-from xpeft.adapters.errors import XPeftError
-
-
-def markers(name: str) -> tuple[str, str]:
-    """The comment pair around a generated block named ``name``."""
-    return f"<!-- bench.eval {name}: begin -->", f"<!-- bench.eval {name}: end -->"
-
-
-BEGIN, END = markers("diagnostics")
 
 
 def _mean(values: list[float]) -> str:
@@ -100,14 +92,4 @@ def block(res: Results, results_path: str, command: str) -> str:
     return "\n".join(lines)
 
 
-def fill(doc: str | Path, text: str, name: str = "diagnostics") -> Path:
-    """Replace the text between the markers of block ``name`` in ``doc`` with ``text``."""
-    begin, end = markers(name)
-    path = Path(doc)
-    page = path.read_text(encoding="utf-8")
-    if begin not in page or end not in page:
-        raise XPeftError("bad_argument", f"{path} has no '{begin}' ... '{end}' block to fill")
-    head, rest = page.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}", encoding="utf-8")
-    return path
+__all__ = ["BEGIN", "END", "block", "fill"]

@@ -95,13 +95,13 @@ def main() -> None:
         .replace("{{SECONDS}}", f"{time.perf_counter() - start:.0f}")
     )
     # keep the benchmark's generated diagnostics block (bench.eval report --method-doc) as it is
-    from bench.eval.method_doc import BEGIN, END, fill
+    from bench.common.docs import BEGIN, END, fill_block
 
     out = Path(args.out)
     old = out.read_text() if out.exists() else ""
     out.write_text(text)
     if BEGIN in old and END in old:
-        fill(out, old.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n"))
+        fill_block(out, old.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n"))
     print("\n".join(table))
 
 

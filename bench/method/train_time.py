@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.eval.method_doc import fill
+from bench.common.docs import fill_block
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
 from xpeft.profiles.data import load_dataset
@@ -85,7 +85,7 @@ def main() -> None:
         f"{m['single_adapter']:.1f} s for `single_adapter` (**{result['ratio_shipped_to_single_adapter']:.2f}×**) "
         f"and {m['paper']:.1f} s for the paper's hard masks ({result['ratio_shipped_to_paper']:.2f}×)."
     )
-    fill(args.method_doc, text, "train_time")
+    fill_block(args.method_doc, text, "train_time")
     print(text)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import httpx
 import redis
 
-from bench.reliability.harness import RedisServer
+from bench.common.processes import RedisServer
 from bench.reliability.traffic import Outcome, Recorder, latency_summary, status_counts
 
 TEXT = "a quiet, well made film"

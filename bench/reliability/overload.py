@@ -15,7 +15,7 @@ import itertools
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.reliability.harness import memory
+from bench.common.processes import memory
 from bench.reliability.traffic import Recorder, latency_summary, status_counts
 
 TEXT = ("an overlong review that goes on about the plot, the actors and the music " * 3)[:200]

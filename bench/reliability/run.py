@@ -23,8 +23,8 @@ import httpx
 import redis
 import torch
 
+from bench.common.processes import RedisServer, ServerProcess
 from bench.reliability.boundary import run_boundary
-from bench.reliability.harness import RedisServer, ServerProcess
 from bench.reliability.hostile import run_hostile
 from bench.reliability.outage import OutageConfig, run_outage
 from bench.reliability.overload import run_overload

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from bench.reliability.harness import ServerProcess
+from bench.common.processes import ServerProcess
 from bench.reliability.traffic import Recorder, status_counts
 
 TEXT = ("a long and winding review that keeps going about the plot and the cast " * 8)[:500]

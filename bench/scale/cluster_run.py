@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from bench.reliability.harness import RedisServer
+from bench.common.processes import RedisServer
 from bench.scale.cluster import LocalCluster
 from bench.scale.failover import run_failover
 
@@ -31,11 +31,11 @@ def queue_put(store, pipe, pid: str, data: bytes, meta_json: str) -> None:
     """Exactly ``RedisClusterStore.put``'s script, keys and arguments (no condition), queued on ``pipe``."""
     from xpeft.server.stores.base import now
     from xpeft.server.stores.redis_cluster_store import PUT_SCRIPT
-    from xpeft.server.stores.redis_store import _condition_args
+    from xpeft.server.stores.redis_store import condition_args
 
     tag = store.tag(pid)
     keys = [store.key(pid), f"{tag}:ids", f"{tag}:seq"]
-    args = [pid, data, meta_json, repr(now()), store.channel_of(pid), *_condition_args(None)]
+    args = [pid, data, meta_json, repr(now()), store.channel_of(pid), *condition_args(None)]
     pipe.eval(PUT_SCRIPT, len(keys), *keys, *args)
 
 
@@ -59,15 +59,15 @@ def used_memory(nodes: LocalCluster) -> int:
 
 def main_cluster(args, count: int, started: float) -> None:
     """Run the cluster figures, write ``results/scale-cluster.json`` and its doc section."""
-    from bench.affinity.report import save
-    from bench.affinity.run import minilm_bank
-    from bench.load.run import hardware, load_texts
+    from bench.common.docs import save
+    from bench.common.runs import hardware, load_texts
+    from bench.common.server import saved_minilm_bank
+    from bench.scale.fill import log, make_payloads
     from bench.scale.report import write_cluster_section
-    from bench.scale.run import log, make_payloads
 
     work = Path(tempfile.mkdtemp(prefix="xpeft-scale-cluster-"))
     try:
-        bank, bank_path = minilm_bank(work, 100)
+        bank, bank_path = saved_minilm_bank(work, 100)
         payloads, metas = make_payloads(bank, min(args.distinct, count))
         texts, _ = load_texts("")
         measured = measure(args, count, work, bank_path, payloads, metas, texts, log)
@@ -95,7 +95,7 @@ def main_cluster(args, count: int, started: float) -> None:
 
 def measure(args, count: int, work: Path, bank_path: Path, payloads, metas, texts, log) -> dict:
     """The cluster figures (see the module docstring)."""
-    from bench.scale.run import fill, list_pages, replica
+    from bench.scale.fill import fill, list_pages, replica
     from xpeft.server.stores.redis_cluster_store import RedisClusterStore
 
     jobs = RedisServer()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.reliability.harness import ServerProcess
+from bench.common.processes import ServerProcess
 from bench.scale.cluster import LocalCluster
 
 ADMIN = "admin-token-for-the-failover-run"

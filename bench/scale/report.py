@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.affinity.report import fill, machine, report_main, shown_path
+from bench.common.docs import fill, machine, report_main, shown_path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -15,7 +15,7 @@ encoder, a seeded random bank of N = 100), with the trainer process it starts it
     core), since nothing else runs. Repeated ``--repeats`` times on fresh profile ids.
 (b) Serving while training: a second server with the trainer's defaults (one thread, nice 10)
     holds ``--profiles`` random warm profiles; rounds alternate wrk (one thread, ``--clients``
-    connections, single-text predicts round-robin, bench/load/single.py's script) without a job
+    connections, single-text predicts round-robin, bench/common/requests.lua) without a job
     and with one job training (the same SST-2 sample, enough epochs to outlast the window; it is
     cancelled after the window). Throughput and p50/p99 come from wrk; the ratio compares the
     medians of the two kinds of round from the same server process.
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.load.infra import ServerProcess
-from bench.load.run import hardware, load_texts, log
-from bench.load.single import run_wrk, store_profiles
+from bench.common.runs import hardware, load_texts, stderr_log
+from bench.common.server import ServerProcess
+from bench.common.wrk import run_wrk, store_profiles
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
 from xpeft.profiles.data import load_dataset
@@ -64,6 +64,9 @@ class Config:
 
 
 QUICK = {"examples": 200, "repeats": 1, "profiles": 4, "clients": 4, "seconds": 3.0, "rounds": 1}
+
+
+log = stderr_log("train-service")
 
 
 def write_tsv(path: Path, data_path: str, n: int, seed: int) -> int:

@@ -47,7 +47,7 @@ class TrainerContext:
 
     def get_model(self) -> MultiProfileModel:
         if self.model is None:
-            from xpeft.server.app import build_model
+            from xpeft.server.model import build_model
 
             self.model = build_model(self.settings, self.bank)
         return self.model
@@ -228,11 +228,11 @@ async def _store(
     """Exactly what ``PUT`` does: validate against the served bank, then the store's atomic put
     (which publishes the change to every replica). ``condition``: keep-if-better replaces only the
     version it was compared with. The version, and whether the same bytes were stored already."""
-    from xpeft.server.routes import _validate_profile
     from xpeft.server.stores import open_store
     from xpeft.server.stores.base import PreconditionFailed
+    from xpeft.server.uploads import validate_profile
 
-    meta = _validate_profile(data, bank, settings.max_labels)
+    meta = validate_profile(data, bank, settings.max_labels)
     store = open_store(settings)
     try:
         result = await store.put(profile_id, data, meta, condition)

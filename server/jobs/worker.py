@@ -48,17 +48,15 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(settings.train_threads)
-    from xpeft.adapters.bank import AdapterBank
-    from xpeft.server.app import check_readable
     from xpeft.server.jobs import trainer
     from xpeft.server.jobs.queue import make_queue, open_job_store
+    from xpeft.server.model import load_bank
 
     if settings.bank is None:
         from xpeft.adapters.errors import XPeftError
 
         raise XPeftError("bad_argument", "worker needs --bank (or XPEFT_BANK)")
-    check_readable(settings.bank)
-    bank = AdapterBank.load(settings.bank)
+    bank = load_bank(settings.bank)
     trainer.CONTEXT = trainer.TrainerContext(settings, open_job_store(settings), bank)
     huey, task = make_queue(settings)
     stop = threading.Event()

@@ -35,7 +35,7 @@ from redis.cluster import key_slot
 
 from xpeft.server.stores.base import ChangeEvent, StoreUnavailable
 from xpeft.server.stores.cluster_listing import merged_page
-from xpeft.server.stores.redis_store import _DELETE, _PUT, DOWN, RedisStore
+from xpeft.server.stores.redis_store import DELETE_LUA, DOWN, PUT_LUA, RedisStore
 
 GROUPS = 48  # fixed for a deployment's lifetime: it decides where every id lives
 SLOTS = 16384
@@ -53,8 +53,8 @@ def _clustered(script: str) -> str:
     return script.replace(_COUNTER, _CLOCKED).replace("'PUBLISH'", "'SPUBLISH'")
 
 
-PUT_SCRIPT = _clustered(_PUT)
-DELETE_SCRIPT = _clustered(_DELETE)
+PUT_SCRIPT = _clustered(PUT_LUA)
+DELETE_SCRIPT = _clustered(DELETE_LUA)
 
 
 def group_tags(prefix: str, groups: int = GROUPS) -> list[str]:

@@ -46,7 +46,7 @@ T = TypeVar("T")
 DOWN = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
-def _condition_args(condition: Condition | None) -> list[str]:
+def condition_args(condition: Condition | None) -> list[str]:
     """``condition`` as the two script arguments that ``_CHECK`` reads."""
     if condition is None:
         return ["", ""]
@@ -71,7 +71,7 @@ end
 
 # Returns {0, current or false}: condition failed; {2, version, created_at, updated_at}: the same
 # bytes and metadata are stored already (nothing written); {1, seq, created, created_at}: written.
-_PUT = (
+PUT_LUA = (
     _CHECK
     + """
 local cur = redis.call('HMGET', KEYS[1], 'version', 'data', 'meta', 'created_at', 'updated_at')
@@ -90,7 +90,7 @@ return {1, seq, created, created_at}
 )
 
 # Returns 0: no such id; -version: the condition failed; else the version of the deletion.
-_DELETE = (
+DELETE_LUA = (
     _CHECK
     + """
 local version = redis.call('HGET', KEYS[1], 'version')
@@ -142,8 +142,8 @@ class RedisStore(ProfileStore):
             **({"password": password} if password else {}),
         )
         self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
-        self._put = self._redis.register_script(_PUT)
-        self._delete = self._redis.register_script(_DELETE)
+        self._put = self._redis.register_script(PUT_LUA)
+        self._delete = self._redis.register_script(DELETE_LUA)
 
     def key(self, profile_id: str) -> str:
         return self._profile_prefix + profile_id
@@ -181,7 +181,7 @@ class RedisStore(ProfileStore):
             json.dumps(meta, separators=(",", ":")),
             repr(stamp),
             self.channel_of(profile_id),
-            *_condition_args(condition),
+            *condition_args(condition),
         ]
         status, *rest = await self._call("put", self._write("put", profile_id, args))
         if status == 0:  # the script checked the same condition: raise its refusal
@@ -211,7 +211,7 @@ class RedisStore(ProfileStore):
         return None if values[0] is None else self._record(profile_id, values)
 
     async def delete(self, profile_id: str, condition: Condition | None = None) -> int | None:
-        args = [profile_id, repr(now()), self.channel_of(profile_id), *_condition_args(condition)]
+        args = [profile_id, repr(now()), self.channel_of(profile_id), *condition_args(condition)]
         seq = await self._call("delete", self._write("delete", profile_id, args))
         if int(seq) < 0:
             check(condition, profile_id, -int(seq))

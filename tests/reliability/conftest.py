@@ -30,7 +30,7 @@ from xpeft.profiles.synthetic import random_profile
 # bench/ is not an installed package: `python -m pytest` finds it from the repository root, plain `pytest` not.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.reliability.harness import RedisServer, ServerProcess, bearer, drop_prefix, redis_answers  # noqa: E402, F401 - the tests import bearer from here
+from bench.common.processes import RedisServer, ServerProcess, bearer, drop_prefix, redis_answers  # noqa: E402, F401 - the tests import bearer from here
 
 ADMIN = "rel-admin-token-7c1f0a"
 API = "rel-api-token-52be91"

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import redis
 
-from bench.reliability.harness import ServerProcess
+from bench.common.processes import ServerProcess
 from bench.train_service.procs import WorkerProcess, job, wait_job
 from xpeft.profiles.data import Dataset
 from xpeft.server.jobs.queue import make_queue

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from bench.affinity.nginx import CONF, Nginx, nginx_binary, render, shares
-from bench.reliability.harness import ServerProcess, free_port
+from bench.common.processes import ServerProcess, free_port
 
 IDS = [f"aff-{i:02d}" for i in range(24)]
 

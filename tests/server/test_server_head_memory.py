@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.reliability.harness import ServerProcess
+from bench.common.processes import ServerProcess
 from xpeft.profiles.slots import head_memory_bound
 from xpeft.server.settings import Settings
 

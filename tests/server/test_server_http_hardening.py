@@ -27,12 +27,12 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from bench.reliability.harness import free_port, redis_answers
+from bench.common.processes import free_port, redis_answers
 from xpeft.adapters.errors import XPeftError
+from xpeft.client import Client, ClientError, profile_path
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server.app import create_app
 from xpeft.server.auth import Authorizer, check_exposure
-from xpeft.server.client import Client, ClientError, profile_path
 from xpeft.server.errors import ApiError
 from xpeft.server.middleware import redact_query
 from xpeft.server.settings import Settings
@@ -295,7 +295,7 @@ def test_check_readable_as_another_user(bank_path) -> None:
     """The same refusal, checked in a forked child that drops to uid nobody (works wherever the
     checkout lives, since the child already has the code in memory)."""
     from xpeft.adapters.errors import XPeftError
-    from xpeft.server.app import check_readable
+    from xpeft.server.model import check_readable
 
     folder = Path(tempfile.mkdtemp(prefix="xpeft-bank-"))
     folder.chmod(0o755)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from bench.affinity.nginx import Nginx, nginx_binary, render
-from bench.reliability.harness import free_port
+from bench.common.processes import free_port
 
 
 def _backend(status: int, body: dict) -> http.server.ThreadingHTTPServer:

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from bench.reliability.harness import ServerProcess
+from bench.common.processes import ServerProcess
 
 ADMIN = "admin-token-for-logging-test"
 

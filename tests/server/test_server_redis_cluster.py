@@ -21,7 +21,7 @@ from redis.exceptions import ResponseError
 
 from bench.scale.cluster import LocalCluster
 from xpeft.server.stores.base import StoreUnavailable
-from xpeft.server.stores.redis_store import _DELETE, _PUT, RedisStore
+from xpeft.server.stores.redis_store import DELETE_LUA, PUT_LUA, RedisStore
 
 
 @pytest.fixture
@@ -90,14 +90,14 @@ def test_the_scripts_are_single_slot_for_a_cluster_client_and_crossslot_without_
         store = RedisStore("redis://unused", prefix=f"xpeft-cc-{uuid.uuid4().hex[:6]}")
         keys = [store.key("p"), store.ids_key, store.seq_key]
         args = ["p", b"data", "{}", "1.0", store.channel, "", ""]
-        status, *_ = client.eval(_PUT, 3, *keys, *args)
+        status, *_ = client.eval(PUT_LUA, 3, *keys, *args)
         assert status == 1
-        assert client.eval(_DELETE, 3, *keys, "p", "2.0", store.channel, "", "") >= 1
+        assert client.eval(DELETE_LUA, 3, *keys, "p", "2.0", store.channel, "", "") >= 1
         # Without the shared tag, the same script spans slots and the cluster refuses it.
         untagged = ["profile:p", "other-deployment:ids", "seq"]
         assert len({cluster.slot(k) for k in untagged}) > 1
         with pytest.raises((ResponseError, redis.exceptions.RedisClusterException)):
-            client.eval(_PUT, 3, *untagged, *args)
+            client.eval(PUT_LUA, 3, *untagged, *args)
     finally:
         client.close()
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import redis
 
-from bench.reliability.harness import ServerProcess, bearer, drop_prefix
+from bench.common.processes import ServerProcess, bearer, drop_prefix
 from xpeft.profiles.format_header import CRC, PREFIX, split
 
 ADMIN = "text-admin-token-5b1f0c"

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 # bench/ is not an installed package: `python -m pytest` finds it from the repository root, plain `pytest` not.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.load.infra import batch_stats, parse_metrics
-from bench.load.loadgen import check_loopback
+from bench.common.loadgen import check_loopback
+from bench.common.server import batch_stats, parse_metrics
+from bench.common.stats import ZipfSampler, latency_summary, percentile
 from bench.load.report import memory_summary, render_markdown, storing_deltas, write_report
-from bench.load.stats import ZipfSampler, latency_summary, percentile
 
 
 # -- Zipf -------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench import serving, serving_report  # noqa: E402
-from bench.load.single import wrk_result  # noqa: E402
+from bench.common.wrk import wrk_result  # noqa: E402
 
 
 def test_cpu_quick_run_checks_and_times_the_serving_path(tmp_path, monkeypatch) -> None:

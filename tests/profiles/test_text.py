@@ -25,8 +25,8 @@ from xpeft.profiles.text import TextError, check_text, clean_strings, json_depth
 from xpeft.server.errors import ApiError, profile_format_error
 from xpeft.server.jobs.records import TooManyJobs
 from xpeft.server.jobs.request import parse_train_request
-from xpeft.server.routes import _validate_profile
 from xpeft.server.settings import Settings
+from xpeft.server.uploads import validate_profile
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 ADMIN = "text-unit-admin-0123456789"
@@ -140,7 +140,7 @@ def test_the_upload_decoder_answers_only_typed_refusals_to_damaged_files(bank, d
     if data.draw(st.booleans()):
         base = base[: data.draw(st.integers(0, len(base)))]
     try:
-        _validate_profile(bytes(base), bank, 1000)
+        validate_profile(bytes(base), bank, 1000)
     except xpm.ProfileFormatError as exc:
         assert 400 <= profile_format_error(exc).status < 500
     except XPeftError as exc:

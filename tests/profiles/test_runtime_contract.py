@@ -68,7 +68,7 @@ def test_encoder_for_bank_prefers_the_named_model_then_the_banks_own(monkeypatch
 def test_the_kernel_dispatch_reads_the_environment_once(monkeypatch) -> None:
     fake_cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, requires_grad=False)
     monkeypatch.setattr(kernels, "HAVE_TRITON", True)
-    monkeypatch.setattr(kernels, "_from_environment", None)
+    monkeypatch.setattr(kernels, "_chosen", None)
     monkeypatch.setenv("XPEFT_KERNELS", "off")
     assert not kernels.enabled("apply", fake_cuda)
     monkeypatch.setenv("XPEFT_KERNELS", "all")  # too late: the first dispatch has read it

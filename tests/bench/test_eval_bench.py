@@ -19,7 +19,7 @@ from bench.eval.results import ResultsFile, read_results
 from bench.eval.stats import t_interval
 from bench.eval.tasks import TaskData, texts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOMAINS = {"bank": ["balance", "transfer", "freeze"], "home": ["lights", "alarm", "oven"]}
 
 

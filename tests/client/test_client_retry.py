@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from xpeft.server.client import AsyncClient, Client, ClientError
-from xpeft.server.client_core import retry_after_seconds
+from xpeft.client import AsyncClient, Client, ClientError
+from xpeft.client.core import retry_after_seconds
 
 DROP = "drop"  # close the connection without an answer
 

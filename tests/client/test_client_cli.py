@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from xpeft.cli.main import main
+from xpeft.client import Client, ClientError
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.server.client import Client, ClientError
 
 
 def closed_port_url() -> str:

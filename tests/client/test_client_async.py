@@ -13,9 +13,9 @@ import inspect
 import httpx
 import pytest
 
+from xpeft.client import AsyncClient, Client, ClientError
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.server.client import AsyncClient, Client, ClientError
 
 TEXTS = [f"review {i}: {'a wonderful film' if i % 2 else 'a dreadful meal'}" for i in range(10)]
 PROFILE_METHODS = (

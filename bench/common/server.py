@@ -21,12 +21,11 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common.loadgen import check_loopback
 from xpeft.adapters.bank import AdapterBank, create_random_bank
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder
-from xpeft.server.app import _validate_profile
 from xpeft.server.stores.redis_store import RedisStore
-
-from .loadgen import check_loopback
+from xpeft.server.uploads import validate_profile
 
 READY_TIMEOUT_S = 180.0
 
@@ -257,14 +256,14 @@ async def bulk_put(
 ) -> int:
     """Store profiles through ``RedisStore.put`` (the PUT endpoint's own call), ``window`` at a time.
 
-    The metadata comes from the PUT handler's own ``_validate_profile`` (it decodes and checks the
+    The metadata comes from the PUT handler's own ``validate_profile`` (it decodes and checks the
     whole file first), then the same Lua script, version counter and change event as a PUT; only
     HTTP is skipped. The runner checks that an HTTP PUT stores identical ``data`` and ``meta``.
     """
     done = 0
     pending: list[asyncio.Task] = []
     for profile_id, data in items:
-        pending.append(asyncio.ensure_future(store.put(profile_id, data, _validate_profile(data, bank))))
+        pending.append(asyncio.ensure_future(store.put(profile_id, data, validate_profile(data, bank))))
         if len(pending) >= window:
             await asyncio.gather(*pending)
             done += len(pending)
@@ -284,3 +283,9 @@ def minilm_bank(adapters: int, seed: int) -> tuple[AdapterEncoder, AdapterBank]:
         encoder.num_layers, encoder.hidden_size, encoder.model_id, adapters, seed=seed, model_name="minilm"
     )
     return encoder, bank
+
+
+def saved_minilm_bank(work: Path, adapters: int, seed: int = 0) -> tuple[AdapterBank, Path]:
+    """:func:`minilm_bank`'s bank (what the image serves), saved under ``work``."""
+    _, bank = minilm_bank(adapters, seed)
+    return bank, bank.save(work / "bank.safetensors")

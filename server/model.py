@@ -1,0 +1,67 @@
+"""The bank and the model a server (or its trainer process) runs, built from the settings.
+
+Shared by the app factory and the trainer so that both serve exactly the same encoder: it is
+chosen by :func:`~xpeft.adapters.encoder.encoder_for_bank`, the one rule (the model the
+settings name, else the bank's own at its pinned revision, else the embedded default).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from xpeft.adapters import kernel_policy, kernels
+from xpeft.adapters.bank import AdapterBank
+from xpeft.adapters.encoder import encoder_for_bank
+from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.server.settings import Settings
+
+__all__ = ["DTYPES", "build_model", "check_readable", "kernel_report", "load_bank"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_model(settings: Settings, bank: AdapterBank) -> MultiProfileModel:
+    """The encoder the settings name (default: the bank's own), on their device (default: the
+    best one), with ``bank``; the kernels the settings choose are fixed for the process here."""
+    kernels.configure(settings.kernels)
+    encoder = encoder_for_bank(bank, settings.model, device=settings.device, dtype=DTYPES[settings.dtype])
+    return MultiProfileModel(encoder, bank)
+
+
+def load_bank(path: Path) -> AdapterBank:
+    """The bank file at ``path``, with a clear error when the server's user cannot read it."""
+    check_readable(path)
+    return AdapterBank.load(path)
+
+
+def check_readable(path: Path) -> None:
+    """A bank the server's user cannot read is a deployment error with its own clear message
+    (safetensors alone reports it as "No such file or directory")."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise XPeftError("bank_not_found", f"no bank file at {path}") from None
+    except PermissionError:
+        raise XPeftError(
+            "bank_unreadable",
+            f"cannot read bank {path}: permission denied (the server runs as uid {os.getuid()}; "
+            "make the file readable by it, e.g. chmod 0644)",
+        ) from None
+    except OSError as exc:
+        raise XPeftError("bank_unreadable", f"cannot read bank {path}: {exc.strerror}") from None
+
+
+def kernel_report(setting: str, device: torch.device) -> dict[str, str]:
+    """What ``/readyz``, the start-up log and ``xpeft_kernels_info`` say of the kernels: the
+    setting, the kernels it chose, and those that run on ``device`` (CUDA with Triton only)."""
+    chosen = kernels.chosen()
+    runs = kernels.HAVE_TRITON and device.type == "cuda"
+    return {
+        "setting": setting,
+        "chosen": kernel_policy.describe(chosen),
+        "running": kernel_policy.describe(chosen if runs else {}),
+    }
