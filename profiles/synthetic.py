@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from xpeft.adapters.bank import AdapterBank
+from xpeft.profiles.abstain import AbstainRule, knots_of
 from xpeft.profiles.format import quantize_rows
 from xpeft.profiles.masks import khot
 from xpeft.profiles.profile import Profile, ProfileKind
@@ -74,3 +75,12 @@ def random_profile(
             "up_bias": torch.randn(L, d, generator=g) * 0.1,
         }
     return profile
+
+
+def random_rule(
+    num_labels: int, seed: int = 0, min_confidence: float = 0.05, fallback: str | None = None
+) -> AbstainRule:
+    """A valid max-softmax abstention rule: knots of seeded probabilities in ``[1/C, 1]``."""
+    g = torch.Generator().manual_seed(seed)
+    held = 1 / num_labels + (1 - 1 / num_labels) * torch.rand(200, generator=g)
+    return AbstainRule("msp", knots_of(held), min_confidence, fallback)

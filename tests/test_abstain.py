@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import struct
 import zlib
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from xpeft.adapters.errors import XPeftError
+from xpeft.cli.main import main
 from xpeft.profiles import format as xpm
 from xpeft.profiles.abstain import (
     KNOT_QUANTILES,
@@ -26,6 +29,7 @@ from xpeft.profiles.format_header import PREFIX, ProfileFormatError
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
 from xpeft.profiles.train import TrainConfig, train_profile
+from xpeft.profiles.train_config import DEFAULT_ABSTAIN_SCORE, DEFAULT_MIN_CONFIDENCE
 
 GOOD = ["wonderful", "excellent", "delightful", "brilliant", "lovely", "superb", "great", "charming"]
 BAD = ["awful", "terrible", "dreadful", "horrible", "boring", "dismal", "lousy", "painful"]
@@ -130,7 +134,7 @@ def test_split_is_stratified_seeded_and_keeps_oos_apart(reviews) -> None:
 # -- training ------------------------------------------------------------------------------------
 def test_training_fits_a_rule_that_catches_off_topic_inputs(trained, model) -> None:
     rule = trained.profile.abstain
-    assert rule is not None and rule.score == "msp" and 0 <= rule.min_confidence <= 0.5
+    assert rule is not None and rule.score == DEFAULT_ABSTAIN_SCORE and 0 <= rule.min_confidence <= 0.5
     assert len(trained.split.held) == 12 and len(trained.split.oos) == len(OFF_TOPIC)
     assert "oos" not in trained.profile.labels
     served = xpm.decode(xpm.encode(trained.profile), model.bank)
@@ -140,7 +144,9 @@ def test_training_fits_a_rule_that_catches_off_topic_inputs(trained, model) -> N
     assert float(held_conf.min()) < 0.1 and float(held_conf.max()) > 0.9
     cosine = rule_from(served, "cosine", scored, Scored.of(model, served, trained.split.fit))
     assert cosine.class_means is not None and cosine.class_means.shape == (2, model.encoder.hidden_size)
-    assert cosine.min_confidence == pytest.approx(0.05, abs=1e-3)  # the default point, no OOS given
+    assert torch.allclose(cosine.class_means.norm(dim=-1), torch.ones(2), atol=1e-2)
+    msp = rule_from(served, "msp", scored)  # no OOS examples given: the default point
+    assert msp.class_means is None and msp.min_confidence == pytest.approx(DEFAULT_MIN_CONFIDENCE, abs=1e-3)
 
 
 def test_small_data_trains_without_a_rule_and_says_so(encoder, bank, separable) -> None:
@@ -297,3 +303,41 @@ def test_rule_dataclass_checks(bank) -> None:
     ):
         with pytest.raises(XPeftError):
             bad.check(["a", "b"])
+
+
+# -- the command line ----------------------------------------------------------------------------
+def _cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse refusals
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_trains_a_rule_and_predict_shows_it(bank, reviews, tmp_path) -> None:
+    bank_file = bank.save(tmp_path / "bank.safetensors")
+    data = tmp_path / "train.tsv"
+    rows = [
+        f"{x}\t{y}" for x, y in zip(reviews.inputs + OFF_TOPIC, reviews.labels + ["none"] * 12, strict=True)
+    ]
+    data.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "p.xpm"
+    base = ["train", "--bank", str(bank_file), "--data", str(data), "--method", "head_only", "--quiet"]
+    code, _, err = _cli(*base, "--out", str(out), "--oos-label", "none", "--fallback-label", "maybe")
+    assert code == 2 and "fallback label 'maybe'" in err and not out.exists()
+    code, _, err = _cli(*base, "--out", str(out), "--min-confidence", "1.5")
+    assert code == 2 and "not in [0, 1]" in err and not out.exists()
+    code, printed, err = _cli(*base, "--out", str(out), "--oos-label", "none", "--abstain-score", "msp")
+    assert code == 0, err
+    summary = json.loads(printed)
+    assert summary["abstain"]["score"] == "msp" and 0 <= summary["abstain"]["min_confidence"] <= 0.5
+    assert xpm.read_info(out.read_bytes()).labels == ["neg", "pos"]
+    predict = ["predict", "--bank", str(bank_file), "--profile", str(out), "set an alarm for seven"]
+    code, printed, _ = _cli(*predict, "--min-confidence", "1")
+    (answer,) = json.loads(printed)
+    assert code == 0 and answer["abstained"] == (answer["confidence"] < 1) and "label" in answer
+    code, printed, _ = _cli(*predict, "--min-confidence", "0")
+    assert json.loads(printed)[0]["abstained"] is False
+    assert _cli(*predict, "--min-confidence", "2")[0] == 2

@@ -277,4 +277,18 @@ def parse_train_request(
     )
     config, fraction, keep = _config(options, settings, *shape)
     _check_data(data, settings, fraction, config.seed)
+    _check_abstain_labels(data, config)
     return TrainRequest(data, config, fraction, keep)
+
+
+def _check_abstain_labels(data: Dataset, config: TrainConfig) -> None:
+    """The rule's labels against the examples, before a job is queued: the fallback must be one of
+    the classes, the OOS label must occur."""
+    labels = set(data.labels)
+    if config.oos_label is not None and config.oos_label not in labels:
+        raise invalid(f"no example carries the OOS label {config.oos_label[:64]!r}", "bad_data")
+    classes = labels - {config.oos_label}
+    if config.fallback_label is not None and config.fallback_label not in classes:
+        raise invalid(
+            f"fallback label {config.fallback_label[:64]!r} is not one of the example labels", "bad_data"
+        )
