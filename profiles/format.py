@@ -23,13 +23,17 @@ signed bytes; indices: each in the fewest bits that hold ``N*r - 1``, big-endian
     single_adapter  down (L,d,r), down_bias (L,r), up (L,r,d), up_bias (L,d)
     head_only       nothing
     every kind      head_weight (C,d), head_bias (C)
+    with a rule     abstain_rule: the 16 knots then the operating point (17 floats); for the
+                    cosine score also class_means (C,d floats, unit rows)
 
 Version 2 adds three optional header fields for hard profiles: ``scale_power`` (a selected
 adapter weighs ``1 / k**p``), ``gains`` and ``values`` (booleans: those sections are present). A
 profile that uses none of them is written as version 1, byte for byte as before, so servers that
 only read version 1 keep serving it. Version 3 adds the units kind, with its header fields
 ``tied`` and ``out_scale`` (booleans); a hard profile is still written as version 1 or 2, so a
-server that reads only those keeps serving it. All three versions are read. Framing and header checks live in
+server that reads only those keeps serving it. Version 4 adds the abstention rule: header fields
+``abstain`` (the score's name) and ``fallback`` (a label, optional), and the sections above; a
+profile without a rule keeps the version it had. All four versions are read. Framing and header checks live in
 :mod:`xpeft.profiles.format_header`; this module owns the sections, the one table of what each
 kind stores.
 """
