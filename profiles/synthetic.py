@@ -78,9 +78,19 @@ def random_profile(
 
 
 def random_rule(
-    num_labels: int, seed: int = 0, min_confidence: float = 0.05, fallback: str | None = None
+    num_labels: int,
+    seed: int = 0,
+    min_confidence: float = 0.05,
+    fallback: str | None = None,
+    score: str = "msp",
+    hidden_size: int = 0,
 ) -> AbstainRule:
-    """A valid max-softmax abstention rule: knots of seeded probabilities in ``[1/C, 1]``."""
+    """A valid abstention rule: knots of seeded scores in ``[1/C, 1]``; for ``cosine``, also
+    seeded unit class means of ``hidden_size`` (what a trained rule costs to apply)."""
     g = torch.Generator().manual_seed(seed)
     held = 1 / num_labels + (1 - 1 / num_labels) * torch.rand(200, generator=g)
-    return AbstainRule("msp", knots_of(held), min_confidence, fallback)
+    means = None
+    if score == "cosine":
+        means = torch.nn.functional.normalize(torch.randn(num_labels, hidden_size, generator=g), dim=-1)
+        means = means.to(torch.float16).float()
+    return AbstainRule(score, knots_of(held), min_confidence, fallback, means)
