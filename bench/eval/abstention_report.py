@@ -227,7 +227,7 @@ def _targets(pairs: dict, methods: list[str], points: list[str]) -> list[str]:
         f"The shipped default score `{s}` at the shipped operating point {shipped}"
         + (f" and at the point the dev splits choose, {dev}" if dev != shipped else "")
         + (
-            f" (its dev cost: {min(dev_costs):.2f} to {max(dev_costs):.2f} points, at the bound)"
+            f" (its dev cost: {min(dev_costs):.2f} to {max(dev_costs):.2f} points, the largest within the bound)"
             if dev != shipped
             else ""
         )
