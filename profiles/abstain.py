@@ -120,6 +120,25 @@ class AbstainRule:
         """``(B,)`` confidences of rows with these logits (and pooled embeddings, for cosine)."""
         return confidence(self.knots, row_scores(self.score, logits, pooled, self.class_means))
 
+    @classmethod
+    def from_stored(
+        cls,
+        score: str,
+        stored: torch.Tensor,
+        fallback: str | None,
+        means: torch.Tensor | None,
+        labels: list[str],
+    ) -> AbstainRule:
+        """The rule a file holds (the knots then the point; class means as unit rows), checked."""
+        if means is not None:
+            if not bool(((means.float().norm(dim=-1) - 1).abs() < 1e-2).all()):
+                raise XPeftError("bad_argument", "class_means rows must be unit vectors")
+            means = means.float()
+        stored = stored.float()
+        rule = cls(score, stored[:-1], float(stored[-1]), fallback, means)
+        rule.check(labels)
+        return rule
+
     def check(self, labels: list[str]) -> None:
         """Refuse a rule that cannot work for a profile with these labels (``bad_argument``)."""
         check_min_confidence(self.min_confidence)

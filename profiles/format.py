@@ -375,22 +375,14 @@ def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
 
 
 def _decode_rule(info: ProfileInfo, t: dict[str, torch.Tensor]) -> AbstainRule:
-    """The stored rule, refused (``bad_payload``) unless its knots rise, its point lies in
-    [0, 1] and its class means are unit vectors."""
+    """The stored rule; any inconsistency is ``bad_payload``."""
     assert info.abstain is not None
-    stored = t["abstain_rule"].float()
-    means = t.get("class_means")
-    if means is not None:
-        norms = means.float().norm(dim=-1)
-        if not bool(((norms - 1).abs() < 1e-2).all()):
-            raise ProfileFormatError("bad_payload", "class_means rows must be unit vectors")
-        means = means.float()
-    rule = AbstainRule(info.abstain, stored[:-1], float(stored[-1]), info.fallback, means)
     try:
-        rule.check(info.labels)
+        return AbstainRule.from_stored(
+            info.abstain, t["abstain_rule"], info.fallback, t.get("class_means"), info.labels
+        )
     except XPeftError as exc:
         raise ProfileFormatError("bad_payload", exc.message) from None
-    return rule
 
 
 def check_compatible(profile: Profile | ProfileInfo, bank: AdapterBank) -> None:

@@ -27,7 +27,7 @@ from xpeft.profiles.abstain_fit import Scored, rule_from, split_for_rule
 from xpeft.profiles.data import Dataset
 from xpeft.profiles.format_header import PREFIX, ProfileFormatError
 from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.profiles.synthetic import random_profile
+from xpeft.profiles.synthetic import random_profile, random_rule
 from xpeft.profiles.train import TrainConfig, train_profile
 from xpeft.profiles.train_config import DEFAULT_ABSTAIN_SCORE, DEFAULT_MIN_CONFIDENCE
 
@@ -341,3 +341,16 @@ def test_cli_trains_a_rule_and_predict_shows_it(bank, reviews, tmp_path) -> None
     code, printed, _ = _cli(*predict, "--min-confidence", "0")
     assert json.loads(printed)[0]["abstained"] is False
     assert _cli(*predict, "--min-confidence", "2")[0] == 2
+
+
+def test_class_means_that_are_not_unit_rows_are_refused(bank) -> None:
+    profile = random_profile(bank, "hard", seed=4, labels=["neg", "pos"])
+    profile.abstain = random_rule(2, seed=2, score="cosine", hidden_size=bank.hidden_size)
+    blob = xpm.encode(profile)
+    assert xpm.decode(blob, bank).abstain.class_means.shape == (2, bank.hidden_size)
+    n = 2 * bank.hidden_size * 2  # the class means: the last section
+    doubled = (profile.abstain.class_means * 2).to(torch.float16).numpy().tobytes()
+    body = blob[:-4][:-n] + doubled
+    with pytest.raises(ProfileFormatError) as info:
+        xpm.decode(body + struct.pack("<I", zlib.crc32(body)), bank)
+    assert info.value.code == "bad_payload" and "unit vectors" in info.value.message
