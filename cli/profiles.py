@@ -13,7 +13,7 @@ from xpeft.adapters.errors import XPeftError
 from xpeft.cli import jobs
 from xpeft.cli.output import parse_inputs, positive_int, print_json, writable_target
 from xpeft.cli.remote import TOKEN_HELP
-from xpeft.profiles.train_config import ESTIMATORS, METHODS, TrainConfig
+from xpeft.profiles.train_config import ABSTAIN_FIELDS, ABSTAIN_SCORES, ESTIMATORS, METHODS, TrainConfig
 
 # TrainConfig fields that `xpeft train` sets from flags of the same name
 TRAIN_FLAGS = (
@@ -36,6 +36,7 @@ TRAIN_FLAGS = (
     "batch_size",
     "max_length",
     "seed",
+    *ABSTAIN_FIELDS,
 )
 
 EVAL_BATCH_SIZE = 64  # xpeft.profiles.evaluate.evaluate's default (a test checks they agree)
@@ -128,6 +129,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     }
     if eval_data is not None:
         summary["eval_accuracy"] = result.history[-1].get("eval_accuracy")
+    rule = result.profile.abstain
+    summary["abstain"] = (
+        {"score": rule.score, "min_confidence": rule.min_confidence, "fallback": rule.fallback}
+        if rule is not None
+        else None
+    )
+    if result.notes:
+        summary["notes"] = result.notes
     print_json(summary)
 
 
@@ -167,6 +176,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     model = _model(args)
     profile = model.load_profile(args.profile)
     predictions = model.predict(profile, parse_inputs(args.texts, args.pair_sep))
+    if args.min_confidence is not None:
+        predictions = [p.at_operating_point(profile, args.min_confidence) for p in predictions]
     print_json([{"input": t, **p.as_dict()} for t, p in zip(args.texts, predictions, strict=True)])
 
 
@@ -237,6 +248,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the scores, the head and the shuffling")
     p.add_argument("--eval-data", default=None, help="labelled data scored after each epoch")
+    _abstain_args(p, d)
     _run_args(p)
     jobs.add_remote_args(p)
     p.set_defaults(func=cmd_train)
@@ -268,4 +280,45 @@ def register(subparsers: Any) -> None:
     p.add_argument("--url", help="a server, e.g. http://127.0.0.1:8000 (with --id)")
     p.add_argument("--id", dest="profile_id", help="the profile's id on the server")
     p.add_argument("--token", default=None, help=TOKEN_HELP)
+    _min_confidence(p, None, "this call's operating point for the profile's abstention rule, in [0, 1]")
     p.set_defaults(func=cmd_predict)
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1], for operating points."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return value
+
+
+def _min_confidence(p: argparse.ArgumentParser, default: float | None, help: str) -> None:
+    p.add_argument("--min-confidence", type=_fraction, default=default, help=help)
+
+
+def _abstain_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The abstention rule's flags (docs/TRAINING.md)."""
+    _switch(p, "--abstain", d.abstain, "fit an out-of-scope rule on a held-out part of the data")
+    p.add_argument(
+        "--abstain-score", choices=ABSTAIN_SCORES, default=d.abstain_score, help="what the rule reads"
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=d.holdout,
+        help="fraction of each label held out to calibrate the rule",
+    )
+    _min_confidence(
+        p,
+        d.min_confidence,
+        "the rule's operating point in [0, 1] (default: picked on --oos-label rows, else 0.05)",
+    )
+    p.add_argument(
+        "--oos-label", default=d.oos_label, help="rows with this label are out-of-scope examples, not a class"
+    )
+    p.add_argument(
+        "--fallback-label", default=d.fallback_label, help="answer this label instead of none when abstaining"
+    )

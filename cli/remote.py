@@ -34,7 +34,8 @@ def predict_remote(args: argparse.Namespace) -> None:
     if not args.profile_id:
         raise XPeftError("bad_argument", "predict --url needs --id")
     with _client(args) as client:
-        result = client.predict(args.profile_id, parse_inputs(args.texts, args.pair_sep))
+        texts = parse_inputs(args.texts, args.pair_sep)
+        result = client.predict(args.profile_id, texts, getattr(args, "min_confidence", None))
     print_json([{"input": t, **p} for t, p in zip(args.texts, result["predictions"], strict=True)])
 
 

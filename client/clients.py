@@ -124,9 +124,13 @@ class Client(ClientBase):
             if not cursor:
                 return
 
-    def predict(self, profile_id: str, inputs: Sequence[TextInput]) -> dict:
-        """``{"profile", "version", "predictions": [{"label", "score", "scores"}, ...]}``."""
-        return self._run(predict_op(profile_id, inputs, self.max_inputs))
+    def predict(
+        self, profile_id: str, inputs: Sequence[TextInput], min_confidence: float | None = None
+    ) -> dict:
+        """``{"profile", "version", "predictions": [{"label", "score", "scores", "abstained"}, ...]}``;
+        ``label`` is None (or the fallback label) where the profile's rule abstained, under
+        ``min_confidence`` when given, else the profile's own operating point."""
+        return self._run(predict_op(profile_id, inputs, self.max_inputs, min_confidence))
 
     # -- operations ------------------------------------------------------------------------
     def health(self) -> dict:
@@ -238,8 +242,10 @@ class AsyncClient(ClientBase):
             if not cursor:
                 return
 
-    async def predict(self, profile_id: str, inputs: Sequence[TextInput]) -> dict:
-        return await self._run(predict_op(profile_id, inputs, self.max_inputs))
+    async def predict(
+        self, profile_id: str, inputs: Sequence[TextInput], min_confidence: float | None = None
+    ) -> dict:
+        return await self._run(predict_op(profile_id, inputs, self.max_inputs, min_confidence))
 
     async def health(self) -> dict:
         return await self._send(Call("GET", "/healthz"))

@@ -124,25 +124,29 @@ def single(call: Call) -> Op[Any]:
     return answer
 
 
-def predict_op(profile_id: str, inputs: Sequence[TextInput], max_inputs: int) -> Op[dict]:
+def predict_op(
+    profile_id: str, inputs: Sequence[TextInput], max_inputs: int, min_confidence: float | None = None
+) -> Op[dict]:
     """Predict, in chunks of ``max_inputs`` when there are more; answers are re-joined in order.
+    ``min_confidence``: this request's operating point for the profile's abstention rule.
 
     The answer comes from one version of the profile, as one request's would: chunks that an
     upload overtook are sent again (``_VERSION_ROUNDS`` times, then ``version_changed``).
     """
     path = profile_path(profile_id, "/predict")
     items = [x if isinstance(x, str) else list(x) for x in inputs]
+    point = {} if min_confidence is None else {"min_confidence": min_confidence}
     if len(items) <= max_inputs:  # one request; the server refuses an empty list itself
-        return (yield from single(Call("POST", path, {"json": {"inputs": items}})))
+        return (yield from single(Call("POST", path, {"json": {"inputs": items, **point}})))
     chunks = [items[i : i + max_inputs] for i in range(0, len(items), max_inputs)]
-    answers = yield [Call("POST", path, {"json": {"inputs": c}}) for c in chunks]
+    answers = yield [Call("POST", path, {"json": {"inputs": c, **point}}) for c in chunks]
     for _ in range(_VERSION_ROUNDS):
         newest = max(a["version"] for a in answers)
         stale = [i for i, a in enumerate(answers) if a["version"] != newest]
         if not stale:
             predictions = [p for a in answers for p in a["predictions"]]
             return {"profile": answers[0]["profile"], "version": newest, "predictions": predictions}
-        fresh = yield [Call("POST", path, {"json": {"inputs": chunks[i]}}) for i in stale]
+        fresh = yield [Call("POST", path, {"json": {"inputs": chunks[i], **point}}) for i in stale]
         for i, answer in zip(stale, fresh, strict=True):
             answers[i] = answer
     raise ClientError(

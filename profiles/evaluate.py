@@ -14,18 +14,26 @@ def evaluate(
     model: MultiProfileModel, profile: Profile, data: Dataset, batch_size: int = 64, progress: bool = False
 ) -> dict:
     """Accuracy and n always; F1 of the second label and Matthews correlation for two labels,
-    macro-F1 and Matthews correlation for more. ``progress``: a bar, on a terminal only."""
+    macro-F1 and Matthews correlation for more; for a profile with an abstention rule, the
+    fraction of rows it abstained on (the metrics score its top label regardless).
+    ``progress``: a bar, on a terminal only."""
     unknown = sorted(set(data.labels) - set(profile.labels))
     if unknown:
         raise DataError("bad_data", f"labels {unknown[:5]} are not among the profile's {profile.labels}")
     predicted: list[str] = []
+    abstained = 0
     with tqdm(total=len(data), desc="eval", unit="input", disable=None if progress else True) as bar:
         for start in range(0, len(data), batch_size):
             chunk = data.inputs[start : start + batch_size]
-            predicted += [p.label for p in model.predict(profile, chunk, batch_size)]
+            answers = model.predict(profile, chunk, batch_size)
+            predicted += [p.top_label for p in answers]
+            abstained += sum(p.abstained for p in answers)
             bar.update(len(chunk))
     metrics = classification_metrics(data.labels, predicted, profile.labels)
-    return {"accuracy": metrics.pop("accuracy"), "n": len(data), **metrics}
+    out = {"accuracy": metrics.pop("accuracy"), "n": len(data), **metrics}
+    if profile.abstain is not None:
+        out["abstained"] = abstained / max(1, len(data))
+    return out
 
 
 def classification_metrics(truth: list[str], predicted: list[str], labels: list[str]) -> dict[str, float]:

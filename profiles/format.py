@@ -23,13 +23,17 @@ signed bytes; indices: each in the fewest bits that hold ``N*r - 1``, big-endian
     single_adapter  down (L,d,r), down_bias (L,r), up (L,r,d), up_bias (L,d)
     head_only       nothing
     every kind      head_weight (C,d), head_bias (C)
+    with a rule     abstain_rule: the 16 knots then the operating point (17 floats); for the
+                    cosine score also class_means (C,d floats, unit rows)
 
 Version 2 adds three optional header fields for hard profiles: ``scale_power`` (a selected
 adapter weighs ``1 / k**p``), ``gains`` and ``values`` (booleans: those sections are present). A
 profile that uses none of them is written as version 1, byte for byte as before, so servers that
 only read version 1 keep serving it. Version 3 adds the units kind, with its header fields
 ``tied`` and ``out_scale`` (booleans); a hard profile is still written as version 1 or 2, so a
-server that reads only those keeps serving it. All three versions are read. Framing and header checks live in
+server that reads only those keeps serving it. Version 4 adds the abstention rule: header fields
+``abstain`` (the score's name) and ``fallback`` (a label, optional), and the sections above; a
+profile without a rule keeps the version it had. All four versions are read. Framing and header checks live in
 :mod:`xpeft.profiles.format_header`; this module owns the sections, the one table of what each
 kind stores.
 """
@@ -41,8 +45,11 @@ from pathlib import Path
 import torch
 
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
+from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.abstain import CLASS_MEAN_SCORES, KNOT_QUANTILES, AbstainRule
 from xpeft.profiles.format_codecs import Section, pack, unit_selection, unpack
 from xpeft.profiles.format_header import (
+    ABSTAIN_VERSION,
     ERROR_CODES,
     FORMAT_VERSION,
     KINDS_BY_WIRE_NAME,
@@ -85,6 +92,7 @@ def sections(
     values: bool = False,
     tied: bool = False,
     out_scale: bool = False,
+    abstain: str | None = None,
 ) -> list[Section]:
     """What a profile of ``kind`` stores, in file order: the one place that says it."""
     out: list[Section] = []
@@ -106,7 +114,12 @@ def sections(
     elif kind is ProfileKind.SINGLE_ADAPTER:
         shapes = {"down": (L, d, r), "down_bias": (L, r), "up": (L, r, d), "up_bias": (L, d)}
         out = [Section(name, "f16", shapes[name]) for name in TENSOR_NAMES]
-    return out + [Section("head_weight", "f16", (C, d)), Section("head_bias", "f16", (C,))]
+    out += [Section("head_weight", "f16", (C, d)), Section("head_bias", "f16", (C,))]
+    if abstain is not None:  # the knots and the operating point; the class means for their scores
+        out.append(Section("abstain_rule", "f16", (len(KNOT_QUANTILES) + 1,)))
+        if abstain in CLASS_MEAN_SCORES:
+            out.append(Section("class_means", "f16", (C, d)))
+    return out
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -139,6 +152,11 @@ def _stored(profile: Profile, section: Section) -> torch.Tensor:
         return _unit_rows(profile, 0 if name == "unit_down" else 1, section)
     if name in ("out_scale", "out_scale_step") and profile.out_scale is not None:
         return quantize_rows(profile.out_scale)[0 if name == "out_scale" else 1]
+    if name == "abstain_rule" and profile.abstain is not None:
+        rule = profile.abstain
+        return torch.cat([rule.knots.float(), torch.tensor([rule.min_confidence])])
+    if name == "class_means" and profile.abstain is not None and profile.abstain.class_means is not None:
+        return profile.abstain.class_means
     if name in TENSOR_NAMES:
         return profile.adapter_tensors()[name]
     tensor = getattr(profile, name)
@@ -181,8 +199,14 @@ def encode(profile: Profile) -> bytes:
         header["meta"] = dict(profile.meta)
     extras = _kind_fields(profile)
     header.update(extras)
-    payload = b"".join(pack(s, _stored(profile, s)) for s in _sections_of(header))
     version = max(profile.kind.spec.min_version, 2 if extras else 1)
+    if profile.abstain is not None:  # a profile without a rule keeps the version it always had
+        profile.abstain.check(profile.labels)
+        header["abstain"] = profile.abstain.score
+        if profile.abstain.fallback is not None:
+            header["fallback"] = profile.abstain.fallback
+        version = ABSTAIN_VERSION
+    payload = b"".join(pack(s, _stored(profile, s)) for s in _sections_of(header))
     return frame(version, header, payload)
 
 
@@ -201,6 +225,7 @@ def _sections_of(h: dict) -> list[Section]:
         h.get("values", False),
         h.get("tied", False),
         h.get("out_scale", False),
+        h.get("abstain"),
     )
 
 
@@ -241,6 +266,8 @@ def _read(data: bytes) -> tuple[ProfileInfo, bytes]:
         values=h.get("values", False),
         tied=h.get("tied", False),
         out_scale=h.get("out_scale", False),
+        abstain=h.get("abstain"),
+        fallback=h.get("fallback"),
     )
     return info, payload
 
@@ -266,6 +293,7 @@ def _tensors(info: ProfileInfo, payload: bytes) -> dict[str, torch.Tensor]:
         i.values,
         i.tied,
         i.out_scale,
+        i.abstain,
     ):
         raw = payload[offset : offset + s.nbytes]
         offset += s.nbytes
@@ -339,9 +367,22 @@ def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
         profile.weights_down, profile.weights_up = t["weights_down"], t["weights_up"]
     elif kind is ProfileKind.SINGLE_ADAPTER:
         profile.adapter = {name: t[name] for name in TENSOR_NAMES}
+    if info.abstain is not None:
+        profile.abstain = _decode_rule(info, t)
     if bank is not None:
         check_compatible(profile, bank)
     return profile
+
+
+def _decode_rule(info: ProfileInfo, t: dict[str, torch.Tensor]) -> AbstainRule:
+    """The stored rule; any inconsistency is ``bad_payload``."""
+    assert info.abstain is not None
+    try:
+        return AbstainRule.from_stored(
+            info.abstain, t["abstain_rule"], info.fallback, t.get("class_means"), info.labels
+        )
+    except XPeftError as exc:
+        raise ProfileFormatError("bad_payload", exc.message) from None
 
 
 def check_compatible(profile: Profile | ProfileInfo, bank: AdapterBank) -> None:

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.kinds import KINDS, KINDS_BY_WIRE_NAME, WIRE_NAMES, ProfileKind
 from xpeft.profiles.text import TextError, check_text
+from xpeft.profiles.train_config import ABSTAIN_SCORES
 
 MAGIC = b"\x89XPM"
-FORMAT_VERSION = 3  # the newest version this build writes
-READ_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest version this build writes
+READ_VERSIONS = (1, 2, 3, 4)
+ABSTAIN_VERSION = 4  # the first version that holds an abstention rule
 PREFIX = struct.Struct("<4sHH")
 CRC = struct.Struct("<I")
 # Bounds on declared shapes: far above any real encoder, far below anything that hurts.
@@ -65,6 +67,8 @@ class ProfileInfo:
     values: bool = False
     tied: bool = False
     out_scale: bool = False
+    abstain: str | None = None  # the abstention rule's score; None: the profile never abstains
+    fallback: str | None = None  # the label an abstaining row answers (None: no label)
 
     @property
     def profile_kind(self) -> ProfileKind:
@@ -113,6 +117,26 @@ def _check_kind_fields(header: dict, version: int, kind: ProfileKind) -> None:
             raise ProfileFormatError("bad_header", f"{key} must be a JSON boolean")
 
 
+def _check_abstain(header: dict, version: int) -> None:
+    """The rule's fields: ``abstain`` (its score) from version 4 on, ``fallback`` only with it and
+    only one of the profile's labels."""
+    if "abstain" not in header:
+        if "fallback" in header:
+            raise ProfileFormatError("bad_header", "fallback needs an abstention rule")
+        return
+    if version < ABSTAIN_VERSION:
+        raise ProfileFormatError("bad_header", f"an abstention rule needs format version {ABSTAIN_VERSION}")
+    if header["abstain"] not in ABSTAIN_SCORES:
+        raise ProfileFormatError(
+            "bad_header", f"abstain={header['abstain']!r} is not one of {ABSTAIN_SCORES}"
+        )
+    fallback = header.get("fallback")
+    if fallback is not None and fallback not in header["labels"]:
+        raise ProfileFormatError(
+            "bad_header", f"fallback label {fallback!r} is not one of the profile's labels"
+        )
+
+
 def parse_header(raw: bytes, version: int) -> dict:
     """The header as JSON, every field checked; ``kind`` becomes a :class:`ProfileKind`."""
     try:
@@ -131,6 +155,8 @@ def parse_header(raw: bytes, version: int) -> dict:
     for key, bound in LIMITS.items():
         if key != "C":
             _check_int(header, key, 1, bound)
+    if "abstain" in header and len(labels) < 2:
+        raise ProfileFormatError("bad_header", "an abstention rule needs a profile of at least 2 labels")
     if not 2 <= len(labels) <= LIMITS["C"] or not all(
         isinstance(x, str) and 0 < len(x) <= 256 for x in labels
     ):
@@ -158,6 +184,7 @@ def parse_header(raw: bytes, version: int) -> dict:
     ):
         raise ProfileFormatError("bad_header", f"meta must be at most {MAX_META_ITEMS} string pairs")
     _check_kind_fields(header, version, kind)
+    _check_abstain(header, version)
     try:  # the one text rule (profiles/text.py): what is stored here is shown by every listing
         for n, label in enumerate(labels):
             check_text(label, f"labels[{n}]", 256)

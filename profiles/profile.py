@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
+from xpeft.profiles.abstain import AbstainRule
 from xpeft.profiles.kinds import ProfileKind
 from xpeft.profiles.masks import mask_to_weights, unit_scale
 
@@ -48,6 +49,7 @@ class Profile:
     tied: bool = False  # units: one selection for both projections (both rows of unit_index equal)
     out_scale: torch.Tensor | None = None  # units: (L, d) scaling of each layer's adapter output
     meta: dict[str, str] = field(default_factory=dict)
+    abstain: AbstainRule | None = None  # the out-of-scope rule; None: never abstains
 
     @classmethod
     def for_bank(
@@ -96,6 +98,8 @@ class Profile:
             self.values,
             self.unit_index,
             self.out_scale,
+            self.abstain.knots if self.abstain else None,
+            self.abstain.class_means if self.abstain else None,
             *(self.adapter or {}).values(),
         ]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)

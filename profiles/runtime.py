@@ -26,12 +26,45 @@ from xpeft.profiles.slots import SlotPool
 
 @dataclass
 class Prediction:
-    label: str
+    """One row's answer. ``label`` is None (or the profile's fallback label) when it abstained;
+    ``score`` and ``scores`` are always the profile's own label probabilities, and ``confidence``
+    is the row's confidence under the profile's abstention rule (None without a rule)."""
+
+    label: str | None
     score: float
     scores: dict[str, float]
+    abstained: bool = False
+    confidence: float | None = None
 
     def as_dict(self) -> dict:
-        return {"label": self.label, "score": self.score, "scores": self.scores}
+        out = {"label": self.label, "score": self.score, "scores": self.scores, "abstained": self.abstained}
+        if self.confidence is not None:
+            out["confidence"] = self.confidence
+        return out
+
+    @property
+    def top_label(self) -> str:
+        """The most probable of the profile's labels, whether or not the row abstained."""
+        return max(self.scores, key=self.scores.__getitem__)
+
+    def at_operating_point(self, profile: Profile, min_confidence: float | None) -> Prediction:
+        """This answer under another operating point (None: the profile's own); unchanged for a
+        profile without a rule."""
+        rule = profile.abstain
+        if rule is None or self.confidence is None:
+            return self
+        return self.with_confidence(profile, self.confidence, min_confidence)
+
+    def with_confidence(
+        self, profile: Profile, confidence: float, min_confidence: float | None = None
+    ) -> Prediction:
+        """The answer once the profile's rule has given this row ``confidence``."""
+        rule = profile.abstain
+        assert rule is not None
+        point = rule.min_confidence if min_confidence is None else min_confidence
+        abstained = confidence < point
+        label = rule.fallback if abstained else self.top_label
+        return Prediction(label, self.score, self.scores, abstained, confidence)
 
 
 @dataclass
@@ -243,7 +276,6 @@ class MultiProfileModel:
         logits = self.batch_logits(inputs, rows, profiles, fused).cpu()
         return [logits[i, : profiles[r].num_labels] for i, r in enumerate(rows)]
 
-    @torch.no_grad()
     def batch_logits(
         self,
         inputs: Sequence[TextInput],
@@ -252,7 +284,19 @@ class MultiProfileModel:
         fused: Sequence[FusedAdapters] | SlotBatch,
         features: Sequence[dict[str, list[int]]] | None = None,
     ) -> torch.Tensor:
-        """``(B, C_max)`` logits on the device; columns past a row's labels hold padding.
+        """``(B, C_max)`` logits on the device; columns past a row's labels hold padding."""
+        return self.forward_rows(inputs, rows, profiles, fused, features)[0]
+
+    @torch.no_grad()
+    def forward_rows(
+        self,
+        inputs: Sequence[TextInput],
+        rows: Sequence[int],
+        profiles: Sequence[Profile],
+        fused: Sequence[FusedAdapters] | SlotBatch,
+        features: Sequence[dict[str, list[int]]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C_max)`` logits and the ``(B, d)`` pooled embeddings they came from, on the device.
 
         ``fused`` is either one ``U=1`` entry per profile or a :class:`SlotBatch`: the profiles'
         slots in a pool, whose weights and heads are read in place (no concatenation, no head
@@ -278,7 +322,7 @@ class MultiProfileModel:
             pooled = enc(encodings, batch, row_index if batch.num_profiles > 1 else None)
             heads, biases = self._heads(profiles)
             heads, biases = heads[row_index], biases[row_index]
-        return torch.bmm(heads, pooled.float().unsqueeze(-1)).squeeze(-1) + biases
+        return torch.bmm(heads, pooled.float().unsqueeze(-1)).squeeze(-1) + biases, pooled
 
     def _heads(self, profiles: Sequence[Profile]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, C, d)`` heads and ``(U, C)`` biases on the device, zero-padded to the most labels."""
@@ -319,7 +363,7 @@ class MultiProfileModel:
             return [[] for _ in requests]
         if fused is None:
             fused = self.transient_batch(profiles)
-        logits = self.batch_logits(inputs, rows, profiles, fused, features)
+        logits, pooled = self.forward_rows(inputs, rows, profiles, fused, features)
         # one softmax for the whole batch, each row over its own labels, and one copy to the host
         labels = torch.as_tensor([profiles[r].num_labels for r in rows]).to(logits.device)
         columns = torch.arange(logits.shape[1], device=logits.device)
@@ -327,9 +371,31 @@ class MultiProfileModel:
         answers: list[list[Prediction]] = []
         start = 0
         for profile, texts in requests:
-            answers.append([from_probs(profile, p) for p in probs[start : start + len(texts)]])
-            start += len(texts)
+            stop = start + len(texts)
+            answer = [from_probs(profile, p) for p in probs[start:stop]]
+            if profile.abstain is not None and answer:  # rows of profiles without a rule: as before
+                rule = profile.abstain
+                conf = rule.confidence(logits[start:stop, : profile.num_labels], pooled[start:stop]).tolist()
+                answer = [a.with_confidence(profile, c) for a, c in zip(answer, conf, strict=True)]
+            answers.append(answer)
+            start = stop
         return answers
+
+    def features(
+        self, profile: Profile, inputs: Sequence[TextInput], batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n, C)`` logits and ``(n, d)`` pooled embeddings of one profile's rows, on the host:
+        what an abstention rule reads (calibration and measurement use this)."""
+        logits, pooled = [], []
+        batch = self.transient_batch([profile])
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start : start + batch_size]
+            out = self.forward_rows(chunk, [0] * len(chunk), [profile], batch)
+            logits.append(out[0][:, : profile.num_labels].float().cpu())
+            pooled.append(out[1].float().cpu())
+        if not logits:
+            return torch.zeros(0, profile.num_labels), torch.zeros(0, self.encoder.hidden_size)
+        return torch.cat(logits), torch.cat(pooled)
 
     def transient_batch(self, profiles: Sequence[Profile]) -> SlotBatch:
         """A pool of exactly these profiles: fused in one call, heads built once, slot u = profile u."""

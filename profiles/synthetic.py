@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from xpeft.adapters.bank import AdapterBank
+from xpeft.profiles.abstain import AbstainRule, knots_of
 from xpeft.profiles.format import quantize_rows
 from xpeft.profiles.masks import khot
 from xpeft.profiles.profile import Profile, ProfileKind
@@ -74,3 +75,22 @@ def random_profile(
             "up_bias": torch.randn(L, d, generator=g) * 0.1,
         }
     return profile
+
+
+def random_rule(
+    num_labels: int,
+    seed: int = 0,
+    min_confidence: float = 0.05,
+    fallback: str | None = None,
+    score: str = "msp",
+    hidden_size: int = 0,
+) -> AbstainRule:
+    """A valid abstention rule: knots of seeded scores in ``[1/C, 1]``; for ``cosine``, also
+    seeded unit class means of ``hidden_size`` (what a trained rule costs to apply)."""
+    g = torch.Generator().manual_seed(seed)
+    held = 1 / num_labels + (1 - 1 / num_labels) * torch.rand(200, generator=g)
+    means = None
+    if score == "cosine":
+        means = torch.nn.functional.normalize(torch.randn(num_labels, hidden_size, generator=g), dim=-1)
+        means = means.to(torch.float16).float()
+    return AbstainRule(score, knots_of(held), min_confidence, fallback, means)

@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MAX_PROFILE_SERIES = 64  # profiles with their own abstention series; the rest share "other"
 disable_created_metrics()  # process-wide in prometheus_client; the server's registries are its only ones
 
 
@@ -130,6 +131,23 @@ class Metrics:
             ["event"],
             registry=r,
         )
+
+        self.abstentions = Counter(
+            "xpeft_abstentions_total",
+            f"predictions that abstained (none of the profile's labels), by profile: the first "
+            f"{MAX_PROFILE_SERIES} profiles that abstain have a series each, later ones share 'other'",
+            ["profile"],
+            registry=r,
+        )
+        self._abstaining: set[str] = set()
+
+    def count_abstentions(self, profile_id: str, count: int) -> None:
+        """Count one request's abstentions under a bounded number of profile series."""
+        if not count:
+            return
+        if profile_id not in self._abstaining and len(self._abstaining) < MAX_PROFILE_SERIES:
+            self._abstaining.add(profile_id)
+        self.abstentions.labels(profile_id if profile_id in self._abstaining else "other").inc(count)
 
     def cache_event(self, cache: str, event: str, count: int = 1) -> None:
         if count:

@@ -30,7 +30,7 @@ from xpeft.server.schemas import (
     ProfileList,
     ProfileMeta,
     PutAnswer,
-    parse_predict_body,
+    parse_predict_request,
 )
 from xpeft.server.settings import PROFILE_ID_PATTERN, Settings
 from xpeft.server.uploads import validate_profile
@@ -177,12 +177,12 @@ async def list_profiles(
     return {"profiles": [r.as_dict() for r in records], "next_cursor": next_cursor}
 
 
-async def _inputs(request: Request, settings: Settings) -> list[TextInput]:
+async def _inputs(request: Request, settings: Settings) -> tuple[list[TextInput], float | None]:
     """Read the body only now, after the token check (a dependency), and parse it with its sizes
-    checked first (see :func:`parse_predict_body`)."""
+    checked first (see :func:`parse_predict_request`): the inputs and the operating point."""
     raw = await request.body()
     try:
-        return parse_predict_body(
+        return parse_predict_request(
             raw, request.headers.get("content-type"), settings.max_inputs, settings.max_text_chars
         )
     except BodyError as exc:
@@ -210,7 +210,7 @@ async def predict(request: Request, response: Response, profile_id: str = Profil
     where the time went (queue, inference), as text-embeddings-inference reports them."""
     check_profile_id(profile_id)
     state = server_state(request)
-    inputs = await _inputs(request, state.settings)
+    inputs, min_confidence = await _inputs(request, state.settings)
     if not state.model_ready:
         raise ApiError(
             503, "not_ready", state.model_error or "the model is still loading", headers={"Retry-After": "1"}
@@ -218,14 +218,16 @@ async def predict(request: Request, response: Response, profile_id: str = Profil
     timeout = state.settings.request_timeout_s
     computing = time.perf_counter()
     try:  # one deadline for all of it: store lookup, queue and forward
-        answer, job = await asyncio.wait_for(_predict(state, profile_id, inputs), timeout)
+        answer, job = await asyncio.wait_for(_predict(state, profile_id, inputs, min_confidence), timeout)
     except asyncio.TimeoutError as exc:
         raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from exc
     response.headers.update(_timing_headers(request, state, job, inputs, computing))
     return answer
 
 
-async def _predict(state: ServerState, profile_id: str, inputs: list[TextInput]) -> tuple[dict, Job]:
+async def _predict(
+    state: ServerState, profile_id: str, inputs: list[TextInput], min_confidence: float | None = None
+) -> tuple[dict, Job]:
     entry = await state.profiles.get(profile_id)
     if entry is None:
         raise _not_found(profile_id)
@@ -236,6 +238,9 @@ async def _predict(state: ServerState, profile_id: str, inputs: list[TextInput])
             503, "overloaded", f"the server is busy: {exc}; retry later", headers={"Retry-After": "1"}
         ) from exc
     predictions = await job.future
+    if min_confidence is not None:  # this request's own operating point
+        predictions = [p.at_operating_point(entry.profile, min_confidence) for p in predictions]
+    state.metrics.count_abstentions(profile_id, sum(p.abstained for p in predictions))
     answer = {
         "profile": profile_id,
         "version": entry.version,

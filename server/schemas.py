@@ -30,12 +30,25 @@ class PredictRequest(BaseModel):
     inputs: list[TextOrPair] = Field(
         ..., description="texts or [premise, hypothesis] pairs", examples=[["a lovely film", "a dull film"]]
     )
+    min_confidence: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="this request's operating point for the profile's abstention rule (default: the "
+        "profile's own); ignored by a profile without a rule",
+    )
 
 
 class PredictionOut(BaseModel):
-    label: str
+    label: str | None = Field(
+        ..., description="the predicted label; null (or the profile's fallback label) when abstained"
+    )
     score: float
     scores: dict[str, float]
+    abstained: bool = Field(False, description="true when the input belongs to none of the profile's labels")
+    confidence: float | None = Field(
+        None, description="the input's confidence under the profile's abstention rule (absent without one)"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -66,6 +79,8 @@ class ProfileMeta(BaseModel):
     max_length: int
     format_version: int
     meta: dict[str, str]
+    abstain: str | None = Field(None, description="the abstention rule's score; null: never abstains")
+    fallback: str | None = Field(None, description="the label an abstaining input gets (null: none)")
 
 
 class PutAnswer(ProfileMeta):
@@ -109,7 +124,15 @@ def _loads(raw: bytes) -> object:
 def parse_predict_body(
     raw: bytes, content_type: str | None, max_inputs: int, max_text_chars: int
 ) -> list[TextOrPair]:
-    """The inputs of a predict body: counts and sizes first, then each item's type and length.
+    """The inputs of a predict body (see :func:`parse_predict_request`)."""
+    return parse_predict_request(raw, content_type, max_inputs, max_text_chars)[0]
+
+
+def parse_predict_request(
+    raw: bytes, content_type: str | None, max_inputs: int, max_text_chars: int
+) -> tuple[list[TextOrPair], float | None]:
+    """The inputs and the optional ``min_confidence`` of a predict body: counts and sizes first,
+    then each item's type and length.
 
     Work is bounded by the body size (already capped by the body limit): one C-speed parse, then
     at most ``max_inputs`` items are looked at. Raises :class:`BodyError`.
@@ -121,7 +144,7 @@ def parse_predict_body(
         raise BodyError("the body is not valid JSON" + (hint or _JSON_HINT)) from None
     if not isinstance(body, dict):
         raise BodyError('the body must be a JSON object {"inputs": [...]}' + hint)
-    extra = next((k for k in body if k != "inputs"), None)
+    extra = next((k for k in body if k not in ("inputs", "min_confidence")), None)
     unknown = f"unknown field {extra[:64]!r}: extra fields are not permitted" if extra is not None else ""
     inputs = body.get("inputs")
     if not isinstance(inputs, list):
@@ -131,6 +154,11 @@ def parse_predict_body(
         raise BodyError(unknown)
     if not inputs:
         raise BodyError("inputs must hold at least one text")
+    point = body.get("min_confidence")
+    if point is not None and (
+        isinstance(point, bool) or not isinstance(point, int | float) or not 0.0 <= point <= 1.0
+    ):
+        raise BodyError(f"min_confidence must be a number in [0, 1], got {str(point)[:64]}")
     if len(inputs) > max_inputs:
         raise BodyError(f"{len(inputs)} inputs; at most {max_inputs} per request")
     out: list[TextOrPair] = []
@@ -147,4 +175,4 @@ def parse_predict_body(
             if _SURROGATE.search(text):
                 raise BodyError(f"inputs[{i}] holds a lone UTF-16 surrogate: not text")
         out.append(item if isinstance(item, str) else (item[0], item[1]))
-    return out
+    return out, None if point is None else float(point)

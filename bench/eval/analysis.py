@@ -27,6 +27,7 @@ TITLES = {
     "cr": "CR",
     "clinc_domain": "CLINC domains",
     "clinc_customers": "Customers",
+    "clinc_oos": "CLINC domains, rule held out (abstention runs)",
 }
 
 

@@ -27,6 +27,7 @@ TASK_KINDS = (
     "clinc_domain",
     "clinc_fewshot",
     "clinc_customers",
+    "clinc_oos",
 )
 BANK_KINDS = ("random", "trained")
 BASELINES = ("head_only", "single_adapter")  # read no bank: one run per (profile, seed)
@@ -59,6 +60,7 @@ class TaskSpec:
     epochs: int = 3
     batch_size: int = 32
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this task
+    profiles: tuple[str, ...] = ()  # CLINC domain kinds: only these domains (default: all ten)
 
 
 @dataclass(frozen=True)

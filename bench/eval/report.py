@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.eval import abstention_report
 from bench.eval.analysis import (
     MIN_ADAPTER_GAIN,
     Results,
@@ -313,7 +314,7 @@ def render(
         curves.append(
             "No task has `hard`, `head_only` and `single_adapter` runs of one profile and seed yet."
         )
-    parts += [curves, _banks(res)]
+    parts += [curves, abstention_report.section(res.runs), _banks(res)]
     return "\n\n".join("\n".join(p) for p in parts) + "\n"
 
 

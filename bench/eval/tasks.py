@@ -111,7 +111,11 @@ class TaskData:
             assert spec.count is not None
             width = len(str(spec.count - 1))
             return [f"c{i:0{width}d}" for i in range(spec.count)]
-        return self.domains()
+        domains = self.domains()
+        unknown = sorted(set(spec.profiles) - set(domains))
+        if unknown:
+            raise ConfigError(f"{spec.name}: no CLINC domains named {unknown}; there are {domains}")
+        return [d for d in domains if not spec.profiles or d in spec.profiles]
 
     def profile(self, spec: TaskSpec, name: str) -> EvalProfile:
         """One evaluated profile: its data before the task's size limits, then those limits."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from bench.eval import abstention
 from bench.eval.banks import Donor, donor_texts, resolve, train_donor
 from bench.eval.config import EvalConfig, TrainedBankSpec
 from bench.eval.plan import RunSpec
@@ -55,6 +56,7 @@ def hardware(device: torch.device) -> dict[str, Any]:
 
 SELECTION_SECTIONS = {"mask_down", "mask_up", "unit_down", "unit_up", "weights_down", "weights_up"}
 HEAD_SECTIONS = {"head_weight", "head_bias"}
+RULE_SECTIONS = {"abstain_rule", "class_means"}
 
 
 def profile_sizes(profile: Profile, blob: bytes) -> dict[str, int]:
@@ -75,9 +77,13 @@ def profile_sizes(profile: Profile, blob: bytes) -> dict[str, int]:
         info.values,
         info.tied,
         info.out_scale,
+        info.abstain,
     ):
         own = s.name in SELECTION_SECTIONS or s.name in TENSOR_NAMES
         part = "selection" if own else "head" if s.name in HEAD_SECTIONS else "extras"
+        if s.name in RULE_SECTIONS:  # the abstention rule: its sections, reported on their own
+            parts["rule"] = parts.get("rule", 0) + s.nbytes
+            continue
         parts[part] += s.nbytes
     framing = len(blob) - sum(parts.values())
     return {"total": len(blob), **parts, "header": framing}
@@ -192,6 +198,15 @@ class Worker:
             "pool": served.num_adapters * (served.bottleneck if served.kind.spec.fusion == "units" else 1),
             "train_config": result.config,
         }
+        if self.config.task(spec.task).kind == "clinc_oos" and result.split is not None:
+            row["abstention"] = abstention.measure(
+                self._models[bank.bank_id],
+                served,
+                result.split,
+                self.data,
+                spec.profile,
+                self.config.eval_batch_size,
+            )
         if spec.bank == "trained":
             row["donor_overlap"] = self._overlap(spec, ev, bank_key)
         diagnostics = getattr(result, "diagnostics", None)

@@ -21,7 +21,7 @@ from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.data import Dataset, check_dataset, load_dataset
 from xpeft.profiles.format_header import LIMITS
 from xpeft.profiles.text import TextError, load_json
-from xpeft.profiles.train_config import TrainConfig
+from xpeft.profiles.train_config import ABSTAIN_FIELDS, TrainConfig
 from xpeft.server.errors import ApiError
 from xpeft.server.settings import Settings
 
@@ -44,6 +44,7 @@ CONFIG_FIELDS = (
     "estimator",
     "tied",
     "out_scale",
+    *ABSTAIN_FIELDS,
 )
 _TYPES = {f.name: f.type for f in fields(TrainConfig)}
 SERVICE_FIELDS = ("eval_fraction", "keep_if_better")
@@ -121,7 +122,7 @@ def _typed(name: str, value: object, from_query: bool) -> object:
         (isinstance(value, bool) if "bool" in kind else False)
         or ("int" in kind and type(value) is int)
         or ("float" in kind and type(value) in (int, float))
-        or (kind == "str" and isinstance(value, str))
+        or (kind.split()[0] == "str" and isinstance(value, str))
     )
     if not ok:
         raise invalid(f"{name} must be a {kind.split()[0]}, got {json.dumps(value)[:50]}")
@@ -276,4 +277,18 @@ def parse_train_request(
     )
     config, fraction, keep = _config(options, settings, *shape)
     _check_data(data, settings, fraction, config.seed)
+    _check_abstain_labels(data, config)
     return TrainRequest(data, config, fraction, keep)
+
+
+def _check_abstain_labels(data: Dataset, config: TrainConfig) -> None:
+    """The rule's labels against the examples, before a job is queued: the fallback must be one of
+    the classes, the OOS label must occur."""
+    labels = set(data.labels)
+    if config.oos_label is not None and config.oos_label not in labels:
+        raise invalid(f"no example carries the OOS label {config.oos_label[:64]!r}", "bad_data")
+    classes = labels - {config.oos_label}
+    if config.fallback_label is not None and config.fallback_label not in classes:
+        raise invalid(
+            f"fallback label {config.fallback_label[:64]!r} is not one of the example labels", "bad_data"
+        )

@@ -187,6 +187,10 @@ def test_auth_is_puts_and_tenants_train_their_own_prefix_only(trainers, separabl
         ("EXAMPLES+keep", 422, "bad_argument"),
         ("EXAMPLES+unknown", 422, "invalid_request"),
         ("EXAMPLES+type", 422, "invalid_request"),
+        ("EXAMPLES+min_confidence", 422, "bad_argument"),
+        ("EXAMPLES+fallback", 422, "bad_data"),
+        ("EXAMPLES+oos_label", 422, "bad_data"),
+        ("EXAMPLES+score", 422, "bad_argument"),
     ],
 )
 def test_invalid_json_requests_are_refused_before_queueing(trainers, separable, body, status, code) -> None:
@@ -198,6 +202,10 @@ def test_invalid_json_requests_are_refused_before_queueing(trainers, separable, 
         "EXAMPLES+keep": {"examples": good, "eval_fraction": 0, "keep_if_better": True},
         "EXAMPLES+unknown": {"examples": good, "learning_rate": 1},
         "EXAMPLES+type": {"examples": good, "epochs": "3"},
+        "EXAMPLES+min_confidence": {"examples": good, "min_confidence": 1.5},
+        "EXAMPLES+fallback": {"examples": good, "fallback_label": "maybe"},
+        "EXAMPLES+oos_label": {"examples": good, "oos_label": "oos"},
+        "EXAMPLES+score": {"examples": good, "abstain_score": "entropy"},
     }
     body = variants.get(body, body) if isinstance(body, str) else body
     url = trainers.r.url
