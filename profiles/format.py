@@ -57,6 +57,7 @@ from xpeft.profiles.format_header import (
     WIRE_NAMES,
     ProfileFormatError,
     ProfileInfo,
+    check_compatible,
     frame,
     parse_header,
     split,
@@ -383,31 +384,6 @@ def _decode_rule(info: ProfileInfo, t: dict[str, torch.Tensor]) -> AbstainRule:
         )
     except XPeftError as exc:
         raise ProfileFormatError("bad_payload", exc.message) from None
-
-
-def check_compatible(profile: Profile | ProfileInfo, bank: AdapterBank) -> None:
-    """Refuse a profile made for another bank (bank kinds) or another encoder / shape (all kinds)."""
-    kind = ProfileKind(profile.kind)
-    if profile.model_id != bank.model_id:
-        raise ProfileFormatError(
-            "bank_mismatch",
-            f"profile was trained for encoder {profile.model_id}, this bank serves {bank.model_id}",
-        )
-    if kind.uses_bank and profile.bank_id != bank.bank_id:
-        raise ProfileFormatError(
-            "bank_mismatch",
-            f"profile was trained on bank {profile.bank_id}, the bank in use is {bank.bank_id}",
-        )
-    got: tuple[int, ...] = (profile.num_layers, profile.hidden_size)
-    want: tuple[int, ...] = (bank.num_layers, bank.hidden_size)
-    if kind.uses_bank:
-        got += (profile.num_adapters, profile.bottleneck)
-        want += (bank.num_adapters, bank.bottleneck)
-    elif kind is ProfileKind.SINGLE_ADAPTER:
-        got += (profile.bottleneck,)
-        want += (bank.bottleneck,)
-    if got != want:
-        raise ProfileFormatError("bank_mismatch", f"profile shapes {got} do not fit the bank's {want}")
 
 
 def save(profile: Profile, path: str | Path) -> int:

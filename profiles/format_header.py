@@ -1,4 +1,5 @@
-"""The ``.xpm`` framing and header: magic, version, JSON header, checksum, and their validation.
+"""The ``.xpm`` framing and header: magic, version, JSON header, checksum, their validation, and
+whether a header fits a bank.
 
 Everything here is checked before a single tensor is allocated: the payload sizes follow from the
 header alone (:mod:`xpeft.profiles.format` turns them into tensors), so a file that declares huge
@@ -11,11 +12,16 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.kinds import KINDS, KINDS_BY_WIRE_NAME, WIRE_NAMES, ProfileKind
 from xpeft.profiles.text import TextError, check_text
 from xpeft.profiles.train_config import ABSTAIN_SCORES
+
+if TYPE_CHECKING:  # only the annotations of check_compatible: the header needs no torch
+    from xpeft.adapters.bank import AdapterBank
+    from xpeft.profiles.profile import Profile
 
 MAGIC = b"\x89XPM"
 FORMAT_VERSION = 4  # the newest version this build writes
@@ -223,3 +229,28 @@ def split(data: bytes) -> tuple[int, bytes, bytes, bool]:
     body, (stored_crc,) = data[: -CRC.size], CRC.unpack(data[-CRC.size :])
     header_end = PREFIX.size + header_length
     return version, body[PREFIX.size : header_end], body[header_end:], zlib.crc32(body) == stored_crc
+
+
+def check_compatible(profile: Profile | ProfileInfo, bank: AdapterBank) -> None:
+    """Refuse a profile made for another bank (bank kinds) or another encoder / shape (all kinds)."""
+    kind = ProfileKind(profile.kind)
+    if profile.model_id != bank.model_id:
+        raise ProfileFormatError(
+            "bank_mismatch",
+            f"profile was trained for encoder {profile.model_id}, this bank serves {bank.model_id}",
+        )
+    if kind.uses_bank and profile.bank_id != bank.bank_id:
+        raise ProfileFormatError(
+            "bank_mismatch",
+            f"profile was trained on bank {profile.bank_id}, the bank in use is {bank.bank_id}",
+        )
+    got: tuple[int, ...] = (profile.num_layers, profile.hidden_size)
+    want: tuple[int, ...] = (bank.num_layers, bank.hidden_size)
+    if kind.uses_bank:
+        got += (profile.num_adapters, profile.bottleneck)
+        want += (bank.num_adapters, bank.bottleneck)
+    elif kind is ProfileKind.SINGLE_ADAPTER:
+        got += (profile.bottleneck,)
+        want += (bank.bottleneck,)
+    if got != want:
+        raise ProfileFormatError("bank_mismatch", f"profile shapes {got} do not fit the bank's {want}")
