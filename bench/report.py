@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from bench.serving_report import serving_sections
+from bench.serving_report import checks_block, serving_sections
 
 VARIANTS = {
     "base": "the frozen encoder alone, no adapters (the ceiling)",
@@ -177,50 +177,6 @@ def apply_table(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
-def checks_block(checks: dict) -> list[str]:
-    out = [
-        "### GPU correctness (`bench/gpu_check.py`)",
-        "",
-        f"Run: {checks['meta']['hardware']}, {checks['meta']['date']}, status **{checks['status']}**. "
-        "Errors are relative (‖out − ref‖ / ‖ref‖) against float64 on the CPU; for the adapter "
-        "application, of the adapter's contribution `out − h`, which is stricter than of `out`.",
-        "",
-        "| check | case | dtype | path | rel. error | passed |",
-        "| --- | --- | --- | --- | ---: | --- |",
-    ]
-    for c in checks["checks"]:
-        err = c.get("rel_err_delta", c.get("rel_err"))
-        out.append(
-            f"| {c['check']} | {c.get('case', c.get('model', ''))} | {c.get('dtype', '')} | "
-            f"{c.get('path', '')} | {'' if err is None else f'{err:.2e}'} | {c.get('passed')} |"
-        )
-    tiles = [t for t in checks.get("apply_tiles", []) if "ms" in t]
-    if tiles:
-        out += [
-            "",
-            "SGMV tile sweep, 64 rows x 128 tokens, 64 distinct profiles, ms per layer:",
-            "",
-            "| impl | tokens per program | warps | ms |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        out += [
-            f"| {t['impl']} | {t.get('block_t', '')} | {t.get('num_warps', '')} | {t['ms']:.4f} |"
-            for t in tiles
-        ]
-    over = checks.get("launch_overhead", [])
-    if over:
-        out += ["", "Host cost (Python and launches):", ""]
-        for o in over:
-            if "us" in o:
-                out.append(f"- {o['what']}, {o['impl']}: {o['us']:.0f} µs")
-            else:
-                out.append(
-                    f"- {o['what']}, {o['impl']}: enqueued in {o['enqueue_ms']:.2f} ms, "
-                    f"finished in {o['wall_ms']:.2f} ms"
-                )
-    return out + [""]
-
-
 def plot(data: dict, device: str, img_dir: Path) -> list[str]:
     """Throughput against distinct profiles per batch, one line per variant; fusion ms against U."""
     import matplotlib
@@ -324,6 +280,7 @@ def render(
     serving_cpu: dict | None = None,
     single: dict | None = None,
     budgets: dict | None = None,
+    abstain_speed: dict | None = None,
 ) -> str:
     lines = [
         "# Benchmarks",
@@ -373,7 +330,7 @@ def render(
             lines += checks_block(checks)
     if cpu:
         lines += section(cpu, "cpu", "CPU", img_dir, doc_dir)
-    lines += serving_sections(checks, serving_cpu, single, budgets)
+    lines += serving_sections(checks, serving_cpu, single, budgets, abstain_speed)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -387,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serving-cpu", type=Path, default=Path("bench/results/serving-cpu/gpu_check.json"))
     parser.add_argument("--single", type=Path, default=Path("bench/load/results/single.json"))
     parser.add_argument("--single-budgets", type=Path, default=Path("bench/load/results/single-budgets.json"))
+    parser.add_argument("--abstain-speed", type=Path, default=Path("bench/results/abstain-speed.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     parser.add_argument("--img", type=Path, default=Path("docs/img"))
     args = parser.parse_args(argv)
@@ -397,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         f" --{k} {v}" for k, v in vars(args).items() if v != parser.get_default(k)
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    serving = load(args.serving_cpu), load(args.single), load(args.single_budgets)
+    serving = load(args.serving_cpu), load(args.single), load(args.single_budgets), load(args.abstain_speed)
     args.out.write_text(render(cpu, gpu, checks, command, args.img, args.out.parent, *serving))
     print(f"wrote {args.out} and {args.img}/bench_*.png")
     return 0

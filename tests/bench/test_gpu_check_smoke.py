@@ -134,3 +134,20 @@ def test_profile_top_frames_and_the_single_text_tables() -> None:
     assert "| 128 | 512 | 180 | 200 | 0.900 | yes | 100 | 250 | 2.50 | 0 | 14.0 | 95% | 120 |" in text
     assert "| 0.700 |  |" in text  # the sweep has no target column filled
     assert "img/serving-flame.svg" in text and "`xpeft-model_0 | forward (linear.py:134)`" in text
+
+
+def test_abstention_cost_table() -> None:
+    speed = {
+        "command": "python -m bench.abstain_speed",
+        "hardware": {"cpu": "some CPU"},
+        "threads": 1,
+        "profiles": 8,
+        "labels": 15,
+        "rows_per_batch": 64,
+        "rounds": 15,
+        "median_seconds": {"none": 0.2, "cosine": 0.25},
+        "ratio_to_none": {"none": 1.0, "cosine": 0.8},
+    }
+    text = "\n".join(serving_report.abstain_block(speed))
+    assert "| cosine | 0.2500 | 0.800 |" in text and "8 units profiles of 15 labels, 64 rows" in text
+    assert serving_report.abstain_block(None) == []
