@@ -225,11 +225,10 @@ def fuse_units(
     r, d = table.bottleneck, table.down.shape[1]
     w = scale.to(table.down.dtype).view(U, 1, 1).expand(U, L, k)
     down, down_bias = _unit_bags(index_down, w, table, (table.down, table.down_bias.unsqueeze(1)))
-    (up,) = _unit_bags(index_up, w * gains.to(w.dtype).unsqueeze(-1), table, (table.up,))
+    (up,) = _unit_bags(index_up, w, table, (table.up,))
     down = down.view(U, L, r, d).permute(1, 0, 3, 2)
     up = up.view(U, L, r, d).transpose(0, 1)
-    if out_scale is not None:
-        up = up * out_scale.to(up.dtype).transpose(0, 1).unsqueeze(2)
+    up = _unit_output(up, gains.to(up.dtype), None if out_scale is None else out_scale.to(up.dtype))
     up_bias = torch.zeros(L, U, d, dtype=up.dtype, device=up.device)
     return FusedAdapters(
         down.contiguous(), down_bias.view(U, L, r).transpose(0, 1).contiguous(), up.contiguous(), up_bias
