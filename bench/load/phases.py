@@ -160,7 +160,7 @@ class _OfflineJob:
 
     entry: CachedProfile
     inputs: list[str]
-    features: None = None
+    token_ids: None = None
 
 
 def check_put_identical(
@@ -185,6 +185,14 @@ def check_put_identical(
 
 
 # -- phases ---------------------------------------------------------------------------------
+def _fresh_area(config: Config, prefix: str) -> tuple[RedisArea, RedisStore]:
+    """The phase's own key prefix, refused when keys are under it already, and a store over it."""
+    area = RedisArea(config.redis_url, prefix)
+    if area.count_keys():
+        raise RuntimeError(f"keys under {prefix} exist already; refusing to touch them")
+    return area, RedisStore(config.redis_url, prefix)
+
+
 def throughput_phase(
     config: Config,
     model: MultiProfileModel,
@@ -196,10 +204,7 @@ def throughput_phase(
     token: str,
 ) -> dict:
     prefix = f"xpeft-load-{run_id}-tp"
-    area = RedisArea(config.redis_url, prefix)
-    if area.count_keys():
-        raise RuntimeError(f"keys under {prefix} exist already; refusing to touch them")
-    store = RedisStore(config.redis_url, prefix)
+    area, store = _fresh_area(config, prefix)
     server: ServerProcess | None = None
     try:
         start = time.perf_counter()
@@ -310,10 +315,7 @@ def memory_phase(
 ) -> dict:
     """Two replicas on one store (glibc defaults, and a fixed mmap threshold), same events, same traffic."""
     prefix = f"xpeft-load-{run_id}-mem"
-    area = RedisArea(config.redis_url, prefix)
-    if area.count_keys():
-        raise RuntimeError(f"keys under {prefix} exist already; refusing to touch them")
-    store = RedisStore(config.redis_url, prefix)
+    area, store = _fresh_area(config, prefix)
     servers: dict[str, ServerProcess] = {}
     stages = []
     try:
