@@ -150,9 +150,9 @@ class AdapterEncoder(nn.Module):
         if len({(m, not isinstance(x, str)) for x, m in zip(inputs, lengths, strict=True)}) <= 1:
             enc = self._tokenize(list(inputs), lengths[0] if lengths else 128, padding=True)
             return {k: v.to(self.device) for k, v in enc.items()}
-        return self.collate(self.features(inputs, declared))
+        return self.collate(self.token_ids(inputs, declared))
 
-    def features(
+    def token_ids(
         self, inputs: Sequence[TextInput], max_length: int | Sequence[int] = 128
     ) -> list[dict[str, list[int]]]:
         """Each input's token ids, unpadded and cut to its usable length: the server tokenizes a
@@ -161,17 +161,17 @@ class AdapterEncoder(nn.Module):
         keys = [
             (self.usable_length(m), not isinstance(x, str)) for x, m in zip(inputs, declared, strict=True)
         ]
-        features: list[dict[str, list[int]]] = [{} for _ in inputs]
+        ids: list[dict[str, list[int]]] = [{} for _ in inputs]
         for key in dict.fromkeys(keys):
             index = [i for i, kk in enumerate(keys) if kk == key]
             part = self._tokenize([inputs[i] for i in index], key[0], padding=False)
             for j, i in enumerate(index):
-                features[i] = {k: v[j] for k, v in part.items()}
-        return features
+                ids[i] = {k: v[j] for k, v in part.items()}
+        return ids
 
-    def collate(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """:meth:`features` of a batch padded together, on the encoder's device."""
-        enc = self.tokenizer.pad(list(features), padding=True, return_tensors="pt")
+    def collate(self, token_ids: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """:meth:`token_ids` of a batch padded together, on the encoder's device."""
+        enc = self.tokenizer.pad(list(token_ids), padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def _tokenize(self, inputs: list[TextInput], max_length: int, padding: bool) -> Any:

@@ -241,10 +241,10 @@ class MultiProfileModel:
         rows: Sequence[int],
         profiles: Sequence[Profile],
         fused: Sequence[FusedAdapters] | SlotBatch,
-        features: Sequence[dict[str, list[int]]] | None = None,
+        token_ids: Sequence[dict[str, list[int]]] | None = None,
     ) -> torch.Tensor:
         """``(B, C_max)`` logits on the device; columns past a row's labels hold padding."""
-        return self.forward_rows(inputs, rows, profiles, fused, features)[0]
+        return self.forward_rows(inputs, rows, profiles, fused, token_ids)[0]
 
     @torch.no_grad()
     def forward_rows(
@@ -253,18 +253,18 @@ class MultiProfileModel:
         rows: Sequence[int],
         profiles: Sequence[Profile],
         fused: Sequence[FusedAdapters] | SlotBatch,
-        features: Sequence[dict[str, list[int]]] | None = None,
+        token_ids: Sequence[dict[str, list[int]]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C_max)`` logits and the ``(B, d)`` pooled embeddings they came from, on the device.
 
         ``fused`` is either one ``U=1`` entry per profile or a :class:`SlotBatch`: the profiles'
         slots in a pool, whose weights and heads are read in place (no concatenation, no head
-        tensor built per batch). ``features``: the inputs already tokenized (the encoder's
-        ``features``, each at its row's profile's length), padded here instead of tokenized.
+        tensor built per batch). ``token_ids``: the inputs already tokenized (the encoder's
+        ``token_ids``, each at its row's profile's length), padded here instead of tokenized.
         """
         enc = self.encoder
-        if features is not None:
-            encodings = enc.collate(features)
+        if token_ids is not None:
+            encodings = enc.collate(token_ids)
         else:
             encodings = enc.tokenize(inputs, [profiles[r].max_length for r in rows])
         if isinstance(fused, SlotBatch):
@@ -298,14 +298,14 @@ class MultiProfileModel:
         self,
         requests: Sequence[BatchRequest],
         fused: Sequence[FusedAdapters] | SlotBatch | None = None,
-        features: Sequence[dict[str, list[int]]] | None = None,
+        token_ids: Sequence[dict[str, list[int]]] | None = None,
     ) -> list[list[Prediction]]:
         """Many profiles' requests in one forward; the answer keeps the request order.
 
         ``fused`` holds the already-fused weights of the batch's distinct profiles in
         :func:`distinct_profiles` order: one ``U=1`` entry each, or a :class:`SlotBatch` naming
         their slots in a pool (the server's cache). Without it they are fused here in one batched
-        call, straight into a transient pool of U slots. Profiles are only read. ``features``: every
+        call, straight into a transient pool of U slots. Profiles are only read. ``token_ids``: every
         input's token ids in request order, when the caller has tokenized them (the server).
         """
         profiles = distinct_profiles(requests)
@@ -322,7 +322,7 @@ class MultiProfileModel:
             return [[] for _ in requests]
         if fused is None:
             fused = self.transient_batch(profiles)
-        logits, pooled = self.forward_rows(inputs, rows, profiles, fused, features)
+        logits, pooled = self.forward_rows(inputs, rows, profiles, fused, token_ids)
         # one softmax for the whole batch, each row over its own labels, and one copy to the host
         labels = torch.as_tensor([profiles[r].num_labels for r in rows]).to(logits.device)
         columns = torch.arange(logits.shape[1], device=logits.device)

@@ -44,7 +44,7 @@ class Job:
     started: float | None = None
     run_s: float | None = None
     #: the inputs' token ids, once prepared (see :meth:`MicroBatcher.submit_job`); None: not tokenized
-    features: list[dict[str, list[int]]] | None = None
+    token_ids: list[dict[str, list[int]]] | None = None
     tokenized: float | None = None  # when they were ready and it joined the queue
 
     @property
@@ -55,7 +55,7 @@ class Job:
     @property
     def longest(self) -> int:
         """Tokens of its longest input (0 before it is tokenized)."""
-        return max((len(f["input_ids"]) for f in self.features), default=0) if self.features else 0
+        return max((len(f["input_ids"]) for f in self.token_ids), default=0) if self.token_ids else 0
 
 
 BatchRunner = Callable[[Sequence[Job]], Awaitable[list[list[Prediction]]]]
@@ -156,12 +156,13 @@ class MicroBatcher:
         while rows < self.max_batch_size:
             if self._queue:
                 nxt = self._queue[0]
-                grown = rows + len(nxt.inputs)
-                tokens = grown * max(longest, nxt.longest)
-                if grown > self.max_batch_size or (self.max_batch_tokens and tokens > self.max_batch_tokens):
+                grown, longer = rows + len(nxt.inputs), max(longest, nxt.longest)
+                if grown > self.max_batch_size or (
+                    self.max_batch_tokens and grown * longer > self.max_batch_tokens
+                ):
                     break  # it opens the next batch: requests are never split
                 batch.append(self._queue.popleft())
-                rows, longest = grown, max(longest, nxt.longest)
+                rows, longest = grown, longer
                 continue
             remaining = deadline - time.perf_counter()
             if remaining <= 0 or not await self._wait_for_arrival(remaining):

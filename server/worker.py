@@ -91,8 +91,8 @@ class ModelWorker:
         requests = [(job.entry.profile, job.inputs) for job in jobs]
         key_of = {id(job.entry.profile): job.entry.key for job in jobs}
         profiles = distinct_profiles(requests)
-        features = [f for job in jobs for f in job.features or ()]
-        tokenized = features if all(job.features is not None for job in jobs) else None
+        ids = [f for job in jobs for f in job.token_ids or ()]
+        tokenized = ids if all(job.token_ids is not None for job in jobs) else None
         with self.fused_cache.reserve([key_of[id(p)] for p in profiles]) as held:
             answers = self.model.predict_batch(requests, self._fill(held, profiles), tokenized)
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
@@ -110,8 +110,8 @@ class ModelWorker:
         if model is None or self._stopped:  # shutting down: the queue's drain answers it
             return
         max_length = job.entry.profile.max_length
-        job.features = await asyncio.get_running_loop().run_in_executor(
-            self.tokenizer, model.encoder.features, job.inputs, max_length
+        job.token_ids = await asyncio.get_running_loop().run_in_executor(
+            self.tokenizer, model.encoder.token_ids, job.inputs, max_length
         )
 
     def shutdown(self) -> None:

@@ -193,7 +193,7 @@ class Tokens:
         if "bad" in job.inputs:
             raise ValueError("the tokenizer refuses it")
         self.prepared.append(job.entry.id)
-        job.features = [{"input_ids": [1] * len(str(x))} for x in job.inputs]
+        job.token_ids = [{"input_ids": [1] * len(str(x))} for x in job.inputs]
 
 
 def test_batches_close_at_the_token_budget_with_tokens_known_before_they_queue() -> None:

@@ -239,8 +239,8 @@ def test_worker_tokenizes_requests_on_its_own_thread_and_predicts_the_same(
     ]
     texts = [["a rather long sentence that six tokens cannot hold", "ok"], [("a pair", "of texts"), "sun"]]
     threads = []
-    real = encoder.features
-    encoder.features = lambda *a: threads.append(threading.current_thread().name) or real(*a)  # type: ignore[method-assign]
+    real = encoder.token_ids
+    encoder.token_ids = lambda *a: threads.append(threading.current_thread().name) or real(*a)  # type: ignore[method-assign]
 
     async def prepared() -> list[Job]:
         jobs = [Job(p, t, None) for p, t in zip(profiles, texts, strict=True)]  # type: ignore[arg-type]
@@ -250,7 +250,7 @@ def test_worker_tokenizes_requests_on_its_own_thread_and_predicts_the_same(
 
     jobs = asyncio.run(prepared())
     assert all(name.startswith("xpeft-tokenize") for name in threads) and len(threads) == 2
-    assert len(jobs[0].features[0]["input_ids"]) == 6  # type: ignore[index]
+    assert len(jobs[0].token_ids[0]["input_ids"]) == 6  # type: ignore[index]
     got = worker.run(jobs)
     want = model.predict_batch([(p.profile, t) for p, t in zip(profiles, texts, strict=True)])
     for g_rows, w_rows in zip(got, want, strict=True):
