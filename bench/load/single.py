@@ -1,29 +1,32 @@
-"""Single-text predicts over warm profiles, from wrk and from the Python generator, against the plain encoder.
+"""Single-text predicts over warm profiles, from wrk, against the plain encoder on each CPU runtime and Infinity.
 
     python -m bench.load.single              # 32 profiles, 32 and 128 clients, 3 rounds of 15 s
-                                             #   -> bench/load/results/single.json (about 6 min)
+                                             #   -> bench/load/results/single.json
     python -m bench.load.single --quick      # smoke run (under a minute) -> runs/single-quick.json
+    python -m bench.load.single --infinity-bin ~/infinity/bin/infinity_emb --infinity-model ~/minilm-onnx
+                                             # Infinity (embeddings only) over HTTP beside them
+    python -m bench.load.single --texts-per-request 8 --clients 8,32 --out bench/load/results/single-8.json
     python -m bench.load.single --device cuda --texts-per-request 8   # a GPU machine
     python -m bench.load.single --flame docs/img/serving-flame.svg      # and a py-spy profile of the server
     python -m bench.load.single --budgets 256,1024,4096,16384 --rounds 1 --out bench/load/results/single-budgets.json
                                              # one server per batch token budget: what chose the default
 
-One ``xpeft serve`` process (embedded SQLite store, the MiniLM default encoder, a random bank of
-N = 100) holds ``--profiles`` random hard profiles, each predicted once before timing (warm). Then,
-per client count, rounds alternate: wrk (the load generator the numbers come from: a C program,
-one thread, so it takes little of the CPU the server needs) sends single-text predicts round-robin
-over the profiles; the plain transformers encoder (no adapters, no heads, no HTTP) runs the same
-texts in batches of ``--plain-batch`` in this process, on the same number of threads, while the
-server idles. The ratio compares medians from the same rounds. ``--kind units`` serves profiles of
-the shipped default kind instead. One pass of the Python generator
-(bench/common/loadgen.py) per client count is reported beside wrk: on a small machine it shares the
-server's cores and shrinks its batches, which is why wrk is the one measured.
+One ``xpeft serve`` process (embedded SQLite store, the MiniLM default encoder on the backend
+``--backend`` names, a random bank of N = 100) holds ``--profiles`` random profiles of ``--kind``,
+each predicted once before timing (warm). Then, per client count, rounds alternate: wrk (the load
+generator the numbers come from: a C program, one thread, so it takes little of the CPU the server
+needs) sends predicts round-robin over the profiles; then each plain encoder (bench/load/baselines.py:
+torch eager fp32 and ONNX Runtime int8; no adapters, no heads, no HTTP) runs the same texts in
+batches of ``--plain-batch`` in this process, on the same number of threads, while the server idles;
+then Infinity, when given, under the same wrk load. Each figure is reported as min / median / max
+over the rounds, and the ratio pairs medians from the same rounds; the main ratio is taken against
+the fastest plain encoder. The machine's busy share outside the measured processes is recorded per
+round, so a disturbed round shows.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -32,16 +35,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from bench.common.loadgen import PlannedRequest, run_pass
-from bench.common.runs import hardware, load_texts
+from bench.common.runs import hardware, load_texts, machine_busy
 from bench.common.server import ServerProcess, batch_stats, minilm_bank
 from bench.common.wrk import run_wrk, store_profiles
+from bench.load.baselines import Baseline, Infinity, plain_baselines
 from bench.load.config import log
 from xpeft.server.batcher import batch_token_budget
 
@@ -64,40 +66,12 @@ class Config:
     seed: int = 0
     budgets: list[int] = field(default_factory=lambda: [0])  # XPEFT_MAX_BATCH_TOKENS, one server each
     kind: str = "hard"
+    backend: str = "auto"  # the server's XPEFT_BACKEND
+    baselines: list[str] = field(default_factory=lambda: ["torch", "onnx-int8"])  # plain encoders
+    infinity: bool = False  # Infinity over HTTP beside them (--infinity-bin, --infinity-model)
 
 
 QUICK = {"profiles": 8, "clients": [8], "seconds": 3.0, "rounds": 1}
-
-
-class Plain:
-    """The plain transformers encoder on the same texts: tokenize, forward, mean-pool, batch by batch."""
-
-    def __init__(self, device: str, batch: int) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        from xpeft.adapters.encoder import default_model_dir
-
-        path = str(default_model_dir())
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.device = device
-        self.batch = batch
-
-    @torch.no_grad()
-    def run(self, texts: list[str], seconds: float) -> dict:
-        """Batches of the texts, in order, for about ``seconds``; sequences per second."""
-        rows, start, i = 0, time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            chunk = [texts[(i + j) % len(texts)] for j in range(self.batch)]
-            i += self.batch
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            out = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
-            ((out * mask).sum(1) / mask.sum(1)).cpu()
-            rows += len(chunk)
-        wall = time.perf_counter() - start
-        return {"rows": rows, "wall_s": wall, "sequences_per_s": rows / wall}
 
 
 def profile_server(server: ServerProcess, lines: Path, clients: int, seconds: float, svg: Path) -> dict:
@@ -155,6 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="comma-separated XPEFT_MAX_BATCH_TOKENS values, one server each (0: the device's default)",
     )
     parser.add_argument("--kind", default="hard", help="the profiles' kind (hard, units, ...)")
+    parser.add_argument("--backend", default="auto", help="the server's XPEFT_BACKEND")
+    parser.add_argument(
+        "--baselines", default="torch,onnx-int8", help="plain encoders to measure against (torch, onnx-int8)"
+    )
+    parser.add_argument("--clients", default="", help="comma-separated client counts (default 32,128)")
+    parser.add_argument("--profiles", type=int, default=0, help="warm profiles (default 32)")
+    parser.add_argument("--infinity-bin", type=Path, default=None, help="infinity_emb of its own virtualenv")
+    parser.add_argument("--infinity-model", type=Path, default=None, help="a folder holding model.onnx")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--flame",
@@ -171,6 +153,15 @@ def main(argv: list[str] | None = None) -> dict:
     config.seconds = args.seconds or config.seconds
     config.budgets = [int(b) for b in args.budgets.split(",")]
     config.kind = args.kind
+    config.backend = args.backend
+    config.baselines = [b for b in args.baselines.split(",") if b]
+    if args.clients:
+        config.clients = [int(c) for c in args.clients.split(",")]
+    if args.profiles:
+        config.profiles = args.profiles
+    config.infinity = args.infinity_bin is not None
+    if config.infinity and args.infinity_model is None:
+        raise SystemExit("--infinity-bin needs --infinity-model (a folder holding model.onnx)")
     out_path = args.out or (
         REPO / ("runs/single-quick.json" if args.quick else "bench/load/results/single.json")
     )
@@ -180,7 +171,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(threads)
     texts, source = load_texts("")
     _, bank = minilm_bank(config.adapters, config.seed)
-    plain = Plain(config.device, config.plain_batch)
     result: dict = {
         "config": asdict(config),
         "texts": source,
@@ -193,36 +183,62 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         bank_path = work / "bank.safetensors"
         bank.save(bank_path)
-        for budget in config.budgets:
-            env = {
-                "XPEFT_ACCESS_LOG": "false",
-                "XPEFT_LOG_LEVEL": "warning",
-                "XPEFT_SQLITE_PATH": str(work / f"store-{budget}.sqlite3"),
-                "XPEFT_DEVICE": config.device,
-                "XPEFT_TORCH_THREADS": str(threads),
-                "XPEFT_MAX_BATCH_SIZE": str(config.max_batch_size),
-                "XPEFT_MAX_BATCH_TOKENS": str(budget),
-                "XPEFT_MAX_WAIT_MS": str(config.max_wait_ms),
-            }
-            server = ServerProcess(bank_path, "", "", work, env, f"single-{budget}")
-            for name in ("XPEFT_REDIS_URL", "XPEFT_REDIS_PREFIX"):
-                server.env.pop(name, None)
-            with server:
-                ids = store_profiles(server, bank, config.profiles, config.seed, config.kind)
-                lines = request_lines(work, ids, texts, config.texts_per_request)
-                for clients in config.clients:
-                    run = measure(server, plain, lines, ids, texts, config, clients)
-                    run["budget"] = batch_token_budget(budget, config.device.split(":")[0])
-                    result["runs"].append(run)
-                    log(f"{clients} clients, {run['budget']} tokens: wrk/plain = {run['ratio']:.3f}")
-                if args.flame is not None and budget == config.budgets[0]:
-                    result["profile"] = profile_server(
-                        server, lines, config.clients[0], config.seconds, args.flame
-                    )
+        baselines = plain_baselines(config.device, config.plain_batch, threads, config.baselines)
+        infinity = None
+        if config.infinity:
+            infinity = Infinity(args.infinity_bin, args.infinity_model, config.clients[0], work)
+            baselines.append(infinity)
+        try:
+            _serve_and_measure(config, args.flame, bank, bank_path, work, texts, threads, baselines, result)
+        finally:
+            if infinity is not None:
+                infinity.stop()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     log(f"wrote {out_path}")
     return result
+
+
+def _serve_and_measure(
+    config: Config,
+    flame: Path | None,
+    bank,
+    bank_path: Path,
+    work: Path,
+    texts: list[str],
+    threads: int,
+    baselines: list[Baseline],
+    result: dict,
+) -> None:
+    """One server per token budget, each measured at every client count against ``baselines``."""
+    for budget in config.budgets:
+        env = {
+            "XPEFT_ACCESS_LOG": "false",
+            "XPEFT_LOG_LEVEL": "warning",
+            "XPEFT_SQLITE_PATH": str(work / f"store-{budget}.sqlite3"),
+            "XPEFT_DEVICE": config.device,
+            "XPEFT_TORCH_THREADS": str(threads),
+            "XPEFT_MAX_BATCH_SIZE": str(config.max_batch_size),
+            "XPEFT_MAX_BATCH_TOKENS": str(budget),
+            "XPEFT_MAX_WAIT_MS": str(config.max_wait_ms),
+            "XPEFT_BACKEND": config.backend,
+        }
+        server = ServerProcess(bank_path, "", "", work, env, f"single-{budget}")
+        for name in ("XPEFT_REDIS_URL", "XPEFT_REDIS_PREFIX"):
+            server.env.pop(name, None)
+        with server:
+            ids = store_profiles(server, bank, config.profiles, config.seed, config.kind)
+            lines = request_lines(work, ids, texts, config.texts_per_request)
+            for clients in config.clients:
+                run = measure(server, baselines, lines, texts, config, clients)
+                run["budget"] = batch_token_budget(budget, config.device.split(":")[0])
+                result["runs"].append(run)
+                log(
+                    f"{clients} clients, {run['budget']} tokens: wrk/{run['fastest']} = {run['ratio']:.3f}; "
+                    + ", ".join(f"wrk/{k} = {v:.3f}" for k, v in run["ratios"].items())
+                )
+            if flame is not None and budget == config.budgets[0]:
+                result["profile"] = profile_server(server, lines, config.clients[0], config.seconds, flame)
 
 
 def request_lines(work: Path, ids: list[str], texts: list[str], per_request: int) -> Path:
@@ -235,38 +251,50 @@ def request_lines(work: Path, ids: list[str], texts: list[str], per_request: int
     return lines
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
 def measure(
     server: ServerProcess,
-    plain: Plain,
+    baselines: list[Baseline],
     lines: Path,
-    ids: list[str],
     texts: list[str],
     config: Config,
     clients: int,
 ) -> dict:
-    """Rounds of wrk alternating with the plain encoder, then one pass of the Python generator."""
+    """Rounds of wrk against the server, each followed by one run of every baseline."""
     rounds = []
     for r in range(config.rounds):
         before = server.metrics()
-        cpu0 = server.cpu_seconds()
+        cpu0, busy0 = server.cpu_seconds(), machine_busy()
         served = run_wrk(server.url, lines, clients, config.seconds)
-        served["server_cpu_s"] = server.cpu_seconds() - cpu0
+        cpu, busy = server.cpu_seconds() - cpu0, machine_busy()
+        served["server_cpu_s"] = cpu
+        # the machine's busy CPU seconds outside the server, per second of the round: near 0 when
+        # only the server and wrk ran
+        served["other_busy"] = (
+            max(0.0, (busy[0] - busy0[0]) - cpu) / max(1e-9, busy[1] - busy0[1]) * (os.cpu_count() or 1)
+        )
         served["server_batches"] = batch_stats(before, server.metrics(), served["wall_s"])
         served["sequences_per_s"] = served["requests_per_s"] * config.texts_per_request
-        base = plain.run(texts, config.seconds)
-        rounds.append({"round": r, "wrk": served, "plain": base})
+        base = {}
+        for baseline in baselines:
+            if isinstance(baseline, Infinity):
+                baseline.clients = clients
+            base[baseline.name] = baseline.run(texts, config.seconds)
+        rounds.append({"round": r, "wrk": served, "baselines": base})
         log(
             f"{clients} clients, round {r}: wrk {served['sequences_per_s']:.1f} seq/s "
             f"(p50 {served['latency'].get('p50_ms', 0):.0f} ms, batches of "
-            f"{served['server_batches'].get('mean_rows', 0):.1f} rows), plain {base['sequences_per_s']:.1f} seq/s"
+            f"{served['server_batches'].get('mean_rows', 0):.1f} rows, other load {served['other_busy']:.2f} cores), "
+            + ", ".join(f"{k} {v['sequences_per_s']:.1f} seq/s" for k, v in base.items())
         )
-    plan = [
-        PlannedRequest(ids[n % len(ids)], [texts[n % len(texts)]] * config.texts_per_request)
-        for n in range(100_000)
-    ]
-    python_gen = asyncio.run(run_pass(server.url, plan, clients, config.seconds))
-    served_med = statistics.median(x["wrk"]["sequences_per_s"] for x in rounds)
-    plain_med = statistics.median(x["plain"]["sequences_per_s"] for x in rounds)
+    served = _spread([x["wrk"]["sequences_per_s"] for x in rounds])
+    spread = {b.name: _spread([x["baselines"][b.name]["sequences_per_s"] for x in rounds]) for b in baselines}
+    ratios = {name: served["median"] / s["median"] for name, s in spread.items()}
+    plain = {name: s for name, s in spread.items() if name != Infinity.name}
+    fastest = max(plain, key=lambda name: plain[name]["median"]) if plain else None
 
     def med(get) -> float:
         return statistics.median(get(x["wrk"]) for x in rounds)
@@ -274,20 +302,19 @@ def measure(
     return {
         "clients": clients,
         "rounds": rounds,
-        "wrk_seq_per_s": served_med,
-        "plain_seq_per_s": plain_med,
-        "ratio": served_med / plain_med,
+        "wrk": served,
+        "baselines": spread,
+        "ratios": ratios,
+        "fastest": fastest,
+        "wrk_seq_per_s": served["median"],
+        "plain_seq_per_s": plain[fastest]["median"] if fastest else 0.0,
+        "ratio": ratios[fastest] if fastest else 0.0,
         "p50_ms": med(lambda w: w["latency"].get("p50_ms", 0.0)),
         "p99_ms": med(lambda w: w["latency"].get("p99_ms", 0.0)),
         "non_2xx": sum(x["wrk"]["non_2xx"] + x["wrk"]["socket_errors"] for x in rounds),
         "mean_rows": med(lambda w: w["server_batches"].get("mean_rows", 0.0)),
         "worker_busy": med(lambda w: w["server_batches"].get("worker_busy", 0.0)),
-        "python_generator": {
-            "sequences_per_s": python_gen.sequences_per_s,
-            "ok": python_gen.ok,
-            "sent": python_gen.sent,
-            "client_cpu_s": python_gen.client_cpu_s,
-        },
+        "other_busy": max(x["wrk"]["other_busy"] for x in rounds),
     }
 
 

@@ -107,6 +107,14 @@ def test_profile_top_frames_and_the_single_text_tables() -> None:
     run = {
         "clients": 128,
         "budget": 512,
+        "wrk": {"min": 170.0, "median": 180.0, "max": 190.0},
+        "baselines": {
+            "torch": {"min": 150.0, "median": 160.0, "max": 170.0},
+            "onnx-int8": {"min": 190.0, "median": 200.0, "max": 210.0},
+        },
+        "ratios": {"torch": 180 / 160, "onnx-int8": 0.9},
+        "fastest": "onnx-int8",
+        "other_busy": 0.05,
         "wrk_seq_per_s": 180.0,
         "plain_seq_per_s": 200.0,
         "ratio": 0.9,
@@ -131,8 +139,12 @@ def test_profile_top_frames_and_the_single_text_tables() -> None:
         "runs": [{**run, "ratio": 0.7}],
     }
     text = "\n".join(serving_report.single_block(single, budgets))
-    assert "| 128 | 512 | 180 | 200 | 0.900 | yes | 100 | 250 | 2.50 | 0 | 14.0 | 95% | 120 |" in text
-    assert "| 0.700 |  |" in text  # the sweep has no target column filled
+    row = (
+        "| 128 | 512 | 170 / 180 / 190 | 150 / 160 / 170 | 190 / 200 / 210 | 0.900 | onnx-int8 | 1.125 | 0.900 | "
+        "yes | 100 | 250 | 2.50 | 0 | 14.0 | 95% | 0.05 |"
+    )
+    assert row in text
+    assert "| 0.700 | onnx-int8 | 1.125 | 0.900 |  |" in text  # the sweep has no target column filled
     assert "img/serving-flame.svg" in text and "`xpeft-model_0 | forward (linear.py:134)`" in text
 
 
