@@ -5,7 +5,7 @@
 #   docker build -t xpeft:cuda --build-arg VARIANT=cuda .      CUDA (run with --gpus all)
 #
 # The build runs scripts/install.sh, the README's install step, so image and README cannot drift
-# (tests/server/test_server_deploy.py checks it). docs/DEPLOYMENT.md explains every setting.
+# (tests/server/deploy/test_server_deploy.py checks it). docs/DEPLOYMENT.md explains every setting.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,17 +24,13 @@ import pytest  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
 
+from testsupport.cluster import LocalCluster  # noqa: E402
+from testsupport.processes import RedisServer, ServerProcess, redis_answers, running  # noqa: E402
 from xpeft.adapters.bank import AdapterBank, create_random_bank  # noqa: E402
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder  # noqa: E402
 from xpeft.profiles import format as xpm  # noqa: E402
 from xpeft.profiles.data import Dataset  # noqa: E402
 from xpeft.profiles.synthetic import random_profile  # noqa: E402
-
-# bench/ is not an installed package: `python -m pytest` finds it from the repository root, plain `pytest` not.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common.processes import RedisServer, ServerProcess, redis_answers  # noqa: E402
-from bench.scale.cluster import LocalCluster  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -77,7 +72,7 @@ READER = "reader-token-for-tests"
 
 
 def new_redis_server(aof: bool = False) -> RedisServer:
-    """A private redis-server (bench/common/processes.py), or a skip where none is installed."""
+    """A private redis-server (``testsupport.processes``), or a skip where none is installed."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (CI installs it)")
     return RedisServer(aof=aof)
@@ -189,14 +184,9 @@ def cluster(
         ),
     ]
     try:
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_ready()
-        yield Cluster(*servers, d_redis=d_redis, sqlite_path=sqlite_path)
+        with running(*servers):
+            yield Cluster(*servers, d_redis=d_redis, sqlite_path=sqlite_path)
     finally:
-        for server in servers:
-            server.stop()
         d_redis.close()
 
 

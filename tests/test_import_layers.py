@@ -1,5 +1,7 @@
 """The import rules: adapters <- profiles <- server <- cli, the client beside the server, no
-private name taken from another module, and no import cycle among modules.
+private name taken from another module, and no import cycle among modules. Outside the product:
+testsupport/ imports only the product and itself, bench/ harnesses share only bench/common/ (and
+testsupport/), and no test imports bench/ except those of tests/bench/, which test its harnesses.
 
 Checked by walking the source with ``ast`` rather than with import-linter: it needs no extra tool
 or configuration format, it sees imports inside functions (where the CLI keeps its heavy ones)
@@ -40,8 +42,14 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 }
 # Deprecated for one release: the server's former client modules, which re-export xpeft.client.
 SHIMS = {"xpeft.server.client", "xpeft.server.client_core", "xpeft.server.training_client"}
+# The test-support package (processes, Redis, nginx, fault scenarios) that tests and bench/ share.
+# It may import the product packages and itself; no product package imports it (it is in no
+# ALLOWED entry), nor bench/.
+SUPPORT = "testsupport"
 # Folders held to the private-name and cycle rules too, though they sit outside the layers.
-OUTSIDE = ("bench",)
+OUTSIDE = ("bench", SUPPORT)
+# The one folder of tests that may import bench/: its subject is the benchmark harnesses.
+BENCH_TESTS = ROOT / "tests" / "bench"
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -178,6 +186,7 @@ def test_the_sources_are_found() -> None:
     found = {layer_of(m) for m in sources()}
     assert found == set(LAYERS), found  # every layer has modules, so the checks below are not vacuous
     assert any(m.startswith("bench.") for m in sources(OUTSIDE))
+    assert any(m.startswith(f"{SUPPORT}.") for m in sources(OUTSIDE))
 
 
 def allowed(module: str, target: str) -> bool:
@@ -209,6 +218,8 @@ def test_the_rule_refuses_what_it_should() -> None:
     assert allowed("xpeft.server.client", "xpeft.client.clients")
     assert not allowed("xpeft.profiles.train", "xpeft.server.wire")
     assert allowed("xpeft.cli.remote", "xpeft.client")
+    assert not allowed("xpeft.server.app", "testsupport.processes")
+    assert not allowed("xpeft.cli.main", "bench.load.run")
 
 
 def test_importing_the_client_loads_neither_torch_nor_the_server() -> None:
@@ -233,7 +244,7 @@ def bench_folder(module: str, path: Path | None = None) -> str:
 def test_bench_harnesses_share_only_bench_common() -> None:
     """A harness folder imports its own modules, bench/common/ and the top-level bench modules,
     never another harness; bench/common/ imports only itself."""
-    modules = sources(OUTSIDE)
+    modules = sources(("bench",))  # testsupport/ is open to every harness: not in this graph
     graph = import_graph(modules)
     wrong = []
     for module, path in modules.items():
@@ -245,6 +256,54 @@ def test_bench_harnesses_share_only_bench_common() -> None:
     assert not wrong, "bench harnesses importing each other (share through bench/common/):\n" + "\n".join(
         wrong
     )
+
+
+def test_the_test_support_imports_only_the_product_and_itself() -> None:
+    """testsupport/ sits below both users: it never reaches up into bench/ (or the tests)."""
+    wrong = sorted(
+        f"{module} imports {target}"
+        for module, path in sources((SUPPORT,)).items()
+        for target in imports_of(path)
+        if not (target.startswith("xpeft.") or target == SUPPORT or target.startswith(f"{SUPPORT}."))
+    )
+    assert not wrong, "testsupport/ imports what it may not:\n" + "\n".join(wrong)
+
+
+def module_of_test(path: Path) -> str:
+    """``tests/reliability/test_fuzz.py`` -> ``tests.reliability.test_fuzz`` (relative imports resolve)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def bench_imports(path: Path, module: str | None = None) -> list[str]:
+    """The ``bench`` modules and names a test file imports, at any depth of the file."""
+    found = imports_of(path, module or module_of_test(path))
+    return sorted(n for n in found if n == "bench" or n.startswith("bench."))
+
+
+def test_tests_import_bench_only_in_tests_bench() -> None:
+    """Tests take processes, Redis, nginx and scenarios from testsupport/; only tests/bench/, whose
+    subject is the harnesses, imports bench/."""
+    found = [p for p in sorted((ROOT / "tests").rglob("*.py")) if BENCH_TESTS not in p.parents]
+    assert len(found) > 50 and any(bench_imports(p) for p in BENCH_TESTS.rglob("*.py"))  # not vacuous
+    wrong = [
+        f"{p.relative_to(ROOT)} imports {', '.join(bench_imports(p))}" for p in found if bench_imports(p)
+    ]
+    assert not wrong, "tests importing bench/ (use testsupport/):\n" + "\n".join(wrong)
+
+
+def test_the_checker_sees_a_test_importing_bench(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from testsupport.processes import free_port\nfrom . import helpers\n"
+        "def f():\n    from bench.scale import run\n"
+        "if free_port:\n    import bench.common.stats as stats\n"
+    )
+    assert bench_imports(probe, "tests.server.probe") == [
+        "bench.common.stats",
+        "bench.scale",
+        "bench.scale.run",
+    ]
 
 
 def test_no_private_name_is_taken_from_another_module() -> None:

@@ -34,11 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.affinity.nginx import Entry, Nginx, nginx_binary, render, shares
-from bench.common.processes import RedisServer, free_port
 from bench.common.runs import Profiles, hardware, load_texts, profile_id
 from bench.common.server import ServerProcess, bulk_put, saved_minilm_bank
 from bench.common.stats import ZipfSampler
+from testsupport.nginx import Entry, Nginx, nginx_binary, render, shares
+from testsupport.processes import RedisServer, free_port
 
 if TYPE_CHECKING:
     pass

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.common.processes import bearer
+from testsupport.processes import bearer
 from xpeft.profiles.format_header import CRC, MAGIC, PREFIX, split
 
 Case = tuple[str, Callable[[], bool]]  # (what it sends, whether the answer was the expected one)

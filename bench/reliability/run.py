@@ -1,5 +1,5 @@
-"""The long reliability run (too slow for CI): every scenario of bench/reliability with longer
-phases and more traffic than tests/reliability, against ``xpeft serve`` processes and private
+"""The long reliability run (too slow for CI): every scenario of testsupport/scenarios (and the
+boundary cases of bench/reliability/boundary.py) with longer phases and more traffic than tests/reliability, against ``xpeft serve`` processes and private
 redis-servers it starts itself on loopback. Writes one JSON file; ``python -m bench.reliability.report``
 renders docs/RELIABILITY.md from it.
 
@@ -23,14 +23,14 @@ import httpx
 import redis
 import torch
 
-from bench.common.processes import RedisServer, ServerProcess
 from bench.reliability.boundary import run_boundary
-from bench.reliability.hostile import run_hostile
-from bench.reliability.outage import OutageConfig, run_outage
-from bench.reliability.overload import run_overload
-from bench.reliability.shutdown import run_shutdown
-from bench.reliability.updates import run_updates
-from bench.reliability.xpm_fuzz import corpus
+from testsupport.processes import RedisServer, ServerProcess
+from testsupport.scenarios.hostile import run_hostile
+from testsupport.scenarios.outage import OutageConfig, run_outage
+from testsupport.scenarios.overload import run_overload
+from testsupport.scenarios.shutdown import run_shutdown
+from testsupport.scenarios.updates import run_updates
+from testsupport.scenarios.xpm_fuzz import corpus
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
 from xpeft.profiles import format as xpm
@@ -183,7 +183,7 @@ def scenario_shutdown(bank_path: Path, workdir: Path, bank, drain_timeout_s: flo
 
 
 def scenario_hostile(server: ServerProcess, bank, rounds: int) -> dict:
-    """A 1 MB body of 500k items, stalled unauthenticated requests, slow headers (bench/reliability/hostile.py)."""
+    """A 1 MB body of 500k items, stalled unauthenticated requests, slow headers (testsupport/scenarios/hostile.py)."""
     with httpx.Client(base_url=server.url, headers=_auth(), timeout=30) as client:
         assert client.put("/profiles/hostile-1", content=xpm.encode(random_profile(bank, seed=9))).is_success
     return run_hostile(server.url, server.port, "hostile-1", ADMIN, HEADER_TIMEOUT_S, rounds)

@@ -1,11 +1,11 @@
 """``python -m bench.scale.run --cluster``: profiles over a local 3-master Redis Cluster, then a failover.
 
-The cluster (:class:`bench.scale.cluster.LocalCluster`, no replicas: the memory goes to masters)
+The cluster (:class:`testsupport.cluster.LocalCluster`, no replicas: the memory goes to masters)
 is filled through the cluster store's own put script (``RedisClusterStore``'s, with the arguments
 its ``put`` builds) in pipelines; one profile written by ``put`` and one by the pipelined path are
 compared first. Measured: each master's share of the profiles, ``used_memory`` per profile over
 all masters, ``GET /profiles`` pages from the store, and a fresh ``xpeft serve`` replica in cluster
-mode (ready time, first page, first predictions). Then :func:`bench.scale.failover.run_failover`
+mode (ready time, first page, first predictions). Then :func:`testsupport.scenarios.failover.run_failover`
 on its own cluster with replicas. Compared with the single-node figures of ``scale.json``.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import redis
 
-from bench.common.processes import RedisServer
-from bench.scale.cluster import LocalCluster
-from bench.scale.failover import run_failover
+from testsupport.cluster import LocalCluster
+from testsupport.processes import RedisServer
+from testsupport.scenarios.failover import run_failover
 
 HERE = Path(__file__).resolve().parent
 

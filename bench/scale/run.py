@@ -30,10 +30,10 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common.processes import RedisServer
 from bench.common.runs import hardware
 from bench.common.server import rss_bytes, saved_minilm_bank
 from bench.scale.fill import fill, list_pages, log, make_payloads, profile_id, replica
+from testsupport.processes import RedisServer
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,14 +22,17 @@ from pathlib import Path
 
 import pytest
 
+from testsupport.processes import (  # noqa: F401 - the tests import bearer from here
+    RedisServer,
+    ServerProcess,
+    bearer,
+    drop_prefix,
+    redis_answers,
+    running,
+)
 from xpeft.adapters.bank import AdapterBank
 from xpeft.profiles import format as xpm
 from xpeft.profiles.synthetic import random_profile
-
-# bench/ is not an installed package: `python -m pytest` finds it from the repository root, plain `pytest` not.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.common.processes import RedisServer, ServerProcess, bearer, drop_prefix, redis_answers  # noqa: E402, F401 - the tests import bearer from here
 
 ADMIN = "rel-admin-token-7c1f0a"
 API = "rel-api-token-52be91"
@@ -153,16 +155,8 @@ def fleet(
         name: ServerProcess(name, env, rel_bank_path, logs / f"{name}.log") for name, env in servers.items()
     }
     try:
-        for proc in procs.values():
-            proc.start()
-        for proc in procs.values():
-            proc.wait_ready()
-        yield Fleet(**procs, outage_redis=outage_redis, redis_url=rel_redis_url, prefix=prefix)
+        with running(*procs.values()):  # at the end all drain at once, then each is waited for
+            yield Fleet(**procs, outage_redis=outage_redis, redis_url=rel_redis_url, prefix=prefix)
     finally:
-        for proc in procs.values():  # all drain at once, then each is waited for
-            if proc.alive():
-                proc.terminate()
-        for proc in procs.values():
-            proc.stop()
         outage_redis.close()
         drop_prefix(rel_redis_url, "{" + prefix + "}")

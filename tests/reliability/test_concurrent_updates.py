@@ -1,4 +1,4 @@
-"""Concurrent updates (bench/reliability/updates.py): new versions of one profile are PUT on one
+"""Concurrent updates (testsupport/scenarios/updates.py): new versions of one profile are PUT on one
 replica while many predicts for it run on both replicas. Every answer's ``version`` must match its
 scores, checked against the offline model's predictions for each version's bytes, so a
 half-updated profile, or one version's scores reported as another's, would fail.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from bench.reliability.updates import run_updates
+from testsupport.scenarios.updates import run_updates
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel
 

@@ -1,5 +1,5 @@
 """Fuzzing: schemathesis against the served OpenAPI schema, and over a thousand malformed ``.xpm``
-uploads made from a valid file (bench/reliability/xpm_fuzz.py). No 5xx, no crash, nothing stored
+uploads made from a valid file (testsupport/scenarios/xpm_fuzz.py). No 5xx, no crash, nothing stored
 from a refused upload (the store itself is read afterwards).
 
 Then hostile predict bodies near the body limit (half a million items, deep nesting, huge numbers,
@@ -24,7 +24,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
-from bench.reliability.xpm_fuzz import corpus
+from testsupport.scenarios.xpm_fuzz import corpus
 from xpeft.adapters.bank import create_random_bank
 from xpeft.profiles import format as xpm
 from xpeft.profiles.synthetic import random_profile

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from bench.reliability.hostile import HUGE_BODY, count_closed, healthz_waits_during, open_stalled
+from testsupport.scenarios.hostile import HUGE_BODY, count_closed, healthz_waits_during, open_stalled
 
 from .conftest import ADMIN, API, bearer
 

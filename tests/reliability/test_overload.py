@@ -1,4 +1,4 @@
-"""Overload (bench/reliability/overload.py): 64 concurrent clients against server ``replica``,
+"""Overload (testsupport/scenarios/overload.py): 64 concurrent clients against server ``replica``,
 whose queue holds 8 requests and which handles 12 at once. The excess is refused quickly with 503
 ``overloaded``, the limits hold, memory stays flat, and every admitted request is answered right.
 
@@ -13,7 +13,7 @@ import asyncio
 
 import httpx
 
-from bench.reliability.overload import run_overload
+from testsupport.scenarios.overload import run_overload
 
 from .conftest import ADMIN, API, bearer
 

@@ -1,5 +1,5 @@
 """Graceful shutdown. Over HTTP: SIGTERM to server ``drain`` with predictions in flight
-(bench/reliability/shutdown.py). In process: the drain deadline, after which queued predictions
+(testsupport/scenarios/shutdown.py). In process: the drain deadline, after which queued predictions
 get 503 ``shutting_down``, and the refusals while draining.
 """
 
@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from bench.reliability.shutdown import run_shutdown
+from testsupport.scenarios.shutdown import run_shutdown
 from xpeft.profiles import format as xpm
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server.app import create_app

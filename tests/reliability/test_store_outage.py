@@ -1,4 +1,4 @@
-"""Store outage under steady load (bench/reliability/outage.py runs the timeline; a longer run of the
+"""Store outage under steady load (testsupport/scenarios/outage.py runs the timeline; a longer run of the
 same code is ``python -m bench.reliability.run``, whose figures docs/RELIABILITY.md reports).
 
 Redis first hangs (SIGSTOP: connections stay open, nothing answers), then crashes (SIGKILL) and
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.reliability.outage import OutageConfig, phase_of, run_outage
+from testsupport.scenarios.outage import OutageConfig, phase_of, run_outage
 
 from .conftest import ADMIN
 

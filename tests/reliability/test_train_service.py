@@ -23,8 +23,8 @@ import httpx
 import pytest
 import redis
 
-from bench.common.processes import ServerProcess
-from bench.train_service.procs import WorkerProcess, job, wait_job
+from testsupport.processes import ServerProcess, running
+from testsupport.workers import WorkerProcess, job, wait_job
 from xpeft.profiles.data import Dataset
 from xpeft.server.jobs.queue import make_queue
 from xpeft.server.settings import Settings
@@ -63,12 +63,8 @@ def server(
     redis_env, rel_bank_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     proc = ServerProcess("rtrain", redis_env, rel_bank_path, tmp_path_factory.mktemp("rtrain") / "server.log")
-    proc.start()
-    try:
-        proc.wait_ready()
+    with running(proc):
         yield proc
-    finally:
-        proc.stop()
 
 
 def start_worker(env: dict[str, str], bank: Path, log: Path) -> WorkerProcess:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.common.processes import ServerProcess
+from testsupport.processes import ServerProcess, running
 from xpeft.profiles.slots import head_memory_bound
 from xpeft.server.settings import Settings
 
@@ -55,9 +55,7 @@ def test_a_maximal_profile_stays_within_the_head_bound(bank, bank_path, profile_
     bound = head_memory_bound(
         settings.head_cache_bytes, settings.max_batch_size, settings.max_labels, bank.hidden_size
     )
-    try:
-        server.start()
-        server.wait_ready()
+    with running(server):
         url = server.url
         for n in range(4):
             assert httpx.put(
@@ -78,7 +76,5 @@ def test_a_maximal_profile_stays_within_the_head_bound(bank, bank_path, profile_
         assert after_s <= 1.6 * before_s + 0.05, (before_s, after_s)
         # the bound docs/DEPLOYMENT.md states next to the pod limits is this one (MiniLM: d = 384)
         assert (
-            f"{bound:,} bytes" in (Path(__file__).resolve().parents[2] / "docs" / "DEPLOYMENT.md").read_text()
+            f"{bound:,} bytes" in (Path(__file__).resolve().parents[3] / "docs" / "DEPLOYMENT.md").read_text()
         )
-    finally:
-        server.stop()

@@ -1,6 +1,6 @@
 """Trainer processes and job polling for the training-service tests and benchmark.
 
-Servers are :class:`bench.common.processes.ServerProcess`; a :class:`WorkerProcess` is one
+Servers are :class:`testsupport.processes.ServerProcess`; a :class:`WorkerProcess` is one
 ``xpeft worker`` child with its settings as ``XPEFT_*`` variables, signalled by its pid only.
 """
 

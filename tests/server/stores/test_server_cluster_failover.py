@@ -1,5 +1,5 @@
 """A master of a real local Redis Cluster (3 masters, 3 replicas) is SIGKILLed under PUT + predict
-load (bench/scale/failover.py): its replica is promoted, both replicas follow without a restart
+load (testsupport/scenarios/failover.py): its replica is promoted, both replicas follow without a restart
 or a URL change, cached profiles keep answering, writes in the window get 503 with Retry-After
 and succeed when retried, and no acknowledged write is lost."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.scale.failover import run_failover
+from testsupport.scenarios.failover import run_failover
 
 
 def test_a_killed_master_is_survived(bank_path: Path, redis_url: str, profile_bytes, tmp_path: Path) -> None:

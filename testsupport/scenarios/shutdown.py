@@ -12,8 +12,8 @@ import time
 
 import httpx
 
-from bench.common.processes import ServerProcess
-from bench.reliability.traffic import Recorder, status_counts
+from testsupport.processes import ServerProcess
+from testsupport.scenarios.traffic import Recorder, status_counts
 
 TEXT = ("a long and winding review that keeps going about the plot and the cast " * 8)[:500]
 

@@ -23,7 +23,7 @@ import yaml
 from xpeft.server.metrics import Metrics
 from xpeft.server.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 K8S = ROOT / "deploy" / "k8s"
 KUBE_VERSION = "1.30.0"
 

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from bench.common.processes import free_port, redis_answers
+from testsupport.processes import free_port, redis_answers
 from xpeft.adapters.errors import XPeftError
 from xpeft.client import Client, ClientError, profile_path
 from xpeft.profiles.runtime import MultiProfileModel
@@ -40,9 +40,9 @@ from xpeft.server.stores import open_store
 from xpeft.server.stores.redis_store import RedisStore
 from xpeft.server.stores.sqlite_store import SQLiteStore
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LONG = "a-token-of-sixteen-plus"
-ADMIN = "admin-token-for-tests"  # tests/server/conftest.py: the token of servers a and b
+ADMIN = "admin-token-for-tests"  # tests/conftest.py: the token of servers a and b
 
 
 # -- ids in URLs ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The cluster store on a real 3-master cluster on loopback (the session's, tests/server/conftest.py):
+"""The cluster store on a real 3-master cluster on loopback (the session's, tests/conftest.py):
 profiles spread over every master, events reach a watcher from every master, a shard's counter
 going back empties the caches, and a page merges every group's index in id order (also checked
 against a skewed in-memory layout). The shared contract is in test_server_store_contract.py."""
@@ -13,7 +13,7 @@ import pytest
 import redis
 from test_server_caches import make_cache
 
-from bench.scale.cluster import LocalCluster
+from testsupport.cluster import LocalCluster
 from xpeft.server.settings import Settings
 from xpeft.server.stores.base import ChangeEvent
 from xpeft.server.stores.cluster_listing import merged_page

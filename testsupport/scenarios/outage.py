@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import httpx
 import redis
 
-from bench.common.processes import RedisServer
-from bench.reliability.traffic import Outcome, Recorder, latency_summary, status_counts
+from testsupport.processes import RedisServer
+from testsupport.scenarios.traffic import Outcome, Recorder, latency_summary, status_counts
 
 TEXT = "a quiet, well made film"
 

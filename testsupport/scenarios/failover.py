@@ -1,7 +1,7 @@
 """A master of a real local Redis Cluster SIGKILLed under PUT + predict load, two replicas serving.
 
 The cluster: 3 masters with a replica each, all ``redis-server`` processes on loopback
-(:class:`bench.scale.cluster.LocalCluster`, node timeout 1 s). Two ``xpeft serve`` processes in
+(:class:`testsupport.cluster.LocalCluster`, node timeout 1 s). Two ``xpeft serve`` processes in
 cluster mode, both given the *same* node's URL; that node is the master killed. Before the kill,
 ``cached`` profiles are uploaded on replica a and predicted on replica b (so b caches them). Then
 one thread uploads new profiles to a (each retried after a 503 until acknowledged), one predicts
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.common.processes import ServerProcess
-from bench.scale.cluster import LocalCluster
+from testsupport.cluster import LocalCluster
+from testsupport.processes import ServerProcess
 
 ADMIN = "admin-token-for-the-failover-run"
 

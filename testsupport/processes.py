@@ -1,5 +1,6 @@
-"""Processes the reliability scenarios (and the server tests) own: private redis-servers and
-``xpeft serve`` children on loopback, with what a fault needs: stop, kill, pause, SIGTERM, RSS.
+"""Processes the tests and the benchmarks own: private redis-servers and ``xpeft serve`` children
+on loopback, with what a fault needs (stop, kill, pause, SIGTERM, RSS), and :func:`running`, which
+starts a group of servers together and stops them all.
 
 Every process here is started by us and signalled by its pid, never by name. Redis instances
 are private (their own free port and folder): the machine's shared Redis is never stopped.
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,3 +237,23 @@ class ServerProcess:
                 self.proc.wait(5)
         self.proc = None
         self.log.close()
+
+
+@contextmanager
+def running(*servers: ServerProcess) -> Iterator[tuple[ServerProcess, ...]]:
+    """Start every server, then wait for each to be ready (startup is the slow part, so they load
+    together). On exit, SIGTERM to all that still run at once (they drain in parallel), then wait
+    for each; a server a test already stopped or killed (``proc`` is ``None``) is left alone."""
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            if server.alive() and not server.terminated:
+                server.terminate()
+        for server in servers:
+            if server.proc is not None:
+                server.stop()

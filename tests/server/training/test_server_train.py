@@ -12,17 +12,14 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common.processes import ServerProcess, bearer, drop_prefix
-from bench.train_service.procs import WorkerProcess, wait_job
+from testsupport.processes import bearer
+from testsupport.workers import WorkerProcess, wait_job
 from xpeft.client import Client, ClientError
 from xpeft.profiles.data import Dataset
 
@@ -34,53 +31,28 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 QUICK = {"epochs": 1, "batch_size": 16, "max_length": 16}
 
 
-@dataclass
-class Trainers:
-    r: ServerProcess
-    s: ServerProcess
-    worker: WorkerProcess
-    redis_url: str
-    prefix: str
-
-
 @pytest.fixture(scope="module")
-def trainers(redis_url: str, bank_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainers]:
-    logs = tmp_path_factory.mktemp("train-logs")
-    prefix = f"xpeft-train-{uuid.uuid4().hex[:10]}"
-    shared = {
-        "XPEFT_REDIS_URL": redis_url,
-        "XPEFT_REDIS_PREFIX": prefix,
-        "XPEFT_ADMIN_TOKEN": ADMIN,
-        "XPEFT_API_TOKEN": API,
-        "XPEFT_PREDICT_TOKENS": json.dumps(TENANTS),
-        "XPEFT_TRAIN_HEARTBEAT_S": "0.3",
-        "XPEFT_MAX_TRAIN_EXAMPLES": "200",
-        "XPEFT_MAX_TEXT_CHARS": "200",
-        "XPEFT_MAX_LIST_LIMIT": "50",
-    }
-    r = ServerProcess("train-r", shared, bank_path, logs / "r.log")
-    s = ServerProcess(
-        "train-s",
-        {
-            "XPEFT_SQLITE_PATH": str(tmp_path_factory.mktemp("train-sqlite") / "s.sqlite3"),
-            "XPEFT_ADMIN_TOKEN": ADMIN,
+def trainers(server_pair, bank_path: Path):
+    """``r`` with an ``xpeft worker`` beside it on the same Redis prefix; ``s`` trains in its own process."""
+    pair = server_pair(
+        "train",
+        {"XPEFT_ADMIN_TOKEN": ADMIN},
+        redis_env={
+            "XPEFT_API_TOKEN": API,
+            "XPEFT_PREDICT_TOKENS": json.dumps(TENANTS),
+            "XPEFT_TRAIN_HEARTBEAT_S": "0.3",
+            "XPEFT_MAX_TRAIN_EXAMPLES": "200",
+            "XPEFT_MAX_TEXT_CHARS": "200",
+            "XPEFT_MAX_LIST_LIMIT": "50",
         },
-        bank_path,
-        logs / "s.log",
     )
-    worker = WorkerProcess({**shared, "XPEFT_TRAIN_NICE": "0"}, bank_path, logs / "worker.log")
+    worker = WorkerProcess(
+        {**pair.r.env, "XPEFT_TRAIN_NICE": "0"}, bank_path, pair.logs / "worker.log"
+    ).start()
     try:
-        r.start()
-        s.start()
-        worker.start()
-        r.wait_ready()
-        s.wait_ready()
-        yield Trainers(r, s, worker, redis_url, prefix)
+        yield pair
     finally:
         worker.stop()
-        r.stop()
-        s.stop()
-        drop_prefix(redis_url, prefix)
 
 
 def examples(data: Dataset) -> list[dict]:
@@ -415,7 +387,7 @@ def test_compose_runs_a_trainer_beside_the_replicas() -> None:
     serve, and not among nginx's upstreams."""
     import yaml
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     services = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
     trainer, replica = services["trainer"], services["xpeft-1"]
     assert trainer["command"] == ["xpeft", "worker"]

@@ -21,13 +21,8 @@ from xpeft.server.logging_setup import UVICORN_LOGGERS, configure_logging
 from xpeft.server.metrics import Metrics
 from xpeft.server.settings import Settings
 
-API_DOC = Path(__file__).resolve().parents[2] / "docs" / "API.md"
+API_DOC = Path(__file__).resolve().parents[3] / "docs" / "API.md"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
-
-
-@pytest.fixture(scope="module")
-def model(encoder, bank) -> MultiProfileModel:
-    return MultiProfileModel(encoder, bank)
 
 
 def _app(model: MultiProfileModel, tmp_path: Path, **settings: object) -> FastAPI:
@@ -42,9 +37,9 @@ def _app(model: MultiProfileModel, tmp_path: Path, **settings: object) -> FastAP
 
 
 @pytest.fixture
-def client(model, tmp_path) -> Iterator[TestClient]:
+def client(offline, tmp_path) -> Iterator[TestClient]:
     # loopback client: protected mode lets it write without a token
-    with TestClient(_app(model, tmp_path), client=("127.0.0.1", 50000), raise_server_exceptions=False) as c:
+    with TestClient(_app(offline, tmp_path), client=("127.0.0.1", 50000), raise_server_exceptions=False) as c:
         yield c
 
 
@@ -158,9 +153,9 @@ def test_api_doc_metric_table_matches_the_registry() -> None:
     assert _documented_metrics() == real
 
 
-def test_predict_reports_where_its_time_went(model, tmp_path, profile_bytes) -> None:
+def test_predict_reports_where_its_time_went(offline, tmp_path, profile_bytes) -> None:
     wait_ms = 80  # a lone request waits for its batch to fill: the queue time shows it
-    app = _app(model, tmp_path, max_wait_ms=wait_ms)
+    app = _app(offline, tmp_path, max_wait_ms=wait_ms)
     with TestClient(app, client=("127.0.0.1", 50000)) as client:
         assert client.put("/profiles/t", content=profile_bytes(5)).status_code == 201
         texts = ["a lovely film", ["a premise", "its hypothesis"]]
@@ -179,13 +174,13 @@ def test_predict_reports_where_its_time_went(model, tmp_path, profile_bytes) -> 
     assert server["total"] >= server["compute"] >= parts - 1e-6
 
 
-def test_readyz_refusals_say_when_to_retry(model, tmp_path) -> None:
-    app = _app(model, tmp_path)
+def test_readyz_refusals_say_when_to_retry(offline, tmp_path) -> None:
+    app = _app(offline, tmp_path)
     with TestClient(app) as client:
         app.state.server.admission.begin_drain()
         draining = client.get("/readyz")
     assert draining.status_code == 503 and draining.headers["retry-after"] == "1"
-    not_loaded = create_app(Settings(bank=None, sqlite_path=tmp_path / "q.sqlite3"), model=model)
+    not_loaded = create_app(Settings(bank=None, sqlite_path=tmp_path / "q.sqlite3"), model=offline)
     not_loaded.state.server.worker.model = None  # as while the encoder loads
     answer = TestClient(not_loaded).get("/readyz")  # no lifespan: the model is never attached
     assert answer.status_code == 503 and answer.json()["error"] == "not_ready"

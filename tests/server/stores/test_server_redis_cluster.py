@@ -19,14 +19,14 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from bench.scale.cluster import LocalCluster
+from testsupport.cluster import LocalCluster
 from xpeft.server.stores.base import StoreUnavailable
 from xpeft.server.stores.redis_store import DELETE_LUA, PUT_LUA, RedisStore
 
 
 @pytest.fixture
 def cluster(redis_cluster: LocalCluster) -> LocalCluster:
-    """The session's cluster (tests/server/conftest.py): 3 masters, a replica each."""
+    """The session's cluster (tests/conftest.py): 3 masters, a replica each."""
     return redis_cluster
 
 

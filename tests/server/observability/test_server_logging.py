@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from bench.common.processes import ServerProcess
+from testsupport.processes import ServerProcess, running
 
 ADMIN = "admin-token-for-logging-test"
 
@@ -26,9 +26,7 @@ def test_json_logs_of_a_real_server(bank_path, tmp_path) -> None:
         tmp_path / "server.log",
     )
     secret = "query-secret-9d2e4b"
-    server.start()
-    try:
-        server.wait_ready()
+    with running(server):
         with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as client:
             listed = client.get(
                 "/profiles",
@@ -41,8 +39,6 @@ def test_json_logs_of_a_real_server(bank_path, tmp_path) -> None:
         deadline = time.monotonic() + 10
         while "json-log-2" not in server.log_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        server.stop()
     text = (tmp_path / "server.log").read_text()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # each line is JSON
     assert secret not in text

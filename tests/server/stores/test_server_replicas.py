@@ -1,7 +1,7 @@
 """Replicas sharing one Redis: writes on one are served by the other within a second, and a
 store outage is reported, survived and recovered from.
 
-``python -m pytest tests/server/test_server_replicas.py -s -k within`` prints the measured
+``python -m pytest tests/server/stores/test_server_replicas.py -s -k within`` prints the measured
 invalidation latency (docs/API.md quotes it).
 """
 

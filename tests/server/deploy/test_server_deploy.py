@@ -22,7 +22,7 @@ import yaml
 from xpeft.cli.main import main
 from xpeft.server.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 NGINX = ROOT / "docker" / "nginx.conf"

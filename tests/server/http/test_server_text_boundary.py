@@ -12,18 +12,14 @@ import json
 import socket
 import sqlite3
 import time
-import uuid
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from bench.common.processes import ServerProcess, bearer, drop_prefix
+from testsupport.processes import bearer
 from xpeft.profiles.format_header import CRC, PREFIX, split
 
 ADMIN = "text-admin-token-5b1f0c"
@@ -34,51 +30,24 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 PENDING = 5
 
 
-@dataclass
-class Servers:
-    r: ServerProcess
-    s: ServerProcess
-    redis_url: str
-    prefix: str
-    sqlite_path: Path
-
-
 @pytest.fixture(scope="module")
-def servers(redis_url: str, bank_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    logs = tmp_path_factory.mktemp("text-logs")
-    prefix = f"xpeft-text-{uuid.uuid4().hex[:10]}"
-    tokens = {"XPEFT_ADMIN_TOKEN": ADMIN, "XPEFT_API_TOKEN": API, "XPEFT_PREDICT_TOKENS": json.dumps(TENANTS)}
-    limits = {
-        "XPEFT_MAX_PENDING_JOBS": str(PENDING),
-        "XPEFT_LOG_LEVEL": "info",
-        "XPEFT_MAX_TEXT_CHARS": "200",
-    }
-    sqlite_path = tmp_path_factory.mktemp("text-sqlite") / "s.sqlite3"
-    r = ServerProcess(
-        "text-r",
-        {"XPEFT_REDIS_URL": redis_url, "XPEFT_REDIS_PREFIX": prefix, **tokens, **limits},
-        bank_path,
-        logs / "r.log",
+def servers(server_pair):
+    """``r`` without a trainer (jobs stay queued), ``s`` with its embedded trainer off, likewise."""
+    return server_pair(
+        "text",
+        {
+            "XPEFT_ADMIN_TOKEN": ADMIN,
+            "XPEFT_API_TOKEN": API,
+            "XPEFT_PREDICT_TOKENS": json.dumps(TENANTS),
+            "XPEFT_MAX_PENDING_JOBS": str(PENDING),
+            "XPEFT_LOG_LEVEL": "info",
+            "XPEFT_MAX_TEXT_CHARS": "200",
+        },
+        sqlite_env={"XPEFT_EMBEDDED_TRAINER": "false"},
     )
-    s = ServerProcess(
-        "text-s",
-        {"XPEFT_SQLITE_PATH": str(sqlite_path), "XPEFT_EMBEDDED_TRAINER": "false", **tokens, **limits},
-        bank_path,
-        logs / "s.log",
-    )
-    try:
-        r.start()
-        s.start()
-        r.wait_ready()
-        s.wait_ready()
-        yield Servers(r, s, redis_url, prefix, sqlite_path)
-    finally:
-        r.stop()
-        s.stop()
-        drop_prefix(redis_url, prefix)
 
 
-def _both(servers: Servers) -> list[str]:
+def _both(servers) -> list[str]:
     return [servers.r.url, servers.s.url]
 
 

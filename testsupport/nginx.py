@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-CONF = Path(__file__).resolve().parents[2] / "docker" / "nginx.conf"
+CONF = Path(__file__).resolve().parents[1] / "docker" / "nginx.conf"
 HASH = "hash $profile_id consistent;"
 LOG_FORMAT = "log_format affinity '$profile_id $upstream_addr $status $request_time';"
 

@@ -8,7 +8,6 @@ import httpx
 import pytest
 
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
 
 TEXTS = [
     "a gripping, beautifully acted film",
@@ -18,11 +17,6 @@ TEXTS = [
     "great",
     "I would go again tomorrow",
 ]
-
-
-@pytest.fixture(scope="module")
-def offline(encoder, bank) -> MultiProfileModel:
-    return MultiProfileModel(encoder, bank)
 
 
 def assert_same(served: list[dict], expected, atol: float = 1e-4) -> None:

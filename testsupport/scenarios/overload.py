@@ -15,8 +15,8 @@ import itertools
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common.processes import memory
-from bench.reliability.traffic import Recorder, latency_summary, status_counts
+from testsupport.processes import memory
+from testsupport.scenarios.traffic import Recorder, latency_summary, status_counts
 
 TEXT = ("an overlong review that goes on about the plot, the actors and the music " * 3)[:200]
 
