@@ -27,9 +27,9 @@ from xpeft.adapters.encoder import AdapterEncoder, content_id, load_encoder
 from xpeft.adapters.errors import ModelError
 from xpeft.adapters.fusion import FusedAdapters, fuse, fuse_gather
 from xpeft.adapters.layer import apply_adapters
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.slots import SlotPool
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.profiles.slots import SlotPool
 from xpeft.profiles.synthetic import random_profile
 
 

@@ -37,7 +37,7 @@ from bench.measure import (
 )
 from xpeft.adapters import kernels
 from xpeft.adapters.encoder import AdapterEncoder
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 
 
 @dataclass

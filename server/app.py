@@ -18,12 +18,14 @@ from fastapi_offline import FastAPIOffline
 
 from xpeft.adapters import kernels
 from xpeft.adapters.errors import XPeftError
+from xpeft.engine.batcher import MicroBatcher
+from xpeft.engine.cache import FusedCache, VersionFloors
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server import telemetry
 from xpeft.server.auth import Authorizer, check_exposure
-from xpeft.server.batcher import MicroBatcher
-from xpeft.server.cache import FusedCache, ProfileCache, VersionFloors
+from xpeft.server.cache import ProfileCache
 from xpeft.server.errors import ApiError, install_error_handlers
 from xpeft.server.jobs.service import JobService
 from xpeft.server.metrics import Metrics
@@ -43,7 +45,6 @@ from xpeft.server.state import ServerState
 from xpeft.server.stores import open_store
 from xpeft.server.sync import CacheSync
 from xpeft.server.train_routes import router as train_router
-from xpeft.server.worker import ModelWorker
 
 log = logging.getLogger("xpeft.server")
 __all__ = ["create_app"]
@@ -70,7 +71,8 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     metrics = Metrics()
     store = open_store(settings)
     floors = VersionFloors()
-    fused = FusedCache(settings.fused_cache_bytes, floors, metrics, settings.head_cache_bytes)
+    engine_metrics = metrics.engine()
+    fused = FusedCache(settings.fused_cache_bytes, floors, engine_metrics, settings.head_cache_bytes)
     profiles = ProfileCache(
         store,
         lambda data: xpm.decode(data, bank),
@@ -79,15 +81,16 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
         metrics,
         max_bytes=settings.profile_cache_bytes,
     )
-    worker = ModelWorker(fused, metrics, settings.torch_threads)
+    worker = ModelWorker(fused, engine_metrics, settings.torch_threads)
     batcher = MicroBatcher(
         worker.run_async,
         settings.max_batch_size,
         settings.max_wait_ms / 1000,
         settings.max_queue,
-        metrics,
+        engine_metrics,
         prepare=worker.prepare,
     )
+    metrics.set_queue_depth_source(lambda: batcher.depth)
     state = ServerState(
         settings,
         metrics,

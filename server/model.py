@@ -16,7 +16,7 @@ from xpeft.adapters import kernel_policy, kernels
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import encoder_for_bank
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.server.settings import Settings
 
 __all__ = ["DTYPES", "build_model", "check_readable", "kernel_report", "load_bank"]

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 
 from xpeft.adapters.fusion import FusedAdapters
+from xpeft.engine.batcher import Job
+from xpeft.engine.cache import CachedProfile, FusedCache, VersionFloors
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.server.batcher import Job
-from xpeft.server.cache import CachedProfile, FusedCache, ProfileCache, VersionFloors
+from xpeft.server.cache import ProfileCache
 from xpeft.server.metrics import Metrics
 from xpeft.server.stores.sqlite_store import SQLiteStore
 from xpeft.server.sync import CacheSync
-from xpeft.server.worker import ModelWorker
 
 
 def fused_entry() -> FusedAdapters:
@@ -47,7 +48,7 @@ def sample(metrics: Metrics, cache: str, event: str) -> float:
 def test_fused_cache_is_bounded_in_bytes_and_evicts_least_recent() -> None:
     metrics = Metrics()
     size = fused_entry().nbytes
-    cache = FusedCache(int(size * 2.5), VersionFloors(), metrics)
+    cache = FusedCache(int(size * 2.5), VersionFloors(), metrics.engine())
     assert keep(cache, ("a", 1), fused_entry()) and keep(cache, ("b", 1), fused_entry())
     assert cache.get(("a", 1)) is not None  # a is now the most recent
     assert keep(cache, ("c", 1), fused_entry())
@@ -93,7 +94,7 @@ class SlowStore(SQLiteStore):
 
 def make_cache(store, bank, size: int = 100) -> tuple[ProfileCache, Metrics]:
     metrics = Metrics()
-    fused = FusedCache(10**8, VersionFloors(), metrics)
+    fused = FusedCache(10**8, VersionFloors(), metrics.engine())
     return ProfileCache(store, lambda data: xpm.decode(data, bank), size, fused, metrics), metrics
 
 
@@ -197,7 +198,7 @@ def test_sync_applies_events_and_catches_missed_ones(bank, profile_bytes, tmp_pa
 def test_worker_fuses_cold_profiles_together_once_and_matches_the_model(encoder, bank, profile_bytes) -> None:
     model = MultiProfileModel(encoder, bank)
     metrics = Metrics()
-    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics), metrics)
+    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics.engine()), metrics.engine())
     worker.model = model
     profiles = [
         CachedProfile(f"p{i}", 1, xpm.decode(profile_bytes(i, kind), bank))
@@ -229,7 +230,7 @@ def test_worker_tokenizes_requests_on_its_own_thread_and_predicts_the_same(
 
     model = MultiProfileModel(encoder, bank)
     metrics = Metrics()
-    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics), metrics)
+    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics.engine()), metrics.engine())
     worker.model = model
     short = xpm.decode(profile_bytes(0, "hard"), bank)
     short.max_length = 6  # cuts the long text: its tokens must be cut the same way ahead

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from bench.common.processes import ServerProcess
-from xpeft.profiles.slots import head_memory_bound
+from xpeft.engine.slots import head_memory_bound
 from xpeft.server.settings import Settings
 
 ADMIN = "head-admin-token-6d2e91"

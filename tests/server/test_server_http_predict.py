@@ -7,8 +7,8 @@ import asyncio
 import httpx
 import pytest
 
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
 
 TEXTS = [
     "a gripping, beautifully acted film",

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from xpeft.adapters import kernels
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.server.app import create_app
 from xpeft.server.model import build_model, kernel_report
 from xpeft.server.settings import Settings

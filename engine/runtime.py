@@ -18,11 +18,11 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, TextInput, best_device, encoder_for_bank
 from xpeft.adapters.errors import BankError
 from xpeft.adapters.fusion import FusedAdapters, UnitTable, fuse, fuse_gather, fuse_units
+from xpeft.engine.graphs import GraphRunner
+from xpeft.engine.prediction import Prediction, from_probs, to_prediction
+from xpeft.engine.slots import SlotPool
 from xpeft.profiles import format as xpm
-from xpeft.profiles.graphs import GraphRunner
-from xpeft.profiles.prediction import Prediction, from_probs, to_prediction
 from xpeft.profiles.profile import Profile, ProfileKind
-from xpeft.profiles.slots import SlotPool
 
 
 @dataclass

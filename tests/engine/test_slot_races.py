@@ -8,20 +8,23 @@ import threading
 import pytest
 import torch
 
+from xpeft.engine.batcher import Job
+from xpeft.engine.cache import CachedProfile, FusedCache, VersionFloors
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.slots import slot_nbytes
+from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.profiles.slots import slot_nbytes
-from xpeft.server.batcher import Job
-from xpeft.server.cache import CachedProfile, FusedCache, ProfileCache, VersionFloors
+from xpeft.server.cache import ProfileCache
 from xpeft.server.metrics import Metrics
-from xpeft.server.worker import ModelWorker
 
 
 def make_worker(model: MultiProfileModel, slots: int) -> tuple[ModelWorker, Metrics]:
     bank = model.bank
     size = slot_nbytes(bank.num_layers, bank.hidden_size, bank.bottleneck, model.encoder.dtype)
     metrics = Metrics()
-    worker = ModelWorker(FusedCache(slots * size + size // 2, VersionFloors(), metrics), metrics)
+    worker = ModelWorker(
+        FusedCache(slots * size + size // 2, VersionFloors(), metrics.engine()), metrics.engine()
+    )
     worker.attach(model)
     assert worker.fused_cache.num_slots == slots
     return worker, metrics
@@ -140,7 +143,9 @@ def test_eviction_never_overwrites_a_slot_reserved_by_a_batch_being_assembled() 
 def test_without_room_for_one_slot_every_batch_is_fused_for_itself(encoder, bank, profile_bytes) -> None:
     model = MultiProfileModel(encoder, bank)
     metrics = Metrics()
-    worker = ModelWorker(FusedCache(0, VersionFloors(), metrics), metrics)  # XPEFT_FUSED_CACHE_BYTES=0
+    worker = ModelWorker(
+        FusedCache(0, VersionFloors(), metrics.engine()), metrics.engine()
+    )  # XPEFT_FUSED_CACHE_BYTES=0
     worker.attach(model)
     assert worker.fused_cache.pool is None and worker.fused_cache.num_slots == 0
     jobs = [Job(p, ["a text", "another"], None) for p in entries(bank, profile_bytes, 3)]  # type: ignore[arg-type]

@@ -14,8 +14,8 @@ import torch
 from xpeft.adapters import encoder as encoder_module
 from xpeft.adapters import kernels
 from xpeft.adapters.encoder import MIN_TOKENS, encoder_for_bank
+from xpeft.engine.runtime import MultiProfileModel, distinct_profiles
 from xpeft.profiles.profile import ProfileKind
-from xpeft.profiles.runtime import MultiProfileModel, distinct_profiles
 from xpeft.profiles.synthetic import random_profile
 
 LONG = " ".join(["word"] * 800)  # far beyond MiniLM's 512 positions

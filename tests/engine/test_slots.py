@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from xpeft.adapters.fusion import FusedAdapters
-from xpeft.profiles.graphs import GraphRunner, batch_buckets, bucket_for, graphs_wanted, seq_buckets
+from xpeft.engine.graphs import GraphRunner, batch_buckets, bucket_for, graphs_wanted, seq_buckets
+from xpeft.engine.runtime import MultiProfileModel, SlotBatch
+from xpeft.engine.slots import SlotPool, head_nbytes, slot_nbytes
 from xpeft.profiles.profile import ProfileKind
-from xpeft.profiles.runtime import MultiProfileModel, SlotBatch
-from xpeft.profiles.slots import SlotPool, head_nbytes, slot_nbytes
 from xpeft.profiles.synthetic import random_profile
 
 TEXTS = ["a fine film", "dull and long, far too long for anyone", "bright", ("is it good?", "yes it is")]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from xpeft.adapters.fusion import FusedAdapters
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
 from xpeft.profiles.profile import ProfileKind
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
 
 TEXTS = [
@@ -62,7 +62,7 @@ def test_fuse_runs_once_per_distinct_profile(encoder, bank, monkeypatch):
     model = MultiProfileModel(encoder, bank)
     p, q = random_profile(bank, seed=1), random_profile(bank, seed=2)
     calls = []
-    import xpeft.profiles.runtime as runtime
+    import xpeft.engine.runtime as runtime
 
     def counting(real):
         def call(down, up, b, *weights):
@@ -128,7 +128,7 @@ def test_hard_gather_equals_the_gemm_over_the_bank(encoder, bank):
 
 
 def test_hard_profiles_fuse_by_gather_until_they_read_4n_adapters_on_a_cpu(encoder, bank, monkeypatch):
-    import xpeft.profiles.runtime as runtime
+    import xpeft.engine.runtime as runtime
 
     model = MultiProfileModel(encoder, bank)
     calls: list[tuple[str, int]] = []

@@ -18,20 +18,22 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from xpeft.adapters.fusion import FusedAdapters
-from xpeft.profiles.graphs import GraphRunner, graphs_wanted
+from xpeft.engine.batcher import Job, MicroBatcher, batch_token_budget
+from xpeft.engine.cache import CacheKey, FusedCache, Reservation
+from xpeft.engine.graphs import GraphRunner, graphs_wanted
+from xpeft.engine.metrics import EngineMetrics
+from xpeft.engine.runtime import MultiProfileModel, Prediction, SlotBatch, distinct_profiles
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.runtime import MultiProfileModel, Prediction, SlotBatch, distinct_profiles
-from xpeft.server.batcher import Job, MicroBatcher, batch_token_budget
-from xpeft.server.cache import CacheKey, FusedCache, Reservation
-from xpeft.server.metrics import Metrics
 
 
 class ModelWorker:
     """Runs batches on the model, with the fused-weight cache in front of fusion."""
 
-    def __init__(self, fused_cache: FusedCache, metrics: Metrics, torch_threads: int | None = None) -> None:
+    def __init__(
+        self, fused_cache: FusedCache, metrics: EngineMetrics | None = None, torch_threads: int | None = None
+    ) -> None:
         self.fused_cache = fused_cache
-        self.metrics = metrics
+        self.metrics = metrics or EngineMetrics()
         self.model: MultiProfileModel | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-model")
         self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-tokenize")
@@ -73,7 +75,7 @@ class ModelWorker:
     def _fill(self, held: Reservation, profiles: Sequence[Profile]) -> list[FusedAdapters] | SlotBatch:
         assert self.model is not None
         if held.cold:
-            self.metrics.fused_profiles.inc(len(held.cold))
+            self.metrics.profiles_fused(len(held.cold))
         return held.fill(self.model, profiles)
 
     @staticmethod
@@ -95,9 +97,8 @@ class ModelWorker:
         tokenized = ids if all(job.token_ids is not None for job in jobs) else None
         with self.fused_cache.reserve([key_of[id(p)] for p in profiles]) as held:
             answers = self.model.predict_batch(requests, self._fill(held, profiles), tokenized)
-        self.metrics.batch_seconds.observe(time.perf_counter() - start)
-        self.metrics.batch_rows.observe(sum(len(job.inputs) for job in jobs))
-        self.metrics.batch_profiles.observe(len(profiles))
+        rows = sum(len(job.inputs) for job in jobs)
+        self.metrics.batch_ran(time.perf_counter() - start, rows, len(profiles))
         return answers
 
     async def run_async(self, jobs: Sequence[Job]) -> list[list[Prediction]]:
