@@ -204,8 +204,8 @@ class MixedBatch:
         self.slots = [2 * U - 1 - 2 * u for u in range(U)]
         self.slot_rows = torch.tensor([self.slots[r] for r in rows], device=enc.device)
         with torch.no_grad():
-            self.cached = self.model.fuse(self.profiles)
             self.model.fuse_into_pool(self.pool, self.slots, self.profiles)
+        self.cached = [self.pool.view(s) for s in self.slots]  # each profile's weights, in place
         self.weights = device_weights(self.profiles, enc.device)
         # the naive server's groups, sliced ahead of time (in its favour)
         self.groups = []

@@ -211,7 +211,8 @@ class FusedCache:
 class Reservation:
     """A batch's hold on its slots, from assembly until it ran (use as a context manager).
 
-    ``slots[i]`` is the slot of ``keys[i]`` (``None``: no slot was free, fuse it outside the pool);
+    ``slots[i]`` is the slot of ``keys[i]`` (``None``: no slot was free; the batch then runs on a
+    transient pool);
     ``cold`` lists the indices that :meth:`fill` fuses before the batch runs. The reservation is
     the one writer of the slot pool: it fuses the cold profiles into their slots and keeps each
     one that no newer version replaced meanwhile (the version floor, checked as it commits).
@@ -226,10 +227,12 @@ class Reservation:
     def complete(self) -> bool:
         return all(s is not None for s in self.slots)
 
-    def fill(self, model: MultiProfileModel, profiles: Sequence[Profile]) -> list[FusedAdapters] | SlotBatch:
+    def fill(self, model: MultiProfileModel, profiles: Sequence[Profile]) -> SlotBatch:
         """Fuse the cold ``profiles[i]`` (``keys[i]``'s) into their slots, weights and heads, and
-        commit them; the batch's weights as its slots in the pool, or, when some profile got no
-        slot, one ``U=1`` entry each (those fused for this batch only)."""
+        commit them; the batch's weights as its slots in the pool. When some profile got no slot
+        (more distinct profiles than free slots, or no pool at all), the batch runs on a transient
+        pool of its own profiles instead (:meth:`MultiProfileModel.transient_batch`); the cold ones
+        that got a slot are still kept for later batches."""
         pool = self.cache.pool
         slotted = {i: s for i in self.cold if (s := self.slots[i]) is not None}
         if slotted and pool is not None:
@@ -238,10 +241,7 @@ class Reservation:
                 self.commit(i)
         if pool is not None and self.complete:
             return SlotBatch(pool, cast(list[int], self.slots))
-        # more distinct profiles than free slots: the rest are fused for this batch only
-        outside = [i for i, s in enumerate(self.slots) if s is None]
-        extra = dict(zip(outside, model.fuse([profiles[i] for i in outside]), strict=True))
-        return [extra[i] if s is None else pool.view(s) for i, s in enumerate(self.slots)]  # type: ignore[union-attr]
+        return model.transient_batch(profiles)
 
     def commit(self, index: int) -> bool:
         """The cold profile ``keys[index]`` was fused into its slot: keep it for later batches."""

@@ -1,9 +1,10 @@
 """The multi-profile model: one frozen encoder and bank, any number of profiles per batch.
 
 The offline API (notebooks, ``xpeft predict``, ``xpeft eval``) and the server's model worker
-run this same class. The server keeps its own cache of fused weights: it asks
-:func:`distinct_profiles` which profiles a batch holds, fuses the cold ones with :meth:`fuse`,
-and hands every profile's weights to :meth:`predict_batch`. Nothing here calls back into it.
+run this same class. A forward reads its rows' adapters and heads from a slot pool
+(:class:`~xpeft.engine.slots.SlotPool`), named by a :class:`SlotBatch`: the server's long-lived
+pool (its cache fuses cold profiles straight into their slots with :meth:`fuse_into_pool`), or a
+transient pool of one batch's profiles (:meth:`transient_batch`). There is no other path.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from xpeft.profiles.profile import Profile, ProfileKind
 
 @dataclass
 class SlotBatch:
-    """A batch's distinct profiles as slots of a pool, in :func:`distinct_profiles` order."""
+    """A batch's distinct profiles as slots of a pool, in :func:`distinct_profiles` order: the one
+    way a forward's rows get their adapters and heads."""
 
     pool: SlotPool
     slots: list[int]
@@ -103,11 +105,6 @@ class MultiProfileModel:
         """Decode and validate a profile file (path or bytes) against this model's bank."""
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         return xpm.decode(data, self.bank)
-
-    def fuse(self, profiles: Sequence[Profile]) -> list[FusedAdapters]:
-        """One ``U=1`` fused adapter per profile: views into one batched fusion (no copies)."""
-        batch = self.fuse_batch(profiles)
-        return [FusedAdapters(*(t[:, u : u + 1] for t in batch.tensors())) for u in range(len(profiles))]
 
     def fuse_batch(self, profiles: Sequence[Profile]) -> FusedAdapters:
         """The profiles' adapters, layer-major ``(L, U, ...)``: bank profiles in one call per group."""
@@ -224,94 +221,54 @@ class MultiProfileModel:
         pool.write_heads(slots, [p.head_weight for p in profiles], [p.head_bias for p in profiles])
 
     # -- forward ---------------------------------------------------------------------------
-    def logits(
-        self,
-        inputs: Sequence[TextInput],
-        rows: Sequence[int],
-        profiles: Sequence[Profile],
-        fused: Sequence[FusedAdapters] | SlotBatch,
-    ) -> list[torch.Tensor]:
-        """Per-row logits on the host; row i runs with ``profiles[rows[i]]`` and its ``fused[rows[i]]``."""
-        logits = self.batch_logits(inputs, rows, profiles, fused).cpu()
-        return [logits[i, : profiles[r].num_labels] for i, r in enumerate(rows)]
-
-    def batch_logits(
-        self,
-        inputs: Sequence[TextInput],
-        rows: Sequence[int],
-        profiles: Sequence[Profile],
-        fused: Sequence[FusedAdapters] | SlotBatch,
-        token_ids: Sequence[dict[str, list[int]]] | None = None,
-    ) -> torch.Tensor:
-        """``(B, C_max)`` logits on the device; columns past a row's labels hold padding."""
-        return self.forward_rows(inputs, rows, profiles, fused, token_ids)[0]
-
     @torch.no_grad()
     def forward_rows(
         self,
         inputs: Sequence[TextInput],
         rows: Sequence[int],
         profiles: Sequence[Profile],
-        fused: Sequence[FusedAdapters] | SlotBatch,
+        batch: SlotBatch,
         token_ids: Sequence[dict[str, list[int]]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C_max)`` logits and the ``(B, d)`` pooled embeddings they came from, on the device.
 
-        ``fused`` is either one ``U=1`` entry per profile or a :class:`SlotBatch`: the profiles'
-        slots in a pool, whose weights and heads are read in place (no concatenation, no head
-        tensor built per batch). ``token_ids``: the inputs already tokenized (the encoder's
-        ``token_ids``, each at its row's profile's length), padded here instead of tokenized.
+        Row i runs with ``profiles[rows[i]]``, whose weights and head sit in slot
+        ``batch.slots[rows[i]]`` of ``batch.pool``: read in place (no concatenation, no head tensor
+        built per batch). Columns past a row's labels hold padding. ``token_ids``: the inputs
+        already tokenized (the encoder's ``token_ids``, each at its row's profile's length), padded
+        here instead of tokenized.
         """
         enc = self.encoder
         if token_ids is not None:
             encodings = enc.collate(token_ids)
         else:
             encodings = enc.tokenize(inputs, [profiles[r].max_length for r in rows])
-        if isinstance(fused, SlotBatch):
-            pool = fused.pool
-            slot_rows = pool.index([fused.slots[r] for r in rows])
-            if self.graphs is not None and self.graphs.weights is pool.weights:
-                pooled = self.graphs(encodings, slot_rows)
-            else:
-                pooled = enc(encodings, pool.weights, slot_rows)
-            heads, biases = pool.heads[slot_rows], pool.head_bias[slot_rows]
+        pool = batch.pool
+        slot_rows = pool.index([batch.slots[r] for r in rows])
+        if self.graphs is not None and self.graphs.weights is pool.weights:
+            pooled = self.graphs(encodings, slot_rows)
         else:
-            row_index = torch.as_tensor(list(rows), dtype=torch.long).to(enc.device)
-            batch = FusedAdapters.cat(list(fused))
-            pooled = enc(encodings, batch, row_index if batch.num_profiles > 1 else None)
-            heads, biases = self._heads(profiles)
-            heads, biases = heads[row_index], biases[row_index]
+            pooled = enc(encodings, pool.weights, slot_rows)
+        heads, biases = pool.heads[slot_rows], pool.head_bias[slot_rows]
         return torch.bmm(heads, pooled.float().unsqueeze(-1)).squeeze(-1) + biases, pooled
-
-    def _heads(self, profiles: Sequence[Profile]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, C, d)`` heads and ``(U, C)`` biases on the device, zero-padded to the most labels."""
-        enc = self.encoder
-        c_max = max(p.num_labels for p in profiles)
-        heads = torch.zeros(len(profiles), c_max, enc.hidden_size)
-        biases = torch.zeros(len(profiles), c_max)
-        for u, p in enumerate(profiles):
-            heads[u, : p.num_labels] = p.head_weight
-            biases[u, : p.num_labels] = p.head_bias
-        return heads.to(enc.device), biases.to(enc.device)
 
     def predict_batch(
         self,
         requests: Sequence[BatchRequest],
-        fused: Sequence[FusedAdapters] | SlotBatch | None = None,
+        batch: SlotBatch | None = None,
         token_ids: Sequence[dict[str, list[int]]] | None = None,
     ) -> list[list[Prediction]]:
         """Many profiles' requests in one forward; the answer keeps the request order.
 
-        ``fused`` holds the already-fused weights of the batch's distinct profiles in
-        :func:`distinct_profiles` order: one ``U=1`` entry each, or a :class:`SlotBatch` naming
-        their slots in a pool (the server's cache). Without it they are fused here in one batched
-        call, straight into a transient pool of U slots. Profiles are only read. ``token_ids``: every
-        input's token ids in request order, when the caller has tokenized them (the server).
+        ``batch`` names the slots of the batch's distinct profiles, in :func:`distinct_profiles`
+        order, in a pool that holds their weights and heads (the server's cache). Without it they
+        are fused here in one batched call into a transient pool of U slots
+        (:meth:`transient_batch`). Profiles are only read. ``token_ids``: every input's token ids in
+        request order, when the caller has tokenized them (the server).
         """
         profiles = distinct_profiles(requests)
-        given = len(fused.slots) if isinstance(fused, SlotBatch) else None if fused is None else len(fused)
-        if given is not None and given != len(profiles):
-            raise ValueError(f"{given} fused entries for {len(profiles)} distinct profiles")
+        if batch is not None and len(batch.slots) != len(profiles):
+            raise ValueError(f"{len(batch.slots)} slots for {len(profiles)} distinct profiles")
         slot = {id(p): u for u, p in enumerate(profiles)}
         inputs: list[TextInput] = []
         rows: list[int] = []
@@ -320,9 +277,9 @@ class MultiProfileModel:
             rows.extend([slot[id(profile)]] * len(texts))
         if not inputs:
             return [[] for _ in requests]
-        if fused is None:
-            fused = self.transient_batch(profiles)
-        logits, pooled = self.forward_rows(inputs, rows, profiles, fused, token_ids)
+        if batch is None:
+            batch = self.transient_batch(profiles)
+        logits, pooled = self.forward_rows(inputs, rows, profiles, batch, token_ids)
         # one softmax for the whole batch, each row over its own labels, and one copy to the host
         labels = torch.as_tensor([profiles[r].num_labels for r in rows]).to(logits.device)
         columns = torch.arange(logits.shape[1], device=logits.device)
@@ -357,7 +314,10 @@ class MultiProfileModel:
         return torch.cat(logits), torch.cat(pooled)
 
     def transient_batch(self, profiles: Sequence[Profile]) -> SlotBatch:
-        """A pool of exactly these profiles: fused in one call, heads built once, slot u = profile u."""
+        """A pool of exactly these profiles: fused in one call, heads built once, slot u = profile u.
+
+        What a batch runs on when no long-lived pool holds its profiles: offline calls, and a
+        served batch with more distinct profiles than the server's pool has free slots."""
         pool = SlotPool.wrap(self.fuse_batch(profiles))
         pool.write_heads(
             range(len(profiles)), [p.head_weight for p in profiles], [p.head_bias for p in profiles]

@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from xpeft.adapters.fusion import FusedAdapters
 from xpeft.engine.batcher import Job, MicroBatcher, batch_token_budget
-from xpeft.engine.cache import CacheKey, FusedCache, Reservation
+from xpeft.engine.cache import FusedCache, Reservation
 from xpeft.engine.graphs import GraphRunner, graphs_wanted
 from xpeft.engine.metrics import EngineMetrics
 from xpeft.engine.runtime import MultiProfileModel, Prediction, SlotBatch, distinct_profiles
@@ -61,28 +60,11 @@ class ModelWorker:
         model.graphs = GraphRunner(enc, pool.weights, max_batch) if wanted and pool is not None else None
         self.model = model
 
-    def fused_weights(self, profiles: Sequence[Profile], keys: Sequence[CacheKey]) -> list[FusedAdapters]:
-        """Each profile's weights: cached where present, the cold ones fused in one batched call.
-
-        For callers that want ``U=1`` entries; :meth:`run` reads the pool in place instead.
-        """
-        assert self.model is not None
-        with self.fused_cache.reserve(keys) as held:
-            fused = self._fill(held, profiles)
-            # copies: the slots may be reused once released
-            return [FusedAdapters(*(t.clone() for t in f.tensors())) for f in self._entries(fused)]
-
-    def _fill(self, held: Reservation, profiles: Sequence[Profile]) -> list[FusedAdapters] | SlotBatch:
+    def _fill(self, held: Reservation, profiles: Sequence[Profile]) -> SlotBatch:
         assert self.model is not None
         if held.cold:
             self.metrics.profiles_fused(len(held.cold))
         return held.fill(self.model, profiles)
-
-    @staticmethod
-    def _entries(fused: list[FusedAdapters] | SlotBatch) -> list[FusedAdapters]:
-        if isinstance(fused, SlotBatch):
-            return [fused.pool.view(s) for s in fused.slots]
-        return fused
 
     def run(self, jobs: Sequence[Job]) -> list[list[Prediction]]:
         """One forward for all jobs (called on the worker thread), its slots pinned throughout."""
