@@ -9,6 +9,7 @@ transient pool of one batch's profiles (:meth:`transient_batch`). There is no ot
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, TextInput, best_device, encoder_for_bank
 from xpeft.adapters.errors import BankError
 from xpeft.adapters.fusion import FusedAdapters, UnitTable, fuse, fuse_gather, fuse_units
+from xpeft.adapters.kernels import KernelChoice
 from xpeft.engine.graphs import GraphRunner
 from xpeft.engine.prediction import Prediction, from_probs, to_prediction
 from xpeft.engine.slots import SlotPool
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 BatchRequest = tuple[Profile, Sequence[TextInput]]
+log = logging.getLogger("xpeft.engine")
 
 
 def distinct_profiles(requests: Sequence[BatchRequest]) -> list[Profile]:
@@ -62,7 +65,9 @@ def distinct_profiles(requests: Sequence[BatchRequest]) -> list[Profile]:
 class MultiProfileModel:
     """Encoder + bank. Fuses distinct profiles once per batch, then one forward for all rows."""
 
-    def __init__(self, encoder: AdapterEncoder, bank: AdapterBank) -> None:
+    def __init__(
+        self, encoder: AdapterEncoder, bank: AdapterBank, kernels: KernelChoice | None = None
+    ) -> None:
         if bank.model_id != encoder.model_id:
             raise BankError(
                 "bank_mismatch",
@@ -72,11 +77,27 @@ class MultiProfileModel:
             raise BankError("bank_shape", "bank shapes do not fit the encoder")
         self.encoder = encoder
         self.bank = bank
+        self.kernels = kernels or KernelChoice.from_environment()
         # The bank lives where the encoder runs, in its dtype: fusion is a GEMM over it.
         self.device_bank = bank.to(encoder.device, encoder.dtype)
         self._unit_table: UnitTable | None = None  # the bank as rows of units, once a units profile is served
         #: replays the forward from CUDA graphs when set (the server's worker sets it, see graphs.py)
         self.graphs: GraphRunner | None = None
+
+    @property
+    def kernels(self) -> KernelChoice:
+        """The Triton kernels this model's forward and fusion may run, chosen once as it is built
+        (default: ``XPEFT_KERNELS`` as it is then); the encoder's adapter slots read the same."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, choice: KernelChoice) -> None:
+        self._kernels = choice
+        self.encoder.kernels = choice
+        report = choice.report(self.encoder.device)
+        log.debug(
+            "kernels %s (XPEFT_KERNELS=%s, running: %s)", report["chosen"], choice.setting, report["running"]
+        )
 
     @classmethod
     def load(
@@ -85,9 +106,11 @@ class MultiProfileModel:
         model: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        kernels: KernelChoice | None = None,
     ) -> MultiProfileModel:
-        """The bank file and its encoder (``model``, else the one the bank was built for)."""
-        return cls.for_bank(AdapterBank.load(bank_path), model, device, dtype)
+        """The bank file and its encoder (``model``, else the one the bank was built for);
+        ``kernels`` as :class:`MultiProfileModel` takes it."""
+        return cls.for_bank(AdapterBank.load(bank_path), model, device, dtype, kernels)
 
     @classmethod
     def for_bank(
@@ -96,9 +119,10 @@ class MultiProfileModel:
         model: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        kernels: KernelChoice | None = None,
     ) -> MultiProfileModel:
         """``bank`` with the encoder :func:`~xpeft.adapters.encoder.encoder_for_bank` chooses."""
-        return cls(encoder_for_bank(bank, model, device, dtype), bank)
+        return cls(encoder_for_bank(bank, model, device, dtype), bank, kernels)
 
     # -- profiles --------------------------------------------------------------------------
     def load_profile(self, source: str | Path | bytes) -> Profile:
@@ -154,7 +178,9 @@ class MultiProfileModel:
         weights = torch.stack([torch.stack(p.mixing_weights()) for p in profiles]).gather(-1, index)
         device = self.encoder.device
         index, weights = index.to(device, non_blocking=True), weights.to(device, non_blocking=True)
-        return fuse_gather(index[:, 0], index[:, 1], self.device_bank, weights[:, 0], weights[:, 1])
+        return fuse_gather(
+            index[:, 0], index[:, 1], self.device_bank, weights[:, 0], weights[:, 1], self.kernels
+        )
 
     def _gathers(self, rows: int) -> bool:
         """Whether hard profiles reading ``rows`` bank adapters in all fuse faster by a gather than

@@ -16,8 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from xpeft.adapters import kernels
 from xpeft.adapters.errors import XPeftError
+from xpeft.adapters.kernels import KernelChoice
 from xpeft.engine.batcher import MicroBatcher
 from xpeft.engine.cache import FusedCache, VersionFloors
 from xpeft.engine.runtime import MultiProfileModel
@@ -107,7 +107,9 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if model is not None:
-            kernels.configure(settings.kernels)  # what build_model does for a model it builds
+            model.kernels = KernelChoice.parse(
+                settings.kernels
+            )  # what build_model does for a model it builds
             worker.attach(
                 model, settings.cuda_graphs, settings.max_batch_size, batcher, settings.max_batch_tokens
             )
@@ -208,7 +210,7 @@ async def _load_model(state: ServerState) -> None:
 
 def _model_ready(state: ServerState, model: MultiProfileModel) -> None:
     """Say so: the readiness gauge, the kernels' info gauge and one log line."""
-    report = kernel_report(state.settings.kernels, model.encoder.device)
+    report = kernel_report(model)
     state.metrics.kernels.labels(**report).set(1)
     state.metrics.model_ready.set(1)
     log.info(

@@ -341,7 +341,7 @@ async def readyz(request: Request) -> dict:
             "model_id": model.encoder.model_id,
             "model": model.encoder.name,
             "device": str(model.encoder.device),
-            "kernels": kernel_report(state.settings.kernels, model.encoder.device),
+            "kernels": kernel_report(model),
         },
     }
 

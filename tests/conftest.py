@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,8 @@ import torch  # noqa: E402
 
 from xpeft.adapters.bank import AdapterBank, create_random_bank  # noqa: E402
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder  # noqa: E402
+from xpeft.adapters.fusion import FusedAdapters  # noqa: E402
+from xpeft.engine.cache import FusedCache  # noqa: E402
 from xpeft.profiles import format as xpm  # noqa: E402
 from xpeft.profiles.data import Dataset  # noqa: E402
 from xpeft.profiles.synthetic import random_profile  # noqa: E402
@@ -208,3 +210,25 @@ def admin_headers() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def reader_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {READER}"}
+
+
+def keep_fused(cache: FusedCache, key: tuple[str, int], fused: FusedAdapters) -> bool:
+    """What a batch of one cold profile does, without a model: reserve its slot, write its weights
+    there (the model's fill), commit, release. True when the cache now holds it."""
+    L, _, d, r = fused.down.shape
+    if cache.attach(L, d, r, fused.down.device, fused.down.dtype) is None:
+        return False
+    with cache.reserve([key]) as held:
+        slot = held.slots[0]
+        if slot is None:
+            return False
+        if not held.cold:
+            return True
+        cache.pool.write([slot], fused)  # type: ignore[union-attr]
+        return held.commit(0)
+
+
+@pytest.fixture(scope="session")
+def keep() -> Callable[[FusedCache, tuple[str, int], FusedAdapters], bool]:
+    """:func:`keep_fused`, for tests of the fused-weight cache and of the caches around it."""
+    return keep_fused

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from xpeft.adapters.fusion import FusedAdapters
 from xpeft.engine.batcher import Job
 from xpeft.engine.cache import CachedProfile, FusedCache, VersionFloors
 from xpeft.engine.runtime import MultiProfileModel
@@ -115,9 +116,11 @@ def test_a_replaced_profiles_slot_is_never_served_again(encoder, bank, profile_b
     worker.shutdown()
 
 
-def test_eviction_never_overwrites_a_slot_reserved_by_a_batch_being_assembled() -> None:
+def test_eviction_never_overwrites_a_slot_reserved_by_a_batch_being_assembled(keep) -> None:
     """Reservation level: slots handed to a batch keep their contents until it releases them."""
-    from test_server_caches import fused_entry, keep
+
+    def fused_entry() -> FusedAdapters:
+        return FusedAdapters.zeros(2, 8, 4)
 
     size = fused_entry().nbytes
     cache = FusedCache(2 * size, VersionFloors())
