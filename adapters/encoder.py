@@ -19,6 +19,7 @@ from torch import nn
 
 from xpeft.adapters.errors import ModelError
 from xpeft.adapters.fusion import FusedAdapters
+from xpeft.adapters.kernels import KernelChoice
 from xpeft.adapters.layer import AdapterSlot
 
 if TYPE_CHECKING:
@@ -98,6 +99,29 @@ class AdapterEncoder(nn.Module):
             slot = AdapterSlot(getattr(parent, name))
             setattr(parent, name, slot)
             self.slots.append(slot)
+        self._kernels: KernelChoice | None = None
+
+    @property
+    def kernels(self) -> KernelChoice | None:
+        """The Triton kernels the adapter slots may run (``None``: the torch path everywhere);
+        the model sets it once, when it is built."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, choice: KernelChoice | None) -> None:
+        self._kernels = choice
+        for slot in self.slots:
+            slot.kernels = choice
+
+    @contextmanager
+    def kernels_switched(self, **switches: bool) -> Iterator[None]:
+        """Some kernels forced on or off inside a block (benchmarks compare both paths)."""
+        previous = self.kernels
+        self.kernels = (previous or KernelChoice.torch_only()).switched(**switches)
+        try:
+            yield
+        finally:
+            self.kernels = previous
 
     @property
     def num_layers(self) -> int:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from xpeft.adapters import kernels
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
+from xpeft.adapters.kernels import KernelChoice
 
 
 @dataclass
@@ -109,19 +110,21 @@ def fuse_gather(
     bank: AdapterBank,
     weight_down: torch.Tensor | None = None,
     weight_up: torch.Tensor | None = None,
+    choice: KernelChoice | None = None,
 ) -> FusedAdapters:
     """Hard masks: read only the k selected adapters of each profile and sum them.
 
     ``index_down`` / ``index_up``: ``(U, L, k)`` adapter indices; ``weight_*`` each one's weight
-    (``None``: 1/k, which equals :func:`fuse` with k-hot / k weights). On CUDA with Triton the
-    unweighted mean runs as a kernel; otherwise ``embedding_bag`` sums the rows without copying them.
+    (``None``: 1/k, which equals :func:`fuse` with k-hot / k weights). On CUDA with Triton, where
+    ``choice`` turns the ``gather`` kernel on, the unweighted mean runs as a kernel; otherwise
+    ``embedding_bag`` sums the rows without copying them.
     """
     L, N = bank.num_layers, bank.down.shape[1]
     U, _, k = index_down.shape
     offsets = torch.arange(0, U * L * k, k, device=index_down.device)
 
     def pick(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        if weight is None and kernels.enabled("gather", table):  # CUDA + Triton only
+        if weight is None and choice is not None and choice.enabled("gather", table):  # CUDA + Triton
             return kernels.gather_mean_triton(table, index)  # reads the k rows without copying them
         ids = (index + torch.arange(L, device=index.device).view(1, L, 1) * N).flatten()
         rows = table.reshape(L * N, -1)

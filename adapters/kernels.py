@@ -12,24 +12,23 @@ Two kernels, in the pattern of vLLM's ``lora/ops`` and Punica's SGMV:
   sorting), down projection, bias, ReLU, up projection, bias and residual add in one launch.
 
 Triton is optional: without it, without CUDA, with gradients required, or with the kernel turned
-off, :func:`enabled` is false and ``layer.apply_adapters`` / ``fusion.fuse_gather`` run their torch
-code, which stays the reference. Which kernel is on by default is what the H200 measured
-(``MEASURED_FASTER``; docs/BENCHMARKS.md); a setting overrides it: ``off``, ``all``, or a comma
-list such as ``apply,gather``. The server passes its ``kernels`` setting (``XPEFT_KERNELS``) to
-:func:`configure` when it builds the model; a library caller that never configures gets the
-environment variable, read once at the first forward. :func:`use_kernels` switches kernels for a
-block of code.
+off, :meth:`KernelChoice.enabled` is false and ``layer.apply_adapters`` / ``fusion.fuse_gather``
+run their torch code, which stays the reference. Which kernel is on is a :class:`KernelChoice`,
+an object built once with the model (``MultiProfileModel``: the server from its ``kernels``
+setting, ``XPEFT_KERNELS``; a library caller from that variable as the model is built) and handed
+down to the encoder's adapter slots and the fusion; nothing here is a process-wide switch. By
+default it turns on what the H200 measured faster (``MEASURED_FASTER``; docs/BENCHMARKS.md); a
+setting overrides it: ``off``, ``all``, or a comma list such as ``apply,gather``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from xpeft.adapters.kernel_policy import KERNELS, MEASURED_FASTER, parse_policy
+from xpeft.adapters.kernel_policy import KERNELS, MEASURED_FASTER, describe, parse_policy
 
 try:  # Triton is only on GPU machines; every import of xpeft must work without it.
     import triton
@@ -43,84 +42,73 @@ __all__ = [
     "HAVE_TRITON",
     "KERNELS",
     "MEASURED_FASTER",
+    "KernelChoice",
     "apply_adapters_triton",
-    "chosen",
-    "configure",
-    "enabled",
     "gather_mean_triton",
     "parse_policy",
-    "policy",
-    "use_kernels",
 ]
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_override: dict[str, bool] | None = None
-_chosen: dict[str, bool] | None = None  # configure()'s choice, else XPEFT_KERNELS at the first dispatch
 
 
-def policy() -> dict[str, bool]:
-    """Which kernels may run: an active :func:`use_kernels` block, else ``XPEFT_KERNELS``, else measured.
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which Triton kernels may replace the torch path: built once when a model is built, then
+    read by every adapter layer of every forward (so it parses nothing there).
 
-    This reads the environment as it is now (for reports and for :func:`use_kernels`); the
-    per-layer dispatch in :func:`enabled` reads it once per process instead.
+    ``setting`` is the ``XPEFT_KERNELS`` value it came from (``/readyz`` and the log show it);
+    ``kernels`` maps each of :data:`KERNELS` to whether it may run.
     """
-    if _override is not None:
-        return dict(_override)
-    return parse_policy(os.environ.get("XPEFT_KERNELS", ""))
 
+    setting: str = "off"
+    kernels: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(KERNELS, False))
 
-def configure(setting: str) -> dict[str, bool]:
-    """Choose the kernels of this process from a setting (``XPEFT_KERNELS``'s grammar), once, when
-    a model is built: the server passes its ``Settings.kernels``. Returns the choice."""
-    global _chosen
-    _chosen = parse_policy(setting)
-    return dict(_chosen)
+    @classmethod
+    def parse(cls, setting: str) -> KernelChoice:
+        """The choice an ``XPEFT_KERNELS`` value makes (``ValueError`` for an unknown kernel)."""
+        return cls(setting.strip().lower(), parse_policy(setting))
 
+    @classmethod
+    def from_environment(cls) -> KernelChoice:
+        """``XPEFT_KERNELS`` as it is now (unset: the measured defaults)."""
+        return cls.parse(os.environ.get("XPEFT_KERNELS", ""))
 
-def chosen() -> dict[str, bool]:
-    """The kernels the dispatch follows now: an active :func:`use_kernels` block, else the
-    configured choice (else the environment, read now for good)."""
-    return dict(_active())
+    @classmethod
+    def torch_only(cls) -> KernelChoice:
+        """Every kernel off: the torch reference everywhere."""
+        return cls.parse("off")
 
+    def allows(self, name: str) -> bool:
+        return self.kernels.get(name, False)
 
-def _active() -> dict[str, bool]:
-    """The policy the dispatch follows: the override, else the configured choice, else the
-    environment as first read (a library caller that never configured)."""
-    global _chosen
-    if _override is not None:
-        return _override
-    if _chosen is None:
-        _chosen = parse_policy(os.environ.get("XPEFT_KERNELS", ""))
-    return _chosen
+    def switched(self, **switches: bool) -> KernelChoice:
+        """A copy with some kernels forced on or off (benchmarks compare both paths)."""
+        unknown = set(switches) - set(KERNELS)
+        if unknown:
+            raise ValueError(f"unknown kernels {sorted(unknown)}; known: {KERNELS}")
+        return replace(self, kernels={**self.kernels, **switches})
 
+    def enabled(self, name: str, *tensors: torch.Tensor) -> bool:
+        """True when kernel ``name`` should replace the torch path for these tensors.
 
-@contextmanager
-def use_kernels(**switches: bool) -> Iterator[None]:
-    """Force kernels on or off inside a block (benchmarks compare both paths in one process)."""
-    global _override
-    unknown = set(switches) - set(KERNELS)
-    if unknown:
-        raise ValueError(f"unknown kernels {sorted(unknown)}; known: {KERNELS}")
-    previous = _override
-    _override = {**policy(), **switches}
-    try:
-        yield
-    finally:
-        _override = previous
+        Needs Triton, CUDA tensors of a supported dtype, no autograd (the kernels have no
+        backward: training keeps the torch path) and this choice's consent.
+        """
+        first = tensors[0]
+        if not (HAVE_TRITON and first.is_cuda and first.dtype in _SUPPORTED_DTYPES):
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
+        return self.allows(name)
 
-
-def enabled(name: str, *tensors: torch.Tensor) -> bool:
-    """True when kernel ``name`` should replace the torch path for these tensors.
-
-    Needs Triton, CUDA tensors of a supported dtype, no autograd (the kernels have no backward:
-    training keeps the torch path) and the policy's consent. Runs in every adapter layer of every
-    forward, so it never parses the environment after the first call.
-    """
-    first = tensors[0]
-    if not (HAVE_TRITON and first.is_cuda and first.dtype in _SUPPORTED_DTYPES):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return _active().get(name, False)
+    def report(self, device: torch.device) -> dict[str, str]:
+        """What ``/readyz``, the start-up log and ``xpeft_kernels_info`` say of the kernels: the
+        setting, the kernels it chose, and those that run on ``device`` (CUDA with Triton only)."""
+        runs = HAVE_TRITON and device.type == "cuda"
+        return {
+            "setting": self.setting,
+            "chosen": describe(self.kernels),
+            "running": describe(self.kernels if runs else {}),
+        }
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
@@ -215,7 +203,7 @@ if HAVE_TRITON:
 
 def _require_triton() -> None:
     if not HAVE_TRITON:
-        raise RuntimeError("Triton is not installed: use the torch path (kernels.enabled() is False)")
+        raise RuntimeError("Triton is not installed: use the torch path (KernelChoice.enabled() is False)")
 
 
 def apply_block_t(num_tokens: int) -> tuple[int, int]:

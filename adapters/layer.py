@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from xpeft.adapters import kernels
+from xpeft.adapters.kernels import KernelChoice
 
 
 def apply_adapters(
@@ -20,14 +21,16 @@ def apply_adapters(
     up: torch.Tensor,
     up_bias: torch.Tensor,
     rows: torch.Tensor | None,
+    choice: KernelChoice | None = None,
 ) -> torch.Tensor:
     """``h + relu(h A_u + a_u) B_u + b_u`` where u is each row's profile.
 
     ``h (B, T, d)``; ``down (U, d, r)``, ``down_bias (U, r)``, ``up (U, r, d)``, ``up_bias (U, d)``;
     ``rows (B,)`` maps rows to profiles or to slots of a pool (``U`` is then the pool's slot count;
-    ``None`` when U == 1). This is the reference path that runs everywhere; ``xpeft.adapters.kernels`` may replace it on CUDA.
+    ``None`` when U == 1). This is the reference path that runs everywhere; the Triton kernel
+    replaces it on CUDA where ``choice`` turns it on (``None``: the torch path).
     """
-    if kernels.enabled("apply", h, down, down_bias, up, up_bias):  # CUDA + Triton only
+    if choice is not None and choice.enabled("apply", h, down, down_bias, up, up_bias):  # CUDA + Triton
         return kernels.apply_adapters_triton(h, down, down_bias, up, up_bias, rows)
     if down.shape[0] == 1:
         z = torch.relu(torch.matmul(h, down[0]) + down_bias[0])
@@ -47,9 +50,11 @@ class AdapterSlot(nn.Module):
         self.dense = dense
         self.weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.rows: torch.Tensor | None = None
+        #: the kernels this slot may run (the encoder's choice; ``None``: the torch path)
+        self.kernels: KernelChoice | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dense(x)
         if self.weights is None:
             return h
-        return apply_adapters(h, *self.weights, self.rows)
+        return apply_adapters(h, *self.weights, self.rows, self.kernels)

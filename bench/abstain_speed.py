@@ -21,7 +21,7 @@ import torch
 from bench.common.runs import hardware
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile, random_rule
 
 

@@ -102,7 +102,7 @@ def run_serving(args, report: dict, grid: dict, device: torch.device, deadline: 
 
     from bench import serving
     from xpeft.adapters.encoder import load_encoder
-    from xpeft.profiles.runtime import MultiProfileModel
+    from xpeft.engine.runtime import MultiProfileModel
 
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32

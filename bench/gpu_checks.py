@@ -11,6 +11,7 @@ import torch
 from bench.measure import bench_encoder, device_weights, make_profiles, random_bank, random_inputs
 from xpeft.adapters import kernels
 from xpeft.adapters.fusion import FusedAdapters, fuse, fuse_gather
+from xpeft.adapters.kernels import KernelChoice
 from xpeft.adapters.layer import apply_adapters
 
 # (name, B, T, d, r, U): BERT-base and MiniLM shapes, ragged token counts, one profile without rows
@@ -61,8 +62,7 @@ def check_apply(device: torch.device, dtypes: list[torch.dtype]) -> list[dict]:
             paths: dict[str, Callable[[], torch.Tensor]] = {}
 
             def torch_path(dev=dev, rows=rows) -> torch.Tensor:
-                with kernels.use_kernels(apply=False):
-                    return apply_adapters(*dev, rows)
+                return apply_adapters(*dev, rows, KernelChoice.torch_only())
 
             paths["torch"] = torch_path
             if triton_runs_here(device) and (device.type == "cuda" or dtype == torch.float32):
@@ -98,10 +98,8 @@ def check_dispatch(device: torch.device) -> list[dict]:
     h, *weights = (t.to(device, torch.bfloat16) for t in adapter_inputs(4, 40, 768, 48, 2, 99))
     rows = torch.tensor([0, 1, 1, 0], device=device)
     direct = kernels.apply_adapters_triton(h, *weights, rows)
-    with kernels.use_kernels(apply=True):
-        routed = apply_adapters(h, *weights, rows)
-    with kernels.use_kernels(apply=False):
-        plain = apply_adapters(h, *weights, rows)
+    routed = apply_adapters(h, *weights, rows, KernelChoice.parse("apply"))
+    plain = apply_adapters(h, *weights, rows, KernelChoice.torch_only())
     return [
         {
             "check": "dispatch",
@@ -143,8 +141,7 @@ def gather_paths(bank, index: torch.Tensor, device: torch.device) -> dict[str, C
     masks = torch.zeros(index.shape[:-1] + (N,), device=device).scatter_(-1, index, 1.0 / k)
 
     def gather_torch() -> FusedAdapters:
-        with kernels.use_kernels(gather=False):
-            return fuse_gather(index[0], index[1], bank)
+        return fuse_gather(index[0], index[1], bank, choice=KernelChoice.torch_only())
 
     def gather_triton() -> FusedAdapters:
         return FusedAdapters(
@@ -192,7 +189,7 @@ def check_end_to_end(encoder, model_name: str, device: torch.device, seq_len: in
     for path, on in (("torch", False), ("triton", True)):
         if on and not (triton_runs_here(device) and device.type == "cuda"):
             continue
-        with kernels.use_kernels(apply=on):
+        with encoder.kernels_switched(apply=on):
             pooled = encoder(inputs, fused, rows)
         err = rel_err(pooled, ref)
         results.append(

@@ -7,6 +7,7 @@ import time
 
 from bench.measure import make_profiles, time_op
 from xpeft.adapters import kernels
+from xpeft.adapters.kernels import KernelChoice
 from xpeft.adapters.layer import apply_adapters
 
 
@@ -17,10 +18,9 @@ def sweep_apply_tiles(encoder, bank, seq_len: int, deadline: float) -> list[dict
     if not (kernels.HAVE_TRITON and encoder.device.type == "cuda"):
         return [{"skipped": "needs CUDA and Triton"}]
     h, weights, rows = apply_case(encoder, bank, 64, seq_len, 64)
-    with kernels.use_kernels(apply=False):
-        rows_out = [
-            {"impl": "torch", "ms": time_op(lambda: apply_adapters(h, *weights, rows), encoder.device) * 1e3}
-        ]
+    rows_out = [
+        {"impl": "torch", "ms": time_op(lambda: apply_adapters(h, *weights, rows), encoder.device) * 1e3}
+    ]
     for block_t in (16, 32, 64, 128):
         for warps in (4, 8):
             if time.monotonic() > deadline:
@@ -60,20 +60,20 @@ def launch_overhead(model, seq_len: int) -> list[dict]:
     encoder, bank, out = model.encoder, model.device_bank, []
     h, weights, rows = apply_case(encoder, bank, 1, 16, 1)
     for impl in ("torch", "triton") if kernels.HAVE_TRITON and encoder.device.type == "cuda" else ("torch",):
-        with kernels.use_kernels(apply=impl == "triton"):
-            apply_adapters(h, *weights, rows)
-            sync(encoder.device)
-            start = time.perf_counter()
-            for _ in range(200):
-                apply_adapters(h, *weights, rows)
-            host = (time.perf_counter() - start) / 200
-            sync(encoder.device)
+        choice = KernelChoice.parse("apply" if impl == "triton" else "off")
+        apply_adapters(h, *weights, rows, choice)
+        sync(encoder.device)
+        start = time.perf_counter()
+        for _ in range(200):
+            apply_adapters(h, *weights, rows, choice)
+        host = (time.perf_counter() - start) / 200
+        sync(encoder.device)
         out.append({"what": "apply, host time per call (B=1, T=16)", "impl": impl, "us": host * 1e6})
     mb = MixedBatch(model, make_profiles(bank, 64, seed=11), 64, seq_len)
     for name, fn in (
         ("base", mb.base),
-        ("warm torch", with_apply(mb.warm, "torch")),
-        ("warm triton", with_apply(mb.warm, "triton")),
+        ("warm torch", with_apply(encoder, mb.warm, "torch")),
+        ("warm triton", with_apply(encoder, mb.warm, "triton")),
     ):
         fn()
         enqueue, wall = [], []

@@ -26,10 +26,11 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, content_id, load_encoder
 from xpeft.adapters.errors import ModelError
 from xpeft.adapters.fusion import FusedAdapters, fuse, fuse_gather
+from xpeft.adapters.kernels import KernelChoice
 from xpeft.adapters.layer import apply_adapters
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.slots import SlotPool
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.profiles.slots import SlotPool
 from xpeft.profiles.synthetic import random_profile
 
 
@@ -204,8 +205,8 @@ class MixedBatch:
         self.slots = [2 * U - 1 - 2 * u for u in range(U)]
         self.slot_rows = torch.tensor([self.slots[r] for r in rows], device=enc.device)
         with torch.no_grad():
-            self.cached = self.model.fuse(self.profiles)
             self.model.fuse_into_pool(self.pool, self.slots, self.profiles)
+        self.cached = [self.pool.view(s) for s in self.slots]  # each profile's weights, in place
         self.weights = device_weights(self.profiles, enc.device)
         # the naive server's groups, sliced ahead of time (in its favour)
         self.groups = []
@@ -312,8 +313,9 @@ def time_apply(
     estimator: str = "median",
 ) -> float:
     h, weights, rows = apply_case(encoder, bank, batch, seq_len, distinct)
-    with kernels.use_kernels(apply=use_triton), torch.no_grad():
-        return time_op(lambda: apply_adapters(h, *weights, rows), encoder.device, estimator=estimator)
+    choice = KernelChoice.parse("apply" if use_triton else "off")
+    with torch.no_grad():
+        return time_op(lambda: apply_adapters(h, *weights, rows, choice), encoder.device, estimator=estimator)
 
 
 def time_fusion(
@@ -325,8 +327,8 @@ def time_fusion(
             weights = device_weights(profiles, device)
             return time_op(lambda: fuse(*weights, bank), device, estimator=estimator)
         index = device_indices(profiles, device)
-        with kernels.use_kernels(gather=method == "gather_triton"):
-            return time_op(lambda: fuse_gather(*index, bank), device, estimator=estimator)
+        choice = KernelChoice.parse("gather" if method == "gather_triton" else "off")
+        return time_op(lambda: fuse_gather(*index, bank, choice=choice), device, estimator=estimator)
 
 
 # -- provenance -----------------------------------------------------------------------------

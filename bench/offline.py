@@ -37,7 +37,7 @@ from bench.measure import (
 )
 from xpeft.adapters import kernels
 from xpeft.adapters.encoder import AdapterEncoder
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 
 
 @dataclass
@@ -103,9 +103,11 @@ def fusion_methods(device: torch.device) -> list[str]:
     return methods + (["gather_triton"] if device.type == "cuda" and kernels.HAVE_TRITON else [])
 
 
-def with_apply(fn: Callable[[], object], impl: str) -> Callable[[], object]:
+def with_apply(encoder: AdapterEncoder, fn: Callable[[], object], impl: str) -> Callable[[], object]:
+    """``fn`` run with the apply kernel of ``encoder`` on (``triton``) or off (``torch``)."""
+
     def call() -> object:
-        with kernels.use_kernels(apply=impl == "triton"):
+        with encoder.kernels_switched(apply=impl == "triton"):
             return fn()
 
     return call
@@ -157,7 +159,7 @@ def run_throughput(
                 ]
                 for variant, fn, impl in runs:
                     name = f"{variant} U={u} N={n} {impl}"
-                    variants[name] = with_apply(fn, impl)
+                    variants[name] = with_apply(encoder, fn, impl)
                     labels[name] = {
                         "variant": variant,
                         "distinct": u,
@@ -205,7 +207,7 @@ def add_graphs(
     for variant, impl in wanted:
         name = "base_graph" if variant == "base" else f"{variant}_graph U={u} N={n} {impl}"
         try:
-            with kernels.use_kernels(apply=impl == "triton"):
+            with mb.model.encoder.kernels_switched(apply=impl == "triton"):
                 variants[name] = mb.graph(variant)
         except Exception as exc:  # a capture that fails is a result to report, not a crash
             errors.append(

@@ -34,13 +34,12 @@ from bench.common.stats import latency_summary
 from bench.measure import make_profiles, random_bank, round_robin, sync
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import AdapterEncoder
+from xpeft.engine.batcher import Job
+from xpeft.engine.cache import CachedProfile, FusedCache, VersionFloors
+from xpeft.engine.graphs import GraphRunner
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
-from xpeft.profiles.graphs import GraphRunner
-from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.server.batcher import Job
-from xpeft.server.cache import CachedProfile, FusedCache, VersionFloors
-from xpeft.server.metrics import Metrics
-from xpeft.server.worker import ModelWorker
 
 
 def make_texts(tokenizer, count: int, tokens: int, seed: int = 0) -> list[str]:
@@ -95,7 +94,7 @@ def runtime_grid(
         workers = []
         for n, model in models.items():
             bytes_needed = (2 * rows + 8) * _slot_bytes(model)
-            worker = ModelWorker(FusedCache(bytes_needed, VersionFloors()), Metrics())
+            worker = ModelWorker(FusedCache(bytes_needed, VersionFloors()))
             worker.executor.shutdown()  # runs on this thread here
             worker.attach(model, graphs, rows)
             workers.append(worker)
@@ -163,7 +162,7 @@ def runtime_grid(
 
 
 def _slot_bytes(model: MultiProfileModel) -> int:
-    from xpeft.profiles.slots import slot_nbytes
+    from xpeft.engine.slots import slot_nbytes
 
     bank, enc = model.bank, model.encoder
     return slot_nbytes(bank.num_layers, bank.hidden_size, bank.bottleneck, enc.dtype)
@@ -259,7 +258,7 @@ def http_vs_offline(
                         f"/profiles/{pid}/predict", json={"inputs": texts[:texts_per_request]}
                     ).raise_for_status()
             asyncio.run(run_pass(server.url, plan[: clients * 2], clients, pass_deadline_s))  # warm-up
-            offline = ModelWorker(FusedCache(10**10, VersionFloors()), Metrics())
+            offline = ModelWorker(FusedCache(10**10, VersionFloors()))
             offline.executor.shutdown()
             offline.attach(model, env.get("XPEFT_CUDA_GRAPHS", "").lower() in ("1", "true") or None, 64)
             for p in range(passes):
@@ -349,7 +348,7 @@ def check_runtime(
     texts = make_texts(model.encoder.tokenizer, 24, 20, seed=3)
     profiles = make_profiles(model.bank, 6, seed=3)
     jobs = _jobs(profiles, texts, 24)
-    worker = ModelWorker(FusedCache(64 * _slot_bytes(model), VersionFloors()), Metrics())
+    worker = ModelWorker(FusedCache(64 * _slot_bytes(model), VersionFloors()))
     worker.executor.shutdown()
     worker.attach(model, graphs, 32)
     results = []

@@ -42,8 +42,8 @@ TRAIN_FLAGS = (
 EVAL_BATCH_SIZE = 64  # xpeft.profiles.evaluate.evaluate's default (a test checks they agree)
 
 if TYPE_CHECKING:
+    from xpeft.engine.runtime import MultiProfileModel
     from xpeft.profiles.data import Dataset
-    from xpeft.profiles.runtime import MultiProfileModel
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +90,7 @@ def _load_data(path: str, args: argparse.Namespace) -> Dataset:
 
 def _model(args: argparse.Namespace) -> MultiProfileModel:
     """``--bank`` with ``--model`` (default: the encoder the bank was built for)."""
-    from xpeft.profiles.runtime import MultiProfileModel
+    from xpeft.engine.runtime import MultiProfileModel
 
     return MultiProfileModel.load(args.bank, args.model)
 

@@ -8,7 +8,7 @@ rule stores the score at :data:`KNOT_QUANTILES` (fp16 in the ``.xpm`` file) and 
 between two knots linearly. A row whose confidence is below ``min_confidence`` abstains.
 
 Pure tensor arithmetic, no encoder: fitting a rule to a trained profile lives in
-:mod:`xpeft.profiles.abstain_fit`, applying it to a batch in :mod:`xpeft.profiles.runtime`.
+:mod:`xpeft.profiles.abstain_fit`, applying it to a batch in :mod:`xpeft.engine.runtime`.
 """
 
 from __future__ import annotations

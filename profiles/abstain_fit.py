@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from xpeft.adapters.errors import XPeftError
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles.abstain import (
     AbstainRule,
     check_min_confidence,
@@ -25,7 +26,6 @@ from xpeft.profiles.abstain import (
 )
 from xpeft.profiles.data import Dataset
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.train_config import CLASS_MEAN_SCORES, DEFAULT_MIN_CONFIDENCE, MIN_HOLDOUT
 
 __all__ = ["Scored", "Split", "class_means", "fit_rule", "rule_from", "split_for_rule"]

@@ -16,14 +16,16 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from xpeft.adapters import kernels
 from xpeft.adapters.errors import XPeftError
+from xpeft.adapters.kernels import KernelChoice
+from xpeft.engine.batcher import MicroBatcher
+from xpeft.engine.cache import FusedCache, VersionFloors
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server import telemetry
 from xpeft.server.auth import Authorizer, check_exposure
-from xpeft.server.batcher import MicroBatcher
-from xpeft.server.cache import FusedCache, ProfileCache, VersionFloors
+from xpeft.server.cache import ProfileCache
 from xpeft.server.errors import ApiError, install_error_handlers
 from xpeft.server.jobs.service import JobService
 from xpeft.server.metrics import Metrics
@@ -43,7 +45,6 @@ from xpeft.server.state import ServerState
 from xpeft.server.stores import open_store
 from xpeft.server.sync import CacheSync
 from xpeft.server.train_routes import router as train_router
-from xpeft.server.worker import ModelWorker
 
 log = logging.getLogger("xpeft.server")
 __all__ = ["create_app"]
@@ -70,7 +71,8 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     metrics = Metrics()
     store = open_store(settings)
     floors = VersionFloors()
-    fused = FusedCache(settings.fused_cache_bytes, floors, metrics, settings.head_cache_bytes)
+    engine_metrics = metrics.engine()
+    fused = FusedCache(settings.fused_cache_bytes, floors, engine_metrics, settings.head_cache_bytes)
     profiles = ProfileCache(
         store,
         lambda data: xpm.decode(data, bank),
@@ -79,15 +81,16 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
         metrics,
         max_bytes=settings.profile_cache_bytes,
     )
-    worker = ModelWorker(fused, metrics, settings.torch_threads)
+    worker = ModelWorker(fused, engine_metrics, settings.torch_threads)
     batcher = MicroBatcher(
         worker.run_async,
         settings.max_batch_size,
         settings.max_wait_ms / 1000,
         settings.max_queue,
-        metrics,
+        engine_metrics,
         prepare=worker.prepare,
     )
+    metrics.set_queue_depth_source(lambda: batcher.depth)
     state = ServerState(
         settings,
         metrics,
@@ -104,7 +107,9 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if model is not None:
-            kernels.configure(settings.kernels)  # what build_model does for a model it builds
+            model.kernels = KernelChoice.parse(
+                settings.kernels
+            )  # what build_model does for a model it builds
             worker.attach(
                 model, settings.cuda_graphs, settings.max_batch_size, batcher, settings.max_batch_tokens
             )
@@ -205,7 +210,7 @@ async def _load_model(state: ServerState) -> None:
 
 def _model_ready(state: ServerState, model: MultiProfileModel) -> None:
     """Say so: the readiness gauge, the kernels' info gauge and one log line."""
-    report = kernel_report(state.settings.kernels, model.encoder.device)
+    report = kernel_report(model)
     state.metrics.kernels.labels(**report).set(1)
     state.metrics.model_ready.set(1)
     log.info(

@@ -22,6 +22,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from xpeft.engine.metrics import EngineMetrics
 from xpeft.server.errors import StoreUnavailable
 
 T = TypeVar("T")
@@ -166,3 +167,25 @@ class Metrics:
 
     def set_queue_depth_source(self, source: Callable[[], float]) -> None:
         self.queue_depth.set_function(source)
+
+    def engine(self) -> EngineMetrics:
+        """The engine's callbacks, recording into these metrics (the engine imports no server)."""
+
+        def batch_ran(seconds: float, rows: int, profiles: int) -> None:
+            self.batch_seconds.observe(seconds)
+            self.batch_rows.observe(rows)
+            self.batch_profiles.observe(profiles)
+
+        def pool_used(nbytes: int, entries: int) -> None:
+            self.fused_bytes.set(nbytes)
+            self.cache_entries.labels("fused").set(entries)
+
+        return EngineMetrics(
+            batch_ran=batch_ran,
+            profiles_fused=self.fused_profiles.inc,
+            cache_event=lambda event, count: self.cache_event("fused", event, count),
+            pool_used=pool_used,
+            queue_wait=self.queue_wait.observe,
+            overloaded=self.overloaded.inc,
+            batch_isolated=self.batch_retries.inc,
+        )

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from xpeft.adapters import kernel_policy, kernels
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import encoder_for_bank
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.adapters.kernels import KernelChoice
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.server.settings import Settings
 
 __all__ = ["DTYPES", "build_model", "check_readable", "kernel_report", "load_bank"]
@@ -25,10 +25,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def build_model(settings: Settings, bank: AdapterBank) -> MultiProfileModel:
     """The encoder the settings name (default: the bank's own), on their device (default: the
-    best one), with ``bank``; the kernels the settings choose are fixed for the process here."""
-    kernels.configure(settings.kernels)
+    best one), with ``bank``, running the kernels the settings choose (``XPEFT_KERNELS``)."""
     encoder = encoder_for_bank(bank, settings.model, device=settings.device, dtype=DTYPES[settings.dtype])
-    return MultiProfileModel(encoder, bank)
+    return MultiProfileModel(encoder, bank, KernelChoice.parse(settings.kernels))
 
 
 def load_bank(path: Path) -> AdapterBank:
@@ -55,13 +54,7 @@ def check_readable(path: Path) -> None:
         raise XPeftError("bank_unreadable", f"cannot read bank {path}: {exc.strerror}") from None
 
 
-def kernel_report(setting: str, device: torch.device) -> dict[str, str]:
-    """What ``/readyz``, the start-up log and ``xpeft_kernels_info`` say of the kernels: the
-    setting, the kernels it chose, and those that run on ``device`` (CUDA with Triton only)."""
-    chosen = kernels.chosen()
-    runs = kernels.HAVE_TRITON and device.type == "cuda"
-    return {
-        "setting": setting,
-        "chosen": kernel_policy.describe(chosen),
-        "running": kernel_policy.describe(chosen if runs else {}),
-    }
+def kernel_report(model: MultiProfileModel) -> dict[str, str]:
+    """What ``/readyz``, the start-up log and ``xpeft_kernels_info`` say of the model's kernels: the
+    setting, the kernels it chose, and those that run on its device (CUDA with Triton only)."""
+    return model.kernels.report(model.encoder.device)

@@ -15,8 +15,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from xpeft.adapters.encoder import TextInput
+from xpeft.engine.batcher import Job, Overloaded
 from xpeft.server.auth import require_admin, require_profile_access, require_reader
-from xpeft.server.batcher import Job, Overloaded
 from xpeft.server.conditional import PRECONDITION_RESPONSES, not_modified, write_condition
 from xpeft.server.deps import ProfileIdPath, check_profile_id, server_state
 from xpeft.server.errors import ApiError, allowed_methods, etag
@@ -341,7 +341,7 @@ async def readyz(request: Request) -> dict:
             "model_id": model.encoder.model_id,
             "model": model.encoder.name,
             "device": str(model.encoder.device),
-            "kernels": kernel_report(state.settings.kernels, model.encoder.device),
+            "kernels": kernel_report(model),
         },
     }
 

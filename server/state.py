@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass, field
 
 from xpeft.adapters.bank import AdapterBank
+from xpeft.engine.batcher import MicroBatcher
+from xpeft.engine.worker import ModelWorker
 from xpeft.server.auth import Authorizer
-from xpeft.server.batcher import MicroBatcher
 from xpeft.server.cache import ProfileCache
 from xpeft.server.errors import ApiError
 from xpeft.server.metrics import Metrics
@@ -20,7 +21,6 @@ from xpeft.server.middleware import Admission
 from xpeft.server.settings import Settings
 from xpeft.server.stores import ProfileStore
 from xpeft.server.sync import CacheSync
-from xpeft.server.worker import ModelWorker
 
 log = logging.getLogger("xpeft.server")
 __all__ = ["ServerState"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from testsupport.cluster import LocalCluster  # noqa: E402
 from testsupport.processes import RedisServer, ServerProcess, redis_answers, running  # noqa: E402
 from xpeft.adapters.bank import AdapterBank, create_random_bank  # noqa: E402
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder  # noqa: E402
+from xpeft.adapters.fusion import FusedAdapters  # noqa: E402
+from xpeft.engine.cache import FusedCache  # noqa: E402
 from xpeft.profiles import format as xpm  # noqa: E402
 from xpeft.profiles.data import Dataset  # noqa: E402
 from xpeft.profiles.synthetic import random_profile  # noqa: E402
@@ -198,3 +200,25 @@ def admin_headers() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def reader_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {READER}"}
+
+
+def keep_fused(cache: FusedCache, key: tuple[str, int], fused: FusedAdapters) -> bool:
+    """What a batch of one cold profile does, without a model: reserve its slot, write its weights
+    there (the model's fill), commit, release. True when the cache now holds it."""
+    L, _, d, r = fused.down.shape
+    if cache.attach(L, d, r, fused.down.device, fused.down.dtype) is None:
+        return False
+    with cache.reserve([key]) as held:
+        slot = held.slots[0]
+        if slot is None:
+            return False
+        if not held.cold:
+            return True
+        cache.pool.write([slot], fused)  # type: ignore[union-attr]
+        return held.commit(0)
+
+
+@pytest.fixture(scope="session")
+def keep() -> Callable[[FusedCache, tuple[str, int], FusedAdapters], bool]:
+    """:func:`keep_fused`, for tests of the fused-weight cache and of the caches around it."""
+    return keep_fused

@@ -40,7 +40,7 @@ def test_every_package_folder_is_declared_and_typed() -> None:
             assert ".".join((package, *relative)) in declared, (
                 f"{init.parent} is not in [tool.setuptools] packages"
             )
-    for top in ("adapters", "profiles", "server", "client", "cli"):
+    for top in ("adapters", "profiles", "engine", "server", "client", "cli"):
         assert (ROOT / top / "py.typed").is_file()
         assert "py.typed" in SETUPTOOLS["package-data"][f"xpeft.{top}"]
 

@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from xpeft.server.cache import slot_nbytes
+    from xpeft.engine.slots import slot_nbytes
     from xpeft.server.stores.redis_store import RedisStore
 
     started = time.perf_counter()

@@ -23,13 +23,12 @@ from bench.common.server import RedisArea, ServerProcess, batch_stats, bulk_put
 from bench.common.stats import ZipfSampler, latency_summary, median
 from bench.load.config import Config, log, make_plan
 from xpeft.adapters.bank import AdapterBank
+from xpeft.engine.cache import CachedProfile, FusedCache, VersionFloors
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.server.cache import CachedProfile, FusedCache, VersionFloors
-from xpeft.server.metrics import Metrics
 from xpeft.server.settings import Settings
 from xpeft.server.stores.redis_store import RedisStore
-from xpeft.server.worker import ModelWorker
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ class Offline:
     def __init__(self, model: MultiProfileModel, profiles: Profiles, fused_cache_bytes: int) -> None:
         self.model = model
         self.profiles = profiles
-        self.worker = ModelWorker(FusedCache(fused_cache_bytes, VersionFloors()), Metrics())
+        self.worker = ModelWorker(FusedCache(fused_cache_bytes, VersionFloors()))
         self.worker.model = model
         self.decoded: dict[str, CachedProfile] = {}
 

@@ -49,7 +49,7 @@ from bench.common.server import minilm_bank
 from bench.load.config import QUICK, Config, log
 from bench.load.phases import memory_phase, throughput_phase
 from bench.load.report import write_report
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
 from xpeft.server.settings import Settings
 

@@ -45,7 +45,7 @@ from bench.common.server import ServerProcess, batch_stats, minilm_bank
 from bench.common.wrk import run_wrk, store_profiles
 from bench.load.baselines import Baseline, Infinity, plain_baselines
 from bench.load.config import log
-from xpeft.server.batcher import batch_token_budget
+from xpeft.engine.batcher import batch_token_budget
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -33,9 +33,9 @@ from testsupport.scenarios.updates import run_updates
 from testsupport.scenarios.xpm_fuzz import corpus
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.slots import head_memory_bound
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.profiles.slots import head_memory_bound
 from xpeft.profiles.synthetic import random_profile
 from xpeft.server.settings import Settings
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.errors import XPeftError
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
 from xpeft.profiles.data import check_dataset
 from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.train import train_profile
 from xpeft.profiles.train_config import TrainConfig
 from xpeft.server.jobs.records import JobStore, worker_token

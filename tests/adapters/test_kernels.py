@@ -16,6 +16,7 @@ from xpeft.adapters import kernels
 from xpeft.adapters.bank import AdapterBank, create_random_bank
 from xpeft.adapters.encoder import AdapterEncoder, content_id
 from xpeft.adapters.fusion import fuse, fuse_gather
+from xpeft.adapters.kernels import KernelChoice
 from xpeft.adapters.layer import apply_adapters
 from xpeft.profiles.masks import khot
 
@@ -35,11 +36,11 @@ def adapter_inputs(B: int, T: int, d: int, r: int, U: int, seed: int = 0) -> lis
 
 
 def fake_cuda(dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False) -> SimpleNamespace:
-    """What ``kernels.enabled`` reads of a tensor, for a CUDA tensor this machine cannot make."""
+    """What ``KernelChoice.enabled`` reads of a tensor, for a CUDA tensor this machine cannot make."""
     return SimpleNamespace(is_cuda=True, dtype=dtype, requires_grad=requires_grad)
 
 
-# -- policy ---------------------------------------------------------------------------------
+# -- the choice ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
@@ -50,42 +51,54 @@ def fake_cuda(dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False) 
         ("", kernels.MEASURED_FASTER),
     ],
 )
-def test_policy_reads_the_environment(monkeypatch, value, expected):
+def test_a_choice_parses_the_setting_and_reads_the_environment_when_asked(monkeypatch, value, expected):
+    assert KernelChoice.parse(value).kernels == expected
     monkeypatch.setenv("XPEFT_KERNELS", value)
-    assert kernels.policy() == expected
+    assert KernelChoice.from_environment().kernels == expected
 
 
-def test_policy_refuses_unknown_kernel_names(monkeypatch):
-    monkeypatch.setenv("XPEFT_KERNELS", "apply,sgemm")
+def test_a_choice_refuses_unknown_kernel_names():
     with pytest.raises(ValueError, match="sgemm"):
-        kernels.policy()
-    with pytest.raises(ValueError, match="fusion"), kernels.use_kernels(fusion=True):
-        pass
+        KernelChoice.parse("apply,sgemm")
+    with pytest.raises(ValueError, match="fusion"):
+        KernelChoice.torch_only().switched(fusion=True)
 
 
-def test_use_kernels_overrides_then_restores(monkeypatch):
-    monkeypatch.setenv("XPEFT_KERNELS", "off")
-    with kernels.use_kernels(apply=True):
-        assert kernels.policy() == {"apply": True, "gather": False}
-        with kernels.use_kernels(gather=True):
-            assert kernels.policy() == {"apply": True, "gather": True}
-        assert kernels.policy() == {"apply": True, "gather": False}
-    assert kernels.policy() == {"apply": False, "gather": False}
+def test_switched_copies_and_leaves_the_original_alone():
+    off = KernelChoice.parse("off")
+    on = off.switched(apply=True)
+    assert on.kernels == {"apply": True, "gather": False} and on.setting == "off"
+    assert on.switched(gather=True).kernels == {"apply": True, "gather": True}
+    assert off.kernels == {"apply": False, "gather": False}
 
 
-def test_enabled_needs_triton_cuda_a_float_dtype_no_grad_and_the_policy(monkeypatch):
+def test_enabled_needs_triton_cuda_a_float_dtype_no_grad_and_the_choice(monkeypatch):
     monkeypatch.setattr(kernels, "HAVE_TRITON", True)
-    with kernels.use_kernels(apply=True, gather=False):
-        assert kernels.enabled("apply", fake_cuda())
-        assert not kernels.enabled("gather", fake_cuda())  # policy says no
-        assert not kernels.enabled("apply", torch.zeros(2))  # CPU tensor
-        assert not kernels.enabled("apply", fake_cuda(torch.int64))
-        assert not kernels.enabled("apply", fake_cuda(), fake_cuda(requires_grad=True))  # training
-        with torch.no_grad():
-            assert kernels.enabled("apply", fake_cuda(), fake_cuda(requires_grad=True))
+    choice = KernelChoice.parse("apply")
+    assert choice.enabled("apply", fake_cuda())
+    assert not choice.enabled("gather", fake_cuda())  # the choice says no
+    assert not choice.enabled("apply", torch.zeros(2))  # CPU tensor
+    assert not choice.enabled("apply", fake_cuda(torch.int64))
+    assert not choice.enabled("apply", fake_cuda(), fake_cuda(requires_grad=True))  # training
+    with torch.no_grad():
+        assert choice.enabled("apply", fake_cuda(), fake_cuda(requires_grad=True))
     monkeypatch.setattr(kernels, "HAVE_TRITON", False)
-    with kernels.use_kernels(apply=True):
-        assert not kernels.enabled("apply", fake_cuda())
+    assert not choice.enabled("apply", fake_cuda())
+
+
+def test_the_report_runs_kernels_only_on_cuda_with_triton(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "HAVE_TRITON", True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    choice = KernelChoice.parse("all")
+    assert choice.report(cuda) == {"setting": "all", "chosen": "apply,gather", "running": "apply,gather"}
+    assert choice.report(cpu)["running"] == "none"
+    assert KernelChoice.parse(" Gather ").report(cuda) == {
+        "setting": "gather",
+        "chosen": "gather",
+        "running": "gather",
+    }
+    monkeypatch.setattr(kernels, "HAVE_TRITON", False)
+    assert choice.report(cuda)["running"] == "none"
 
 
 # -- dispatch -------------------------------------------------------------------------------
@@ -99,12 +112,13 @@ def test_apply_adapters_routes_to_the_kernel_only_when_enabled(monkeypatch):
         return torch.full_like(h, 7.0)
 
     monkeypatch.setattr(kernels, "apply_adapters_triton", fake_kernel)
-    monkeypatch.setattr(kernels, "enabled", lambda name, *tensors: name == "apply")
-    routed = apply_adapters(h, *weights, rows)
+    # CPU tensors here: a choice that allows a kernel stands in for one on CUDA with Triton
+    monkeypatch.setattr(KernelChoice, "enabled", lambda self, name, *tensors: self.allows(name))
+    routed = apply_adapters(h, *weights, rows, KernelChoice.parse("apply"))
     assert len(calls) == 1 and calls[0][0] is h and calls[0][-1] is rows
     assert torch.equal(routed, torch.full_like(h, 7.0))
-    monkeypatch.setattr(kernels, "enabled", lambda name, *tensors: False)
-    assert not torch.equal(apply_adapters(h, *weights, rows), routed)
+    assert not torch.equal(apply_adapters(h, *weights, rows, KernelChoice.parse("gather")), routed)
+    assert not torch.equal(apply_adapters(h, *weights, rows), routed)  # no choice: the torch path
     assert len(calls) == 1
 
 
@@ -125,22 +139,24 @@ def test_fuse_gather_routes_each_bank_tensor_to_the_kernel_when_enabled(monkeypa
         return torch.zeros((table.shape[0], idx.shape[0]) + tuple(table.shape[2:]))
 
     monkeypatch.setattr(kernels, "gather_mean_triton", fake_gather)
-    monkeypatch.setattr(kernels, "enabled", lambda name, *tensors: name == "gather")
-    fused = fuse_gather(index, index, bank)
+    monkeypatch.setattr(KernelChoice, "enabled", lambda self, name, *tensors: self.allows(name))
+    fused = fuse_gather(index, index, bank, choice=KernelChoice.parse("gather"))
     assert seen == [tuple(t.shape) for t in bank.tensors().values()]
     assert all(t.abs().sum() == 0 for t in fused.tensors())
+    fuse_gather(index, index, bank, choice=KernelChoice.parse("apply"))
+    fuse_gather(index, index, bank)
+    assert len(seen) == len(bank.tensors())  # neither a choice without gather nor none routes
 
 
 def test_cpu_keeps_the_torch_reference_even_with_every_kernel_on():
     bank = small_bank()
     h, *weights = adapter_inputs(3, 7, bank.hidden_size, bank.bottleneck, 2, seed=1)
     rows = torch.tensor([0, 1, 1])
-    with kernels.use_kernels(apply=False):
-        reference = apply_adapters(h, *weights, rows)
-    with kernels.use_kernels(apply=True, gather=True):
-        assert torch.equal(apply_adapters(h, *weights, rows), reference)
-        index = torch.topk(torch.randn(2, bank.num_layers, bank.num_adapters), 4).indices
-        gathered = fuse_gather(index, index, bank)
+    reference = apply_adapters(h, *weights, rows, KernelChoice.torch_only())
+    every = KernelChoice.parse("all")
+    assert torch.equal(apply_adapters(h, *weights, rows, every), reference)
+    index = torch.topk(torch.randn(2, bank.num_layers, bank.num_adapters), 4).indices
+    gathered = fuse_gather(index, index, bank, choice=every)
     expected = h + torch.relu(h[1:2] @ weights[0][1] + weights[1][1]) @ weights[2][1] + weights[3][1]
     torch.testing.assert_close(reference[1:2], expected[1:2], atol=1e-5, rtol=1e-5)
     weights_khot = torch.zeros(2, bank.num_layers, bank.num_adapters).scatter_(-1, index, 0.25)
@@ -236,10 +252,10 @@ def test_mixed_batch_on_cuda_matches_the_cpu_encoder():
         reference = cpu(inputs, fuse(masks[0], masks[1], bank), rows)
         fused = fuse(masks[0].cuda(), masks[1].cuda(), bank.to("cuda", torch.bfloat16))
         gpu_inputs = {k: v.cuda() for k, v in inputs.items()}
-        with kernels.use_kernels(apply=False):
-            plain = gpu(gpu_inputs, fused, rows.cuda())
-        with kernels.use_kernels(apply=True):
-            fast = gpu(gpu_inputs, fused, rows.cuda())
+        gpu.kernels = KernelChoice.parse("off")
+        plain = gpu(gpu_inputs, fused, rows.cuda())
+        gpu.kernels = KernelChoice.parse("apply")
+        fast = gpu(gpu_inputs, fused, rows.cuda())
     assert rel_err(fast, reference) < 3e-2
     assert rel_err(fast, plain) < 3e-2
     assert rel_err(reference[:1], reference[1:2]) > 1e-2  # the rows really differ

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from xpeft.cli.main import main
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
 from xpeft.profiles.evaluate import evaluate
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
 from xpeft.profiles.train import TrainConfig, train_profile
 

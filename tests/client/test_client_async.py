@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from xpeft.client import AsyncClient, Client, ClientError
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
 
 TEXTS = [f"review {i}: {'a wonderful film' if i % 2 else 'a dreadful meal'}" for i in range(10)]
 PROFILE_METHODS = (

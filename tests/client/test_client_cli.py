@@ -13,8 +13,8 @@ import pytest
 
 from xpeft.cli.main import main
 from xpeft.client import Client, ClientError
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
 
 
 def closed_port_url() -> str:

@@ -14,6 +14,7 @@ import torch
 
 from xpeft.adapters.errors import XPeftError
 from xpeft.cli.main import main
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
 from xpeft.profiles.abstain import (
     KNOT_QUANTILES,
@@ -26,7 +27,6 @@ from xpeft.profiles.abstain import (
 from xpeft.profiles.abstain_fit import Scored, rule_from, split_for_rule
 from xpeft.profiles.data import Dataset
 from xpeft.profiles.format_header import PREFIX, ProfileFormatError
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile, random_rule
 from xpeft.profiles.train import TrainConfig, train_profile
 from xpeft.profiles.train_config import DEFAULT_ABSTAIN_SCORE, DEFAULT_MIN_CONFIDENCE

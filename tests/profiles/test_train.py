@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from xpeft.adapters.errors import XPeftError
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
 from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.profile import ProfileKind
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.train import TrainConfig, train_profile
 
 FAST = {"epochs": 4, "batch_size": 16, "max_length": 16}

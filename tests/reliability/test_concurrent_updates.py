@@ -10,8 +10,8 @@ import asyncio
 import itertools
 
 from testsupport.scenarios.updates import run_updates
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
 
 from .conftest import ADMIN, API, bearer
 

@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from testsupport.scenarios.shutdown import run_shutdown
+from xpeft.engine.cache import CachedProfile
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server.app import create_app
-from xpeft.server.cache import CachedProfile
 from xpeft.server.errors import ApiError
 from xpeft.server.settings import Settings
 

@@ -27,7 +27,7 @@ from testsupport.nginx import Nginx, nginx_binary, render
 from testsupport.processes import ServerProcess, drop_prefix, free_port, running
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import zlib
 import httpx
 import pytest
 
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
 from xpeft.profiles.format_header import PREFIX
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile, random_rule
 from xpeft.server.client import Client
 

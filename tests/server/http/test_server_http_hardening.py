@@ -30,7 +30,7 @@ from starlette.requests import Request
 from testsupport.processes import free_port, redis_answers
 from xpeft.adapters.errors import XPeftError
 from xpeft.client import Client, ClientError, profile_path
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.server.app import create_app
 from xpeft.server.auth import Authorizer, check_exposure
 from xpeft.server.errors import ApiError

@@ -6,8 +6,8 @@ import time
 
 from fastapi.testclient import TestClient
 
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.server.app import create_app
 from xpeft.server.settings import Settings
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.metrics import MetricWrapperBase
 
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.server.app import create_app
 from xpeft.server.logging_setup import UVICORN_LOGGERS, configure_logging
 from xpeft.server.metrics import Metrics

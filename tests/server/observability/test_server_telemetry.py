@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.engine.runtime import MultiProfileModel
 from xpeft.server import telemetry
 from xpeft.server.app import create_app
 from xpeft.server.settings import Settings

@@ -8,71 +8,21 @@ from pathlib import Path
 import pytest
 
 from xpeft.adapters.fusion import FusedAdapters
+from xpeft.engine.batcher import Job
+from xpeft.engine.cache import CachedProfile, FusedCache, VersionFloors
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.server.batcher import Job
-from xpeft.server.cache import CachedProfile, FusedCache, ProfileCache, VersionFloors
+from xpeft.server.cache import ProfileCache
 from xpeft.server.metrics import Metrics
 from xpeft.server.stores.sqlite_store import SQLiteStore
 from xpeft.server.sync import CacheSync
-from xpeft.server.worker import ModelWorker
-
-
-def fused_entry() -> FusedAdapters:
-    return FusedAdapters.zeros(2, 8, 4)  # 2 * (8*4 + 4 + 4*8 + 8) * 4 bytes = 608 bytes
-
-
-def keep(cache: FusedCache, key: tuple[str, int], fused: FusedAdapters) -> bool:
-    """What a batch of one cold profile does, without a model: reserve its slot, write its weights
-    there (the model's fill), commit, release. True when the cache now holds it."""
-    L, _, d, r = fused.down.shape
-    if cache.attach(L, d, r, fused.down.device, fused.down.dtype) is None:
-        return False
-    with cache.reserve([key]) as held:
-        slot = held.slots[0]
-        if slot is None:
-            return False
-        if not held.cold:
-            return True
-        cache.pool.write([slot], fused)  # type: ignore[union-attr]
-        return held.commit(0)
 
 
 def sample(metrics: Metrics, cache: str, event: str) -> float:
     return (
         metrics.registry.get_sample_value("xpeft_cache_events_total", {"cache": cache, "event": event}) or 0.0
     )
-
-
-def test_fused_cache_is_bounded_in_bytes_and_evicts_least_recent() -> None:
-    metrics = Metrics()
-    size = fused_entry().nbytes
-    cache = FusedCache(int(size * 2.5), VersionFloors(), metrics)
-    assert keep(cache, ("a", 1), fused_entry()) and keep(cache, ("b", 1), fused_entry())
-    assert cache.get(("a", 1)) is not None  # a is now the most recent
-    assert keep(cache, ("c", 1), fused_entry())
-    assert ("b", 1) not in cache and ("a", 1) in cache and ("c", 1) in cache
-    assert cache.nbytes == 2 * size <= cache.capacity_bytes
-    assert sample(metrics, "fused", "eviction") == 1 and sample(metrics, "fused", "hit") == 1
-    # three cold reservations (a, b, c) and this lookup of the evicted b
-    assert cache.get(("b", 1)) is None and sample(metrics, "fused", "miss") == 4
-    assert metrics.registry.get_sample_value("xpeft_fused_cache_bytes") == 2 * size
-    # one entry larger than the whole cache is used but never kept
-    tiny = FusedCache(size - 1, VersionFloors())
-    assert not keep(tiny, ("a", 1), fused_entry()) and len(tiny) == 0
-
-
-def test_fused_cache_refuses_and_drops_stale_versions() -> None:
-    floors = VersionFloors()
-    cache = FusedCache(10**6, floors)
-    keep(cache, ("a", 1), fused_entry())
-    keep(cache, ("a", 2), fused_entry())
-    keep(cache, ("b", 1), fused_entry())
-    assert cache.drop("a", below=2) == 1 and ("a", 2) in cache and ("a", 1) not in cache
-    floors.raise_to("a", 5)
-    assert not keep(cache, ("a", 4), fused_entry())  # a late writer of an old version is refused
-    assert keep(cache, ("a", 5), fused_entry())
-    assert cache.drop("a") == 2 and len(cache) == 1
 
 
 class SlowStore(SQLiteStore):
@@ -93,7 +43,7 @@ class SlowStore(SQLiteStore):
 
 def make_cache(store, bank, size: int = 100) -> tuple[ProfileCache, Metrics]:
     metrics = Metrics()
-    fused = FusedCache(10**8, VersionFloors(), metrics)
+    fused = FusedCache(10**8, VersionFloors(), metrics.engine())
     return ProfileCache(store, lambda data: xpm.decode(data, bank), size, fused, metrics), metrics
 
 
@@ -136,14 +86,16 @@ def test_a_load_that_races_a_newer_write_is_not_cached(bank, profile_bytes, tmp_
     asyncio.run(body())
 
 
-def test_host_cache_evicts_by_count_and_takes_fused_weights_along(bank, profile_bytes, tmp_path) -> None:
+def test_host_cache_evicts_by_count_and_takes_fused_weights_along(
+    bank, profile_bytes, tmp_path, keep
+) -> None:
     async def body() -> None:
         store = SQLiteStore(tmp_path / "s.sqlite3")
         cache, metrics = make_cache(store, bank, size=2)
         for name in ("a", "b", "c"):
             await store.put(name, profile_bytes(ord(name)), {})
         a = await cache.get("a")
-        keep(cache.fused, a.key, fused_entry())
+        keep(cache.fused, a.key, FusedAdapters.zeros(2, 8, 4))
         await cache.get("b")
         await cache.get("c")
         assert len(cache) == 2 and cache.cached_version("a") is None and a.key not in cache.fused
@@ -153,14 +105,14 @@ def test_host_cache_evicts_by_count_and_takes_fused_weights_along(bank, profile_
     asyncio.run(body())
 
 
-def test_sync_applies_events_and_catches_missed_ones(bank, profile_bytes, tmp_path) -> None:
+def test_sync_applies_events_and_catches_missed_ones(bank, profile_bytes, tmp_path, keep) -> None:
     async def body() -> None:
         store = SQLiteStore(tmp_path / "s.sqlite3", poll_s=0.02)
         cache, metrics = make_cache(store, bank)
         sync = CacheSync(store, cache, metrics, check_s=10)
         v1 = (await store.put("p", profile_bytes(1), {})).record
         assert (await cache.get("p")).version == v1.version
-        keep(cache.fused, ("p", v1.version), fused_entry())
+        keep(cache.fused, ("p", v1.version), FusedAdapters.zeros(2, 8, 4))
 
         # the feed: an event drops both caches' old copies
         task = asyncio.create_task(sync._listen())
@@ -197,7 +149,7 @@ def test_sync_applies_events_and_catches_missed_ones(bank, profile_bytes, tmp_pa
 def test_worker_fuses_cold_profiles_together_once_and_matches_the_model(encoder, bank, profile_bytes) -> None:
     model = MultiProfileModel(encoder, bank)
     metrics = Metrics()
-    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics), metrics)
+    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics.engine()), metrics.engine())
     worker.model = model
     profiles = [
         CachedProfile(f"p{i}", 1, xpm.decode(profile_bytes(i, kind), bank))
@@ -229,7 +181,7 @@ def test_worker_tokenizes_requests_on_its_own_thread_and_predicts_the_same(
 
     model = MultiProfileModel(encoder, bank)
     metrics = Metrics()
-    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics), metrics)
+    worker = ModelWorker(FusedCache(10**8, VersionFloors(), metrics.engine()), metrics.engine())
     worker.model = model
     short = xpm.decode(profile_bytes(0, "hard"), bank)
     short.max_length = 6  # cuts the long text: its tokens must be cut the same way ahead

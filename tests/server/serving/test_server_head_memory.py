@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from testsupport.processes import ServerProcess, running
-from xpeft.profiles.slots import head_memory_bound
+from xpeft.engine.slots import head_memory_bound
 from xpeft.server.settings import Settings
 
 ADMIN = "head-admin-token-6d2e91"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from xpeft.engine.cache import FusedCache, VersionFloors
 from xpeft.profiles import format as xpm
-from xpeft.server.cache import PROFILE_OVERHEAD_BYTES, FusedCache, ProfileCache, VersionFloors
+from xpeft.server.cache import PROFILE_OVERHEAD_BYTES, ProfileCache
 from xpeft.server.metrics import Metrics
 from xpeft.server.stores.sqlite_store import SQLiteStore
 
@@ -22,7 +23,7 @@ def test_large_profiles_are_evicted_by_bytes(bank, profile_bytes, tmp_path) -> N
             store,
             lambda data: xpm.decode(data, bank),
             1000,
-            FusedCache(10**8, VersionFloors(), metrics),
+            FusedCache(10**8, VersionFloors(), metrics.engine()),
             metrics,
             max_bytes=budget,
         )

@@ -8,20 +8,24 @@ import threading
 import pytest
 import torch
 
+from xpeft.adapters.fusion import FusedAdapters
+from xpeft.engine.batcher import Job
+from xpeft.engine.cache import CachedProfile, FusedCache, VersionFloors
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.slots import slot_nbytes
+from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
-from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.profiles.slots import slot_nbytes
-from xpeft.server.batcher import Job
-from xpeft.server.cache import CachedProfile, FusedCache, ProfileCache, VersionFloors
+from xpeft.server.cache import ProfileCache
 from xpeft.server.metrics import Metrics
-from xpeft.server.worker import ModelWorker
 
 
 def make_worker(model: MultiProfileModel, slots: int) -> tuple[ModelWorker, Metrics]:
     bank = model.bank
     size = slot_nbytes(bank.num_layers, bank.hidden_size, bank.bottleneck, model.encoder.dtype)
     metrics = Metrics()
-    worker = ModelWorker(FusedCache(slots * size + size // 2, VersionFloors(), metrics), metrics)
+    worker = ModelWorker(
+        FusedCache(slots * size + size // 2, VersionFloors(), metrics.engine()), metrics.engine()
+    )
     worker.attach(model)
     assert worker.fused_cache.num_slots == slots
     return worker, metrics
@@ -112,9 +116,11 @@ def test_a_replaced_profiles_slot_is_never_served_again(encoder, bank, profile_b
     worker.shutdown()
 
 
-def test_eviction_never_overwrites_a_slot_reserved_by_a_batch_being_assembled() -> None:
+def test_eviction_never_overwrites_a_slot_reserved_by_a_batch_being_assembled(keep) -> None:
     """Reservation level: slots handed to a batch keep their contents until it releases them."""
-    from test_server_caches import fused_entry, keep
+
+    def fused_entry() -> FusedAdapters:
+        return FusedAdapters.zeros(2, 8, 4)
 
     size = fused_entry().nbytes
     cache = FusedCache(2 * size, VersionFloors())
@@ -140,7 +146,9 @@ def test_eviction_never_overwrites_a_slot_reserved_by_a_batch_being_assembled() 
 def test_without_room_for_one_slot_every_batch_is_fused_for_itself(encoder, bank, profile_bytes) -> None:
     model = MultiProfileModel(encoder, bank)
     metrics = Metrics()
-    worker = ModelWorker(FusedCache(0, VersionFloors(), metrics), metrics)  # XPEFT_FUSED_CACHE_BYTES=0
+    worker = ModelWorker(
+        FusedCache(0, VersionFloors(), metrics.engine()), metrics.engine()
+    )  # XPEFT_FUSED_CACHE_BYTES=0
     worker.attach(model)
     assert worker.fused_cache.pool is None and worker.fused_cache.num_slots == 0
     jobs = [Job(p, ["a text", "another"], None) for p in entries(bank, profile_bytes, 3)]  # type: ignore[arg-type]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from xpeft.adapters.fusion import FusedAdapters
+from xpeft.engine.runtime import MultiProfileModel, SlotBatch
+from xpeft.engine.slots import SlotPool
 from xpeft.profiles import format as xpm
 from xpeft.profiles.profile import ProfileKind
-from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
 
 TEXTS = [
@@ -18,6 +19,14 @@ TEXTS = [
     "great",
     "Terrible service and cold food.",
 ]
+
+
+def row_logits(model: MultiProfileModel, inputs, rows, profiles, batch: SlotBatch | None = None):
+    """Each row's logits over its own profile's labels, on the host; ``batch`` defaults to a
+    transient pool of ``profiles``."""
+    batch = batch or model.transient_batch(profiles)
+    logits = model.forward_rows(inputs, rows, profiles, batch)[0].cpu()
+    return [logits[i, : profiles[r].num_labels] for i, r in enumerate(rows)]
 
 
 def test_mixed_batch_matches_each_row_alone(encoder, bank):
@@ -48,13 +57,18 @@ def test_mixed_batch_matches_each_row_alone(encoder, bank):
     inputs = [t for _, texts in requests for t in texts]
     distinct = list({id(p): p for p, _ in requests}.values())
     rows = [distinct.index(p) for p, texts in requests for _ in texts]
-    mixed = model.logits(inputs, rows, distinct, model.fuse(distinct))
+    # the mixed batch reads a long-lived pool (slots scattered, as the server's are); each row
+    # alone runs on a transient pool of its one profile
+    pool = SlotPool(2 * len(distinct), bank.num_layers, bank.hidden_size, bank.bottleneck)
+    slots = [2 * len(distinct) - 1 - 2 * u for u in range(len(distinct))]
+    model.fuse_into_pool(pool, slots, distinct)
+    mixed = row_logits(model, inputs, rows, distinct, SlotBatch(pool, slots))
     for text, row, logits in zip(inputs, rows, mixed, strict=True):
-        alone = model.logits([text], [0], [distinct[row]], model.fuse([distinct[row]]))[0]
+        alone = row_logits(model, [text], [0], [distinct[row]])[0]
         torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
     # and the profiles really differ from one another, so the test could fail
-    first = model.logits([TEXTS[0]], [0], [profiles[0]], model.fuse([profiles[0]]))[0]
-    other = model.logits([TEXTS[0]], [0], [profiles[4]], model.fuse([profiles[4]]))[0]
+    first = row_logits(model, [TEXTS[0]], [0], [profiles[0]])[0]
+    other = row_logits(model, [TEXTS[0]], [0], [profiles[4]])[0]
     assert (first - other).abs().max() > 1e-3
 
 
@@ -62,7 +76,7 @@ def test_fuse_runs_once_per_distinct_profile(encoder, bank, monkeypatch):
     model = MultiProfileModel(encoder, bank)
     p, q = random_profile(bank, seed=1), random_profile(bank, seed=2)
     calls = []
-    import xpeft.profiles.runtime as runtime
+    import xpeft.engine.runtime as runtime
 
     def counting(real):
         def call(down, up, b, *weights):
@@ -100,7 +114,7 @@ def test_units_gather_equals_the_dense_training_fusion(encoder, bank):
         ]
         out = None if p.out_scale is None else p.out_scale.unsqueeze(0)
         want = fuse_unit_weights(dense[0], dense[1], bank, p.gains.unsqueeze(0), out)
-        got = model.fuse([p])[0]
+        got = model.fuse_batch([p])
         for a, b in zip(got.tensors(), want.tensors(), strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert got.down.abs().sum() > 0
@@ -128,7 +142,7 @@ def test_hard_gather_equals_the_gemm_over_the_bank(encoder, bank):
 
 
 def test_hard_profiles_fuse_by_gather_until_they_read_4n_adapters_on_a_cpu(encoder, bank, monkeypatch):
-    import xpeft.profiles.runtime as runtime
+    import xpeft.engine.runtime as runtime
 
     model = MultiProfileModel(encoder, bank)
     calls: list[tuple[str, int]] = []

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from xpeft.server.batcher import Job, MicroBatcher, Overloaded
-from xpeft.server.cache import CachedProfile
-from xpeft.server.metrics import Metrics
+from xpeft.engine.batcher import Job, MicroBatcher, Overloaded
+from xpeft.engine.cache import CachedProfile
+from xpeft.engine.metrics import EngineMetrics
 
 
 def entry(name: str) -> CachedProfile:
@@ -110,7 +110,8 @@ def test_a_lone_request_waits_at_most_max_wait() -> None:
 
 def test_full_queue_refuses_with_overloaded() -> None:
     async def body() -> None:
-        metrics = Metrics()
+        refused: list[None] = []
+        metrics = EngineMetrics(overloaded=lambda: refused.append(None))
         runner = Recorder()
         runner.release.clear()
         batcher = MicroBatcher(runner, max_batch_size=1, max_wait_s=0, max_queue=2, metrics=metrics)
@@ -127,8 +128,8 @@ def test_full_queue_refuses_with_overloaded() -> None:
 
         answers = await _with_batcher(batcher, go())
         assert answers == [["a:x"], ["b:x"], ["c:x"]]
-        assert metrics.registry.get_sample_value("xpeft_overloaded_total") == 1
-        assert metrics.registry.get_sample_value("xpeft_queue_depth") == 0
+        assert len(refused) == 1
+        assert batcher.depth == 0
 
     asyncio.run(body())
 
@@ -138,7 +139,8 @@ def test_a_failed_batch_is_rerun_one_request_at_a_time_and_the_loop_goes_on() ->
 
     async def body() -> None:
         runner = Recorder(fail_first=True)
-        metrics = Metrics()
+        isolated: list[None] = []
+        metrics = EngineMetrics(batch_isolated=lambda: isolated.append(None))
         batcher = MicroBatcher(runner, max_batch_size=64, max_wait_s=0.01, max_queue=10, metrics=metrics)
 
         async def go():
@@ -150,7 +152,7 @@ def test_a_failed_batch_is_rerun_one_request_at_a_time_and_the_loop_goes_on() ->
         results, good = await _with_batcher(batcher, go())
         assert results == [["a:x"], ["b:y"]] and good == ["c:z"]
         assert [len(b) for b in runner.batches] == [2, 1, 1, 1]
-        assert metrics.registry.get_sample_value("xpeft_batch_isolations_total") == 1
+        assert len(isolated) == 1
 
     asyncio.run(body())
 

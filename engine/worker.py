@@ -17,21 +17,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from xpeft.adapters.fusion import FusedAdapters
-from xpeft.profiles.graphs import GraphRunner, graphs_wanted
+from xpeft.engine.batcher import Job, MicroBatcher, batch_token_budget
+from xpeft.engine.cache import FusedCache, Reservation
+from xpeft.engine.graphs import GraphRunner, graphs_wanted
+from xpeft.engine.metrics import EngineMetrics
+from xpeft.engine.runtime import MultiProfileModel, Prediction, SlotBatch, distinct_profiles
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.runtime import MultiProfileModel, Prediction, SlotBatch, distinct_profiles
-from xpeft.server.batcher import Job, MicroBatcher, batch_token_budget
-from xpeft.server.cache import CacheKey, FusedCache, Reservation
-from xpeft.server.metrics import Metrics
 
 
 class ModelWorker:
     """Runs batches on the model, with the fused-weight cache in front of fusion."""
 
-    def __init__(self, fused_cache: FusedCache, metrics: Metrics, torch_threads: int | None = None) -> None:
+    def __init__(
+        self, fused_cache: FusedCache, metrics: EngineMetrics | None = None, torch_threads: int | None = None
+    ) -> None:
         self.fused_cache = fused_cache
-        self.metrics = metrics
+        self.metrics = metrics or EngineMetrics()
         self.model: MultiProfileModel | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-model")
         self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-tokenize")
@@ -59,28 +60,11 @@ class ModelWorker:
         model.graphs = GraphRunner(enc, pool.weights, max_batch) if wanted and pool is not None else None
         self.model = model
 
-    def fused_weights(self, profiles: Sequence[Profile], keys: Sequence[CacheKey]) -> list[FusedAdapters]:
-        """Each profile's weights: cached where present, the cold ones fused in one batched call.
-
-        For callers that want ``U=1`` entries; :meth:`run` reads the pool in place instead.
-        """
-        assert self.model is not None
-        with self.fused_cache.reserve(keys) as held:
-            fused = self._fill(held, profiles)
-            # copies: the slots may be reused once released
-            return [FusedAdapters(*(t.clone() for t in f.tensors())) for f in self._entries(fused)]
-
-    def _fill(self, held: Reservation, profiles: Sequence[Profile]) -> list[FusedAdapters] | SlotBatch:
+    def _fill(self, held: Reservation, profiles: Sequence[Profile]) -> SlotBatch:
         assert self.model is not None
         if held.cold:
-            self.metrics.fused_profiles.inc(len(held.cold))
+            self.metrics.profiles_fused(len(held.cold))
         return held.fill(self.model, profiles)
-
-    @staticmethod
-    def _entries(fused: list[FusedAdapters] | SlotBatch) -> list[FusedAdapters]:
-        if isinstance(fused, SlotBatch):
-            return [fused.pool.view(s) for s in fused.slots]
-        return fused
 
     def run(self, jobs: Sequence[Job]) -> list[list[Prediction]]:
         """One forward for all jobs (called on the worker thread), its slots pinned throughout."""
@@ -95,9 +79,8 @@ class ModelWorker:
         tokenized = ids if all(job.token_ids is not None for job in jobs) else None
         with self.fused_cache.reserve([key_of[id(p)] for p in profiles]) as held:
             answers = self.model.predict_batch(requests, self._fill(held, profiles), tokenized)
-        self.metrics.batch_seconds.observe(time.perf_counter() - start)
-        self.metrics.batch_rows.observe(sum(len(job.inputs) for job in jobs))
-        self.metrics.batch_profiles.observe(len(profiles))
+        rows = sum(len(job.inputs) for job in jobs)
+        self.metrics.batch_ran(time.perf_counter() - start, rows, len(profiles))
         return answers
 
     async def run_async(self, jobs: Sequence[Job]) -> list[list[Prediction]]:

@@ -21,15 +21,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from xpeft.adapters.encoder import TextInput
-from xpeft.profiles.runtime import Prediction
-from xpeft.server.cache import CachedProfile
-from xpeft.server.metrics import Metrics
+from xpeft.engine.cache import CachedProfile
+from xpeft.engine.metrics import EngineMetrics
+from xpeft.engine.prediction import Prediction
 
-log = logging.getLogger("xpeft.server")
+log = logging.getLogger("xpeft.engine")
 
 
 class Overloaded(Exception):
-    """The queue is full: the caller answers 503 ``overloaded``."""
+    """The queue is full: the server answers 503 ``overloaded``."""
 
 
 @dataclass
@@ -81,7 +81,7 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
-        metrics: Metrics | None = None,
+        metrics: EngineMetrics | None = None,
         prepare: JobPreparer | None = None,
         max_batch_tokens: int = 0,
     ) -> None:
@@ -89,15 +89,13 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self.metrics = metrics
+        self.metrics = metrics or EngineMetrics()
         self.prepare = prepare
         #: padded tokens per batch; 0: rows only (the server sets it once the model's device is known)
         self.max_batch_tokens = max_batch_tokens
         self._queue: deque[Job] = deque()
         self._preparing: dict[asyncio.Task[None], Job] = {}
         self._arrived = asyncio.Event()
-        if metrics is not None:
-            metrics.set_queue_depth_source(lambda: self.depth)
 
     @property
     def depth(self) -> int:
@@ -111,8 +109,7 @@ class MicroBatcher:
     def submit_job(self, entry: CachedProfile, inputs: list[TextInput]) -> Job:
         """As :meth:`submit`, returning the job (its timings are set once its batch has run)."""
         if self.depth >= self.max_queue:
-            if self.metrics is not None:
-                self.metrics.overloaded.inc()
+            self.metrics.overloaded()
             raise Overloaded(f"{self.depth} requests are queued (limit {self.max_queue})")
         job = Job(entry, inputs, asyncio.get_running_loop().create_future())
         if self.prepare is None:
@@ -178,8 +175,7 @@ class MicroBatcher:
             started = time.perf_counter()
             for job in batch:
                 job.started = started
-                if self.metrics is not None:
-                    self.metrics.queue_wait.observe(started - job.queued)
+                self.metrics.queue_wait(started - job.queued)
             try:
                 answers = await self.runner(batch)
                 for job in batch:
@@ -197,8 +193,7 @@ class MicroBatcher:
                     type(exc).__name__,
                     exc,
                 )
-                if self.metrics is not None:
-                    self.metrics.batch_retries.inc()
+                self.metrics.batch_isolated()
                 await self._run_alone(batch)
                 continue
             for job, answer in zip(batch, answers, strict=True):

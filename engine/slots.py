@@ -198,8 +198,8 @@ class SlotPool:
         """A slot to write into, pinned, and the keys evicted to free it.
 
         Takes a free slot, else evicts the least recently used slot that no batch pins. ``None``
-        when every slot is pinned (a batch with more distinct profiles than slots): the caller
-        fuses that profile outside the pool.
+        when every slot is pinned (a batch with more distinct profiles than slots): that batch
+        runs on a transient pool of its own (:meth:`wrap`).
         """
         evicted: list[Hashable] = []
         if not self._free:

@@ -1,13 +1,15 @@
 """The multi-profile model: one frozen encoder and bank, any number of profiles per batch.
 
 The offline API (notebooks, ``xpeft predict``, ``xpeft eval``) and the server's model worker
-run this same class. The server keeps its own cache of fused weights: it asks
-:func:`distinct_profiles` which profiles a batch holds, fuses the cold ones with :meth:`fuse`,
-and hands every profile's weights to :meth:`predict_batch`. Nothing here calls back into it.
+run this same class. A forward reads its rows' adapters and heads from a slot pool
+(:class:`~xpeft.engine.slots.SlotPool`), named by a :class:`SlotBatch`: the server's long-lived
+pool (its cache fuses cold profiles straight into their slots with :meth:`fuse_into_pool`), or a
+transient pool of one batch's profiles (:meth:`transient_batch`). There is no other path.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +20,18 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, TextInput, best_device, encoder_for_bank
 from xpeft.adapters.errors import BankError
 from xpeft.adapters.fusion import FusedAdapters, UnitTable, fuse, fuse_gather, fuse_units
+from xpeft.adapters.kernels import KernelChoice
+from xpeft.engine.graphs import GraphRunner
+from xpeft.engine.prediction import Prediction, from_probs, to_prediction
+from xpeft.engine.slots import SlotPool
 from xpeft.profiles import format as xpm
-from xpeft.profiles.graphs import GraphRunner
-from xpeft.profiles.prediction import Prediction, from_probs, to_prediction
 from xpeft.profiles.profile import Profile, ProfileKind
-from xpeft.profiles.slots import SlotPool
 
 
 @dataclass
 class SlotBatch:
-    """A batch's distinct profiles as slots of a pool, in :func:`distinct_profiles` order."""
+    """A batch's distinct profiles as slots of a pool, in :func:`distinct_profiles` order: the one
+    way a forward's rows get their adapters and heads."""
 
     pool: SlotPool
     slots: list[int]
@@ -44,6 +48,7 @@ __all__ = [
 ]
 
 BatchRequest = tuple[Profile, Sequence[TextInput]]
+log = logging.getLogger("xpeft.engine")
 
 
 def distinct_profiles(requests: Sequence[BatchRequest]) -> list[Profile]:
@@ -60,7 +65,9 @@ def distinct_profiles(requests: Sequence[BatchRequest]) -> list[Profile]:
 class MultiProfileModel:
     """Encoder + bank. Fuses distinct profiles once per batch, then one forward for all rows."""
 
-    def __init__(self, encoder: AdapterEncoder, bank: AdapterBank) -> None:
+    def __init__(
+        self, encoder: AdapterEncoder, bank: AdapterBank, kernels: KernelChoice | None = None
+    ) -> None:
         if bank.model_id != encoder.model_id:
             raise BankError(
                 "bank_mismatch",
@@ -70,11 +77,27 @@ class MultiProfileModel:
             raise BankError("bank_shape", "bank shapes do not fit the encoder")
         self.encoder = encoder
         self.bank = bank
+        self.kernels = kernels or KernelChoice.from_environment()
         # The bank lives where the encoder runs, in its dtype: fusion is a GEMM over it.
         self.device_bank = bank.to(encoder.device, encoder.dtype)
         self._unit_table: UnitTable | None = None  # the bank as rows of units, once a units profile is served
         #: replays the forward from CUDA graphs when set (the server's worker sets it, see graphs.py)
         self.graphs: GraphRunner | None = None
+
+    @property
+    def kernels(self) -> KernelChoice:
+        """The Triton kernels this model's forward and fusion may run, chosen once as it is built
+        (default: ``XPEFT_KERNELS`` as it is then); the encoder's adapter slots read the same."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, choice: KernelChoice) -> None:
+        self._kernels = choice
+        self.encoder.kernels = choice
+        report = choice.report(self.encoder.device)
+        log.debug(
+            "kernels %s (XPEFT_KERNELS=%s, running: %s)", report["chosen"], choice.setting, report["running"]
+        )
 
     @classmethod
     def load(
@@ -83,9 +106,11 @@ class MultiProfileModel:
         model: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        kernels: KernelChoice | None = None,
     ) -> MultiProfileModel:
-        """The bank file and its encoder (``model``, else the one the bank was built for)."""
-        return cls.for_bank(AdapterBank.load(bank_path), model, device, dtype)
+        """The bank file and its encoder (``model``, else the one the bank was built for);
+        ``kernels`` as :class:`MultiProfileModel` takes it."""
+        return cls.for_bank(AdapterBank.load(bank_path), model, device, dtype, kernels)
 
     @classmethod
     def for_bank(
@@ -94,20 +119,16 @@ class MultiProfileModel:
         model: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        kernels: KernelChoice | None = None,
     ) -> MultiProfileModel:
         """``bank`` with the encoder :func:`~xpeft.adapters.encoder.encoder_for_bank` chooses."""
-        return cls(encoder_for_bank(bank, model, device, dtype), bank)
+        return cls(encoder_for_bank(bank, model, device, dtype), bank, kernels)
 
     # -- profiles --------------------------------------------------------------------------
     def load_profile(self, source: str | Path | bytes) -> Profile:
         """Decode and validate a profile file (path or bytes) against this model's bank."""
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         return xpm.decode(data, self.bank)
-
-    def fuse(self, profiles: Sequence[Profile]) -> list[FusedAdapters]:
-        """One ``U=1`` fused adapter per profile: views into one batched fusion (no copies)."""
-        batch = self.fuse_batch(profiles)
-        return [FusedAdapters(*(t[:, u : u + 1] for t in batch.tensors())) for u in range(len(profiles))]
 
     def fuse_batch(self, profiles: Sequence[Profile]) -> FusedAdapters:
         """The profiles' adapters, layer-major ``(L, U, ...)``: bank profiles in one call per group."""
@@ -157,7 +178,9 @@ class MultiProfileModel:
         weights = torch.stack([torch.stack(p.mixing_weights()) for p in profiles]).gather(-1, index)
         device = self.encoder.device
         index, weights = index.to(device, non_blocking=True), weights.to(device, non_blocking=True)
-        return fuse_gather(index[:, 0], index[:, 1], self.device_bank, weights[:, 0], weights[:, 1])
+        return fuse_gather(
+            index[:, 0], index[:, 1], self.device_bank, weights[:, 0], weights[:, 1], self.kernels
+        )
 
     def _gathers(self, rows: int) -> bool:
         """Whether hard profiles reading ``rows`` bank adapters in all fuse faster by a gather than
@@ -224,94 +247,54 @@ class MultiProfileModel:
         pool.write_heads(slots, [p.head_weight for p in profiles], [p.head_bias for p in profiles])
 
     # -- forward ---------------------------------------------------------------------------
-    def logits(
-        self,
-        inputs: Sequence[TextInput],
-        rows: Sequence[int],
-        profiles: Sequence[Profile],
-        fused: Sequence[FusedAdapters] | SlotBatch,
-    ) -> list[torch.Tensor]:
-        """Per-row logits on the host; row i runs with ``profiles[rows[i]]`` and its ``fused[rows[i]]``."""
-        logits = self.batch_logits(inputs, rows, profiles, fused).cpu()
-        return [logits[i, : profiles[r].num_labels] for i, r in enumerate(rows)]
-
-    def batch_logits(
-        self,
-        inputs: Sequence[TextInput],
-        rows: Sequence[int],
-        profiles: Sequence[Profile],
-        fused: Sequence[FusedAdapters] | SlotBatch,
-        token_ids: Sequence[dict[str, list[int]]] | None = None,
-    ) -> torch.Tensor:
-        """``(B, C_max)`` logits on the device; columns past a row's labels hold padding."""
-        return self.forward_rows(inputs, rows, profiles, fused, token_ids)[0]
-
     @torch.no_grad()
     def forward_rows(
         self,
         inputs: Sequence[TextInput],
         rows: Sequence[int],
         profiles: Sequence[Profile],
-        fused: Sequence[FusedAdapters] | SlotBatch,
+        batch: SlotBatch,
         token_ids: Sequence[dict[str, list[int]]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C_max)`` logits and the ``(B, d)`` pooled embeddings they came from, on the device.
 
-        ``fused`` is either one ``U=1`` entry per profile or a :class:`SlotBatch`: the profiles'
-        slots in a pool, whose weights and heads are read in place (no concatenation, no head
-        tensor built per batch). ``token_ids``: the inputs already tokenized (the encoder's
-        ``token_ids``, each at its row's profile's length), padded here instead of tokenized.
+        Row i runs with ``profiles[rows[i]]``, whose weights and head sit in slot
+        ``batch.slots[rows[i]]`` of ``batch.pool``: read in place (no concatenation, no head tensor
+        built per batch). Columns past a row's labels hold padding. ``token_ids``: the inputs
+        already tokenized (the encoder's ``token_ids``, each at its row's profile's length), padded
+        here instead of tokenized.
         """
         enc = self.encoder
         if token_ids is not None:
             encodings = enc.collate(token_ids)
         else:
             encodings = enc.tokenize(inputs, [profiles[r].max_length for r in rows])
-        if isinstance(fused, SlotBatch):
-            pool = fused.pool
-            slot_rows = pool.index([fused.slots[r] for r in rows])
-            if self.graphs is not None and self.graphs.weights is pool.weights:
-                pooled = self.graphs(encodings, slot_rows)
-            else:
-                pooled = enc(encodings, pool.weights, slot_rows)
-            heads, biases = pool.heads[slot_rows], pool.head_bias[slot_rows]
+        pool = batch.pool
+        slot_rows = pool.index([batch.slots[r] for r in rows])
+        if self.graphs is not None and self.graphs.weights is pool.weights:
+            pooled = self.graphs(encodings, slot_rows)
         else:
-            row_index = torch.as_tensor(list(rows), dtype=torch.long).to(enc.device)
-            batch = FusedAdapters.cat(list(fused))
-            pooled = enc(encodings, batch, row_index if batch.num_profiles > 1 else None)
-            heads, biases = self._heads(profiles)
-            heads, biases = heads[row_index], biases[row_index]
+            pooled = enc(encodings, pool.weights, slot_rows)
+        heads, biases = pool.heads[slot_rows], pool.head_bias[slot_rows]
         return torch.bmm(heads, pooled.float().unsqueeze(-1)).squeeze(-1) + biases, pooled
-
-    def _heads(self, profiles: Sequence[Profile]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, C, d)`` heads and ``(U, C)`` biases on the device, zero-padded to the most labels."""
-        enc = self.encoder
-        c_max = max(p.num_labels for p in profiles)
-        heads = torch.zeros(len(profiles), c_max, enc.hidden_size)
-        biases = torch.zeros(len(profiles), c_max)
-        for u, p in enumerate(profiles):
-            heads[u, : p.num_labels] = p.head_weight
-            biases[u, : p.num_labels] = p.head_bias
-        return heads.to(enc.device), biases.to(enc.device)
 
     def predict_batch(
         self,
         requests: Sequence[BatchRequest],
-        fused: Sequence[FusedAdapters] | SlotBatch | None = None,
+        batch: SlotBatch | None = None,
         token_ids: Sequence[dict[str, list[int]]] | None = None,
     ) -> list[list[Prediction]]:
         """Many profiles' requests in one forward; the answer keeps the request order.
 
-        ``fused`` holds the already-fused weights of the batch's distinct profiles in
-        :func:`distinct_profiles` order: one ``U=1`` entry each, or a :class:`SlotBatch` naming
-        their slots in a pool (the server's cache). Without it they are fused here in one batched
-        call, straight into a transient pool of U slots. Profiles are only read. ``token_ids``: every
-        input's token ids in request order, when the caller has tokenized them (the server).
+        ``batch`` names the slots of the batch's distinct profiles, in :func:`distinct_profiles`
+        order, in a pool that holds their weights and heads (the server's cache). Without it they
+        are fused here in one batched call into a transient pool of U slots
+        (:meth:`transient_batch`). Profiles are only read. ``token_ids``: every input's token ids in
+        request order, when the caller has tokenized them (the server).
         """
         profiles = distinct_profiles(requests)
-        given = len(fused.slots) if isinstance(fused, SlotBatch) else None if fused is None else len(fused)
-        if given is not None and given != len(profiles):
-            raise ValueError(f"{given} fused entries for {len(profiles)} distinct profiles")
+        if batch is not None and len(batch.slots) != len(profiles):
+            raise ValueError(f"{len(batch.slots)} slots for {len(profiles)} distinct profiles")
         slot = {id(p): u for u, p in enumerate(profiles)}
         inputs: list[TextInput] = []
         rows: list[int] = []
@@ -320,9 +303,9 @@ class MultiProfileModel:
             rows.extend([slot[id(profile)]] * len(texts))
         if not inputs:
             return [[] for _ in requests]
-        if fused is None:
-            fused = self.transient_batch(profiles)
-        logits, pooled = self.forward_rows(inputs, rows, profiles, fused, token_ids)
+        if batch is None:
+            batch = self.transient_batch(profiles)
+        logits, pooled = self.forward_rows(inputs, rows, profiles, batch, token_ids)
         # one softmax for the whole batch, each row over its own labels, and one copy to the host
         labels = torch.as_tensor([profiles[r].num_labels for r in rows]).to(logits.device)
         columns = torch.arange(logits.shape[1], device=logits.device)
@@ -357,7 +340,10 @@ class MultiProfileModel:
         return torch.cat(logits), torch.cat(pooled)
 
     def transient_batch(self, profiles: Sequence[Profile]) -> SlotBatch:
-        """A pool of exactly these profiles: fused in one call, heads built once, slot u = profile u."""
+        """A pool of exactly these profiles: fused in one call, heads built once, slot u = profile u.
+
+        What a batch runs on when no long-lived pool holds its profiles: offline calls, and a
+        served batch with more distinct profiles than the server's pool has free slots."""
         pool = SlotPool.wrap(self.fuse_batch(profiles))
         pool.write_heads(
             range(len(profiles)), [p.head_weight for p in profiles], [p.head_bias for p in profiles]

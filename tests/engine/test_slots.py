@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from xpeft.adapters.fusion import FusedAdapters
-from xpeft.profiles.graphs import GraphRunner, batch_buckets, bucket_for, graphs_wanted, seq_buckets
+from xpeft.engine.graphs import GraphRunner, batch_buckets, bucket_for, graphs_wanted, seq_buckets
+from xpeft.engine.runtime import MultiProfileModel, SlotBatch
+from xpeft.engine.slots import SlotPool, head_nbytes, slot_nbytes
 from xpeft.profiles.profile import ProfileKind
-from xpeft.profiles.runtime import MultiProfileModel, SlotBatch
-from xpeft.profiles.slots import SlotPool, head_nbytes, slot_nbytes
 from xpeft.profiles.synthetic import random_profile
 
 TEXTS = ["a fine film", "dull and long, far too long for anyone", "bright", ("is it good?", "yes it is")]
@@ -83,26 +83,24 @@ def test_fusion_into_slots_equals_the_per_profile_fusion(encoder, bank) -> None:
     slots = [5, 0, 3, 1]  # any order, not contiguous
     model.fuse_into_pool(pool, slots, profiles)
     for profile, slot in zip(profiles, slots, strict=True):
-        (alone,) = model.fuse([profile])
+        alone = model.fuse_batch([profile])
         for got, want in zip(pool.view(slot).tensors(), alone.tensors(), strict=True):
             torch.testing.assert_close(got, want)
         torch.testing.assert_close(pool.heads[slot, : profile.num_labels], profile.head_weight.float())
     assert pool.view(1).down.abs().sum() == 0  # head-only: an adapter that adds nothing
 
 
-def test_predictions_from_pool_slots_equal_the_list_path(encoder, bank) -> None:
+def test_predictions_from_pool_slots_equal_a_transient_pool(encoder, bank) -> None:
     model = MultiProfileModel(encoder, bank)
     profiles = [random_profile(bank, seed=10 + i, labels=["a", "b", "c"][: 2 + i % 2]) for i in range(3)]
     requests = [(profiles[0], TEXTS[:2]), (profiles[1], TEXTS[2:]), (profiles[2], TEXTS[1:3])]
     pool = SlotPool(8, bank.num_layers, bank.hidden_size, bank.bottleneck)
     model.fuse_into_pool(pool, [7, 2, 4], profiles)
     from_pool = model.predict_batch(requests, SlotBatch(pool, [7, 2, 4]))
-    from_list = model.predict_batch(requests, model.fuse(profiles))
     transient = model.predict_batch(requests)
-    for a, b, c in zip(from_pool, from_list, transient, strict=True):
-        assert [x.label for x in a] == [x.label for x in b] == [x.label for x in c]
+    for a, b in zip(from_pool, transient, strict=True):
+        assert [x.label for x in a] == [x.label for x in b]
         assert [x.score for x in a] == pytest.approx([x.score for x in b], abs=1e-5)
-        assert [x.score for x in c] == pytest.approx([x.score for x in b], abs=1e-5)
     with pytest.raises(ValueError, match="3 distinct profiles"):
         model.predict_batch(requests, SlotBatch(pool, [7, 2]))
 
