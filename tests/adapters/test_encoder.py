@@ -62,3 +62,22 @@ def test_other_architectures_and_missing_models_are_refused(tmp_path, encoder):
         load_encoder(str(tmp_path / "no-such-model"))
     assert err.value.code == "model_not_found"
     assert (default_model_dir() / "config.json").is_file()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collate_pads_token_ids_as_the_tokenizer_does(encoder, side):
+    """The server pads a batch's token ids itself: texts and pairs of several lengths come out as
+    ``tokenizer.pad`` makes them (ids, token types, attention mask), on either padding side."""
+    inputs = ["a lovely film", ("a much longer premise of several words here", "a hypothesis"), "dull"]
+    ids = encoder.token_ids(inputs, [128, 128, 4])
+    old = encoder.tokenizer.padding_side
+    encoder.tokenizer.padding_side = side
+    try:
+        expected = encoder.tokenizer.pad(ids, padding=True, return_tensors="pt")
+        got = encoder.collate(ids)
+    finally:
+        encoder.tokenizer.padding_side = old
+    assert set(got) == set(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert got["attention_mask"].sum().item() == sum(len(f["input_ids"]) for f in ids)
