@@ -81,7 +81,7 @@ class MultiProfileModel:
         # The bank lives where the encoder runs, in its dtype: fusion is a GEMM over it.
         self.device_bank = bank.to(encoder.device, encoder.dtype)
         self._unit_table: UnitTable | None = None  # the bank as rows of units, once a units profile is served
-        #: replays the forward from CUDA graphs when set (the server's worker sets it, see graphs.py)
+        #: replays the forward from CUDA graphs when set (the model worker sets it, see graphs.py)
         self.graphs: GraphRunner | None = None
 
     @property

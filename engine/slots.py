@@ -10,8 +10,8 @@ Triton SGMV kernel) indexes the pool directly. Cold profiles are fused straight 
 Bookkeeping is LRU by slot, with pins: a batch pins every slot it reads from the moment it is
 assembled until it ran, so neither an eviction (to make room for another cold profile) nor an
 invalidation (a replaced or deleted profile) lets a slot be overwritten under it. A dropped slot
-that is pinned is freed when its last pin goes. The pool itself is not thread-safe: the server's
-``FusedCache`` holds a lock around every call.
+that is pinned is freed when its last pin goes. The pool itself is not thread-safe: the
+``FusedCache`` that owns it (``engine/cache.py``) holds a lock around every call.
 """
 
 from __future__ import annotations
