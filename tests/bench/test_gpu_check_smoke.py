@@ -203,3 +203,26 @@ def test_benchmarks_doc_says_what_the_gpu_run_does_not_cover() -> None:
     assert age_note({"meta": {"git": "abc1234"}}, covered, Path("x"), Path("y"))[0] == (
         "The GPU figures below were measured on commit `abc1234` (recorded by the run)."
     )
+
+
+def test_load_test_doc_shows_the_gpu_http_run_once_there_is_one() -> None:
+    from bench.load.report import gpu_section
+
+    assert "No GPU run of the HTTP load yet" in "\n".join(gpu_section(None))
+    meta = {"device": "cuda", "command": "python bench/gpu_check.py", "date": "d", "git": "abc1234"}
+    passes = [
+        {
+            "pass": 0,
+            "http_seq_per_s": 900.0,
+            "offline": {"seq_per_s": 1000.0},
+            "ratio": 0.9,
+            "latency": {"p50_ms": 20.0, "p99_ms": 60.0},
+            "server_batches": {"mean_rows": 40.0, "worker_busy": 0.8},
+            "bottleneck": "the model worker",
+        }
+    ]
+    http = {"profiles": 64, "texts_per_request": 8, "clients": 128, "generator": "loadgen", "passes": passes}
+    cpu_run = gpu_section({"meta": {**meta, "device": "cpu", "hardware": "h"}, "http": http})
+    assert "No GPU run" in "\n".join(cpu_run)
+    text = "\n".join(gpu_section({"meta": {**meta, "hardware": "H100"}, "http": http}))
+    assert "`abc1234`" in text and "| 0 | 900 | 1000 | 0.900 | 20.0 | 60.0 | 40.0 | 80% | yes |" in text
