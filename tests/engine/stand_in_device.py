@@ -18,10 +18,17 @@ Why this and not the alternatives:
 Factories with ``device="cuda"`` (``torch.zeros(..., device=enc.device)``) would make torch
 initialise CUDA before any mode sees them; the mode takes the fake-tensor slot of the mode stack,
 the one slot for which torch skips that initialisation (``device_lazy_init``), and makes them
-device tensors instead. CUDA graphs, streams and Triton cannot run here: the runtime's graph
-runner is tested with ``replay="eager"`` and the kernels stay off (no Triton on this build).
-Autograd's backward runs on a per-device thread that a CPU-only build does not have, so training
-itself is not run under the stand-in.
+device tensors instead. A few Python bindings look for CUDA themselves before dispatching
+(``Tensor.to``, ``.cuda()``, ``.contiguous()``, ``.copy_()``, indexing, ``.tolist()``,
+``.item()``, ``torch.tensor(device=...)``): a ``TorchFunctionMode`` routes those through ATen ops
+the dispatch mode sees. ``Module.to("cuda")`` works with the overwrite-on-conversion switch on
+(set while the stand-in is active).
+
+Limits: CUDA graphs, streams and Triton cannot run here (the runtime's graph runner is tested with
+``replay="eager"``; the kernels stay off without Triton). Autograd needs a device guard for every
+tensor that requires grad, which a CPU-only build lacks for CUDA (the process aborts), so only
+``torch.no_grad()`` code runs under the stand-in: serving, not training. Modes are per thread:
+the code under test runs on the test's thread.
 """
 
 from __future__ import annotations
@@ -197,11 +204,8 @@ class _Moves(TorchFunctionMode):
 def _indexing(func, args: tuple) -> Any:
     """``t[index]`` and ``t[index] = value``: CUDA moves host indices (and a host value) to the
     device itself, but refuses device indices into a host tensor."""
-    leaves, _ = tree_flatten(args[1:])
     if not isinstance(args[0], DeviceTensor):
-        if any(isinstance(t, DeviceTensor) for t in leaves[:1] if func is torch.Tensor.__setitem__) or any(
-            isinstance(t, DeviceTensor) for t in tree_flatten(args[1])[0]
-        ):
+        if any(isinstance(t, DeviceTensor) for t in tree_flatten(args[1])[0]):
             raise DeviceMixError(f"a host tensor {tuple(args[0].shape)} indexed with device indices")
         return func(*args)
     out = func(*tree_map(_unwrap, args))
