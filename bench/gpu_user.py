@@ -33,6 +33,7 @@ from xpeft.profiles.runtime import MultiProfileModel
 EXAMPLE = files("xpeft.profiles.examples") / "sentiment.tsv"
 PREFIXES = ("", "honestly, ", "overall ", "to be fair, ")
 QUERIES = ["the concert was lovely", "a painful and boring trip", "what time is it in tokyo", "superb"]
+COMMAND_LIMIT_S = 150.0
 SCORE_TOLERANCE = 2e-3  # label probabilities, GPU fp32 against CPU fp32
 CONFIDENCE_TOLERANCE = 3e-2  # the rule's confidence is piecewise linear in a score
 
@@ -92,8 +93,8 @@ def user_serve(model: str, work: Path, deadline: float, train_args: list[str] | 
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"model": model, "steps": {}, "checks": []}
 
-    def left() -> float:
-        return max(10.0, deadline - time.monotonic())
+    def left() -> float:  # each command's limit: a hung step must leave time for the later ones
+        return min(COMMAND_LIMIT_S, max(10.0, deadline - time.monotonic()))
 
     def timed(name: str, fn):
         start = time.monotonic()
