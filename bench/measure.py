@@ -361,7 +361,8 @@ def provenance(device: torch.device | str) -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "triton": getattr(kernels.triton, "__version__", "not installed"),
-        "git": commit or "unknown",
+        # a tree without its history (the GPU machine): the commit bench/gpu_prepare.sh saw
+        "git": commit or os.environ.get("BENCH_GIT_COMMIT") or "unknown",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "python": platform.python_version(),
     }

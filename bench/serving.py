@@ -50,7 +50,7 @@ def make_texts(tokenizer, count: int, tokens: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(max(1, tokens - 2))) for _ in range(count)]
 
 
-def _jobs(profiles, texts: list[str], batch: int) -> list[Job]:
+def make_jobs(profiles, texts: list[str], batch: int) -> list[Job]:
     """``batch`` rows over the profiles, one job per profile holding its rows (row i: profile i % U)."""
     U = len(profiles)
     per = [[texts[i % len(texts)] for i in range(batch) if i % U == u] for u in range(U)]
@@ -93,13 +93,13 @@ def runtime_grid(
         labels: dict[str, dict] = {"base": {"variant": "base_graph" if graphs else "base", "N": None}}
         workers = []
         for n, model in models.items():
-            bytes_needed = (2 * rows + 8) * _slot_bytes(model)
+            bytes_needed = (2 * rows + 8) * slot_bytes(model)
             worker = ModelWorker(FusedCache(bytes_needed, VersionFloors()))
             worker.executor.shutdown()  # runs on this thread here
             worker.attach(model, graphs, rows)
             workers.append(worker)
             profiles = make_profiles(model.bank, u, seed=7 * n + u)
-            jobs = _jobs(profiles, chunk, rows)
+            jobs = make_jobs(profiles, chunk, rows)
 
             def warm(worker=worker, jobs=jobs) -> object:
                 return worker.run(jobs)
@@ -110,7 +110,7 @@ def runtime_grid(
 
             variants[f"cold N={n}"], labels[f"cold N={n}"] = cold, {"variant": "cold", "N": n}
             # the shipped default kind: its profiles are fused by a gather of their units
-            unit_jobs = _jobs(make_profiles(model.bank, u, seed=7 * n + u, kind="units"), chunk, rows)
+            unit_jobs = make_jobs(make_profiles(model.bank, u, seed=7 * n + u, kind="units"), chunk, rows)
 
             def cold_units(worker=worker, jobs=unit_jobs) -> object:
                 worker.fused_cache.clear()
@@ -161,7 +161,7 @@ def runtime_grid(
         save()
 
 
-def _slot_bytes(model: MultiProfileModel) -> int:
+def slot_bytes(model: MultiProfileModel) -> int:
     from xpeft.engine.slots import slot_nbytes
 
     bank, enc = model.bank, model.encoder
@@ -249,7 +249,7 @@ def http_vs_offline(
             with httpx.Client(base_url=server.url, timeout=120, trust_env=False) as client:
                 for i in range(profiles):
                     pid = f"h{i:04d}"
-                    data = xpm.encode(make_profiles(model.bank, 1, seed=500 + i)[0])
+                    data = xpm.encode(with_cosine_rule(make_profiles(model.bank, 1, seed=500 + i)[0], i))
                     client.put(
                         f"/profiles/{pid}", content=data, headers={"content-type": "application/octet-stream"}
                     ).raise_for_status()
@@ -295,6 +295,16 @@ def http_vs_offline(
     return result
 
 
+def with_cosine_rule(profile, seed: int):
+    """``profile`` with an abstention rule of the default score (``cosine``), as training gives it."""
+    from xpeft.profiles.synthetic import random_rule
+
+    profile.abstain = random_rule(
+        profile.num_labels, seed=seed, score="cosine", hidden_size=profile.hidden_size
+    )
+    return profile
+
+
 def _offline(worker: ModelWorker, decoded: dict, plan: list[PlannedRequest], rows: int, device) -> dict:
     """The plan's requests through the server's batch step, ``rows`` rows per batch, no HTTP."""
     batches: list[list[Job]] = [[]]
@@ -338,48 +348,3 @@ def serving_model_dir(tokenizer_dir: str | None, work: Path, seed: int = 0) -> P
     BertModel(BertConfig()).save_pretrained(folder)  # pooler included: nothing is initialised at load
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return folder
-
-
-def check_runtime(
-    model: MultiProfileModel, reference: MultiProfileModel, graphs: bool, tolerance: float
-) -> list[dict]:
-    """Predictions through the server's batch step on the device (pool, graphs when on) against the
-    fp32 CPU model with the same bank values: per-row logits, relative error."""
-    texts = make_texts(model.encoder.tokenizer, 24, 20, seed=3)
-    profiles = make_profiles(model.bank, 6, seed=3)
-    jobs = _jobs(profiles, texts, 24)
-    worker = ModelWorker(FusedCache(64 * _slot_bytes(model), VersionFloors()))
-    worker.executor.shutdown()
-    worker.attach(model, graphs, 32)
-    results = []
-    for label in ("cold", "warm", "warm again"):
-        got = worker.run(jobs)
-        ref_jobs = [
-            Job(
-                CachedProfile(j.entry.id, 1, xpm.decode(xpm.encode(j.entry.profile), reference.bank)),
-                j.inputs,
-                None,
-            )  # type: ignore[arg-type]
-            for j in jobs
-        ]
-        want = reference.predict_batch([(j.entry.profile, j.inputs) for j in ref_jobs])
-        a = torch.tensor([p.score for row in got for p in row], dtype=torch.float64)
-        b = torch.tensor([p.score for row in want for p in row], dtype=torch.float64)
-        same_labels = [p.label for row in got for p in row] == [p.label for row in want for p in row]
-        err = float((a - b).norm() / b.norm())
-        results.append(
-            {
-                "check": "runtime",
-                "path": label,
-                "graphs": graphs,
-                "dtype": str(model.encoder.dtype),
-                "rel_err": err,
-                "labels_equal": same_labels,
-                "passed": err < tolerance,
-            }
-        )
-    stats = model.graphs.stats() if model.graphs is not None else {}
-    if graphs:
-        results.append({"check": "graphs", **stats, "passed": stats.get("captured", 0) > 0})
-    model.graphs = None
-    return results

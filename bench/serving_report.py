@@ -32,16 +32,26 @@ def checks_block(checks: dict) -> list[str]:
         "",
         f"Run: {checks['meta']['hardware']}, {checks['meta']['date']}, status **{checks['status']}**. "
         "Errors are relative (‖out − ref‖ / ‖ref‖) against float64 on the CPU; for the adapter "
-        "application, of the adapter's contribution `out − h`, which is stricter than of `out`.",
+        "application, of the adapter's contribution `out − h`, which is stricter than of `out`. "
+        "`runtime`: the server's batch step against the fp32 CPU model, a profile of every kind under "
+        "no rule and under each abstention score, label probabilities (relative error) and each "
+        "score's largest confidence difference. `user_serve`: `xpeft serve` with profiles trained "
+        "with the defaults, answers over HTTP against the CPU reference.",
         "",
-        "| check | case | dtype | path | rel. error | passed |",
-        "| --- | --- | --- | --- | ---: | --- |",
+        "| check | case | dtype | path | rel. error | confidence (largest difference) | passed |",
+        "| --- | --- | --- | --- | ---: | --- | --- |",
     ]
     for c in checks["checks"]:
         err = c.get("rel_err_delta", c.get("rel_err"))
+        case = c.get("case", c.get("model", ""))
+        if c["check"] == "runtime" and "profiles" in c:
+            case = f"{c['profiles']} profiles"
+        elif c["check"] == "user_serve":
+            case = f"rules: {', '.join(c.get('rules', []))}; device {c.get('device')}"
+        conf = ", ".join(f"{k} {v:.1e}" for k, v in c.get("confidence_err", {}).items())
         out.append(
-            f"| {c['check']} | {c.get('case', c.get('model', ''))} | {c.get('dtype', '')} | "
-            f"{c.get('path', '')} | {'' if err is None else f'{err:.2e}'} | {c.get('passed')} |"
+            f"| {c['check']} | {case} | {c.get('dtype', '')} | {c.get('path', '')} | "
+            f"{'' if err is None else f'{err:.2e}'} | {conf} | {c.get('passed')} |"
         )
     tiles = [t for t in checks.get("apply_tiles", []) if "ms" in t]
     if tiles:

@@ -14,7 +14,7 @@ Pure tensor arithmetic, no encoder: fitting a rule to a trained profile lives in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -86,9 +86,18 @@ def knots_of(scores: torch.Tensor) -> torch.Tensor:
     return knots.to(torch.float16).float()
 
 
-def confidence(knots: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Each score's empirical confidence in [0, 1]: linear between the knots, 0 below, 1 above."""
-    q = torch.tensor(KNOT_QUANTILES, dtype=torch.float32)
+def confidence(
+    knots: torch.Tensor, scores: torch.Tensor, quantiles: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each score's empirical confidence in [0, 1]: linear between the knots, 0 below, 1 above.
+
+    ``knots``, ``scores`` and ``quantiles`` (:data:`KNOT_QUANTILES` as a tensor; made here when
+    not given) must be on one device."""
+    q = (
+        torch.tensor(KNOT_QUANTILES, dtype=torch.float32, device=knots.device)
+        if quantiles is None
+        else quantiles
+    )
     s = scores.float()
     right = torch.searchsorted(knots, s.contiguous(), right=True)  # knots <= s
     inner = (right > 0) & (right < len(knots))
@@ -110,6 +119,8 @@ class AbstainRule:
     min_confidence: float
     fallback: str | None = None
     class_means: torch.Tensor | None = None  # (C, d) unit vectors, for the cosine score
+    # per device: (knots, class_means) as they were when copied, then their copies and the quantiles
+    _copies: dict[torch.device, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -117,8 +128,21 @@ class AbstainRule:
         return (len(KNOT_QUANTILES) + 1) * 2 + means
 
     def confidence(self, logits: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B,)`` confidences of rows with these logits (and pooled embeddings, for cosine)."""
-        return confidence(self.knots, row_scores(self.score, logits, pooled, self.class_means))
+        """``(B,)`` confidences of rows with these logits (and pooled embeddings, for cosine), on
+        the logits' device: the rule's own tensors are decoded on the host and go there once."""
+        knots, means, quantiles = self.on(logits.device)
+        return confidence(knots, row_scores(self.score, logits, pooled, means), quantiles)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The knots, the class means and :data:`KNOT_QUANTILES` on ``device``: copied at the first
+        batch there, then reused (a served profile's rule never changes; a new one is copied anew)."""
+        held = self._copies.get(device)
+        if held is None or held[0] is not self.knots or held[1] is not self.class_means:
+            means = None if self.class_means is None else self.class_means.to(device)
+            quantiles = torch.tensor(KNOT_QUANTILES, dtype=torch.float32, device=device)
+            held = (self.knots, self.class_means, self.knots.to(device), means, quantiles)
+            self._copies[device] = held
+        return held[2], held[3], held[4]
 
     @classmethod
     def from_stored(

@@ -253,8 +253,35 @@ def _memory(result: dict, img: dict[str, str]) -> list[str]:
     return lines
 
 
-def render_markdown(result: dict, img: dict[str, str], analysis: list[str] | None = None) -> str:
-    """The whole report. ``img`` maps 'throughput' / 'memory' to image paths relative to the doc."""
+GPU_CHECKS = Path(__file__).resolve().parents[2] / "bench" / "results" / "gpu_check.json"
+
+
+def gpu_section(checks: dict | None) -> list[str]:
+    """The HTTP load on a GPU: ``bench/gpu_check.py``'s HTTP step, when its JSON holds a GPU run of it."""
+    from bench.serving_report import http_block
+
+    out = ["## On a GPU", ""]
+    if not checks or checks.get("meta", {}).get("device") != "cuda" or not checks.get("http"):
+        return out + [
+            "No GPU run of the HTTP load yet: `bench/gpu_run.sh` (after `bench/gpu_prepare.sh`) measures "
+            "it with `bench/gpu_check.py`, and `python -m bench.load.report` renders it here.",
+            "",
+        ]
+    return out + [
+        f"From `bench/gpu_check.py` (`{checks['meta']['command']}`, {checks['meta']['date']}, commit "
+        f"`{checks['meta']['git']}`): one `xpeft serve` on loopback with the SQLite store and a random bank "
+        "of N = 100, hard profiles with a `cosine` abstention rule, against the same requests offline. "
+        "Not the Redis and Zipf setup above.",
+        "",
+        *http_block(checks, "cuda")[2:],
+    ]
+
+
+def render_markdown(
+    result: dict, img: dict[str, str], analysis: list[str] | None = None, gpu_checks: dict | None = None
+) -> str:
+    """The whole report. ``img`` maps 'throughput' / 'memory' to image paths relative to the doc;
+    ``gpu_checks``: a ``bench/gpu_check.py`` result, for its GPU HTTP run."""
     title = "# Server load test" + (" (quick smoke run: not a measurement)" if result.get("quick") else "")
     lines = [
         title,
@@ -271,11 +298,19 @@ def render_markdown(result: dict, img: dict[str, str], analysis: list[str] | Non
     if "memory" in result:
         lines += _memory(result, img)
     lines += analysis if analysis is not None else analysis_section(result)
+    lines += gpu_section(gpu_checks)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(result: dict, doc: Path, results_path: Path | None = None, plots: bool = True) -> str:
-    """Write the doc and its PNGs (``<doc dir>/img/load_*.png``); returns the markdown."""
+def write_report(
+    result: dict,
+    doc: Path,
+    results_path: Path | None = None,
+    plots: bool = True,
+    gpu_checks: Path | None = GPU_CHECKS,
+) -> str:
+    """Write the doc and its PNGs (``<doc dir>/img/load_*.png``); returns the markdown. The GPU
+    section reads ``gpu_checks`` (the committed gpu_check result by default)."""
     doc = Path(doc)
     if results_path is not None:
         result = {**result, "results_path": _display_path(results_path)}
@@ -288,7 +323,8 @@ def write_report(result: dict, doc: Path, results_path: Path | None = None, plot
                 path = img_dir / f"load_{name}.png"
                 plot(result, path)
                 img[name] = os.path.relpath(path, doc.parent)
-    text = render_markdown(result, img)
+    gpu = json.loads(gpu_checks.read_text()) if gpu_checks is not None and gpu_checks.exists() else None
+    text = render_markdown(result, img, gpu_checks=gpu)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
     return text
@@ -306,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.load.report", description="render docs/LOAD_TEST.md")
     p.add_argument("--results", type=Path, default=Path("bench/load/results/load.json"))
     p.add_argument("--doc", type=Path, default=Path("docs/LOAD_TEST.md"))
+    p.add_argument("--gpu-checks", type=Path, default=GPU_CHECKS, help="bench/gpu_check.py's JSON from a GPU")
     args = p.parse_args(argv)
-    write_report(json.loads(args.results.read_text()), args.doc, args.results)
+    write_report(json.loads(args.results.read_text()), args.doc, args.results, gpu_checks=args.gpu_checks)
 
 
 if __name__ == "__main__":

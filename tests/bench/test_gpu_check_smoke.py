@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import serving, serving_report  # noqa: E402
 from bench.common.wrk import wrk_result  # noqa: E402
+from xpeft.profiles.train_config import ABSTAIN_SCORES, DEFAULT_ABSTAIN_SCORE  # noqa: E402
 
 
 def test_cpu_quick_run_checks_and_times_the_serving_path(tmp_path, monkeypatch) -> None:
@@ -23,7 +24,9 @@ def test_cpu_quick_run_checks_and_times_the_serving_path(tmp_path, monkeypatch) 
     monkeypatch.setattr(gpu_check, "STARTED", time.monotonic())
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     try:  # main() sets process-wide torch state (threads, no grad) for its own run
-        status = gpu_check.main(["--cpu", "--quick", "--no-http", "--budget", "120", "--out", str(tmp_path)])
+        status = gpu_check.main(
+            ["--cpu", "--quick", "--no-http", "--no-user-serve", "--budget", "120", "--out", str(tmp_path)]
+        )
     finally:
         torch.set_num_threads(threads)
         torch.set_grad_enabled(grad)
@@ -32,6 +35,9 @@ def test_cpu_quick_run_checks_and_times_the_serving_path(tmp_path, monkeypatch) 
     runtime_checks = [c for c in report["checks"] if c["check"] == "runtime"]
     assert [c["path"] for c in runtime_checks] == ["cold", "warm", "warm again"]
     assert all(c["passed"] and c["labels_equal"] for c in runtime_checks)
+    # a profile of every kind under no rule and under each score, every rule's confidence compared
+    assert all(c["profiles"] == 25 and c["confidence_missing"] == 0 for c in runtime_checks)
+    assert all(set(c["confidence_err"]) == set(ABSTAIN_SCORES) for c in runtime_checks)
     rows = [r for r in report["runtime"] if "ratio_to_base" in r]
     assert {(r["variant"], r["distinct"]) for r in rows} >= {
         ("base", 1),
@@ -44,6 +50,25 @@ def test_cpu_quick_run_checks_and_times_the_serving_path(tmp_path, monkeypatch) 
     assert any(r.get("variant") == "cold" for r in bench["throughput"])
     table = "\n".join(serving_report.serving_sections(None, report, None))
     assert "## Serving path" in table and "| 1 | 100 | cold | 8 | 16 |" in table
+
+
+def test_user_serve_trains_uploads_and_predicts_over_http(tmp_path) -> None:
+    """The ``user_serve`` step on the CPU: ``xpeft`` commands only, profiles trained with the
+    defaults (one epoch here), offline and by the server's training service, answers over HTTP
+    equal to the CPU reference's, the rule's confidence included."""
+    from bench.gpu_user import user_serve
+
+    result = user_serve("minilm", tmp_path, time.monotonic() + 240, ["--epochs", "1"])
+    assert result["passed"] and result["device"] == "cpu"
+    assert result["default_rule"] == result["service_rule"] == DEFAULT_ABSTAIN_SCORE
+    assert {(c["profile"], c["min_confidence"]) for c in result["checks"]} == {
+        ("default", None),
+        ("default", 0.99),
+        ("service", None),
+        ("service", 0.99),
+    }
+    assert all(c["rule_answered"] and c["max_score_err"] < 1e-3 for c in result["checks"])
+    assert '"confidence"' in result["cli_predict"]
 
 
 def test_http_check_serves_and_compares_with_offline(encoder) -> None:
@@ -163,3 +188,53 @@ def test_abstention_cost_table() -> None:
     text = "\n".join(serving_report.abstain_block(speed))
     assert "| cosine | 0.2500 | 0.800 |" in text and "8 units profiles of 15 labels, 64 rows" in text
     assert serving_report.abstain_block(None) == []
+
+
+def test_benchmarks_doc_says_what_the_gpu_run_does_not_cover() -> None:
+    """The GPU note at the top of BENCHMARKS.md: every uncovered part while the GPU JSON lacks it,
+    none once a GPU gpu_check run holds each; a CPU gpu_check run covers nothing of the GPU's."""
+    from bench.gpu_age import age_note, measured_commit, uncovered
+
+    every = uncovered({"meta": {}}, None)
+    assert len(every) == 6 and any("abstention rules" in m for m in every)
+    assert uncovered({"meta": {}}, {"meta": {"device": "cpu"}, "checks": [{"check": "runtime"}]}) == every
+    covered = {
+        "meta": {"device": "cuda"},
+        "checks": [
+            {"check": "runtime", "confidence_err": {"cosine": 0.0}},
+            {"check": "user_serve"},
+        ],
+        "runtime": [{"variant": "cold_units", "ratio_to_base": 1.0}],
+        "http": {"passes": []},
+    }
+    assert uncovered({"meta": {}}, covered) == []
+    assert measured_commit({"meta": {"git": "abc1234"}}, Path("x")) == ("abc1234", "recorded by the run")
+    note = age_note({"meta": {"git": "abc1234"}}, None, Path("x"), Path("y"))
+    assert note[0].startswith("> **The GPU figures below predate the current serving path.**")
+    assert "`abc1234`" in note[0] and all(f"> - {m}" in note for m in every)
+    assert age_note({"meta": {"git": "abc1234"}}, covered, Path("x"), Path("y"))[0] == (
+        "The GPU figures below were measured on commit `abc1234` (recorded by the run)."
+    )
+
+
+def test_load_test_doc_shows_the_gpu_http_run_once_there_is_one() -> None:
+    from bench.load.report import gpu_section
+
+    assert "No GPU run of the HTTP load yet" in "\n".join(gpu_section(None))
+    meta = {"device": "cuda", "command": "python bench/gpu_check.py", "date": "d", "git": "abc1234"}
+    passes = [
+        {
+            "pass": 0,
+            "http_seq_per_s": 900.0,
+            "offline": {"seq_per_s": 1000.0},
+            "ratio": 0.9,
+            "latency": {"p50_ms": 20.0, "p99_ms": 60.0},
+            "server_batches": {"mean_rows": 40.0, "worker_busy": 0.8},
+            "bottleneck": "the model worker",
+        }
+    ]
+    http = {"profiles": 64, "texts_per_request": 8, "clients": 128, "generator": "loadgen", "passes": passes}
+    cpu_run = gpu_section({"meta": {**meta, "device": "cpu", "hardware": "h"}, "http": http})
+    assert "No GPU run" in "\n".join(cpu_run)
+    text = "\n".join(gpu_section({"meta": {**meta, "hardware": "H100"}, "http": http}))
+    assert "`abc1234`" in text and "| 0 | 900 | 1000 | 0.900 | 20.0 | 60.0 | 40.0 | 80% | yes |" in text
