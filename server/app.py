@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
         settings.max_queue,
         metrics,
         prepare=worker.prepare,
+        max_request_tokens=settings.max_request_tokens,
     )
     state = ServerState(
         settings,
