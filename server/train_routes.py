@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,8 +77,8 @@ def _view(request: Request, record: dict) -> dict:
     result = record.get("result") or {}
     if record["state"] == "succeeded" and result.get("stored") and isinstance(result.get("version"), int):
         server_state(request).profiles.invalidate(record["profile_id"], result["version"])
-    worker = record.get("worker")  # host:pid:attempt-token; the token is the worker's own business
-    return {**record, "worker": worker.rsplit(":", 1)[0] if worker else None}
+    # the worker's host, pid and token and the tenant key are the operator's business, not a tenant's
+    return {k: v for k, v in record.items() if k not in ("worker", "tenant")}
 
 
 async def _job(request: Request, job_id: str) -> dict:
@@ -126,7 +127,8 @@ async def train(request: Request, response: Response, profile_id: str = ProfileI
         state.bank.bottleneck,
     )
     try:
-        record = await asyncio.to_thread(job_service(request).submit, profile_id, parsed)
+        tenant = state.auth.tenant_key(request, profile_id)
+        record = await asyncio.to_thread(job_service(request).submit, profile_id, parsed, tenant)
     except ApiError as exc:
         if exc.code == "too_many_jobs":
             state.metrics.train_jobs.labels("refused").inc()
@@ -225,4 +227,12 @@ async def list_jobs(
     if cursor is not None:
         check_job_id(cursor)
     records, next_cursor = await asyncio.to_thread(job_service(request).list, cursor, limit)
-    return {"jobs": [_view(request, r) for r in records], "next_cursor": next_cursor}
+    views: list[dict] = []
+    budget = settings.max_jobs_page_bytes
+    for record in records:
+        view = _view(request, record)
+        budget -= len(json.dumps(view, ensure_ascii=False).encode())
+        if budget < 0 and views:  # a page bounded in bytes too: the rest come on the next page
+            return {"jobs": views, "next_cursor": views[-1]["id"]}
+        views.append(view)
+    return {"jobs": views, "next_cursor": next_cursor}

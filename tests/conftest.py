@@ -208,3 +208,23 @@ def admin_headers() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def reader_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {READER}"}
+
+
+@pytest.fixture(scope="module")
+def serve(bank_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``serve(name, env)``: a real ``xpeft serve`` on loopback with ``env``'s ``XPEFT_*`` settings,
+    started and ready; every server a module started stops at its end. For tests that need settings
+    no shared server has."""
+    logs = tmp_path_factory.mktemp("serve-logs")
+    started: list[ServerProcess] = []
+
+    def start(name: str, env: dict[str, str]) -> ServerProcess:
+        server = ServerProcess(name, dict(env), bank_path, logs / f"{name}.log")
+        started.append(server)
+        server.start()
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -83,7 +83,7 @@ class TrainRequest:
 
     def encoded_examples(self) -> bytes:
         inputs = [x if isinstance(x, str) else list(x) for x in self.data.inputs]
-        return json.dumps({"inputs": inputs, "labels": self.data.labels}).encode()
+        return json.dumps({"inputs": inputs, "labels": self.data.labels}, ensure_ascii=False).encode()
 
 
 def decode_examples(raw: bytes) -> Dataset:
@@ -277,6 +277,13 @@ def parse_train_request(
     )
     config, fraction, keep = _config(options, settings, *shape)
     _check_data(data, settings, fraction, config.seed)
+    work = len(data) * config.epochs
+    if work > settings.max_train_example_epochs:
+        raise invalid(
+            f"{len(data)} examples x {config.epochs} epochs = {work}; one job may ask for at most "
+            f"{settings.max_train_example_epochs} (XPEFT_MAX_TRAIN_EXAMPLE_EPOCHS): fewer epochs or examples",
+            "training_too_large",
+        )
     _check_abstain_labels(data, config)
     return TrainRequest(data, config, fraction, keep)
 

@@ -22,6 +22,23 @@ from xpeft.server.jobs.request import TrainRequest
 from xpeft.server.settings import Settings
 
 log = logging.getLogger("xpeft.server")
+#: labels a job record names (the first, in label order, whole, within a byte budget);
+#: ``label_count`` tells how many there are
+LABELS_SHOWN = 20
+LABEL_BYTES_SHOWN = 1024
+
+
+def label_summary(labels: list[str]) -> list[str]:
+    """The first labels, at most :data:`LABELS_SHOWN` and :data:`LABEL_BYTES_SHOWN` bytes of UTF-8
+    (at least one): a record's size must not grow with its labels."""
+    shown: list[str] = []
+    budget = LABEL_BYTES_SHOWN
+    for label in labels[:LABELS_SHOWN]:
+        budget -= len(label.encode())
+        if budget < 0 and shown:
+            break
+        shown.append(label)
+    return shown
 
 
 class JobService:
@@ -48,27 +65,42 @@ class JobService:
             return self._jobs
 
     # -- requests --------------------------------------------------------------------------
-    def submit(self, profile_id: str, request: TrainRequest) -> dict:
+    def submit(self, profile_id: str, request: TrainRequest, tenant: str = "") -> dict:
+        """Queue a job of ``tenant`` (whose share of the queue it takes: see ``claim_next``)."""
         jobs = self.jobs()
         job_id = new_job_id()
+        labels = request.data.label_names()
         record = {
             "id": job_id,
             "profile_id": profile_id,
+            "tenant": tenant,
             "state": "queued",
             "created_at": time.time(),
             "examples": len(request.data),
-            "labels": request.data.label_names(),
+            # a bounded summary: the record's size must not grow with the label count
+            "labels": label_summary(labels),
+            "label_count": len(labels),
             "options": request.options(),
             "attempts": 0,
         }
-        try:  # the bound is checked and the record written in one atomic step of the store
-            jobs.create(record, request.encoded_examples(), self.settings.max_pending_jobs)
+        settings = self.settings
+        try:  # the bounds are checked and the record written in one atomic step of the store
+            jobs.create(
+                record,
+                request.encoded_examples(),
+                settings.max_pending_jobs,
+                settings.max_pending_jobs_per_tenant,
+            )
         except TooManyJobs as exc:
+            whose, most = (
+                ("of this tenant ", settings.max_pending_jobs_per_tenant)
+                if exc.tenant
+                else ("", settings.max_pending_jobs)
+            )
             raise ApiError(
                 503,
                 "too_many_jobs",
-                f"{exc.active} jobs are queued or running (at most {self.settings.max_pending_jobs}); "
-                "retry later",
+                f"{exc.active} jobs {whose}are queued or running (at most {most}); retry later",
                 headers={"Retry-After": "10"},
             ) from None
         try:
