@@ -124,10 +124,12 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def create(
         self, record: dict, data: bytes, max_active: int | None = None, max_tenant_active: int | None = None
-    ) -> None:
+    ) -> str | None:
         """Store a new queued record and its examples; with ``max_active``, only while fewer jobs
         are active, and with ``max_tenant_active`` only while fewer jobs of ``record["tenant"]``
-        are, checked and written in one atomic step (else :class:`TooManyJobs`)."""
+        are, checked and written in one atomic step (else :class:`TooManyJobs`). A record with an
+        ``idempotency`` key that an earlier job has (within the TTL) creates nothing: the earlier
+        job's id is returned instead (``None``: created)."""
 
     @abc.abstractmethod
     def queued(self) -> builtins.list[tuple[str, str]]:

@@ -32,10 +32,15 @@ from xpeft.server.jobs.records import (
 
 _RETRIES = 50
 # The pending-jobs bound and the insert in one step: no two creates can both see room for one.
-# KEYS: record, data, index, active, the tenant's active. ARGV: record, data, ttl ms, id, bound,
-# the tenant's bound (0: none). Answers {1, active before} when created, {0, active} when the
-# bound is reached, {-1, the tenant's active} when the tenant's bound is.
+# KEYS: record, data, index, active, the tenant's active, the idempotency key's. ARGV: record,
+# data, ttl ms, id, bound, the tenant's bound (0: none), whether there is an idempotency key.
+# Answers {1, active before} when created, {0, active} when the bound is reached, {-1, the
+# tenant's active} when the tenant's bound is, {2, earlier id} when the key named a job already.
 _CREATE = """
+if ARGV[7] == '1' then
+  local prior = redis.call('GET', KEYS[6])
+  if prior then return {2, prior} end
+end
 local active = redis.call('SCARD', KEYS[4])
 local bound = tonumber(ARGV[5])
 if bound > 0 and active >= bound then return {0, active} end
@@ -47,6 +52,7 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], 0, ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[4])
 redis.call('SADD', KEYS[5], ARGV[4])
+if ARGV[7] == '1' then redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[3]) end
 return {1, active}
 """
 
@@ -93,23 +99,36 @@ class RedisJobStore(JobStore):
 
     def create(
         self, record: dict, data: bytes, max_active: int | None = None, max_tenant_active: int | None = None
-    ) -> None:
+    ) -> str | None:
         job_id = record["id"]
+        idempotency = record.get("idempotency")
         keys = [
             self._job + job_id,
             self._data + job_id,
             self.index,
             self.active,
             self._tenant_active(record.get("tenant", "")),
+            f"{self.index}:key:{idempotency or ''}",
         ]
-        args = [dump_record(record), data, self._ttl_ms, job_id, max_active or 0, max_tenant_active or 0]
+        args = [
+            dump_record(record),
+            data,
+            self._ttl_ms,
+            job_id,
+            max_active or 0,
+            max_tenant_active or 0,
+            "1" if idempotency else "0",
+        ]
         created, active = self._create(keys=keys, args=args)
+        if created == 2:
+            return _text(active)
         if created != 1:
             raise TooManyJobs(int(active), tenant=created == -1)
         if self.max_tenant_records:
             tenant = record.get("tenant", "")
             self._redis.zadd(self._tenant_jobs(tenant), {job_id: 0})
             self._prune(tenant)
+        return None
 
     def purge(self, job_id: str) -> bool:
         raw = self._redis.get(self._job + job_id)

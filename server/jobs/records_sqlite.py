@@ -50,7 +50,7 @@ class SQLiteJobStore(JobStore):
 
     def create(
         self, record: dict, data: bytes, max_active: int | None = None, max_tenant_active: int | None = None
-    ) -> None:
+    ) -> str | None:
         db = self._db()
         now = time.time()
         db.execute("BEGIN IMMEDIATE")  # the write lock first: the count and the insert are one step
@@ -58,6 +58,14 @@ class SQLiteJobStore(JobStore):
             db.execute(
                 "DELETE FROM jobs WHERE state NOT IN (?, ?) AND updated_at < ?", (*ACTIVE, now - self.ttl_s)
             )
+            if record.get("idempotency"):
+                prior = db.execute(
+                    "SELECT id FROM jobs WHERE json_extract(record, '$.idempotency') = ?",
+                    (record["idempotency"],),
+                ).fetchone()
+                if prior is not None:
+                    db.execute("ROLLBACK")
+                    return str(prior[0])
             if max_active is not None:
                 (active,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", ACTIVE).fetchone()
                 if active >= max_active:
@@ -87,6 +95,7 @@ class SQLiteJobStore(JobStore):
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        return None
 
     def purge(self, job_id: str) -> bool:
         return self._db().execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0

@@ -8,6 +8,7 @@ are waiting (so queued jobs survive a restart), else at the first job, and resta
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -66,7 +67,15 @@ class JobService:
 
     # -- requests --------------------------------------------------------------------------
     def submit(self, profile_id: str, request: TrainRequest, tenant: str = "") -> dict:
-        """Queue a job of ``tenant`` (whose share of the queue it takes: see ``claim_next``)."""
+        """Queue a job of ``tenant``; its record."""
+        return self.submit_once(profile_id, request, tenant)[0]
+
+    def submit_once(
+        self, profile_id: str, request: TrainRequest, tenant: str = "", idempotency_key: str | None = None
+    ) -> tuple[dict, bool]:
+        """Queue a job of ``tenant`` (whose share of the queue it takes: see ``claim_next``); the
+        record, and whether it is new. A request that repeats an ``Idempotency-Key`` (of the same
+        tenant and profile, within the records' TTL) queues nothing: the first job is returned."""
         jobs = self.jobs()
         job_id = new_job_id()
         labels = request.data.label_names()
@@ -83,9 +92,12 @@ class JobService:
             "options": request.options(),
             "attempts": 0,
         }
+        if idempotency_key:
+            scoped = "\0".join((tenant, profile_id, idempotency_key)).encode()
+            record["idempotency"] = hashlib.sha256(scoped).hexdigest()[:32]
         settings = self.settings
         try:  # the bounds are checked and the record written in one atomic step of the store
-            jobs.create(
+            prior = jobs.create(
                 record,
                 request.encoded_examples(),
                 settings.max_pending_jobs,
@@ -103,6 +115,8 @@ class JobService:
                 f"{exc.active} jobs {whose}are queued or running (at most {most}); retry later",
                 headers={"Retry-After": "10"},
             ) from None
+        if prior is not None:  # a resent request: its first job, nothing queued again
+            return self.get(prior) or record, False
         try:
             self._task(job_id)
         except Exception:
@@ -110,7 +124,7 @@ class JobService:
             raise
         if self.embedded:
             self.ensure_trainer()
-        return record
+        return record, True
 
     def _checked(self, record: dict) -> dict:
         """The record, failed first if its worker missed the lease (a write only in that case)."""
@@ -167,7 +181,11 @@ class JobService:
 
 def _settings_env(settings: Settings) -> dict[str, str]:
     """The settings a child trainer needs, as ``XPEFT_*`` variables (flags may have set them)."""
-    env = {"XPEFT_SQLITE_PATH": str(settings.sqlite_path), "XPEFT_LOG_LEVEL": settings.log_level}
+    env = {
+        "XPEFT_SQLITE_PATH": str(settings.sqlite_path),
+        "XPEFT_LOG_LEVEL": settings.log_level,
+        "XPEFT_LOG_FORMAT": settings.log_format,
+    }
     for name in ("bank", "model", "device", "dtype"):
         value = getattr(settings, name)
         if value is not None:

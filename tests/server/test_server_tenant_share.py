@@ -206,3 +206,25 @@ def test_the_training_queue_takes_tenants_in_turn(
         assert store.queued() == []
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_resent_training_post_with_its_idempotency_key_returns_the_first_job(servers, store: str) -> None:
+    url = servers[store][0]
+    cancel_all(url)
+    body = {"examples": examples(8, ["neg", "pos"]), "epochs": 1}
+    key = {"Idempotency-Key": "retry-7f3a"}
+    first = httpx.post(f"{url}/profiles/beta-idem/train", json=body, headers={**BETA, **key})
+    again = httpx.post(f"{url}/profiles/beta-idem/train", json=body, headers={**BETA, **key})
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    assert "idempotency" not in again.json()
+    assert [j["id"] for j in all_jobs(url) if j["profile_id"] == "beta-idem"] == [first.json()["id"]]
+    # the same key from another tenant, or for another profile, is another request
+    other = httpx.post(f"{url}/profiles/acme-idem/train", json=body, headers={**ACME, **key})
+    assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
+    bad = httpx.post(
+        f"{url}/profiles/beta-idem/train", json=body, headers={**BETA, "Idempotency-Key": "x" * 200}
+    )
+    assert bad.status_code == 422
+    cancel_all(url)
