@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -228,3 +229,56 @@ def test_a_resent_training_post_with_its_idempotency_key_returns_the_first_job(s
     )
     assert bad.status_code == 422
     cancel_all(url)
+
+
+def test_a_requests_tenant_is_its_tokens_prefixes_else_the_owner_of_the_id() -> None:
+    from starlette.requests import Request
+
+    from xpeft.server.auth import Authorizer
+    from xpeft.server.settings import Settings
+
+    auth = Authorizer(Settings(admin_token=ADMIN, predict_tokens=json.dumps(TENANTS)))
+
+    def tenant(headers: dict[str, str], profile_id: str) -> str:
+        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        return auth.tenant_key(Request({"type": "http", "headers": raw}), profile_id)
+
+    assert tenant(ACME, "acme-1") == tenant(AUTH, "acme-2") == "token:acme-"  # admin on acme's ids: acme
+    assert tenant(BETA, "beta-x") != tenant(ACME, "acme-1")
+    assert tenant(AUTH, "solo_reviews") == tenant({}, "solo-tickets") == "id:solo"  # no tenant owns it
+    assert tenant(AUTH, "other") != tenant(AUTH, "solo")
+
+
+def test_a_short_predict_is_answered_before_another_tenants_long_ones_queued_ahead_of_it(
+    serve, profile_bytes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Over HTTP: two long requests of one tenant, queued first, run in parts of one batch; the other
+    tenant's one-text predict, sent after them, is answered before either (first come, first
+    served would answer it last)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {
+        "XPEFT_ADMIN_TOKEN": ADMIN,
+        "XPEFT_PREDICT_TOKENS": json.dumps(TENANTS),
+        "XPEFT_SQLITE_PATH": str(tmp_path_factory.mktemp("fair") / "s.sqlite3"),
+        "XPEFT_MAX_BATCH_TOKENS": "256",
+        "XPEFT_REQUEST_TIMEOUT_S": "120",
+    }
+    url = serve("share-fair", env).url
+    for pid in ("acme-long", "beta-short"):
+        assert httpx.put(f"{url}/profiles/{pid}", content=profile_bytes(3), headers=AUTH).status_code == 201
+    long_inputs = ["a long review that goes on " * 40] * 16  # 16 rows at 128 tokens: 8 batches of 256
+
+    def predict(pid: str, inputs: list[str], headers: dict[str, str]) -> float:
+        answer = httpx.post(
+            f"{url}/profiles/{pid}/predict", json={"inputs": inputs}, headers=headers, timeout=120
+        )
+        assert answer.status_code == 200, answer.text
+        return time.monotonic()
+
+    with ThreadPoolExecutor(3) as pool:
+        heavy = [pool.submit(predict, "acme-long", long_inputs, ACME) for _ in range(2)]
+        time.sleep(1.0)  # both long requests are tokenized and queued, the first part runs
+        light = pool.submit(predict, "beta-short", ["short"], BETA)
+        done_light, done_heavy = light.result(), [h.result() for h in heavy]
+    assert done_light < min(done_heavy)
