@@ -2,8 +2,9 @@
 
 A batch closes when it holds ``max_batch_size`` rows, when the next request would take it past
 ``max_batch_tokens`` padded tokens (rows times its longest input: what the forward costs), or
-when its first request has waited ``max_wait_s``. Requests are never split, so one request is
-answered by one forward and one version of its profile. With a ``prepare`` step (the model
+when its first request has waited ``max_wait_s``. A request that fits one batch is never split;
+a larger one runs as parts of one batch each (below), and every part is answered from the
+request's one version of its profile. With a ``prepare`` step (the model
 worker's tokenizer) a request is tokenized on its own thread as it arrives and queued once its
 tokens are known, so the model's thread only pads and runs forwards. The queue is bounded in
 requests (and each request in rows), so a flood gets ``overloaded`` answers instead of growing
@@ -180,7 +181,7 @@ class MicroBatcher:
                 if grown > self.max_batch_size or (
                     self.max_batch_tokens and grown * longer > self.max_batch_tokens
                 ):
-                    break  # it opens the next batch: requests are never split
+                    break  # it opens the next batch: a queued job (a request or a part) is never split
                 batch.append(self._queue.popleft())
                 rows, longest = grown, longer
                 continue
