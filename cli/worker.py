@@ -29,9 +29,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise XPeftError("bad_argument", problems) from exc
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from xpeft.server.logging_setup import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)  # XPEFT_LOG_FORMAT, as the server's
     logging.getLogger("huey").setLevel(max(logging.WARNING, logging.getLogger().level))
     run_worker(settings, parent_pid=args.parent_pid)
 

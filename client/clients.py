@@ -22,14 +22,19 @@ from tenacity import AsyncRetrying, Retrying
 
 from xpeft.client.core import (
     DEFAULT_MAX_INPUTS,
+    DEFAULT_MAX_RESPONSE_BYTES,
     Call,
     ClientBase,
     ClientError,
+    Deadline,
     Op,
     R,
     TextInput,
+    answer_of,
+    capped,
     connection_error,
     list_call,
+    next_page,
     predict_op,
     profile_path,
     read_response,
@@ -58,8 +63,10 @@ class Client(ClientBase):
         max_inputs: int = DEFAULT_MAX_INPUTS,
         max_attempts: int = 4,
         max_retry_seconds: float = 30.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        super().__init__(token, max_inputs, max_attempts, max_retry_seconds)
+        super().__init__(token, max_inputs, max_attempts, max_retry_seconds, max_response_bytes)
+        self.timeout = timeout
         self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, transport=transport)
 
     def __enter__(self) -> Client:
@@ -72,12 +79,18 @@ class Client(ClientBase):
         self._http.close()
 
     def _once(self, call: Call) -> Any:
+        """One send: the answer read in full, within ``timeout`` s in all and ``max_response_bytes``."""
         kwargs = {**call.kwargs, "headers": self._headers(call)}
+        deadline = Deadline(self.timeout, call)
+        chunks: list[bytes] = []
         try:
-            response = self._http.request(call.method, call.path, **kwargs)
+            with self._http.stream(call.method, call.path, **kwargs) as response:
+                for chunk in response.iter_bytes():
+                    capped(chunks, chunk, self.max_response_bytes, call)
+                    deadline.left()
         except httpx.HTTPError as exc:
             raise connection_error(call, self._http.base_url, exc) from exc
-        return read_response(call, response)
+        return read_response(call, answer_of(response, b"".join(chunks)))
 
     def _send(self, call: Call) -> Any:
         return Retrying(**self._retry_policy())(self._once, call)
@@ -116,13 +129,14 @@ class Client(ClientBase):
 
     def iter_profiles(self, page_size: int = 100) -> Iterator[dict]:
         """Every profile's metadata, following the cursor page by page."""
-        cursor = None
+        cursor, seen = None, set[str]()
         while True:
             page = self.list(cursor, page_size)
+            following = next_page(cursor, page, "profiles", seen)
             yield from page["profiles"]
-            cursor = page["next_cursor"]
-            if not cursor:
+            if following is None:
                 return
+            cursor = following
 
     def predict(
         self, profile_id: str, inputs: Sequence[TextInput], min_confidence: float | None = None
@@ -179,8 +193,10 @@ class AsyncClient(ClientBase):
         max_attempts: int = 4,
         max_retry_seconds: float = 30.0,
         max_concurrency: int = 8,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        super().__init__(token, max_inputs, max_attempts, max_retry_seconds)
+        super().__init__(token, max_inputs, max_attempts, max_retry_seconds, max_response_bytes)
+        self.timeout = timeout
         self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout, transport=transport)
         self._slots = asyncio.Semaphore(max_concurrency)
 
@@ -195,12 +211,24 @@ class AsyncClient(ClientBase):
 
     async def _once(self, call: Call) -> Any:
         kwargs = {**call.kwargs, "headers": self._headers(call)}
+        chunks: list[bytes] = []
+
+        async def read() -> httpx.Response:
+            async with self._http.stream(call.method, call.path, **kwargs) as response:
+                async for chunk in response.aiter_bytes():
+                    capped(chunks, chunk, self.max_response_bytes, call)
+            return response
+
+        deadline = Deadline(self.timeout, call)
         try:
-            async with self._slots:
-                response = await self._http.request(call.method, call.path, **kwargs)
+            async with self._slots:  # the whole request, headers included, within the timeout
+                deadline = Deadline(self.timeout, call)
+                response = await asyncio.wait_for(read(), deadline.left())
         except httpx.HTTPError as exc:
             raise connection_error(call, self._http.base_url, exc) from exc
-        return read_response(call, response)
+        except asyncio.TimeoutError:
+            raise deadline.passed() from None
+        return read_response(call, answer_of(response, b"".join(chunks)))
 
     async def _send(self, call: Call) -> Any:
         return await AsyncRetrying(**self._retry_policy())(self._once, call)
@@ -233,14 +261,15 @@ class AsyncClient(ClientBase):
         return await self._send(list_call(cursor, limit))
 
     async def iter_profiles(self, page_size: int = 100) -> AsyncIterator[dict]:
-        cursor = None
+        cursor, seen = None, set[str]()
         while True:
             page = await self.list(cursor, page_size)
+            following = next_page(cursor, page, "profiles", seen)
             for meta in page["profiles"]:
                 yield meta
-            cursor = page["next_cursor"]
-            if not cursor:
+            if following is None:
                 return
+            cursor = following
 
     async def predict(
         self, profile_id: str, inputs: Sequence[TextInput], min_confidence: float | None = None

@@ -35,14 +35,19 @@ _PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
 __all__ = [
     "DEFAULT_MAX_INPUTS",
     "RETRY_STATUSES",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "Call",
     "ClientBase",
     "ClientError",
+    "Deadline",
     "Op",
     "R",
     "TextInput",
     "connection_error",
+    "answer_of",
+    "capped",
     "list_call",
+    "next_page",
     "predict_op",
     "profile_path",
     "read_response",
@@ -188,9 +193,21 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def read_response(call: Call, response: httpx.Response) -> Any:
-    """The answer's JSON (or bytes), else a :class:`ClientError` with the server's code."""
+    """The answer's JSON (or bytes), else a :class:`ClientError` with the server's code; an answer
+    that is not the JSON it should be (an HTML page from a proxy, say) is ``bad_response``."""
     if response.is_success:
-        return response.content if call.raw else response.json()
+        if call.raw:
+            return response.content
+        try:
+            return response.json()
+        except ValueError:
+            kind = response.headers.get("content-type", "no content type")
+            raise ClientError(
+                "bad_response",
+                f"{call.method} {call.path}: the server answered {response.status_code} with {kind:.60}, "
+                f"not JSON: {response.text[:80]!r}",
+                response.status_code,
+            ) from None
     try:
         body = response.json()
     except ValueError:
@@ -216,6 +233,63 @@ def connection_error(call: Call, base_url: object, exc: httpx.HTTPError) -> Clie
     )
 
 
+#: the largest answer a client reads (a profile file is at most a few MiB; a page of jobs 1 MiB)
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 2**20
+
+
+class Deadline:
+    """One request's whole time: a server that trickles its answer a byte at a time still ends
+    the call at ``timeout`` s (httpx's own timeout bounds each read, not their sum)."""
+
+    def __init__(self, timeout: float, call: Call) -> None:
+        self.timeout = timeout
+        self.call = call
+        self.ends = time.monotonic() + timeout
+
+    def passed(self) -> ClientError:
+        return ClientError(
+            "timeout", f"{self.call.method} {self.call.path}: no complete answer within {self.timeout:g} s"
+        )
+
+    def left(self) -> float:
+        """Seconds left; :class:`ClientError` ``timeout`` once there are none."""
+        left = self.ends - time.monotonic()
+        if left <= 0:
+            raise self.passed()
+        return left
+
+
+def capped(chunks: list[bytes], chunk: bytes, limit: int, call: Call) -> None:
+    """Add ``chunk`` to an answer being read, refusing it past ``limit`` bytes (``response_too_large``)."""
+    chunks.append(chunk)
+    if sum(map(len, chunks)) > limit:
+        raise ClientError(
+            "response_too_large",
+            f"{call.method} {call.path}: the answer exceeds {limit} bytes; not read further",
+        )
+
+
+def answer_of(response: httpx.Response, body: bytes) -> httpx.Response:
+    """A streamed response, read in full, as one :func:`read_response` reads."""
+    return httpx.Response(
+        response.status_code, headers=response.headers, content=body, request=response.request
+    )
+
+
+def next_page(cursor: str | None, page: dict, key: str, seen: set[str]) -> str | None:
+    """A page's ``next_cursor``, checked: a cursor that does not move on (one seen before) would
+    page forever; it ends the listing with ``bad_response``."""
+    if not isinstance(page, dict) or not isinstance(page.get(key), list):
+        raise ClientError("bad_response", f"a page without its {key!r} list")
+    following = page.get("next_cursor")
+    if following is None or following == "":
+        return None
+    if not isinstance(following, str) or following == cursor or following in seen:
+        raise ClientError("bad_response", f"the server's next_cursor {following!r:.80} does not advance")
+    seen.add(following)
+    return following
+
+
 class ClientBase:
     """What both clients share: tokens, limits and the retry policy."""
 
@@ -225,12 +299,16 @@ class ClientBase:
         max_inputs: int,
         max_attempts: int,
         max_retry_seconds: float,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        if max_inputs < 1 or max_attempts < 1 or max_retry_seconds < 0:
-            raise ValueError("max_inputs and max_attempts must be >= 1, max_retry_seconds >= 0")
+        if max_inputs < 1 or max_attempts < 1 or max_retry_seconds < 0 or max_response_bytes < 1:
+            raise ValueError(
+                "max_inputs, max_attempts and max_response_bytes must be >= 1, max_retry_seconds >= 0"
+            )
         self.max_inputs = max_inputs
         self.max_attempts = max_attempts
         self.max_retry_seconds = max_retry_seconds
+        self.max_response_bytes = max_response_bytes
         write = token if token is not None else _env_token(_WRITE_TOKENS)
         read = token if token is not None else _env_token(_READ_TOKENS)
         self._auth = {True: _bearer(write), False: _bearer(read)}

@@ -9,6 +9,7 @@ script never mistakes an unfinished profile for a served one.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,8 +34,10 @@ def train_call(
     path = profile_path(profile_id, "/train")
     if (examples is None) == (file is None):
         raise ClientError("bad_argument", "train needs examples or a file (one of them)")
+    # one key per job: a POST resent after a dropped connection returns the job it created
+    key = {"Idempotency-Key": uuid.uuid4().hex}
     if examples is not None:
-        return Call("POST", path, {"json": {"examples": list(examples), **options}})
+        return Call("POST", path, {"json": {"examples": list(examples), **options}, "headers": key})
     file = Path(file)  # type: ignore[arg-type]
     media = _FORMATS.get(file.suffix.lower())
     if media is None:
@@ -43,7 +46,9 @@ def train_call(
         raise ClientError("not_found", f"no data file at {file}")
     params = {k: _query(v) for k, v in {**(columns or {}), **options}.items() if v is not None}
     return Call(
-        "POST", path, {"content": file.read_bytes(), "params": params, "headers": {"Content-Type": media}}
+        "POST",
+        path,
+        {"content": file.read_bytes(), "params": params, "headers": {"Content-Type": media, **key}},
     )
 
 

@@ -2,13 +2,19 @@
 
 A batch closes when it holds ``max_batch_size`` rows, when the next request would take it past
 ``max_batch_tokens`` padded tokens (rows times its longest input: what the forward costs), or
-when its first request has waited ``max_wait_s``. Requests are never split, so one request is
-answered by one forward and one version of its profile. With a ``prepare`` step (the model
+when its first request has waited ``max_wait_s``. A request that fits one batch is never split;
+a larger one runs as parts of one batch each (below), and every part is answered from the
+request's one version of its profile. With a ``prepare`` step (the model
 worker's tokenizer) a request is tokenized on its own thread as it arrives and queued once its
 tokens are known, so the model's thread only pads and runs forwards. The queue is bounded in
 requests (and each request in rows), so a flood gets ``overloaded`` answers instead of growing
 memory. While the worker runs a batch, new requests pile up and form the next one: under load
 batches grow by themselves, up to the budget.
+
+Which request goes next is :mod:`xpeft.engine.fair`'s policy: each job names its tenant, tenants
+take turns by token cost, and a request larger than one batch runs as parts of at most one batch
+(each part answered from the request's one profile version), so one tenant cannot hold the worker
+for the others. A request costing more than ``max_request_tokens`` is refused (:class:`TooCostly`).
 """
 
 from __future__ import annotations
@@ -16,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from xpeft.adapters.encoder import TextInput
 from xpeft.engine.cache import CachedProfile
+from xpeft.engine.fair import FairQueue, TooCostly, check_cost
 from xpeft.engine.metrics import EngineMetrics
 from xpeft.engine.prediction import Prediction
 
@@ -46,6 +52,8 @@ class Job:
     #: the inputs' token ids, once prepared (see :meth:`MicroBatcher.submit_job`); None: not tokenized
     token_ids: list[dict[str, list[int]]] | None = None
     tokenized: float | None = None  # when they were ready and it joined the queue
+    #: whose request it is: requests of different tenants share the worker fairly (see xpeft.engine.fair)
+    tenant: str = ""
 
     @property
     def queued(self) -> float:
@@ -84,6 +92,7 @@ class MicroBatcher:
         metrics: EngineMetrics | None = None,
         prepare: JobPreparer | None = None,
         max_batch_tokens: int = 0,
+        max_request_tokens: int = 0,
     ) -> None:
         self.runner = runner
         self.max_batch_size = max_batch_size
@@ -93,25 +102,30 @@ class MicroBatcher:
         self.prepare = prepare
         #: padded tokens per batch; 0: rows only (the server sets it once the model's device is known)
         self.max_batch_tokens = max_batch_tokens
-        self._queue: deque[Job] = deque()
+        #: one request's padded tokens, above which it is refused (0: no bound)
+        self.max_request_tokens = max_request_tokens
+        self._queue: FairQueue[Job] = FairQueue()
         self._preparing: dict[asyncio.Task[None], Job] = {}
         self._arrived = asyncio.Event()
 
     @property
     def depth(self) -> int:
         """Requests waiting: queued, or being tokenized before they queue."""
-        return len(self._queue) + len(self._preparing)
+        return self._queue.requests + len(self._preparing)
 
-    def submit(self, entry: CachedProfile, inputs: list[TextInput]) -> asyncio.Future[list[Prediction]]:
+    def submit(
+        self, entry: CachedProfile, inputs: list[TextInput], tenant: str = ""
+    ) -> asyncio.Future[list[Prediction]]:
         """Queue a request; raises :class:`Overloaded` when ``max_queue`` requests already wait."""
-        return self.submit_job(entry, inputs).future
+        return self.submit_job(entry, inputs, tenant).future
 
-    def submit_job(self, entry: CachedProfile, inputs: list[TextInput]) -> Job:
-        """As :meth:`submit`, returning the job (its timings are set once its batch has run)."""
+    def submit_job(self, entry: CachedProfile, inputs: list[TextInput], tenant: str = "") -> Job:
+        """As :meth:`submit`, returning the job (its timings are set once its batch has run);
+        ``tenant`` names whose request it is, for the fair share of the worker."""
         if self.depth >= self.max_queue:
             self.metrics.overloaded()
             raise Overloaded(f"{self.depth} requests are queued (limit {self.max_queue})")
-        job = Job(entry, inputs, asyncio.get_running_loop().create_future())
+        job = Job(entry, inputs, asyncio.get_running_loop().create_future(), tenant=tenant)
         if self.prepare is None:
             self._enqueue(job)
         else:
@@ -132,7 +146,14 @@ class MicroBatcher:
             self._enqueue(job)
 
     def _enqueue(self, job: Job) -> None:
-        self._queue.append(job)
+        try:
+            check_cost(job, self.max_request_tokens)
+        except TooCostly as exc:
+            self._fail(job, exc)
+            return
+        # a turn's credit is one batch, so a part (at most one batch) is served in one turn
+        self._queue.quantum = self.max_batch_tokens or self.max_batch_size * 512
+        self._queue.append(job, self.max_batch_tokens, self.max_batch_size)
         self._arrived.set()
 
     async def _wait_for_arrival(self, timeout: float | None) -> bool:
@@ -147,7 +168,7 @@ class MicroBatcher:
         """Wait for the first request, then fill the batch until it is full or the wait is over."""
         while not self._queue:
             await self._wait_for_arrival(None)
-        batch = [self._queue.popleft()]
+        batch: list[Job] = [self._queue.popleft()]
         rows, longest = len(batch[0].inputs), batch[0].longest
         deadline = time.perf_counter() + self.max_wait_s
         while rows < self.max_batch_size:
@@ -157,7 +178,7 @@ class MicroBatcher:
                 if grown > self.max_batch_size or (
                     self.max_batch_tokens and grown * longer > self.max_batch_tokens
                 ):
-                    break  # it opens the next batch: requests are never split
+                    break  # it opens the next batch: a queued job (a request or a part) is never split
                 batch.append(self._queue.popleft())
                 rows, longest = grown, longer
                 continue

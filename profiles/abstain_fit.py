@@ -24,11 +24,20 @@ from xpeft.profiles.abstain import (
     pick_operating_point,
     row_scores,
 )
-from xpeft.profiles.data import Dataset
+from xpeft.profiles.data import DataError, Dataset
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.train_config import CLASS_MEAN_SCORES, DEFAULT_MIN_CONFIDENCE, MIN_HOLDOUT
+from xpeft.profiles.train_config import CLASS_MEAN_SCORES, DEFAULT_MIN_CONFIDENCE, MIN_HOLDOUT, TrainConfig
 
-__all__ = ["Scored", "Split", "class_means", "fit_rule", "rule_from", "split_for_rule"]
+__all__ = [
+    "Scored",
+    "Split",
+    "check_training_data",
+    "class_means",
+    "fit_rule",
+    "rule_from",
+    "rule_split",
+    "split_for_rule",
+]
 
 
 @dataclass
@@ -55,6 +64,44 @@ def split_for_rule(data: Dataset, fraction: float, seed: int, oos_label: str | N
     chosen = set(held) | set(oos)
     fit = [i for i in range(len(data)) if i not in chosen]
     return Split(data.select(fit), data.select(sorted(held)), data.select(oos))
+
+
+def rule_split(train: Dataset, config: TrainConfig) -> tuple[Split | None, list[str]]:
+    """The held-out cut for the abstention rule, or None (with a note) where the data is too small
+    for one and the user asked for nothing that needs it."""
+    if not config.abstain:
+        return None, []
+    split = split_for_rule(train, config.holdout, config.seed, config.oos_label)
+    if config.oos_label is not None and not len(split.oos):
+        raise DataError("bad_data", f"no training rows carry the OOS label {config.oos_label!r}")
+    if len(split.held) >= MIN_HOLDOUT:
+        return split, []
+    asked = config.min_confidence is not None or config.fallback_label or config.oos_label
+    if asked:
+        raise DataError(
+            "bad_data",
+            f"the abstention rule needs at least {MIN_HOLDOUT} held-out examples; holdout="
+            f"{config.holdout} of this data gives {len(split.held)}",
+        )
+    note = f"no abstention rule: holdout={config.holdout} leaves {len(split.held)} examples, fewer than {MIN_HOLDOUT}"
+    return None, [note]
+
+
+def check_training_data(train: Dataset, config: TrainConfig) -> tuple[Split | None, list[str], Dataset]:
+    """Everything about ``train`` that training would refuse, before it starts: the rule's cut
+    (:func:`rule_split`), then at least 2 labels left to fit and the fallback among them. The
+    trainer runs it, and the training route runs it before a job is queued, so a request is never
+    accepted only to fail ``bad_data`` in the queue. The split, its notes and the rows that fit."""
+    split, notes = rule_split(train, config)
+    fit = split.fit if split is not None else train
+    labels = fit.label_names()
+    if config.fallback_label is not None and config.fallback_label not in labels:
+        raise DataError(
+            "bad_data", f"fallback label {config.fallback_label!r} is not one of the labels {labels}"
+        )
+    if len(labels) < 2:
+        raise DataError("bad_data", f"training needs at least 2 labels, found {labels}")
+    return split, notes, fit
 
 
 def class_means(pooled: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:

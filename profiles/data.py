@@ -95,11 +95,46 @@ def load_dataset(
         raise DataError("bad_data", f"{path} lacks column(s) {missing}; it has {sorted(rows[0])}")
     inputs: list[TextInput] = []
     labels: list[str] = []
-    for row in rows:
-        text = str(row[text_col])
-        inputs.append((text, str(row[text_pair_col])) if text_pair_col else text)
-        labels.append(str(row[label_col]))
+    for n, row in enumerate(rows, 1):
+        pair = row.get(text_pair_col) if text_pair_col else None
+        x, label = read_example(
+            f"{path}: row {n}", row.get(text_col), row.get(label_col), pair, pair_required=bool(text_pair_col)
+        )
+        inputs.append(x)
+        labels.append(label)
     return Dataset(inputs, labels)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "missing (or null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, float):
+        return "a number that is not an integer"
+    return type(value).__name__
+
+
+def read_example(
+    where: str, text: object, label: object, pair: object = None, pair_required: bool = False
+) -> tuple[TextInput, str]:
+    """One example as every reader takes it (the data files here, the training route's JSON body):
+    the text (and pair) must be strings, the label a string or an integer. A missing cell, a JSON
+    null, a boolean, an object or a list is refused (:class:`DataError` naming ``where``), never
+    turned into a class such as ``"None"`` or ``"True"``."""
+    if not isinstance(text, str):
+        raise DataError("bad_data", f"{where}: the text is {_kind(text)}; it must be a string")
+    if (pair is not None or pair_required) and not isinstance(pair, str):
+        raise DataError("bad_data", f"{where}: the text pair is {_kind(pair)}; it must be a string")
+    if isinstance(label, bool) or not isinstance(label, str | int):
+        raise DataError(
+            "bad_data", f"{where}: the label is {_kind(label)}; it must be a string or an integer"
+        )
+    return (text if pair is None else (text, pair)), str(label)
 
 
 def check_dataset(data: Dataset, max_text_chars: int, max_label_chars: int) -> None:

@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder
 from xpeft.engine.runtime import MultiProfileModel
-from xpeft.profiles.abstain_fit import Split, fit_rule, split_for_rule
+from xpeft.profiles.abstain_fit import Split, check_training_data, fit_rule
 from xpeft.profiles.data import DataError, Dataset
 from xpeft.profiles.diagnostics import adapter_ratio, mask_overlap
 from xpeft.profiles.profile import Profile, ProfileKind
-from xpeft.profiles.train_config import METHODS, MIN_HOLDOUT, TrainConfig
+from xpeft.profiles.train_config import METHODS, TrainConfig
 from xpeft.profiles.trainable import Trainable
 
 __all__ = ["METHODS", "TrainConfig", "TrainResult", "train_profile"]
@@ -67,16 +67,8 @@ def train_profile(
     config.validate()
     if len(train) == 0:
         raise DataError("bad_data", "the training data is empty")
-    split, notes = _rule_split(train, config)
-    if split is not None:
-        train = split.fit
+    split, notes, train = check_training_data(train, config)
     labels = train.label_names()
-    if config.fallback_label is not None and config.fallback_label not in labels:
-        raise DataError(
-            "bad_data", f"fallback label {config.fallback_label!r} is not one of the labels {labels}"
-        )
-    if len(labels) < 2:
-        raise DataError("bad_data", f"training needs at least 2 labels, found {labels}")
     y_train = _label_index(train, labels)
     y_eval = _label_index(eval_data, labels) if eval_data is not None else None
 
@@ -162,27 +154,6 @@ def train_profile(
         split=split,
         notes=notes,
     )
-
-
-def _rule_split(train: Dataset, config: TrainConfig) -> tuple[Split | None, list[str]]:
-    """The held-out cut for the abstention rule, or None (with a note) where the data is too small
-    for one and the user asked for nothing that needs it."""
-    if not config.abstain:
-        return None, []
-    split = split_for_rule(train, config.holdout, config.seed, config.oos_label)
-    if config.oos_label is not None and not len(split.oos):
-        raise DataError("bad_data", f"no training rows carry the OOS label {config.oos_label!r}")
-    if len(split.held) >= MIN_HOLDOUT:
-        return split, []
-    asked = config.min_confidence is not None or config.fallback_label or config.oos_label
-    if asked:
-        raise DataError(
-            "bad_data",
-            f"the abstention rule needs at least {MIN_HOLDOUT} held-out examples; holdout="
-            f"{config.holdout} of this data gives {len(split.held)}",
-        )
-    note = f"no abstention rule: holdout={config.holdout} leaves {len(split.held)} examples, fewer than {MIN_HOLDOUT}"
-    return None, [note]
 
 
 def _temperature(config: TrainConfig, step: int, total: int) -> float:

@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
         settings.max_queue,
         engine_metrics,
         prepare=worker.prepare,
+        max_request_tokens=settings.max_request_tokens,
     )
     metrics.set_queue_depth_source(lambda: batcher.depth)
     state = ServerState(

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import secrets
 import sys
 from collections.abc import Iterable
@@ -105,6 +106,30 @@ class Authorizer:
             self._digest(token.encode()): (token.encode(), prefixes)
             for token, prefixes in settings.tenant_prefixes().items()
         }
+        # each tenant prefix's tenant key (the same as its tokens'), for admin calls on its profiles
+        self._prefix_owner: dict[str, str] = {
+            prefix: "token:" + ",".join(sorted(prefixes))
+            for _, prefixes in self._tenants.values()
+            for prefix in prefixes
+        }
+
+    def tenant_key(self, request: Request, profile_id: str) -> str:
+        """Whose request this is, for the fair share of the model worker (call after the access check).
+
+        A predict token's tenant is its set of prefixes (tokens with the same set are one tenant).
+        The admin and API tokens, and open reads, count against the tenant whose prefix the id
+        has, or, when no tenant's prefix matches, the id's leading part up to its first ``-``,
+        ``_`` or ``.`` (``acme-reviews`` and ``acme-tickets`` are one tenant, ``acme``).
+        """
+        token = _bearer(request)
+        prefixes = self._tenant(token.encode()) if token is not None and self._tenants else None
+        if prefixes is None:
+            owners = [p for p in self._prefix_owner if profile_id.startswith(p)]
+            if owners:
+                return self._prefix_owner[max(owners, key=len)]
+            head = re.split(r"[-_.]", profile_id, maxsplit=1)[0]
+            return "id:" + head
+        return "token:" + ",".join(sorted(prefixes))
 
     @property
     def tenants(self) -> int:

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from xpeft.adapters.encoder import TextInput
 from xpeft.engine.batcher import Job, Overloaded
+from xpeft.engine.fair import TooCostly
 from xpeft.server.auth import require_admin, require_profile_access, require_reader
 from xpeft.server.conditional import PRECONDITION_RESPONSES, not_modified, write_condition
 from xpeft.server.deps import ProfileIdPath, check_profile_id, server_state
@@ -203,7 +204,7 @@ _JSON_BODY = {
     dependencies=[Depends(require_profile_access)],
     openapi_extra=_JSON_BODY,
     tags=["predict"],
-    responses={404: {"model": ErrorBody}, 504: {"model": ErrorBody}},
+    responses={404: {"model": ErrorBody}, 413: {"model": ErrorBody}, 504: {"model": ErrorBody}},
 )
 async def predict(request: Request, response: Response, profile_id: str = ProfileIdPath) -> dict:
     """Labels and scores for each input, all from one version of the profile; timing headers say
@@ -216,23 +217,32 @@ async def predict(request: Request, response: Response, profile_id: str = Profil
             503, "not_ready", state.model_error or "the model is still loading", headers={"Retry-After": "1"}
         )
     timeout = state.settings.request_timeout_s
+    tenant = state.auth.tenant_key(request, profile_id)
     computing = time.perf_counter()
     try:  # one deadline for all of it: store lookup, queue and forward
-        answer, job = await asyncio.wait_for(_predict(state, profile_id, inputs, min_confidence), timeout)
+        answer, job = await asyncio.wait_for(
+            _predict(state, profile_id, inputs, min_confidence, tenant), timeout
+        )
     except asyncio.TimeoutError as exc:
         raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from exc
+    except TooCostly as exc:
+        raise ApiError(413, "too_many_tokens", str(exc), cost=exc.cost, limit=exc.limit) from None
     response.headers.update(_timing_headers(request, state, job, inputs, computing))
     return answer
 
 
 async def _predict(
-    state: ServerState, profile_id: str, inputs: list[TextInput], min_confidence: float | None = None
+    state: ServerState,
+    profile_id: str,
+    inputs: list[TextInput],
+    min_confidence: float | None = None,
+    tenant: str = "",
 ) -> tuple[dict, Job]:
     entry = await state.profiles.get(profile_id)
     if entry is None:
         raise _not_found(profile_id)
     try:
-        job = state.batcher.submit_job(entry, inputs)
+        job = state.batcher.submit_job(entry, inputs, tenant)
     except Overloaded as exc:
         raise ApiError(
             503, "overloaded", f"the server is busy: {exc}; retry later", headers={"Retry-After": "1"}

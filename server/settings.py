@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(2**20, ge=1, description="any other body limit (413 too_large)")
     max_inputs: int = Field(DEFAULT_MAX_INPUTS, ge=1, description="inputs per predict")
     max_text_chars: int = Field(4096, ge=1, description="characters per text (each side of a pair)")
+    max_request_tokens: int = Field(
+        32768,
+        ge=0,
+        description="one predict's padded tokens (inputs times the longest one's tokens) before 413 "
+        "too_many_tokens; 0: no bound",
+    )
     max_list_limit: int = Field(1000, ge=1, description="largest page of GET /profiles")
     max_in_flight: int = Field(
         2048,
@@ -156,7 +162,22 @@ class Settings(BaseSettings):
     )
     train_heartbeat_s: float = Field(1.0, gt=0, description="how often a trainer reports progress")
     job_ttl_s: float = Field(7 * 86400.0, gt=0, description="how long finished job records are kept")
+    max_job_records_per_tenant: int = Field(
+        1000, ge=1, description="job records kept per tenant: as new jobs come, its oldest finished ones go"
+    )
+    max_jobs_page_bytes: int = Field(
+        1 << 20, ge=4096, description="a GET /jobs page stops before its records pass this many bytes"
+    )
     max_pending_jobs: int = Field(100, ge=1, description="queued and running jobs before 503 too_many_jobs")
+    max_pending_jobs_per_tenant: int = Field(
+        10, ge=1, description="one tenant's queued and running jobs before 503 too_many_jobs"
+    )
+    max_train_example_epochs: int = Field(
+        200_000,
+        ge=1,
+        description="examples times epochs one job may ask for (422 training_too_large): bounds how "
+        "long one job holds the trainer",
+    )
     max_train_examples: int = Field(50_000, ge=2, description="labelled examples per training request")
     max_train_epochs: int = Field(50, ge=1, description="largest epochs a training request may ask for")
     max_label_chars: int = Field(100, ge=1, description="characters per label name")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import re
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +31,10 @@ from xpeft.server.jobs.request import parse_train_request
 from xpeft.server.schemas import ErrorBody
 
 router = APIRouter()
+# record fields that are the operator's business: the trainer's host, pid and token, the tenant
+# key, the hash of the idempotency key
+_HIDDEN = ("worker", "tenant", "idempotency")
+_IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,128}")
 
 
 class JobView(BaseModel):
@@ -76,8 +82,7 @@ def _view(request: Request, record: dict) -> dict:
     result = record.get("result") or {}
     if record["state"] == "succeeded" and result.get("stored") and isinstance(result.get("version"), int):
         server_state(request).profiles.invalidate(record["profile_id"], result["version"])
-    worker = record.get("worker")  # host:pid:attempt-token; the token is the worker's own business
-    return {**record, "worker": worker.rsplit(":", 1)[0] if worker else None}
+    return {k: v for k, v in record.items() if k not in _HIDDEN}
 
 
 async def _job(request: Request, job_id: str) -> dict:
@@ -126,12 +131,23 @@ async def train(request: Request, response: Response, profile_id: str = ProfileI
         state.bank.bottleneck,
     )
     try:
-        record = await asyncio.to_thread(job_service(request).submit, profile_id, parsed)
+        tenant = state.auth.tenant_key(request, profile_id)
+        key = request.headers.get("idempotency-key")
+        if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise ApiError(
+                422, "invalid_request", "Idempotency-Key must be 1 to 128 printable ASCII characters"
+            )
+        record, created = await asyncio.to_thread(
+            job_service(request).submit_once, profile_id, parsed, tenant, key
+        )
     except ApiError as exc:
         if exc.code == "too_many_jobs":
             state.metrics.train_jobs.labels("refused").inc()
         raise
-    state.metrics.train_jobs.labels("queued").inc()
+    if created:
+        state.metrics.train_jobs.labels("queued").inc()
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/jobs/{record['id']}"
     return _view(request, record)
 
@@ -225,4 +241,12 @@ async def list_jobs(
     if cursor is not None:
         check_job_id(cursor)
     records, next_cursor = await asyncio.to_thread(job_service(request).list, cursor, limit)
-    return {"jobs": [_view(request, r) for r in records], "next_cursor": next_cursor}
+    views: list[dict] = []
+    budget = settings.max_jobs_page_bytes
+    for record in records:
+        view = _view(request, record)
+        budget -= len(json.dumps(view, ensure_ascii=False).encode())
+        if budget < 0 and views:  # a page bounded in bytes too: the rest come on the next page
+            return {"jobs": views, "next_cursor": views[-1]["id"]}
+        views.append(view)
+    return {"jobs": views, "next_cursor": next_cursor}

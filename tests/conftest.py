@@ -222,3 +222,23 @@ def keep_fused(cache: FusedCache, key: tuple[str, int], fused: FusedAdapters) ->
 def keep() -> Callable[[FusedCache, tuple[str, int], FusedAdapters], bool]:
     """:func:`keep_fused`, for tests of the fused-weight cache and of the caches around it."""
     return keep_fused
+
+
+@pytest.fixture(scope="module")
+def serve(bank_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``serve(name, env)``: a real ``xpeft serve`` on loopback with ``env``'s ``XPEFT_*`` settings,
+    started and ready; every server a module started stops at its end. For tests that need settings
+    no shared server has."""
+    logs = tmp_path_factory.mktemp("serve-logs")
+    started: list[ServerProcess] = []
+
+    def start(name: str, env: dict[str, str]) -> ServerProcess:
+        server = ServerProcess(name, dict(env), bank_path, logs / f"{name}.log")
+        started.append(server)
+        server.start()
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from bench.reliability.boundary import boundary_section
+from bench.reliability.fairness import fairness_section
 
 MIB = 2**20
 
@@ -334,7 +335,7 @@ STATIC_BOTTOM = """## Auth and limits (CI)
 """
 
 
-def render(results: dict) -> str:
+def render(results: dict, fairness: dict | None = None) -> str:
     machine = results["machine"]
     lines = [
         STATIC_TOP,
@@ -353,6 +354,8 @@ def render(results: dict) -> str:
     if "boundary" in results:
         lines += boundary_section(results["boundary"])
     lines += shutdown_section(results["shutdown"], results["shutdown_deadline"])
+    if fairness is not None:  # its own run: python -m bench.reliability.fairness
+        lines += fairness_section(fairness)
     lines.append(STATIC_BOTTOM)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -363,8 +366,15 @@ def main() -> None:
     )
     parser.add_argument("--results", type=Path, default=Path("bench/reliability/results/cpu.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/RELIABILITY.md"))
+    parser.add_argument(
+        "--fairness",
+        type=Path,
+        default=Path("bench/reliability/results/fairness.json"),
+        help="python -m bench.reliability.fairness's results (its section is left out when absent)",
+    )
     args = parser.parse_args()
-    args.out.write_text(render(json.loads(args.results.read_text())))
+    fairness = json.loads(args.fairness.read_text()) if args.fairness.exists() else None
+    args.out.write_text(render(json.loads(args.results.read_text()), fairness))
     print(f"wrote {args.out}")
 
 

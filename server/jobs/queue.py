@@ -30,11 +30,19 @@ def open_job_store(settings: Settings) -> JobStore:
     if url:
         from xpeft.server.jobs.records_redis import RedisJobStore
 
-        return RedisJobStore(url, settings.redis_prefix, settings.job_ttl_s, _password(settings))
+        return RedisJobStore(
+            url,
+            settings.redis_prefix,
+            settings.job_ttl_s,
+            _password(settings),
+            max_tenant_records=settings.max_job_records_per_tenant,
+        )
     from xpeft.server.jobs.records_sqlite import SQLiteJobStore
 
     settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-    return SQLiteJobStore(settings.sqlite_path, settings.job_ttl_s)
+    return SQLiteJobStore(
+        settings.sqlite_path, settings.job_ttl_s, max_tenant_records=settings.max_job_records_per_tenant
+    )
 
 
 def _run_task(job_id: str) -> None:

@@ -38,11 +38,27 @@ log = logging.getLogger("xpeft.server")
 
 
 class TooManyJobs(Exception):
-    """``create`` refused: ``active`` jobs are queued or running already (the bound is reached)."""
+    """``create`` refused: ``active`` jobs are queued or running already (the bound is reached);
+    ``tenant``: the bound was the tenant's own, not the global one."""
 
-    def __init__(self, active: int) -> None:
-        super().__init__(f"{active} jobs are active")
+    def __init__(self, active: int, tenant: bool = False) -> None:
+        super().__init__(f"{active} jobs are active" + (" for this tenant" if tenant else ""))
         self.active = active
+        self.tenant = tenant
+
+
+def next_in_turn(queued: builtins.list[tuple[str, str]], last: str | None) -> str | None:
+    """Round robin across tenants: of ``queued`` ``(job id, tenant)`` pairs (oldest first), the
+    oldest job of the first tenant after ``last`` in tenant order (wrapping round), so that one
+    tenant's hundred queued jobs wait their turn behind another tenant's one."""
+    if not queued:
+        return None
+    oldest: dict[str, str] = {}
+    for job_id, tenant in queued:
+        oldest.setdefault(tenant, job_id)
+    tenants = sorted(oldest)
+    after = [t for t in tenants if last is not None and t > last]
+    return oldest[(after or tenants)[0]]
 
 
 def load_record(job_id: str, raw: str | bytes) -> dict:
@@ -79,12 +95,19 @@ def readable_jobs(rows: builtins.list[tuple[str, str | bytes]]) -> builtins.list
     return records
 
 
+def dump_record(record: dict) -> str:
+    """A record as stored: UTF-8 text rather than ``\\u`` escapes (an emoji is 4 bytes, not 12),
+    no spaces."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
 def new_job_id() -> str:
     """12 hex digits of milliseconds, then 8 random: ids sort by creation time."""
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
 
 
 def worker_token() -> str:
+    """host:pid:attempt: the operator's way to find a worker in the logs (never shown to tenants)."""
     return f"{os.uname().nodename[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
@@ -92,14 +115,32 @@ class JobStore(abc.ABC):
     """Job records and the examples each job trains on. Synchronous: a worker calls it from its
     own threads, the server through ``asyncio.to_thread``."""
 
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, max_tenant_records: int = 0) -> None:
         self.ttl_s = ttl_s
+        #: finished records kept per tenant (the oldest go first as new jobs come); 0: no cap
+        self.max_tenant_records = max_tenant_records
 
     # -- backend ---------------------------------------------------------------------------
     @abc.abstractmethod
-    def create(self, record: dict, data: bytes, max_active: int | None = None) -> None:
+    def create(
+        self, record: dict, data: bytes, max_active: int | None = None, max_tenant_active: int | None = None
+    ) -> str | None:
         """Store a new queued record and its examples; with ``max_active``, only while fewer jobs
-        are active, checked and written in one atomic step (else :class:`TooManyJobs`)."""
+        are active, and with ``max_tenant_active`` only while fewer jobs of ``record["tenant"]``
+        are, checked and written in one atomic step (else :class:`TooManyJobs`). A record with an
+        ``idempotency`` key that an earlier job has (within the TTL) creates nothing: the earlier
+        job's id is returned instead (``None``: created)."""
+
+    @abc.abstractmethod
+    def queued(self) -> builtins.list[tuple[str, str]]:
+        """``(job id, tenant)`` of every queued job, oldest first."""
+
+    @abc.abstractmethod
+    def last_served(self) -> str | None:
+        """The tenant whose job was claimed last (the round robin's position)."""
+
+    @abc.abstractmethod
+    def set_last_served(self, tenant: str) -> None: ...
 
     @abc.abstractmethod
     def purge(self, job_id: str) -> bool:
@@ -144,6 +185,20 @@ class JobStore(abc.ABC):
 
         self.update(job_id, fn)
         return claimed[0] if claimed else None
+
+    def claim_next(self, worker: str) -> dict | None:
+        """Claim the queued job whose tenant's turn it is (:func:`next_in_turn`); ``None`` when
+        nothing is queued. Each queue message runs one job, not necessarily its own: a message
+        carries a turn, and the turns go round the tenants."""
+        for _ in range(20):  # another worker may claim the chosen job first: choose again
+            job_id = next_in_turn(self.queued(), self.last_served())
+            if job_id is None:
+                return None
+            record = self.claim(job_id, worker)
+            if record is not None:
+                self.set_last_served(record.get("tenant", ""))
+                return record
+        return None
 
     def heartbeat(self, job_id: str, worker: str, progress: dict | None = None) -> dict | None:
         """Refresh the lease (and progress); ``None`` when ``worker`` no longer owns the job."""

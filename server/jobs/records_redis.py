@@ -4,6 +4,10 @@
     {P}:jobdata:<id>   string  the examples (JSON); deleted when the job ends
     {P}:jobs           zset    every job id, score 0 (ids sort by creation time): paging
     {P}:jobs:active    set     queued and running ids
+    {P}:jobs:active:<t> set    queued and running ids of one tenant (t: a hash of its key)
+    {P}:jobs:last      string  the tenant whose job was claimed last (the round robin's place)
+    {P}:jobs:of:<t>    zset    every job id of one tenant: its oldest finished records beyond the
+                               per-tenant cap are deleted as its new jobs come
 
 Each change runs under WATCH/MULTI, so concurrent writers retry instead of interleaving.
 """
@@ -11,56 +15,156 @@ Each change runs under WATCH/MULTI, so concurrent writers retry instead of inter
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 
 import redis
 
-from xpeft.server.jobs.records import ACTIVE, JobStore, TooManyJobs, Update, load_record, readable_jobs
+from xpeft.server.jobs.records import (
+    ACTIVE,
+    JobStore,
+    TooManyJobs,
+    Update,
+    dump_record,
+    load_record,
+    readable_jobs,
+)
 
 _RETRIES = 50
 # The pending-jobs bound and the insert in one step: no two creates can both see room for one.
-# KEYS: record, data, index, active. ARGV: record, data, ttl ms, id, bound (0: none).
-# Answers {1, active before} when created, {0, active} when the bound is reached.
+# KEYS: record, data, index, active, the tenant's active, the idempotency key's. ARGV: record,
+# data, ttl ms, id, bound, the tenant's bound (0: none), whether there is an idempotency key.
+# Answers {1, active before} when created, {0, active} when the bound is reached, {-1, the
+# tenant's active} when the tenant's bound is, {2, earlier id} when the key named a job already.
 _CREATE = """
+if ARGV[7] == '1' then
+  local prior = redis.call('GET', KEYS[6])
+  if prior then return {2, prior} end
+end
 local active = redis.call('SCARD', KEYS[4])
 local bound = tonumber(ARGV[5])
 if bound > 0 and active >= bound then return {0, active} end
+local mine = redis.call('SCARD', KEYS[5])
+local own_bound = tonumber(ARGV[6])
+if own_bound > 0 and mine >= own_bound then return {-1, mine} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], 0, ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[4])
+redis.call('SADD', KEYS[5], ARGV[4])
+if ARGV[7] == '1' then redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[3]) end
 return {1, active}
 """
 
 
 class RedisJobStore(JobStore):
-    def __init__(self, url: str, prefix: str, ttl_s: float, password: str | None = None) -> None:
-        super().__init__(ttl_s)
+    def __init__(
+        self, url: str, prefix: str, ttl_s: float, password: str | None = None, max_tenant_records: int = 0
+    ) -> None:
+        super().__init__(ttl_s, max_tenant_records)
         tag = "{" + prefix + "}"
         self._job = f"{tag}:job:"
         self._data = f"{tag}:jobdata:"
         self.index = f"{tag}:jobs"
         self.active = f"{tag}:jobs:active"
+        self._last = f"{tag}:jobs:last"
         self._redis = redis.Redis.from_url(
             url, socket_timeout=5, socket_connect_timeout=5, **({"password": password} if password else {})
         )
         self._ttl_ms = int(ttl_s * 1000)
         self._create = self._redis.register_script(_CREATE)
 
-    def create(self, record: dict, data: bytes, max_active: int | None = None) -> None:
+    def _tenant_active(self, tenant: str) -> str:
+        return f"{self.active}:{_tenant_hash(tenant)}"
+
+    def _tenant_jobs(self, tenant: str) -> str:
+        return f"{self.index}:of:{_tenant_hash(tenant)}"
+
+    def _prune(self, tenant: str) -> None:
+        """Keep at most ``max_tenant_records`` records of ``tenant``: its oldest finished ones go."""
+        key = self._tenant_jobs(tenant)
+        active = {_text(i) for i in self._redis.smembers(self._tenant_active(tenant))}
+        excess = self._redis.zcard(key) - self.max_tenant_records
+        if excess <= 0:
+            return
+        found: list = self._redis.zrange(key, 0, excess + len(active) - 1)  # type: ignore[assignment,unused-ignore]
+        oldest = [_text(i) for i in found]
+        doomed = [i for i in oldest if i not in active][:excess]
+        if doomed:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.delete(*[self._job + i for i in doomed], *[self._data + i for i in doomed])
+            pipe.zrem(self.index, *doomed)
+            pipe.zrem(key, *doomed)
+            pipe.execute()
+
+    def create(
+        self, record: dict, data: bytes, max_active: int | None = None, max_tenant_active: int | None = None
+    ) -> str | None:
         job_id = record["id"]
-        keys = [self._job + job_id, self._data + job_id, self.index, self.active]
-        args = [json.dumps(record), data, self._ttl_ms, job_id, max_active or 0]
+        idempotency = record.get("idempotency")
+        keys = [
+            self._job + job_id,
+            self._data + job_id,
+            self.index,
+            self.active,
+            self._tenant_active(record.get("tenant", "")),
+            f"{self.index}:key:{idempotency or ''}",
+        ]
+        args = [
+            dump_record(record),
+            data,
+            self._ttl_ms,
+            job_id,
+            max_active or 0,
+            max_tenant_active or 0,
+            "1" if idempotency else "0",
+        ]
         created, active = self._create(keys=keys, args=args)
-        if not created:
-            raise TooManyJobs(int(active))
+        if created == 2:
+            return _text(active)
+        if created != 1:
+            raise TooManyJobs(int(active), tenant=created == -1)
+        if self.max_tenant_records:
+            tenant = record.get("tenant", "")
+            self._redis.zadd(self._tenant_jobs(tenant), {job_id: 0})
+            self._prune(tenant)
+        return None
 
     def purge(self, job_id: str) -> bool:
+        raw = self._redis.get(self._job + job_id)
+        tenant = _tenant_of(raw)
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(self._job + job_id, self._data + job_id)
         pipe.zrem(self.index, job_id)
         pipe.srem(self.active, job_id)
+        if tenant is not None:
+            pipe.srem(self._tenant_active(tenant), job_id)
+            pipe.zrem(self._tenant_jobs(tenant), job_id)
         return bool(pipe.execute()[0])
+
+    def queued(self) -> builtins.list[tuple[str, str]]:
+        ids = self.active_ids()
+        if not ids:
+            return []
+        values = self._redis.mget([self._job + i for i in ids])
+        out = []
+        for job_id, raw in zip(ids, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("state") == "queued":
+                out.append((job_id, str(record.get("tenant", ""))))
+        return out
+
+    def last_served(self) -> str | None:
+        raw = self._redis.get(self._last)
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def set_last_served(self, tenant: str) -> None:
+        self._redis.set(self._last, tenant)
 
     def get(self, job_id: str) -> dict | None:
         raw = self._redis.get(self._job + job_id)
@@ -85,9 +189,10 @@ class RedisJobStore(JobStore):
                     if new is None:
                         return record
                     pipe.multi()
-                    pipe.set(key, json.dumps(new), px=self._ttl_ms)
+                    pipe.set(key, dump_record(new), px=self._ttl_ms)
                     if new["state"] not in ACTIVE:
                         pipe.srem(self.active, job_id)
+                        pipe.srem(self._tenant_active(new.get("tenant", "")), job_id)
                         pipe.delete(self._data + job_id)
                     pipe.execute()
                     return new
@@ -124,3 +229,23 @@ class RedisJobStore(JobStore):
 
     def close(self) -> None:
         self._redis.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _tenant_hash(tenant: str) -> str:
+    """A tenant key in a Redis key: fixed length, no separators."""
+    return hashlib.sha256(tenant.encode()).hexdigest()[:16]
+
+
+def _tenant_of(raw: bytes | str | None) -> str | None:
+    """The tenant of a stored record, if it can be read."""
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return str(record.get("tenant", "")) if isinstance(record, dict) else None

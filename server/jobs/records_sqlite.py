@@ -8,12 +8,12 @@ older than the TTL are deleted when a new job is created.
 from __future__ import annotations
 
 import builtins
-import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from xpeft.server.jobs import records
 from xpeft.server.jobs.records import ACTIVE, JobStore, TooManyJobs, Update, load_record, readable_jobs
 
 _SCHEMA = """
@@ -25,12 +25,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS jobs_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
 class SQLiteJobStore(JobStore):
-    def __init__(self, path: str | Path, ttl_s: float, timeout_s: float = 10.0) -> None:
-        super().__init__(ttl_s)
+    def __init__(
+        self, path: str | Path, ttl_s: float, timeout_s: float = 10.0, max_tenant_records: int = 0
+    ) -> None:
+        super().__init__(ttl_s, max_tenant_records)
         self.path = Path(path)
         self.timeout_s = timeout_s
         self._local = threading.local()
@@ -45,7 +48,9 @@ class SQLiteJobStore(JobStore):
             self._local.conn = conn
         return conn
 
-    def create(self, record: dict, data: bytes, max_active: int | None = None) -> None:
+    def create(
+        self, record: dict, data: bytes, max_active: int | None = None, max_tenant_active: int | None = None
+    ) -> str | None:
         db = self._db()
         now = time.time()
         db.execute("BEGIN IMMEDIATE")  # the write lock first: the count and the insert are one step
@@ -53,18 +58,44 @@ class SQLiteJobStore(JobStore):
             db.execute(
                 "DELETE FROM jobs WHERE state NOT IN (?, ?) AND updated_at < ?", (*ACTIVE, now - self.ttl_s)
             )
+            if record.get("idempotency"):
+                prior = db.execute(
+                    "SELECT id FROM jobs WHERE json_extract(record, '$.idempotency') = ?",
+                    (record["idempotency"],),
+                ).fetchone()
+                if prior is not None:
+                    db.execute("ROLLBACK")
+                    return str(prior[0])
             if max_active is not None:
                 (active,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", ACTIVE).fetchone()
                 if active >= max_active:
                     raise TooManyJobs(active)
+            if max_tenant_active is not None:
+                (mine,) = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state IN (?, ?) AND json_extract(record, '$.tenant') = ?",
+                    (*ACTIVE, record.get("tenant", "")),
+                ).fetchone()
+                if mine >= max_tenant_active:
+                    raise TooManyJobs(mine, tenant=True)
             db.execute(
                 "INSERT INTO jobs (id, state, record, data, updated_at) VALUES (?, ?, ?, ?, ?)",
-                (record["id"], record["state"], json.dumps(record), data, now),
+                (record["id"], record["state"], records.dump_record(record), data, now),
             )
+            if self.max_tenant_records:  # the tenant's oldest finished records beyond its cap go
+                tenant = record.get("tenant", "")
+                mine = "FROM jobs WHERE json_extract(record, '$.tenant') = ?"
+                (kept,) = db.execute(f"SELECT COUNT(*) {mine}", (tenant,)).fetchone()
+                if kept > self.max_tenant_records:
+                    db.execute(
+                        f"DELETE FROM jobs WHERE id IN (SELECT id {mine} AND state NOT IN (?, ?) "
+                        "ORDER BY id LIMIT ?)",
+                        (tenant, *ACTIVE, kept - self.max_tenant_records),
+                    )
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        return None
 
     def purge(self, job_id: str) -> bool:
         return self._db().execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
@@ -95,7 +126,7 @@ class SQLiteJobStore(JobStore):
                 "UPDATE jobs SET state = ?, record = ?, updated_at = ?"
                 + (", data = NULL" if ended else "")
                 + " WHERE id = ?",
-                (new["state"], json.dumps(new), time.time(), job_id),
+                (new["state"], records.dump_record(new), time.time(), job_id),
             )
         except BaseException:
             if db.in_transaction:
@@ -111,6 +142,27 @@ class SQLiteJobStore(JobStore):
         rows = self._db().execute(sql, (*([cursor] if cursor else []), limit + 1)).fetchall()
         # the cursor is the page's last row, read or left out: a damaged record never stops paging
         return readable_jobs(rows[:limit]), (rows[limit - 1][0] if len(rows) > limit else None)
+
+    def queued(self) -> builtins.list[tuple[str, str]]:
+        rows = (
+            self._db()
+            .execute(
+                "SELECT id, coalesce(json_extract(record, '$.tenant'), '') FROM jobs WHERE state = 'queued' ORDER BY id"
+            )
+            .fetchall()
+        )
+        return [(r[0], str(r[1])) for r in rows]
+
+    def last_served(self) -> str | None:
+        row = self._db().execute("SELECT value FROM jobs_meta WHERE key = 'last_served'").fetchone()
+        return None if row is None else row[0]
+
+    def set_last_served(self, tenant: str) -> None:
+        self._db().execute(
+            "INSERT INTO jobs_meta (key, value) VALUES ('last_served', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (tenant,),
+        )
 
     def active_ids(self) -> builtins.list[str]:
         rows = self._db().execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY id", ACTIVE).fetchall()

@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.data import Dataset, check_dataset, load_dataset
+from xpeft.profiles.abstain_fit import check_training_data
+from xpeft.profiles.data import Dataset, check_dataset, load_dataset, read_example
 from xpeft.profiles.format_header import LIMITS
 from xpeft.profiles.text import TextError, load_json
 from xpeft.profiles.train_config import ABSTAIN_FIELDS, TrainConfig
@@ -83,7 +84,7 @@ class TrainRequest:
 
     def encoded_examples(self) -> bytes:
         inputs = [x if isinstance(x, str) else list(x) for x in self.data.inputs]
-        return json.dumps({"inputs": inputs, "labels": self.data.labels}).encode()
+        return json.dumps({"inputs": inputs, "labels": self.data.labels}, ensure_ascii=False).encode()
 
 
 def decode_examples(raw: bytes) -> Dataset:
@@ -206,13 +207,12 @@ def _json_examples(body: object, settings: Settings) -> tuple[Dataset, dict]:
     for n, ex in enumerate(examples):
         if not isinstance(ex, dict) or set(ex) - {"text", "text_pair", "label"}:
             raise invalid(f"example {n} must be an object with text, label and optionally text_pair")
-        text, pair, label = ex.get("text"), ex.get("text_pair"), ex.get("label")
-        if not isinstance(text, str) or not (pair is None or isinstance(pair, str)):
-            raise invalid(f"example {n}: text (and text_pair) must be strings")
-        if isinstance(label, bool) or not isinstance(label, str | int):
-            raise invalid(f"example {n}: label must be a string or an integer")
-        inputs.append(text if pair is None else (text, pair))
-        labels.append(str(label))
+        try:  # the data files' own rule: nothing becomes a class "None" or "True"
+            x, label = read_example(f"example {n}", ex.get("text"), ex.get("label"), ex.get("text_pair"))
+        except XPeftError as exc:
+            raise invalid(exc.message) from None
+        inputs.append(x)
+        labels.append(label)
     options = {k: v for k, v in body.items() if k != "examples"}
     return Dataset(inputs, labels), parse_options(options, False, CONFIG_FIELDS + SERVICE_FIELDS)
 
@@ -278,6 +278,17 @@ def parse_train_request(
     config, fraction, keep = _config(options, settings, *shape)
     _check_data(data, settings, fraction, config.seed)
     _check_abstain_labels(data, config)
+    try:  # what the trainer checks before it trains, on the same cut of the same rows
+        check_training_data(split(data, fraction, config.seed)[0], config)
+    except XPeftError as exc:
+        raise invalid(exc.message, "bad_data") from None
+    work = len(data) * config.epochs
+    if work > settings.max_train_example_epochs:
+        raise invalid(
+            f"{len(data)} examples x {config.epochs} epochs = {work}; one job may ask for at most "
+            f"{settings.max_train_example_epochs} (XPEFT_MAX_TRAIN_EXAMPLE_EPOCHS): fewer epochs or examples",
+            "training_too_large",
+        )
     return TrainRequest(data, config, fraction, keep)
 
 

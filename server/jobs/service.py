@@ -8,6 +8,7 @@ are waiting (so queued jobs survive a restart), else at the first job, and resta
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -22,6 +23,23 @@ from xpeft.server.jobs.request import TrainRequest
 from xpeft.server.settings import Settings
 
 log = logging.getLogger("xpeft.server")
+#: labels a job record names (the first, in label order, whole, within a byte budget);
+#: ``label_count`` tells how many there are
+LABELS_SHOWN = 20
+LABEL_BYTES_SHOWN = 1024
+
+
+def label_summary(labels: list[str]) -> list[str]:
+    """The first labels, at most :data:`LABELS_SHOWN` and :data:`LABEL_BYTES_SHOWN` bytes of UTF-8
+    (at least one): a record's size must not grow with its labels."""
+    shown: list[str] = []
+    budget = LABEL_BYTES_SHOWN
+    for label in labels[:LABELS_SHOWN]:
+        budget -= len(label.encode())
+        if budget < 0 and shown:
+            break
+        shown.append(label)
+    return shown
 
 
 class JobService:
@@ -48,29 +66,57 @@ class JobService:
             return self._jobs
 
     # -- requests --------------------------------------------------------------------------
-    def submit(self, profile_id: str, request: TrainRequest) -> dict:
+    def submit(self, profile_id: str, request: TrainRequest, tenant: str = "") -> dict:
+        """Queue a job of ``tenant``; its record."""
+        return self.submit_once(profile_id, request, tenant)[0]
+
+    def submit_once(
+        self, profile_id: str, request: TrainRequest, tenant: str = "", idempotency_key: str | None = None
+    ) -> tuple[dict, bool]:
+        """Queue a job of ``tenant`` (whose share of the queue it takes: see ``claim_next``); the
+        record, and whether it is new. A request that repeats an ``Idempotency-Key`` (of the same
+        tenant and profile, within the records' TTL) queues nothing: the first job is returned."""
         jobs = self.jobs()
         job_id = new_job_id()
+        labels = request.data.label_names()
         record = {
             "id": job_id,
             "profile_id": profile_id,
+            "tenant": tenant,
             "state": "queued",
             "created_at": time.time(),
             "examples": len(request.data),
-            "labels": request.data.label_names(),
+            # a bounded summary: the record's size must not grow with the label count
+            "labels": label_summary(labels),
+            "label_count": len(labels),
             "options": request.options(),
             "attempts": 0,
         }
-        try:  # the bound is checked and the record written in one atomic step of the store
-            jobs.create(record, request.encoded_examples(), self.settings.max_pending_jobs)
+        if idempotency_key:
+            scoped = "\0".join((tenant, profile_id, idempotency_key)).encode()
+            record["idempotency"] = hashlib.sha256(scoped).hexdigest()[:32]
+        settings = self.settings
+        try:  # the bounds are checked and the record written in one atomic step of the store
+            prior = jobs.create(
+                record,
+                request.encoded_examples(),
+                settings.max_pending_jobs,
+                settings.max_pending_jobs_per_tenant,
+            )
         except TooManyJobs as exc:
+            whose, most = (
+                ("of this tenant ", settings.max_pending_jobs_per_tenant)
+                if exc.tenant
+                else ("", settings.max_pending_jobs)
+            )
             raise ApiError(
                 503,
                 "too_many_jobs",
-                f"{exc.active} jobs are queued or running (at most {self.settings.max_pending_jobs}); "
-                "retry later",
+                f"{exc.active} jobs {whose}are queued or running (at most {most}); retry later",
                 headers={"Retry-After": "10"},
             ) from None
+        if prior is not None:  # a resent request: its first job, nothing queued again
+            return self.get(prior) or record, False
         try:
             self._task(job_id)
         except Exception:
@@ -78,7 +124,7 @@ class JobService:
             raise
         if self.embedded:
             self.ensure_trainer()
-        return record
+        return record, True
 
     def _checked(self, record: dict) -> dict:
         """The record, failed first if its worker missed the lease (a write only in that case)."""
@@ -135,7 +181,11 @@ class JobService:
 
 def _settings_env(settings: Settings) -> dict[str, str]:
     """The settings a child trainer needs, as ``XPEFT_*`` variables (flags may have set them)."""
-    env = {"XPEFT_SQLITE_PATH": str(settings.sqlite_path), "XPEFT_LOG_LEVEL": settings.log_level}
+    env = {
+        "XPEFT_SQLITE_PATH": str(settings.sqlite_path),
+        "XPEFT_LOG_LEVEL": settings.log_level,
+        "XPEFT_LOG_FORMAT": settings.log_format,
+    }
     for name in ("bank", "model", "device", "dtype"):
         value = getattr(settings, name)
         if value is not None:

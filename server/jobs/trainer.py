@@ -114,10 +114,12 @@ def run_job(job_id: str) -> None:
     ctx = CONTEXT
     assert ctx is not None, "run_job runs in a trainer process (xpeft worker)"
     worker = worker_token()
-    record = ctx.jobs.claim(job_id, worker)
+    # a message is one turn: it runs the job whose tenant's turn it is, this one or another's
+    record = ctx.jobs.claim_next(worker)
     if record is None:
-        log.info("job %s is no longer queued (cancelled, or taken); skipped", job_id)
+        log.info("job %s: nothing is queued any more (cancelled, or taken); skipped", job_id)
         return
+    job_id = record["id"]
     log.info("job %s: training profile %s", job_id, record["profile_id"])
     progress = _Progress(ctx.jobs, job_id, worker, ctx.settings.train_heartbeat_s)
     RUNNING[job_id] = progress

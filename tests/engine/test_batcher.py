@@ -10,6 +10,7 @@ import pytest
 
 from xpeft.engine.batcher import Job, MicroBatcher, Overloaded
 from xpeft.engine.cache import CachedProfile
+from xpeft.engine.fair import FairQueue, TooCostly
 from xpeft.engine.metrics import EngineMetrics
 
 
@@ -260,6 +261,103 @@ def test_shutdown_answers_requests_still_being_tokenized() -> None:
         with pytest.raises(RuntimeError, match="shutting down"):
             await asyncio.wait_for(future, 1)
         await asyncio.sleep(0)
+        assert batcher.depth == 0
+
+    asyncio.run(body())
+
+
+# -- fair share across tenants (xpeft.engine.fair) ---------------------------------------------
+def test_a_short_request_waits_about_one_batch_behind_another_tenants_long_ones() -> None:
+    async def body() -> None:
+        runner = Recorder()
+        runner.release.clear()
+        batcher = MicroBatcher(runner, 64, 0.0, 100, prepare=Tokens(), max_batch_tokens=100)
+
+        async def go():
+            # four requests of 16 rows x 50 tokens (800 tokens: eight batches of 100 each) queue first
+            heavy = [batcher.submit(entry("heavy"), ["x" * 50] * 16, tenant="heavy") for _ in range(4)]
+            await asyncio.sleep(0.01)  # the first heavy part is running, the rest wait
+            light = batcher.submit(entry("light"), ["short"], tenant="light")
+            await asyncio.sleep(0.01)
+            runner.release.set()
+            return await asyncio.gather(*heavy), await light
+
+        heavy_answers, light_answer = await _with_batcher(batcher, go())
+        assert light_answer == ["light:short"]
+        assert all(a == ["heavy:" + "x" * 50] * 16 for a in heavy_answers)  # every row, in order
+        tenants = [[t for t, _ in b] for b in runner.batches]  # entry ids: the tenants here
+        # the long requests ran in parts of at most one batch (2 rows x 50 tokens)
+        assert all(sum(len(x) for t, x in b if t == "heavy") <= 2 for b in runner.batches)
+        first_light = next(i for i, b in enumerate(tenants) if "light" in b)
+        assert first_light <= 2, tenants[:4]  # at most the running part and one more ahead of it
+        assert len(runner.batches) >= 32  # 4 x 8 heavy parts
+        assert batcher.depth == 0
+
+    asyncio.run(body())
+
+
+def test_tenants_take_turns_by_token_cost_not_by_request_count() -> None:
+    class J:
+        def __init__(self, tenant: str, rows: int, length: int) -> None:
+            self.tenant, self.inputs = tenant, ["x"] * rows
+            self.token_ids = [{"input_ids": [1] * length}] * rows
+            self.future = None  # one-row jobs are never split: the queue reads no future
+            self.started = self.run_s = None
+
+        @property
+        def longest(self) -> int:
+            return len(self.token_ids[0]["input_ids"])
+
+    queue: FairQueue = FairQueue(quantum=100)
+    for _ in range(10):
+        queue.append(J("a", 1, 100))  # 100 tokens each
+    for _ in range(10):
+        queue.append(J("b", 1, 10))  # 10 tokens each
+    order = [queue.popleft().tenant for _ in range(20)]
+    # per turn: a spends its 100 on one job, b spends 100 on ten: b finishes in its first turn
+    assert order[:11] == ["a"] + ["b"] * 10
+    assert queue.requests == 0 and len(queue) == 0
+    with pytest.raises(IndexError):
+        queue.popleft()
+
+
+def test_a_request_above_the_token_bound_is_refused_before_it_queues() -> None:
+    async def body() -> None:
+        runner = Recorder()
+        batcher = MicroBatcher(
+            runner, 64, 0.0, 100, prepare=Tokens(), max_batch_tokens=100, max_request_tokens=300
+        )
+
+        async def go():
+            with pytest.raises(TooCostly) as refused:
+                await batcher.submit(entry("heavy"), ["x" * 50] * 7, tenant="t")  # 350 tokens
+            assert (refused.value.cost, refused.value.limit) == (350, 300)
+            return await batcher.submit(entry("heavy"), ["x" * 50] * 6, tenant="t")  # 300: served
+
+        assert len(await _with_batcher(batcher, go())) == 6
+        assert sum(len(x) for b in runner.batches for _, x in b) == 6  # the refused one never ran
+
+    asyncio.run(body())
+
+
+def test_a_cancelled_long_request_drops_its_queued_parts() -> None:
+    async def body() -> None:
+        runner = Recorder()
+        runner.release.clear()
+        batcher = MicroBatcher(runner, 64, 0.0, 100, prepare=Tokens(), max_batch_tokens=100)
+
+        async def go():
+            heavy = batcher.submit(entry("heavy"), ["x" * 50] * 20, tenant="heavy")  # ten parts
+            await asyncio.sleep(0.01)
+            heavy.cancel()  # as the route's deadline does
+            other = batcher.submit(entry("other"), ["y"], tenant="other")
+            await asyncio.sleep(0.01)
+            runner.release.set()
+            return await other
+
+        assert await _with_batcher(batcher, go()) == ["other:y"]
+        heavy_parts = sum(1 for b in runner.batches for t, _ in b if t == "heavy")
+        assert heavy_parts == 1  # only the part that was already running
         assert batcher.depth == 0
 
     asyncio.run(body())

@@ -61,3 +61,47 @@ def test_nginx_answers_its_own_refusals_as_json(nginx, stand_in) -> None:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.split(b" ")[1] == b"400" and b"application/json" in head.lower()
     assert json.loads(body)["error"] == "bad_request"
+
+
+MALFORMED = {
+    # request lines nginx cannot parse: no URI yet, so no error page that needs one may run
+    "no URI": (b"GET  HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    "a control byte in the method": (b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    "a lower-case method": (b"get / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    "user info in an absolute URI": (
+        b"GET http://user@x/healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "a 20 KB request line": (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431, "too_large"),
+    "a 40 KB header": (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40_000 + b"\r\n\r\n", 431, "too_large"),
+    "HTTP/1.1 without Host": (b"GET / HTTP/1.1\r\n\r\n", 400, "bad_request"),
+    "a transfer coding nginx lacks": (
+        b"POST /profiles/p-1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        501,
+        "not_implemented",
+    ),
+    "HTTP/2.0 as text": (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505, "http_version_not_supported"),
+    "HTTP/3.1": (b"GET / HTTP/3.1\r\nHost: x\r\n\r\n", 505, "http_version_not_supported"),
+    "its error pages from outside": (
+        b"GET /_xpeft_error/400 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        404,
+        "not_found",
+    ),
+}
+
+
+def test_every_error_nginx_raises_itself_is_json_even_before_the_uri_parses(nginx, stand_in) -> None:
+    healthy = stand_in(200, {"ok": True})
+    url = nginx([healthy.server_port, healthy.server_port]).url
+    host, port = url.removeprefix("http://").split(":")
+    for case, (raw, status, code) in MALFORMED.items():
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == str(status).encode(), (case, head[:80])
+        assert b"content-type: application/json" in head.lower(), (case, head)
+        assert json.loads(body)["error"] == code, (case, body[:200])

@@ -50,3 +50,34 @@ def test_json_logs_of_a_real_server(bank_path, tmp_path) -> None:
     started = [line for line in lines if line["logger"] == "uvicorn.error"]  # uvicorn's own lines too
     assert started and all(line["request_id"] == "-" for line in started)
     assert any(line["logger"] == "xpeft.server" and "model ready" in line["message"] for line in lines)
+
+
+def test_the_trainer_process_logs_in_the_configured_format(bank_path, tmp_path) -> None:
+    """``xpeft worker`` reads XPEFT_LOG_FORMAT as the server does: its lines are JSON objects too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XPEFT_")}
+    env.update(XPEFT_LOG_FORMAT="json", XPEFT_LOG_LEVEL="info", XPEFT_SQLITE_PATH=str(tmp_path / "w.sqlite3"))
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "xpeft.cli", "worker", "--bank", str(bank_path)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while "trainer ready" not in log.read_text() and time.monotonic() < deadline:
+                assert worker.poll() is None, log.read_text()
+                time.sleep(0.2)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line: one JSON object
+    ready = next(r for r in records if "trainer ready" in r["message"])
+    assert ready["logger"] == "xpeft.worker" and ready["level"] == "INFO"
