@@ -26,6 +26,7 @@ COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY scripts/ scripts/
 COPY adapters/ adapters/
 COPY profiles/ profiles/
+COPY training/ training/
 COPY server/ server/
 COPY client/ client/
 COPY cli/ cli/

@@ -47,6 +47,7 @@ import torch
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.abstain import CLASS_MEAN_SCORES, KNOT_QUANTILES, AbstainRule
+from xpeft.profiles.constants import MAX_GAIN
 from xpeft.profiles.format_codecs import Section, pack, unit_selection, unpack
 from xpeft.profiles.format_header import (
     ABSTAIN_VERSION,
@@ -63,7 +64,6 @@ from xpeft.profiles.format_header import (
     split,
 )
 from xpeft.profiles.profile import Profile, ProfileKind
-from xpeft.profiles.train_config import MAX_GAIN
 
 __all__ = [
     "ERROR_CODES",

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.constants import ABSTAIN_SCORES
 from xpeft.profiles.kinds import KINDS, KINDS_BY_WIRE_NAME, WIRE_NAMES, ProfileKind
 from xpeft.profiles.text import TextError, check_text
-from xpeft.profiles.train_config import ABSTAIN_SCORES
 
 if TYPE_CHECKING:  # only the annotations of check_compatible: the header needs no torch
     from xpeft.adapters.bank import AdapterBank

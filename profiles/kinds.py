@@ -4,8 +4,8 @@ A kind says what a profile stores and how it becomes an adapter. Its row gives t
 use, whether it reads the bank, how it is fused, the oldest ``.xpm`` version that can hold it,
 the optional header fields it may carry, and the training settings that only it reads. The
 file sections of each kind are in :func:`xpeft.profiles.format.sections`, its trainable
-parameters in :mod:`xpeft.profiles.trainable`; docs/ARCHITECTURE.md lists the files a new kind
-touches. Importable without torch, like :mod:`xpeft.profiles.train_config`.
+parameters in :mod:`xpeft.training.trainable`; docs/ARCHITECTURE.md lists the files a new kind
+touches. Importable without torch, like :mod:`xpeft.training.train_config`.
 """
 
 from __future__ import annotations

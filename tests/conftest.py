@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from xpeft.adapters.bank import AdapterBank, create_random_bank  # noqa: E402
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder  # noqa: E402
 from xpeft.profiles import format as xpm  # noqa: E402
-from xpeft.profiles.data import Dataset  # noqa: E402
 from xpeft.profiles.synthetic import random_profile  # noqa: E402
+from xpeft.training.data import Dataset  # noqa: E402
 
 # bench/ is not an installed package: `python -m pytest` finds it from the repository root, plain `pytest` not.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

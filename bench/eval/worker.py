@@ -24,11 +24,11 @@ from bench.eval.tasks import EvalProfile, TaskData, texts
 from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder
 from xpeft.profiles import format as xpm
-from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.profile import Profile
 from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.profiles.train import TrainConfig, train_profile
-from xpeft.profiles.train_config import APPLIES_TO
+from xpeft.training.evaluate import evaluate
+from xpeft.training.train import TrainConfig, train_profile
+from xpeft.training.train_config import APPLIES_TO
 
 CURVE_POINTS = 50
 

@@ -22,10 +22,10 @@ from xpeft.adapters.fusion import FusedAdapters, fuse, fuse_unit_weights
 from xpeft.profiles.format import quantize_rows
 from xpeft.profiles.masks import hard_scale, hard_weights, khot, soft_weights, unit_scale, unit_weights
 from xpeft.profiles.profile import Profile, ProfileKind
-from xpeft.profiles.train_config import METHODS
+from xpeft.training.train_config import METHODS
 
 if TYPE_CHECKING:
-    from xpeft.profiles.train_config import TrainConfig
+    from xpeft.training.train_config import TrainConfig
 
 
 class Trainable(nn.Module):

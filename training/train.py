@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder
-from xpeft.profiles.abstain_fit import Split, fit_rule, split_for_rule
-from xpeft.profiles.data import DataError, Dataset
-from xpeft.profiles.diagnostics import adapter_ratio, mask_overlap
 from xpeft.profiles.profile import Profile, ProfileKind
 from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.profiles.train_config import METHODS, MIN_HOLDOUT, TrainConfig
-from xpeft.profiles.trainable import Trainable
+from xpeft.training.abstain_fit import Split, fit_rule, split_for_rule
+from xpeft.training.data import DataError, Dataset
+from xpeft.training.diagnostics import adapter_ratio, mask_overlap
+from xpeft.training.train_config import METHODS, MIN_HOLDOUT, TrainConfig
+from xpeft.training.trainable import Trainable
 
 __all__ = ["METHODS", "TrainConfig", "TrainResult", "train_profile"]
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.constants import ABSTAIN_SCORES, CLASS_MEAN_SCORES, ESTIMATORS, MAX_ABSTAIN_COST, MAX_GAIN
 from xpeft.profiles.kinds import METHODS, applies_to
 
 __all__ = [
@@ -21,24 +22,19 @@ __all__ = [
     "DEFAULT_ABSTAIN_SCORE",
     "DEFAULT_MIN_CONFIDENCE",
     "ESTIMATORS",
+    "MAX_ABSTAIN_COST",
     "MAX_GAIN",
     "METHODS",
     "TrainConfig",
 ]
 
-ESTIMATORS = ("softmax", "identity", "gumbel")
-MAX_GAIN = 1024.0  # the largest gain a profile file may hold
 UNITS_GAIN_INIT = 0.1  # units: the gains' default starting value
-# abstention (docs/TRAINING.md): the scores a rule may read; those that need the class means
-ABSTAIN_SCORES = ("msp", "max_logit", "energy", "cosine")
-CLASS_MEAN_SCORES = ("cosine",)
 # the best-separating score on the CLINC domains for every method (AUROC, docs/EVALUATION.md)
 DEFAULT_ABSTAIN_SCORE = "cosine"
 # the operating point: the dev choice of the first seed's CLINC runs (within 2 points of in-scope
 # cost for every method); all three seeds allow 0.02 on dev, whose test cost passes 2 points for three
 # of the four methods (docs/EVALUATION.md, section 8)
 DEFAULT_MIN_CONFIDENCE = 0.01
-MAX_ABSTAIN_COST = 0.02  # with OOS examples: held-out in-scope accuracy the chosen point may give up
 MIN_HOLDOUT = 10  # fewer held-out examples than this calibrate no rule
 # the TrainConfig fields of the abstention rule (the CLI and the training service take all of them)
 ABSTAIN_FIELDS = ("abstain", "abstain_score", "holdout", "min_confidence", "oos_label", "fallback_label")

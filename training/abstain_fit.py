@@ -23,10 +23,10 @@ from xpeft.profiles.abstain import (
     pick_operating_point,
     row_scores,
 )
-from xpeft.profiles.data import Dataset
 from xpeft.profiles.profile import Profile
 from xpeft.profiles.runtime import MultiProfileModel
-from xpeft.profiles.train_config import CLASS_MEAN_SCORES, DEFAULT_MIN_CONFIDENCE, MIN_HOLDOUT
+from xpeft.training.data import Dataset
+from xpeft.training.train_config import CLASS_MEAN_SCORES, DEFAULT_MIN_CONFIDENCE, MIN_HOLDOUT
 
 __all__ = ["Scored", "Split", "class_means", "fit_rule", "rule_from", "split_for_rule"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from xpeft.profiles.data import DataError, Dataset
 from xpeft.profiles.profile import Profile
 from xpeft.profiles.runtime import MultiProfileModel
+from xpeft.training.data import DataError, Dataset
 
 
 def evaluate(
