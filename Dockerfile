@@ -27,6 +27,7 @@ COPY scripts/ scripts/
 COPY adapters/ adapters/
 COPY profiles/ profiles/
 COPY engine/ engine/
+COPY training/ training/
 COPY server/ server/
 COPY client/ client/
 COPY cli/ cli/

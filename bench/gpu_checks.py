@@ -21,7 +21,7 @@ from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
 from xpeft.profiles.kinds import KINDS
 from xpeft.profiles.synthetic import random_profile, random_rule
-from xpeft.profiles.train_config import ABSTAIN_SCORES
+from xpeft.training.train_config import ABSTAIN_SCORES
 
 # (name, B, T, d, r, U): BERT-base and MiniLM shapes, ragged token counts, one profile without rows
 APPLY_CASES = [

@@ -37,16 +37,17 @@ def cmd_from_adapters(args: argparse.Namespace) -> None:
     """Stack ``single_adapter`` profiles, all trained for one encoder, into a bank."""
     from xpeft.adapters.bank import stack_adapters
     from xpeft.profiles import format as xpm
-    from xpeft.profiles.profile import ProfileKind
+    from xpeft.profiles.kinds import KINDS
 
+    own = [kind.value for kind, spec in KINDS.items() if spec.fusion == "own"]  # whole adapters
     adapters, model_ids, model_names = [], set(), set()
     for path in args.adapters:
         profile = xpm.load(path)
-        if profile.kind is not ProfileKind.SINGLE_ADAPTER:
+        if profile.kind.spec.fusion != "own":
             raise XPeftError(
                 "bad_argument",
                 f"{path} is a {profile.kind.value} profile; from-adapters stacks "
-                "profiles trained with --method single_adapter",
+                f"profiles of an adapter of their own (trained with --method {' or '.join(own)})",
             )
         adapters.append(profile.adapter_tensors())
         model_ids.add(profile.model_id)

@@ -140,8 +140,8 @@ def build_bank(work: Path) -> tuple[AdapterEncoder, AdapterBank, Path]:
 def train_examples(encoder: AdapterEncoder, bank: AdapterBank, work: Path) -> dict[str, Path]:
     """One profile of the default kind (units) per bundled example file."""
     from xpeft.profiles import format as xpm
-    from xpeft.profiles.data import load_dataset
-    from xpeft.profiles.train import TrainConfig, train_profile
+    from xpeft.training.data import load_dataset
+    from xpeft.training.train import TrainConfig, train_profile
 
     config = TrainConfig(epochs=6, batch_size=16, max_length=32)
     paths = {}

@@ -14,7 +14,7 @@ from typing import Any
 
 from xpeft.adapters.errors import XPeftError
 from xpeft.cli.output import print_json
-from xpeft.profiles.train_config import TrainConfig
+from xpeft.training.train_config import TrainConfig
 
 
 def add_remote_args(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from xpeft.adapters.errors import XPeftError
 from xpeft.cli import jobs
 from xpeft.cli.output import parse_inputs, positive_int, print_json, writable_target
 from xpeft.cli.remote import TOKEN_HELP
-from xpeft.profiles.train_config import ABSTAIN_FIELDS, ABSTAIN_SCORES, ESTIMATORS, METHODS, TrainConfig
+from xpeft.training.train_config import ABSTAIN_FIELDS, ABSTAIN_SCORES, ESTIMATORS, METHODS, TrainConfig
 
 # TrainConfig fields that `xpeft train` sets from flags of the same name
 TRAIN_FLAGS = (
@@ -39,11 +39,11 @@ TRAIN_FLAGS = (
     *ABSTAIN_FIELDS,
 )
 
-EVAL_BATCH_SIZE = 64  # xpeft.profiles.evaluate.evaluate's default (a test checks they agree)
+EVAL_BATCH_SIZE = 64  # xpeft.training.evaluate.evaluate's default (a test checks they agree)
 
 if TYPE_CHECKING:
     from xpeft.engine.runtime import MultiProfileModel
-    from xpeft.profiles.data import Dataset
+    from xpeft.training.data import Dataset
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +81,7 @@ _CLI_MAX_LABEL_CHARS = 256
 
 def _load_data(path: str, args: argparse.Namespace) -> Dataset:
     """The file, every text and label checked by the same rule the server applies."""
-    from xpeft.profiles.data import check_dataset, load_dataset
+    from xpeft.training.data import check_dataset, load_dataset
 
     data = load_dataset(path, args.text_col, args.text_pair_col, args.label_col)
     check_dataset(data, _CLI_MAX_TEXT_CHARS, _CLI_MAX_LABEL_CHARS)
@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from xpeft.adapters.bank import AdapterBank
     from xpeft.adapters.encoder import encoder_for_bank
     from xpeft.profiles import format as xpm
-    from xpeft.profiles.train import train_profile
+    from xpeft.training.train import train_profile
 
     config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FLAGS})
     config.validate()  # before anything is loaded, trained or written
@@ -142,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Accuracy, F1 and Matthews correlation of a profile on labelled data."""
-    from xpeft.profiles.evaluate import evaluate
+    from xpeft.training.evaluate import evaluate
 
     _set_threads(args)
     model = _model(args)

@@ -25,7 +25,7 @@ from xpeft.engine.graphs import GraphRunner
 from xpeft.engine.prediction import Prediction, from_probs, to_prediction
 from xpeft.engine.slots import SlotPool
 from xpeft.profiles import format as xpm
-from xpeft.profiles.profile import Profile, ProfileKind
+from xpeft.profiles.profile import Profile
 
 
 @dataclass
@@ -190,20 +190,18 @@ class MultiProfileModel:
         return rows <= per_bank * self.bank.num_adapters
 
     def _fused_groups(self, profiles: Sequence[Profile]) -> list[tuple[list[int], FusedAdapters]]:
-        """The profiles that fuse over the bank, in groups that fuse in one call each: hard profiles
-        in one gather per k (or with the soft ones in one GEMM, where that is faster), units
-        profiles in one gather per k."""
-        groups: dict[tuple[str, int], list[int]] = {}  # (how, k) -> the profiles fused that way
+        """The profiles that fuse over the bank, in groups that fuse in one call each, by their
+        kind's fusion: ``gather`` profiles in one gather per k (or with the ``mix`` ones in one
+        GEMM, where that is faster), ``units`` profiles in one gather per k."""
+        fusers = {"mix": self._fuse_bank, "gather": self._fuse_hard, "units": self._fuse_units}
+        groups: dict[tuple[str, int], list[int]] = {}  # (fusion, k) -> the profiles fused that way
         for j, p in enumerate(profiles):
-            fusion = p.kind.spec.fusion
-            if fusion == "mix":
-                groups.setdefault(("hard", p.k) if p.kind is ProfileKind.HARD else ("mix", 0), []).append(j)
-            elif fusion == "units":
-                groups.setdefault(("units", p.k), []).append(j)
-        for key in [key for key in groups if key[0] == "hard"]:
+            fusion = p.kind.spec.fusion  # the kinds table names each kind's fusion
+            if fusion in fusers:  # the gathers fuse k adapters or units: one call per k
+                groups.setdefault((fusion, p.k if fusion != "mix" else 0), []).append(j)
+        for key in [key for key in groups if key[0] == "gather"]:
             if not self._gathers(len(groups[key]) * key[1]):
                 groups.setdefault(("mix", 0), []).extend(groups.pop(key))
-        fusers = {"mix": self._fuse_bank, "hard": self._fuse_hard, "units": self._fuse_units}
         out = []
         for (how, _), members in groups.items():
             chosen = sorted(members)
@@ -233,11 +231,11 @@ class MultiProfileModel:
                 pool_t.index_copy_(1, index, new.to(pool_t.dtype))
         for j, p in enumerate(profiles):
             s = slots[j]
-            if p.kind is ProfileKind.SINGLE_ADAPTER:
+            if p.kind.spec.fusion == "own":
                 single = FusedAdapters.from_single(p.adapter_tensors())
                 for pool_t, new in zip(target.tensors(), single.tensors(), strict=True):
                     pool_t[:, s : s + 1].copy_(new)
-            elif p.kind is ProfileKind.HEAD_ONLY:
+            elif p.kind.spec.fusion == "none":
                 for pool_t in target.tensors():
                     pool_t[:, s : s + 1].zero_()
 

@@ -8,7 +8,7 @@ rule stores the score at :data:`KNOT_QUANTILES` (fp16 in the ``.xpm`` file) and 
 between two knots linearly. A row whose confidence is below ``min_confidence`` abstains.
 
 Pure tensor arithmetic, no encoder: fitting a rule to a trained profile lives in
-:mod:`xpeft.profiles.abstain_fit`, applying it to a batch in :mod:`xpeft.engine.runtime`.
+:mod:`xpeft.training.abstain_fit`, applying it to a batch in :mod:`xpeft.engine.runtime`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.train_config import ABSTAIN_SCORES, CLASS_MEAN_SCORES, MAX_ABSTAIN_COST
+from xpeft.profiles.constants import ABSTAIN_SCORES, CLASS_MEAN_SCORES, MAX_ABSTAIN_COST
 
 __all__ = [
     "ABSTAIN_SCORES",

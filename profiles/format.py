@@ -34,20 +34,21 @@ only read version 1 keep serving it. Version 3 adds the units kind, with its hea
 server that reads only those keeps serving it. Version 4 adds the abstention rule: header fields
 ``abstain`` (the score's name) and ``fallback`` (a label, optional), and the sections above; a
 profile without a rule keeps the version it had. All four versions are read. Framing and header checks live in
-:mod:`xpeft.profiles.format_header`; this module owns the sections, the one table of what each
-kind stores.
+:mod:`xpeft.profiles.format_header`; each kind's own sections, and their decode checks, in its
+module of :mod:`xpeft.profiles.kinds`; this module puts them together.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
+from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles.abstain import CLASS_MEAN_SCORES, KNOT_QUANTILES, AbstainRule
-from xpeft.profiles.format_codecs import Section, pack, unit_selection, unpack
+from xpeft.profiles.format_codecs import Section, pack, quantize_rows, unpack
 from xpeft.profiles.format_header import (
     ABSTAIN_VERSION,
     ERROR_CODES,
@@ -62,8 +63,8 @@ from xpeft.profiles.format_header import (
     parse_header,
     split,
 )
+from xpeft.profiles.kinds import HEADER_FIELDS, KINDS, Shape
 from xpeft.profiles.profile import Profile, ProfileKind
-from xpeft.profiles.train_config import MAX_GAIN
 
 __all__ = [
     "ERROR_CODES",
@@ -74,7 +75,9 @@ __all__ = [
     "check_compatible",
     "decode",
     "encode",
+    "info_sections",
     "load",
+    "quantize_rows",
     "read_info",
     "save",
     "sections",
@@ -89,32 +92,20 @@ def sections(
     r: int,
     C: int,
     k: int,
-    gains: bool = False,
-    values: bool = False,
-    tied: bool = False,
-    out_scale: bool = False,
     abstain: str | None = None,
+    **options: object,
 ) -> list[Section]:
-    """What a profile of ``kind`` stores, in file order: the one place that says it."""
-    out: list[Section] = []
-    if kind is ProfileKind.HARD:
-        out = [Section("mask_down", "bits", (L, N)), Section("mask_up", "bits", (L, N))]
-        if gains:
-            out.append(Section("gains", "f16", (L,)))
-        if values:
-            out.append(Section("values", "f16", (2, L, k)))
-    elif kind is ProfileKind.UNITS:
-        out = [unit_selection("unit_down", L, N * r, k)]
-        if not tied:
-            out.append(unit_selection("unit_up", L, N * r, k))
-        out.append(Section("gains", "f16", (L,)))
-        if out_scale:
-            out += [Section("out_scale", "i8", (L, d)), Section("out_scale_step", "f16", (L,))]
-    elif kind is ProfileKind.SOFT:
-        out = [Section("weights_down", "f16", (L, N)), Section("weights_up", "f16", (L, N))]
-    elif kind is ProfileKind.SINGLE_ADAPTER:
-        shapes = {"down": (L, d, r), "down_bias": (L, r), "up": (L, r, d), "up_bias": (L, d)}
-        out = [Section(name, "f16", shapes[name]) for name in TENSOR_NAMES]
+    """What a profile of ``kind`` stores, in file order: the kind's own sections (its module in
+    :mod:`xpeft.profiles.kinds` says them, given its optional header fields ``options``), then
+    the head and the abstention rule of every kind."""
+    return _sections(kind, Shape(L, N, d, r, C, k), abstain, options)
+
+
+def _sections(
+    kind: ProfileKind, shape: Shape, abstain: str | None, options: Mapping[str, object]
+) -> list[Section]:
+    C, d = shape.C, shape.d
+    out = KINDS[kind].sections(shape, options)
     out += [Section("head_weight", "f16", (C, d)), Section("head_bias", "f16", (C,))]
     if abstain is not None:  # the knots and the operating point; the class means for their scores
         out.append(Section("abstain_rule", "f16", (len(KNOT_QUANTILES) + 1,)))
@@ -123,63 +114,28 @@ def sections(
     return out
 
 
+def info_sections(info: ProfileInfo) -> list[Section]:
+    """The sections of the file ``info`` describes, in file order."""
+    i = info
+    shape = Shape(i.num_layers, i.num_adapters, i.hidden_size, i.bottleneck, len(i.labels), i.k)
+    return _sections(i.profile_kind, shape, i.abstain, i.options)
+
+
 # -- writing ---------------------------------------------------------------------------------
-def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row as int8 times one fp16 step: ``(q (rows, n) int8, step (rows,))``, with
-    ``q * step`` the values a file holds. Applying it to its own result changes nothing."""
-    v = values.detach().to("cpu", torch.float32)
-    peak = v.abs().amax(dim=-1)
-    step = torch.where(peak > 0, peak / 127, torch.ones_like(peak)).to(torch.float16).float()
-    q = torch.round(v / step.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, step
-
-
-def _unit_rows(profile: Profile, row: int, section: Section) -> torch.Tensor:
-    """One projection's units as the section stores them: a k-hot mask or the indices."""
-    assert profile.unit_index is not None
-    index = profile.unit_index[row]
-    if section.codec == "index":
-        return index
-    return torch.zeros(section.shape, dtype=torch.bool).scatter_(1, index, True)
-
-
 def _stored(profile: Profile, section: Section) -> torch.Tensor:
     """The tensor a section stores, as the profile holds it."""
     name = section.name
-    if name == "values":  # only the selected positions: (2, L, k) in index order
-        assert profile.values is not None
-        return profile.values[torch.stack(profile.masks())].view(2, profile.num_layers, profile.k)
-    if name in ("unit_down", "unit_up"):
-        return _unit_rows(profile, 0 if name == "unit_down" else 1, section)
-    if name in ("out_scale", "out_scale_step") and profile.out_scale is not None:
-        return quantize_rows(profile.out_scale)[0 if name == "out_scale" else 1]
     if name == "abstain_rule" and profile.abstain is not None:
         rule = profile.abstain
         return torch.cat([rule.knots.float(), torch.tensor([rule.min_confidence])])
     if name == "class_means" and profile.abstain is not None and profile.abstain.class_means is not None:
         return profile.abstain.class_means
-    if name in TENSOR_NAMES:
-        return profile.adapter_tensors()[name]
-    tensor = getattr(profile, name)
+    if name in ("head_weight", "head_bias"):
+        return getattr(profile, name)
+    tensor = profile.spec.stored(profile.state, section, profile.shape) if profile.state is not None else None
     if tensor is None:
         raise ProfileFormatError("bad_payload", f"a {profile.kind.value} profile needs {name}")
     return tensor
-
-
-def _kind_fields(profile: Profile) -> dict:
-    """The optional header fields a profile needs (none for a hard one: it is written as version 1)."""
-    fields: dict = {}
-    if profile.kind is ProfileKind.HARD:
-        if profile.scale_power != 1.0:
-            fields["scale_power"] = float(profile.scale_power)
-        if profile.gains is not None:
-            fields["gains"] = True
-        if profile.values is not None:
-            fields["values"] = True
-    elif profile.kind is ProfileKind.UNITS:
-        fields["tied"] = bool(profile.tied)
-        fields["out_scale"] = profile.out_scale is not None
-    return fields
 
 
 def encode(profile: Profile) -> bytes:
@@ -198,9 +154,9 @@ def encode(profile: Profile) -> bytes:
     }
     if profile.meta:
         header["meta"] = dict(profile.meta)
-    extras = _kind_fields(profile)
+    extras = profile.spec.header_options(profile.state)
     header.update(extras)
-    version = max(profile.kind.spec.min_version, 2 if extras else 1)
+    version = max(profile.spec.min_version, 2 if extras else 1)
     if profile.abstain is not None:  # a profile without a rule keeps the version it always had
         profile.abstain.check(profile.labels)
         header["abstain"] = profile.abstain.score
@@ -214,20 +170,8 @@ def encode(profile: Profile) -> bytes:
 def _sections_of(h: dict) -> list[Section]:
     """The sections a header declares (``kind`` as a :class:`ProfileKind` or its wire name)."""
     kind = h["kind"] if isinstance(h["kind"], ProfileKind) else KINDS_BY_WIRE_NAME[h["kind"]]
-    return sections(
-        kind,
-        h["L"],
-        h["N"],
-        h["d"],
-        h["r"],
-        len(h["labels"]),
-        h["k"],
-        h.get("gains", False),
-        h.get("values", False),
-        h.get("tied", False),
-        h.get("out_scale", False),
-        h.get("abstain"),
-    )
+    shape = Shape(h["L"], h["N"], h["d"], h["r"], len(h["labels"]), h["k"])
+    return _sections(kind, shape, h.get("abstain"), {name: h[name] for name in HEADER_FIELDS if name in h})
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -262,11 +206,7 @@ def _read(data: bytes) -> tuple[ProfileInfo, bytes]:
         labels=list(h["labels"]),
         max_length=h["max_length"],
         meta=dict(h["meta"]),
-        scale_power=float(h.get("scale_power", 1.0)),
-        gains=h.get("gains", False),
-        values=h.get("values", False),
-        tied=h.get("tied", False),
-        out_scale=h.get("out_scale", False),
+        options={name: f.read(h.get(name, f.default)) for name, f in HEADER_FIELDS.items()},
         abstain=h.get("abstain"),
         fallback=h.get("fallback"),
     )
@@ -281,60 +221,19 @@ def read_info(data: bytes) -> ProfileInfo:
 def _tensors(info: ProfileInfo, payload: bytes) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     offset = 0
-    i = info
-    for s in sections(
-        i.profile_kind,
-        i.num_layers,
-        i.num_adapters,
-        i.hidden_size,
-        i.bottleneck,
-        len(i.labels),
-        i.k,
-        i.gains,
-        i.values,
-        i.tied,
-        i.out_scale,
-        i.abstain,
-    ):
+    for s in info_sections(info):
         raw = payload[offset : offset + s.nbytes]
         offset += s.nbytes
         out[s.name] = unpack(s, raw, info.k)
     return out
 
 
-def _gains(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    if not bool(((t["gains"] > 0) & (t["gains"] <= MAX_GAIN)).all()):
-        raise ProfileFormatError("bad_payload", f"gains must lie in (0, {MAX_GAIN:g}]")
-    return t["gains"]
-
-
-def _unit_index(t: dict[str, torch.Tensor], name: str, k: int) -> torch.Tensor:
-    """``(L, k)`` ascending unit ids, from a k-hot mask or stored as such."""
-    rows = t[name]
-    if rows.dtype is torch.bool:
-        return torch.nonzero(rows)[:, 1].view(rows.shape[0], k)
-    return rows
-
-
-def _decode_units(profile: Profile, info: ProfileInfo, t: dict[str, torch.Tensor]) -> None:
-    down = _unit_index(t, "unit_down", info.k)
-    up = down if info.tied else _unit_index(t, "unit_up", info.k)
-    profile.unit_index, profile.tied = torch.stack([down, up]), info.tied
-    profile.gains = _gains(t)
-    if info.out_scale:
-        step = t["out_scale_step"]
-        if not bool(((step > 0) & (step <= MAX_GAIN)).all()):
-            raise ProfileFormatError("bad_payload", f"out_scale_step must lie in (0, {MAX_GAIN:g}]")
-        profile.out_scale = t["out_scale"].float() * step.unsqueeze(-1)
-
-
 def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
     """Parse and validate a profile file; with ``bank``, also refuse one trained for another bank."""
     info, payload = _read(data)
     t = _tensors(info, payload)
-    kind = info.profile_kind
     profile = Profile(
-        kind=kind,
+        kind=info.profile_kind,
         bank_id=info.bank_id,
         model_id=info.model_id,
         num_layers=info.num_layers,
@@ -348,26 +247,7 @@ def decode(data: bytes, bank: AdapterBank | None = None) -> Profile:
         head_weight=t["head_weight"],
         head_bias=t["head_bias"],
     )
-    if kind is ProfileKind.HARD:
-        profile.mask_down, profile.mask_up = t["mask_down"], t["mask_up"]
-        profile.scale_power = info.scale_power
-        if "gains" in t:
-            profile.gains = _gains(t)
-        if "values" in t:
-            values = torch.zeros(2, info.num_layers, info.num_adapters)
-            values[torch.stack(profile.masks())] = t["values"].flatten()
-            profile.values = values
-    elif kind is ProfileKind.UNITS:
-        _decode_units(profile, info, t)
-    elif kind is ProfileKind.SOFT:
-        ones = torch.ones(info.num_layers)
-        for name in ("weights_down", "weights_up"):
-            w = t[name]
-            if bool((w < 0).any()) or not torch.allclose(w.sum(dim=1), ones, atol=2e-2):
-                raise ProfileFormatError("bad_payload", f"{name} rows are not probability vectors")
-        profile.weights_down, profile.weights_up = t["weights_down"], t["weights_up"]
-    elif kind is ProfileKind.SINGLE_ADAPTER:
-        profile.adapter = {name: t[name] for name in TENSOR_NAMES}
+    profile.state = profile.spec.decode(t, profile.shape, info.options)
     if info.abstain is not None:
         profile.abstain = _decode_rule(info, t)
     if bank is not None:

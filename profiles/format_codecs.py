@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from bitarray import bitarray
 
-from xpeft.profiles.format_header import ProfileFormatError
+from xpeft.profiles.format_errors import ProfileFormatError
 
 CODECS = ("bits", "f16", "i8", "index")
 
@@ -56,6 +56,16 @@ def unit_selection(name: str, L: int, P: int, k: int) -> Section:
 
 
 # -- writing ---------------------------------------------------------------------------------------
+def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row as int8 times one fp16 step: ``(q (rows, n) int8, step (rows,))``, with
+    ``q * step`` the values a file holds. Applying it to its own result changes nothing."""
+    v = values.detach().to("cpu", torch.float32)
+    peak = v.abs().amax(dim=-1)
+    step = torch.where(peak > 0, peak / 127, torch.ones_like(peak)).to(torch.float16).float()
+    q = torch.round(v / step.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, step
+
+
 def _packed(flat_bits: np.ndarray) -> bytes:
     bits = bitarray(endian="big")
     bits.pack(flat_bits.astype(np.bool_).tobytes())

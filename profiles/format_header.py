@@ -14,10 +14,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.kinds import KINDS, KINDS_BY_WIRE_NAME, WIRE_NAMES, ProfileKind
+from xpeft.profiles.constants import ABSTAIN_SCORES
+from xpeft.profiles.format_errors import ERROR_CODES, ProfileFormatError
+from xpeft.profiles.kinds import HEADER_FIELDS, KINDS, KINDS_BY_WIRE_NAME, WIRE_NAMES, ProfileKind
 from xpeft.profiles.text import TextError, check_text
-from xpeft.profiles.train_config import ABSTAIN_SCORES
 
 if TYPE_CHECKING:  # only the annotations of check_compatible: the header needs no torch
     from xpeft.adapters.bank import AdapterBank
@@ -32,23 +32,8 @@ CRC = struct.Struct("<I")
 # Bounds on declared shapes: far above any real encoder, far below anything that hurts.
 LIMITS = {"L": 128, "N": 65536, "d": 16384, "r": 16384, "C": 4096}
 MAX_META_ITEMS = 32
-MAX_UNITS = 65536  # units kind: the most units a layer may select
-__all__ = ["KINDS_BY_WIRE_NAME", "WIRE_NAMES"]  # re-exported from the kinds table
-
-
-class ProfileFormatError(XPeftError):
-    """A profile file that cannot be used. ``code`` is one of :data:`ERROR_CODES`."""
-
-
-ERROR_CODES = (
-    "truncated",  # shorter than its own header says
-    "bad_magic",  # not an .xpm file
-    "unsupported_version",  # written by a newer (or unknown) format version
-    "checksum_mismatch",  # bytes changed after writing
-    "bad_header",  # header is not the JSON this version writes
-    "bad_payload",  # sizes or values inconsistent with the header (k-hot rows, NaN, ...)
-    "bank_mismatch",  # trained on another bank (or another encoder)
-)
+# re-exported: the kinds table's wire names, the error and its codes (format_errors.py)
+__all__ = ["ERROR_CODES", "KINDS_BY_WIRE_NAME", "WIRE_NAMES", "ProfileFormatError"]
 
 
 @dataclass(frozen=True)
@@ -68,20 +53,29 @@ class ProfileInfo:
     labels: list[str]
     max_length: int
     meta: dict[str, str] = field(default_factory=dict)
-    scale_power: float = 1.0
-    gains: bool = False
-    values: bool = False
-    tied: bool = False
-    out_scale: bool = False
+    # every kind's optional header fields (the kinds declare them: HEADER_FIELDS), each at its
+    # default where this kind or this file has none; they read as attributes too (``info.tied``)
+    options: dict[str, bool | float] = field(default_factory=dict)
     abstain: str | None = None  # the abstention rule's score; None: the profile never abstains
     fallback: str | None = None  # the label an abstaining row answers (None: no label)
+
+    def __getattr__(self, name: str) -> bool | float:
+        if name in HEADER_FIELDS:
+            options = self.__dict__.get("options", {})
+            return options.get(name, HEADER_FIELDS[name].default)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def profile_kind(self) -> ProfileKind:
         return ProfileKind(self.kind)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The fields, the optional header fields among them by name, as ``xpeft info`` and the
+        server's metadata show them."""
+        out = dict(self.__dict__)
+        options = out.pop("options")
+        abstain = {key: out.pop(key) for key in ("abstain", "fallback")}
+        return {**out, **{name: options.get(name, f.default) for name, f in HEADER_FIELDS.items()}, **abstain}
 
 
 def frame(version: int, header: dict, payload: bytes) -> bytes:
@@ -100,27 +94,24 @@ def _check_int(header: dict, key: str, low: int, high: int) -> None:
 
 
 def _check_kind_fields(header: dict, version: int, kind: ProfileKind) -> None:
-    """A kind's optional fields (the kinds table names them): only in version 2 and later, only
+    """A kind's optional fields (its module declares them): only in version 2 and later, only
     for that kind, and of the right types."""
     spec = KINDS[kind]
     if version < spec.min_version:
         raise ProfileFormatError(
             "bad_header", f"a {spec.wire} profile needs format version {spec.min_version}"
         )
-    optional = {name for s in KINDS.values() for name in s.header_fields}
-    present = [key for key in sorted(optional) if key in header]
+    present = [key for key in sorted(HEADER_FIELDS) if key in header]
     if not present:
         return
-    if version < 2 or not set(present) <= set(spec.header_fields):
+    own = tuple(f.name for f in spec.header_fields)
+    if version < 2 or not set(present) <= set(own):
         raise ProfileFormatError(
-            "bad_header", f"{present} need format version 2 and a kind that has them {spec.header_fields}"
+            "bad_header", f"{present} need format version 2 and a kind that has them {own}"
         )
-    power = header.get("scale_power", 1.0)
-    if not isinstance(power, int | float) or isinstance(power, bool) or not 0.0 <= power <= 4.0:
-        raise ProfileFormatError("bad_header", f"scale_power={power!r} is not a number in [0, 4]")
-    for key in ("gains", "values", "tied", "out_scale"):
-        if not isinstance(header.get(key, False), bool):
-            raise ProfileFormatError("bad_header", f"{key} must be a JSON boolean")
+    for f in spec.header_fields:
+        if f.name in header:
+            f.check(header[f.name])
 
 
 def _check_abstain(header: dict, version: int) -> None:
@@ -174,12 +165,7 @@ def parse_header(raw: bytes, version: int) -> dict:
     for key in ("bank_id", "model_id"):
         if not isinstance(header.get(key), str) or not 0 < len(header[key]) <= 128:
             raise ProfileFormatError("bad_header", f"{key} must be a non-empty string")
-    if kind is ProfileKind.HARD:
-        _check_int(header, "k", 1, header["N"])
-    elif kind is ProfileKind.UNITS:
-        _check_int(header, "k", 1, min(header["N"] * header["r"], MAX_UNITS))
-    else:
-        _check_int(header, "k", 0, header["N"])
+    _check_int(header, "k", *KINDS[kind].k_bounds(header["N"], header["r"]))
     header.setdefault("max_length", 128)
     _check_int(header, "max_length", 1, 65536)
     meta = header.setdefault("meta", {})
@@ -233,24 +219,19 @@ def split(data: bytes) -> tuple[int, bytes, bytes, bool]:
 
 def check_compatible(profile: Profile | ProfileInfo, bank: AdapterBank) -> None:
     """Refuse a profile made for another bank (bank kinds) or another encoder / shape (all kinds)."""
-    kind = ProfileKind(profile.kind)
+    spec = KINDS[ProfileKind(profile.kind)]
     if profile.model_id != bank.model_id:
         raise ProfileFormatError(
             "bank_mismatch",
             f"profile was trained for encoder {profile.model_id}, this bank serves {bank.model_id}",
         )
-    if kind.uses_bank and profile.bank_id != bank.bank_id:
+    if spec.uses_bank and profile.bank_id != bank.bank_id:
         raise ProfileFormatError(
             "bank_mismatch",
             f"profile was trained on bank {profile.bank_id}, the bank in use is {bank.bank_id}",
         )
-    got: tuple[int, ...] = (profile.num_layers, profile.hidden_size)
-    want: tuple[int, ...] = (bank.num_layers, bank.hidden_size)
-    if kind.uses_bank:
-        got += (profile.num_adapters, profile.bottleneck)
-        want += (bank.num_adapters, bank.bottleneck)
-    elif kind is ProfileKind.SINGLE_ADAPTER:
-        got += (profile.bottleneck,)
-        want += (bank.bottleneck,)
+    names = ("num_layers", "hidden_size", *spec.bank_shapes)  # the shapes this kind shares with the bank
+    got = tuple(getattr(profile, name) for name in names)
+    want = tuple(getattr(bank, name) for name in names)
     if got != want:
         raise ProfileFormatError("bank_mismatch", f"profile shapes {got} do not fit the bank's {want}")

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from xpeft.profiles.train_config import ESTIMATORS
+from xpeft.profiles.constants import ESTIMATORS
 
 
 def soft_weights(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

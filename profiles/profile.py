@@ -1,28 +1,38 @@
-"""A profile: what one customer owns. Masks (or weights, or one adapter) plus a tiny head."""
+"""A profile: what one customer owns. Its kind's state (masks, unit ids, weights or one adapter)
+plus a tiny head and, optionally, an abstention rule."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 import torch
 
-from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
+from xpeft.adapters.bank import AdapterBank
 from xpeft.profiles.abstain import AbstainRule
-from xpeft.profiles.kinds import ProfileKind
-from xpeft.profiles.masks import mask_to_weights, unit_scale
+from xpeft.profiles.kinds import KINDS, Kind, KindState, ProfileKind, Shape
+from xpeft.profiles.masks import unit_scale
 
 __all__ = ["Profile", "ProfileKind"]
+
+# The fields of every kind's state, with their defaults: a profile answers them by name (a field
+# its kind does not hold reads as its default), as it did when they were fields of its own.
+_STATE_FIELDS: dict[str, Any] = {
+    f.name: None if f.default is MISSING else f.default
+    for spec in KINDS.values()
+    if spec.state_type is not None
+    for f in fields(spec.state_type)
+}
 
 
 @dataclass(eq=False)  # identity, not tensor comparison
 class Profile:
     """Everything needed to serve one profile against a given encoder and bank.
 
-    ``mask_*`` are bool ``(L, N)`` (hard), ``weights_*`` float ``(L, N)`` (soft), ``unit_index``
-    the ``k`` bank units of each layer, ascending, for the down and the up projection ``(2, L, k)``
-    (units; unit ``p`` is column ``p % r`` of adapter ``p // r``), ``adapter`` holds
-    ``down (L,d,r)``, ``down_bias (L,r)``, ``up (L,r,d)``, ``up_bias (L,d)`` (adapter kind).
-    ``head_weight (C, d)`` and ``head_bias (C,)`` map the pooled embedding to the C labels.
+    ``state`` is the kind's own dataclass (:mod:`xpeft.profiles.kinds`): ``mask_down`` ...
+    (hard), ``unit_index`` ... (units), ``weights_*`` (soft), ``adapter`` (single_adapter), or
+    ``None`` (head_only); its fields read as attributes of the profile too. ``head_weight (C, d)``
+    and ``head_bias (C,)`` map the pooled embedding to the C labels.
     """
 
     kind: ProfileKind
@@ -36,18 +46,8 @@ class Profile:
     head_weight: torch.Tensor
     head_bias: torch.Tensor
     k: int = 0
-    mask_down: torch.Tensor | None = None
-    mask_up: torch.Tensor | None = None
-    weights_down: torch.Tensor | None = None
-    weights_up: torch.Tensor | None = None
-    adapter: dict[str, torch.Tensor] | None = None
+    state: KindState | None = None
     max_length: int = 128
-    scale_power: float = 1.0  # hard: a selected adapter weighs 1 / k**p
-    gains: torch.Tensor | None = None  # hard: (L,) positive gain of each layer's fused adapter
-    values: torch.Tensor | None = None  # hard: (2, L, N) weight of each selected adapter (0 elsewhere)
-    unit_index: torch.Tensor | None = None  # units: (2, L, k) int64, each row ascending
-    tied: bool = False  # units: one selection for both projections (both rows of unit_index equal)
-    out_scale: torch.Tensor | None = None  # units: (L, d) scaling of each layer's adapter output
     meta: dict[str, str] = field(default_factory=dict)
     abstain: AbstainRule | None = None  # the out-of-scope rule; None: never abstains
 
@@ -79,6 +79,23 @@ class Profile:
             head_bias=head_bias,
         )
 
+    def __getattr__(self, name: str) -> Any:
+        """A field of the kind's state (``profile.mask_down``); one its kind lacks is its default."""
+        if name in _STATE_FIELDS:
+            return getattr(self.__dict__.get("state"), name, _STATE_FIELDS[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def spec(self) -> Kind:
+        """The kind's behaviour (its row of the kinds table)."""
+        return KINDS[self.kind]
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(
+            self.num_layers, self.num_adapters, self.hidden_size, self.bottleneck, len(self.labels), self.k
+        )
+
     @property
     def num_labels(self) -> int:
         return len(self.labels)
@@ -90,47 +107,27 @@ class Profile:
         tensors = [
             self.head_weight,
             self.head_bias,
-            self.mask_down,
-            self.mask_up,
-            self.weights_down,
-            self.weights_up,
-            self.gains,
-            self.values,
-            self.unit_index,
-            self.out_scale,
+            *(self.state.tensors() if self.state is not None else []),
             self.abstain.knots if self.abstain else None,
             self.abstain.class_means if self.abstain else None,
-            *(self.adapter or {}).values(),
         ]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w_down, w_up)``, each ``(L, N)`` fp32, for the bank kinds."""
-        if self.kind is ProfileKind.HARD:
-            out = []
-            for i, mask in enumerate(self.masks()):
-                if self.values is not None:  # each selected adapter's own weight
-                    w = mask.to(torch.float32) * self.values[i].float()
-                else:
-                    w = mask_to_weights(mask, self.k, self.scale_power)
-                if self.gains is not None and i == 1:  # on the up projection: scales the output
-                    w = w * self.gains.float().unsqueeze(-1)
-                out.append(w)
-            return out[0], out[1]
-        if self.kind is ProfileKind.SOFT:
-            assert self.weights_down is not None and self.weights_up is not None
-            return self.weights_down.float(), self.weights_up.float()
-        raise ValueError(f"a {self.kind.value} profile has no mixing weights")
+        """``(w_down, w_up)``, each ``(L, N)`` fp32, for the kinds that mix bank adapters."""
+        return self.spec.mixing_weights(self.state, self.shape)
 
     def unit_weight(self) -> float:
         """What each selected unit weighs (units): the fused adapter then has one bank adapter's scale."""
         return unit_scale(self.k, self.bottleneck)
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mask_down, mask_up)``, bool ``(L, N)`` k-hot (hard only)."""
-        assert self.mask_down is not None and self.mask_up is not None, "only hard profiles have masks"
-        return self.mask_down, self.mask_up
+        """``(mask_down, mask_up)``, bool ``(L, N)`` k-hot (the kinds that store masks)."""
+        masks = getattr(self.state, "masks", None)
+        if masks is None:
+            raise ValueError(f"a {self.kind.value} profile has no masks")
+        return masks()
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        assert self.adapter is not None
-        return {name: self.adapter[name] for name in TENSOR_NAMES}
+        """The adapter of its own (the ``own`` fusion), by bank tensor name."""
+        return self.spec.own_adapter(self.state)

@@ -6,12 +6,13 @@ which adapters its masks pick.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from xpeft.adapters.bank import AdapterBank
 from xpeft.profiles.abstain import AbstainRule, knots_of
-from xpeft.profiles.format import quantize_rows
-from xpeft.profiles.masks import khot
+from xpeft.profiles.kinds import Shape
 from xpeft.profiles.profile import Profile, ProfileKind
 
 
@@ -22,15 +23,12 @@ def random_profile(
     labels: list[str] | None = None,
     k: int | None = None,
     max_length: int = 128,
-    scale_power: float = 1.0,
-    gains: bool = False,
-    weighted: bool = False,
-    tied: bool = False,
-    out_scale: bool = False,
+    **options: Any,
 ) -> Profile:
-    """A seeded random profile of any kind that fits ``bank``; hard ones may carry the
-    version-2 extras (a scale exponent, per-layer gains, a weight per selected adapter), units
-    ones a tied selection and an output scaling vector."""
+    """A seeded random profile of any kind that fits ``bank``. ``options`` are the kind's own
+    (its ``random`` in :mod:`xpeft.profiles.kinds`): a hard profile may carry the version-2
+    extras (``scale_power``, ``gains``, ``weighted``: a weight per selected adapter), a units one
+    a ``tied`` selection and an ``out_scale`` vector."""
     kind = ProfileKind(kind)
     g = torch.Generator().manual_seed(seed)
     L, N, d, r = bank.down.shape
@@ -45,35 +43,7 @@ def random_profile(
         max_length=max_length,
         meta={"method": f"random:{kind.value}", "seed": str(seed)},
     )
-    if kind is ProfileKind.HARD:
-        profile.k = k or max(1, N // 10)
-        profile.mask_down = khot(torch.randn(L, N, generator=g), profile.k)
-        profile.mask_up = khot(torch.randn(L, N, generator=g), profile.k)
-        profile.scale_power = scale_power
-        if gains:
-            profile.gains = torch.rand(L, generator=g) * 1.5 + 0.25
-        if weighted:
-            keep = torch.stack([profile.mask_down, profile.mask_up]).float()
-            profile.values = (torch.rand(2, L, N, generator=g) * 0.4 - 0.1) * keep
-    elif kind is ProfileKind.UNITS:
-        profile.k, profile.tied = k or 4 * r, tied
-        rows = [torch.nonzero(khot(torch.randn(L, N * r, generator=g), profile.k))[:, 1] for _ in range(2)]
-        index = torch.stack(rows).view(2, L, profile.k)
-        profile.unit_index = torch.stack([index[0], index[0]]) if tied else index
-        profile.gains = torch.rand(L, generator=g) * 0.5 + 0.1
-        if out_scale:
-            q, step = quantize_rows(torch.rand(L, d, generator=g) * 2 - 0.5)
-            profile.out_scale = q.float() * step.unsqueeze(-1)
-    elif kind is ProfileKind.SOFT:
-        profile.weights_down = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)
-        profile.weights_up = torch.softmax(torch.randn(L, N, generator=g) * 2, -1)
-    elif kind is ProfileKind.SINGLE_ADAPTER:
-        profile.adapter = {
-            "down": torch.randn(L, d, r, generator=g) * d**-0.5,
-            "down_bias": torch.randn(L, r, generator=g) * 0.1,
-            "up": torch.randn(L, r, d, generator=g) * r**-0.5 * 0.2,
-            "up_bias": torch.randn(L, d, generator=g) * 0.1,
-        }
+    profile.k, profile.state = profile.spec.random(g, Shape(L, N, d, r, C, k or 0), **options)
     return profile
 
 

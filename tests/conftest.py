@@ -31,8 +31,8 @@ from xpeft.adapters.encoder import AdapterEncoder, load_encoder  # noqa: E402
 from xpeft.adapters.fusion import FusedAdapters  # noqa: E402
 from xpeft.engine.cache import FusedCache  # noqa: E402
 from xpeft.profiles import format as xpm  # noqa: E402
-from xpeft.profiles.data import Dataset  # noqa: E402
 from xpeft.profiles.synthetic import random_profile  # noqa: E402
+from xpeft.training.data import Dataset  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -1,4 +1,4 @@
-"""The import rules: adapters <- profiles <- engine <- server <- cli, the client beside the server, no
+"""The import rules: adapters <- profiles <- engine <- training <- server <- cli, the client beside the server, no
 private name taken from another module, and no import cycle among modules. Outside the product:
 testsupport/ imports only the product and itself, bench/ harnesses share only bench/common/ (and
 testsupport/), and no test imports bench/ except those of tests/bench/, which test its harnesses.
@@ -25,6 +25,7 @@ LAYERS = {
     "adapters": "adapters",
     "profiles": "profiles",
     "engine": "engine",
+    "training": "training",
     "server": "server",
     "client": "client",
     "cli": "cli",
@@ -38,7 +39,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "adapters": ("xpeft.adapters",),
     "profiles": ("xpeft.adapters", "xpeft.profiles"),
     "engine": ("xpeft.adapters", "xpeft.profiles", "xpeft.engine"),
-    "server": ("xpeft.adapters", "xpeft.profiles", "xpeft.engine", "xpeft.server"),
+    # training fits a profile's abstention rule with the serving runtime: it sits above the engine
+    "training": ("xpeft.adapters", "xpeft.profiles", "xpeft.engine", "xpeft.training"),
+    "server": ("xpeft.adapters", "xpeft.profiles", "xpeft.engine", "xpeft.training", "xpeft.server"),
     "client": ("xpeft.adapters.errors", "xpeft.server.wire", "xpeft.client"),
     "cli": tuple(f"xpeft.{layer}" for layer in LAYERS),
 }
@@ -48,9 +51,6 @@ SHIMS = {"xpeft.server.client", "xpeft.server.client_core", "xpeft.server.traini
 # It may import the product packages and itself; no product package imports it (it is in no
 # ALLOWED entry), nor bench/.
 SUPPORT = "testsupport"
-# Training still lives in profiles/ and runs the engine's model to score and evaluate; it is on its
-# way to a package of its own above the engine. Until then these modules may import the engine.
-TRAINING = {"xpeft.profiles.train", "xpeft.profiles.evaluate", "xpeft.profiles.abstain_fit"}
 # Folders held to the private-name and cycle rules too, though they sit outside the layers.
 OUTSIDE = ("bench", SUPPORT)
 # The one folder of tests that may import bench/: its subject is the benchmark harnesses.
@@ -58,7 +58,7 @@ BENCH_TESTS = ROOT / "tests" / "bench"
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
-    """``profiles/data.py`` -> ``xpeft.profiles.data``; ``bench/load/run.py`` -> ``bench.load.run``;
+    """``training/data.py`` -> ``xpeft.training.data``; ``bench/load/run.py`` -> ``bench.load.run``;
     a package's ``__init__`` is the package."""
     parts = path.relative_to(root).with_suffix("").parts
     if parts[-1] == "__init__":
@@ -197,7 +197,6 @@ def test_the_sources_are_found() -> None:
 def allowed(module: str, target: str) -> bool:
     """Whether ``module`` may import ``target`` (a module or a name in one)."""
     prefixes = ALLOWED[layer_of(module) or ""] + (("xpeft.client",) if module in SHIMS else ())
-    prefixes += ("xpeft.engine",) if module in TRAINING else ()
     return any(target == p or target.startswith(p + ".") for p in prefixes)
 
 
@@ -222,11 +221,12 @@ def test_the_rule_refuses_what_it_should() -> None:
     assert not allowed("xpeft.client.core", "xpeft.adapters.encoder")
     assert not allowed("xpeft.server.routes", "xpeft.client")
     assert allowed("xpeft.server.client", "xpeft.client.clients")
-    assert not allowed("xpeft.profiles.train", "xpeft.server.wire")
+    assert not allowed("xpeft.training.train", "xpeft.server.wire")
     assert not allowed("xpeft.profiles.format", "xpeft.engine.runtime")
     assert not allowed("xpeft.engine.worker", "xpeft.server.metrics")
     assert allowed("xpeft.server.app", "xpeft.engine.worker")
     assert allowed("xpeft.engine.runtime", "xpeft.profiles.profile")
+    assert not allowed("xpeft.engine.runtime", "xpeft.training.train")
     assert allowed("xpeft.cli.remote", "xpeft.client")
     assert not allowed("xpeft.server.app", "testsupport.processes")
     assert not allowed("xpeft.cli.main", "bench.load.run")

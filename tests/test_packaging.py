@@ -40,7 +40,7 @@ def test_every_package_folder_is_declared_and_typed() -> None:
             assert ".".join((package, *relative)) in declared, (
                 f"{init.parent} is not in [tool.setuptools] packages"
             )
-    for top in ("adapters", "profiles", "engine", "server", "client", "cli"):
+    for top in ("adapters", "profiles", "engine", "training", "server", "client", "cli"):
         assert (ROOT / top / "py.typed").is_file()
         assert "py.typed" in SETUPTOOLS["package-data"][f"xpeft.{top}"]
 
@@ -71,7 +71,7 @@ def test_the_runtime_needs_neither_scikit_learn_nor_scipy() -> None:
     }
     assert not runtime & {"scikit-learn", "scipy"}
     code = (
-        "import sys; import xpeft.cli.main, xpeft.server.app, xpeft.profiles.evaluate, xpeft.profiles.train;"
+        "import sys; import xpeft.cli.main, xpeft.server.app, xpeft.training.evaluate, xpeft.training.train;"
         "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -19,8 +19,8 @@ from bench.eval.tasks import CLINC, TaskData
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
 from xpeft.profiles.abstain import ABSTAIN_SCORES, AbstainRule, auroc, row_scores
-from xpeft.profiles.abstain_fit import Scored, Split, rule_from
 from xpeft.profiles.profile import Profile
+from xpeft.training.abstain_fit import Scored, Split, rule_from
 
 POINTS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.eval.markdown import table
 from xpeft.profiles.abstain import ABSTAIN_SCORES, CLASS_MEAN_SCORES
-from xpeft.profiles.train_config import DEFAULT_ABSTAIN_SCORE, DEFAULT_MIN_CONFIDENCE
+from xpeft.training.train_config import DEFAULT_ABSTAIN_SCORE, DEFAULT_MIN_CONFIDENCE
 
 TASK = "clinc_oos"
 MAX_DROP = 2.0  # points of in-scope accuracy the rule may cost (the target)

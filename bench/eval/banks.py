@@ -27,8 +27,8 @@ from bench.eval.config import EvalConfig, RandomBankSpec, TrainedBankSpec
 from bench.eval.tasks import CLINC, TaskData, only_labels, texts
 from xpeft.adapters.bank import AdapterBank, create_random_bank, stack_adapters
 from xpeft.adapters.encoder import AdapterEncoder
-from xpeft.profiles.data import Dataset
-from xpeft.profiles.train import TrainConfig, train_profile
+from xpeft.training.data import Dataset
+from xpeft.training.train import TrainConfig, train_profile
 
 BankSpec = RandomBankSpec | TrainedBankSpec
 CACHE_VERSION = 1  # bump when the way a bank is built changes

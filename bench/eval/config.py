@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.train import METHODS, TrainConfig
+from xpeft.training.train import METHODS, TrainConfig
 
 TASK_KINDS = (
     "sst2",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.eval.config import ConfigError, TaskSpec
-from xpeft.profiles.data import Dataset, load_dataset
+from xpeft.training.data import Dataset, load_dataset
 
 CLINC = "clinc150"
 

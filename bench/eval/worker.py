@@ -25,10 +25,10 @@ from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.train import TrainConfig, train_profile
-from xpeft.profiles.train_config import APPLIES_TO
+from xpeft.training.evaluate import evaluate
+from xpeft.training.train import TrainConfig, train_profile
+from xpeft.training.train_config import APPLIES_TO
 
 CURVE_POINTS = 50
 
@@ -65,20 +65,7 @@ def profile_sizes(profile: Profile, blob: bytes) -> dict[str, int]:
     checksum), and extras: every other section (gains, per-adapter weights, output scales)."""
     info = xpm.read_info(blob)
     parts = {"selection": 0, "head": 0, "extras": 0}
-    for s in xpm.sections(
-        info.profile_kind,
-        info.num_layers,
-        info.num_adapters,
-        info.hidden_size,
-        info.bottleneck,
-        len(info.labels),
-        info.k,
-        info.gains,
-        info.values,
-        info.tied,
-        info.out_scale,
-        info.abstain,
-    ):
+    for s in xpm.info_sections(info):
         own = s.name in SELECTION_SECTIONS or s.name in TENSOR_NAMES
         part = "selection" if own else "head" if s.name in HEAD_SECTIONS else "extras"
         if s.name in RULE_SECTIONS:  # the abstention rule: its sections, reported on their own

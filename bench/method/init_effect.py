@@ -21,8 +21,8 @@ import torch
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
 from xpeft.adapters.fusion import fuse
-from xpeft.profiles.data import load_dataset
 from xpeft.profiles.masks import khot
+from xpeft.training.data import load_dataset
 
 TEMPLATE = Path(__file__).with_name("METHOD.template.md")
 if not __package__:  # run as a script: the repository root holds the bench package

@@ -21,8 +21,8 @@ import torch
 from bench.common.docs import fill_block
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
-from xpeft.profiles.data import load_dataset
-from xpeft.profiles.train import TrainConfig, train_profile
+from xpeft.training.data import load_dataset
+from xpeft.training.train import TrainConfig, train_profile
 
 PAPER = {"gain": False, "scale_power": 1.0, "weighted": False, "estimator": "softmax", "lr_scores": 0.05}
 

@@ -41,7 +41,7 @@ from bench.common.server import ServerProcess
 from bench.common.wrk import run_wrk, store_profiles
 from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
-from xpeft.profiles.data import load_dataset
+from xpeft.training.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"

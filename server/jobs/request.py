@@ -2,7 +2,7 @@
 
 Two forms: a JSON body (``{"examples": [{"text", "text_pair", "label"}], "method": ...}``), or a
 labelled file as the body (``.tsv``, ``.csv`` or ``.jsonl``, chosen by ``Content-Type`` or
-``?format=``) read by the library's own :func:`~xpeft.profiles.data.load_dataset` with the CLI's
+``?format=``) read by the library's own :func:`~xpeft.training.data.load_dataset` with the CLI's
 column options as query parameters. Either way the same checks run: sizes and lengths, labels
 (at least two classes left for training), the options' types, and ``TrainConfig.validate``.
 """
@@ -18,13 +18,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.abstain_fit import check_training_data
-from xpeft.profiles.data import Dataset, check_dataset, load_dataset, read_example
 from xpeft.profiles.format_header import LIMITS
 from xpeft.profiles.text import TextError, load_json
-from xpeft.profiles.train_config import ABSTAIN_FIELDS, TrainConfig
 from xpeft.server.errors import ApiError
 from xpeft.server.settings import Settings
+from xpeft.training.abstain_fit import check_training_data
+from xpeft.training.data import Dataset, check_dataset, load_dataset, read_example
+from xpeft.training.train_config import ABSTAIN_FIELDS, TrainConfig
 
 # TrainConfig fields a request may set (the rest keep the library's defaults)
 CONFIG_FIELDS = (

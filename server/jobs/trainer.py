@@ -21,15 +21,15 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.errors import XPeftError
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.data import check_dataset
-from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.train import train_profile
-from xpeft.profiles.train_config import TrainConfig
 from xpeft.server.jobs.records import JobStore, worker_token
 from xpeft.server.jobs.request import CONFIG_FIELDS, check_trainable, decode_examples, split
 from xpeft.server.settings import Settings
 from xpeft.server.stores.base import Condition
+from xpeft.training.data import check_dataset
+from xpeft.training.evaluate import evaluate
+from xpeft.training.train import train_profile
+from xpeft.training.train_config import TrainConfig
 
 log = logging.getLogger("xpeft.worker")
 

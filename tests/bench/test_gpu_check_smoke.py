@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import serving, serving_report  # noqa: E402
 from bench.common.wrk import wrk_result  # noqa: E402
-from xpeft.profiles.train_config import ABSTAIN_SCORES, DEFAULT_ABSTAIN_SCORE  # noqa: E402
+from xpeft.training.train_config import ABSTAIN_SCORES, DEFAULT_ABSTAIN_SCORE  # noqa: E402
 
 
 def test_cpu_quick_run_checks_and_times_the_serving_path(tmp_path, monkeypatch) -> None:

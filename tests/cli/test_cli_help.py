@@ -18,8 +18,8 @@ from pydantic import SecretStr
 from xpeft.cli import serve
 from xpeft.cli.main import build_parser, main
 from xpeft.cli.profiles import EVAL_BATCH_SIZE, TRAIN_FLAGS
-from xpeft.profiles.train_config import TrainConfig
 from xpeft.server.settings import Settings
+from xpeft.training.train_config import TrainConfig
 
 HEAVY = ("torch", "transformers", "fastapi", "uvicorn", "sklearn", "safetensors", "redis", "httpx")
 
@@ -97,7 +97,7 @@ def test_train_defaults_are_train_config_defaults() -> None:
 
 def test_eval_and_bank_defaults_are_the_librarys() -> None:
     from xpeft.adapters.bank import create_random_bank
-    from xpeft.profiles.evaluate import evaluate
+    from xpeft.training.evaluate import evaluate
 
     assert inspect.signature(evaluate).parameters["batch_size"].default == EVAL_BATCH_SIZE
     args = build_parser().parse_args(["bank", "create", "--out", "b.safetensors"])

@@ -12,9 +12,9 @@ import torch
 from xpeft.cli.main import main
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.synthetic import random_profile
-from xpeft.profiles.train import TrainConfig, train_profile
+from xpeft.training.evaluate import evaluate
+from xpeft.training.train import TrainConfig, train_profile
 
 
 class Terminal(io.StringIO):

@@ -35,12 +35,12 @@ from xpeft.engine.graphs import GraphRunner
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.engine.worker import ModelWorker
 from xpeft.profiles import format as xpm
-from xpeft.profiles.abstain_fit import fit_rule, split_for_rule
-from xpeft.profiles.data import Dataset
 from xpeft.profiles.kinds import KINDS, ProfileKind
 from xpeft.profiles.profile import Profile
 from xpeft.profiles.synthetic import random_profile, random_rule
-from xpeft.profiles.train_config import ABSTAIN_SCORES
+from xpeft.training.abstain_fit import fit_rule, split_for_rule
+from xpeft.training.data import Dataset
+from xpeft.training.train_config import ABSTAIN_SCORES
 
 TEXTS = ["the film was wonderful", "a dreadful meal", ("is it open", "the shop opens at nine"), "hi"]
 RULES = [None, *ABSTAIN_SCORES]

@@ -24,12 +24,12 @@ from xpeft.profiles.abstain import (
     knots_of,
     pick_operating_point,
 )
-from xpeft.profiles.abstain_fit import Scored, rule_from, split_for_rule
-from xpeft.profiles.data import Dataset
 from xpeft.profiles.format_header import PREFIX, ProfileFormatError
 from xpeft.profiles.synthetic import random_profile, random_rule
-from xpeft.profiles.train import TrainConfig, train_profile
-from xpeft.profiles.train_config import DEFAULT_ABSTAIN_SCORE, DEFAULT_MIN_CONFIDENCE
+from xpeft.training.abstain_fit import Scored, rule_from, split_for_rule
+from xpeft.training.data import Dataset
+from xpeft.training.train import TrainConfig, train_profile
+from xpeft.training.train_config import DEFAULT_ABSTAIN_SCORE, DEFAULT_MIN_CONFIDENCE
 
 GOOD = ["wonderful", "excellent", "delightful", "brilliant", "lovely", "superb", "great", "charming"]
 BAD = ["awful", "terrible", "dreadful", "horrible", "boring", "dismal", "lousy", "painful"]

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from xpeft.adapters.errors import XPeftError
 from xpeft.profiles import format as xpm
-from xpeft.profiles.data import Dataset, check_dataset
 from xpeft.profiles.synthetic import random_profile
 from xpeft.profiles.text import TextError, check_text, clean_strings, json_depth, load_json
 from xpeft.server.errors import ApiError, profile_format_error
@@ -27,6 +26,7 @@ from xpeft.server.jobs.records import TooManyJobs
 from xpeft.server.jobs.request import parse_train_request
 from xpeft.server.settings import Settings
 from xpeft.server.uploads import validate_profile
+from xpeft.training.data import Dataset, check_dataset
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 ADMIN = "text-unit-admin-0123456789"

@@ -25,9 +25,9 @@ import redis
 
 from testsupport.processes import ServerProcess, running
 from testsupport.workers import WorkerProcess, job, wait_job
-from xpeft.profiles.data import Dataset
 from xpeft.server.jobs.queue import make_queue
 from xpeft.server.settings import Settings
+from xpeft.training.data import Dataset
 
 ADMIN = "rel-train-admin-4b7e21"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}

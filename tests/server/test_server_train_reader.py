@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.abstain_fit import check_training_data
-from xpeft.profiles.data import Dataset, load_dataset
-from xpeft.profiles.train_config import TrainConfig
+from xpeft.training.abstain_fit import check_training_data
+from xpeft.training.data import Dataset, load_dataset
+from xpeft.training.train_config import TrainConfig
 
 ADMIN = "reader-admin-token-6d0b2e"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}

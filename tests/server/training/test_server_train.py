@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from testsupport.processes import bearer
 from testsupport.workers import WorkerProcess, wait_job
 from xpeft.client import Client, ClientError
-from xpeft.profiles.data import Dataset
+from xpeft.training.data import Dataset
 
 ADMIN = "train-admin-token-0f3e9a"
 API = "train-api-token-7d21c4"

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from xpeft.profiles.evaluate import classification_metrics
+from xpeft.training.evaluate import classification_metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.kinds import METHODS, applies_to
+from xpeft.profiles.constants import ABSTAIN_SCORES, CLASS_MEAN_SCORES, ESTIMATORS, MAX_ABSTAIN_COST, MAX_GAIN
+from xpeft.profiles.kinds import METHODS, ProfileKind, applies_to
 
 __all__ = [
     "ABSTAIN_FIELDS",
@@ -21,24 +22,18 @@ __all__ = [
     "DEFAULT_ABSTAIN_SCORE",
     "DEFAULT_MIN_CONFIDENCE",
     "ESTIMATORS",
+    "MAX_ABSTAIN_COST",
     "MAX_GAIN",
     "METHODS",
     "TrainConfig",
 ]
 
-ESTIMATORS = ("softmax", "identity", "gumbel")
-MAX_GAIN = 1024.0  # the largest gain a profile file may hold
-UNITS_GAIN_INIT = 0.1  # units: the gains' default starting value
-# abstention (docs/TRAINING.md): the scores a rule may read; those that need the class means
-ABSTAIN_SCORES = ("msp", "max_logit", "energy", "cosine")
-CLASS_MEAN_SCORES = ("cosine",)
 # the best-separating score on the CLINC domains for every method (AUROC, docs/EVALUATION.md)
 DEFAULT_ABSTAIN_SCORE = "cosine"
 # the operating point: the dev choice of the first seed's CLINC runs (within 2 points of in-scope
 # cost for every method); all three seeds allow 0.02 on dev, whose test cost passes 2 points for three
 # of the four methods (docs/EVALUATION.md, section 8)
 DEFAULT_MIN_CONFIDENCE = 0.01
-MAX_ABSTAIN_COST = 0.02  # with OOS examples: held-out in-scope accuracy the chosen point may give up
 MIN_HOLDOUT = 10  # fewer held-out examples than this calibrate no rule
 # the TrainConfig fields of the abstention rule (the CLI and the training service take all of them)
 ABSTAIN_FIELDS = ("abstain", "abstain_score", "holdout", "min_confidence", "oos_label", "fallback_label")
@@ -72,7 +67,7 @@ class TrainConfig:
     temperature_end: float | None = None  # anneal the temperature geometrically to this value
     # learn one positive gain per layer (L numbers in the profile): the best of the measured variants
     gain: bool = True
-    gain_init: float | None = None  # default 1 (hard) or UNITS_GAIN_INIT (units)
+    gain_init: float | None = None  # default: the kind's (1 for hard, 0.1 for units)
     weighted: bool = False  # learn a weight for each selected adapter (2·L·k numbers)
     lr_gain: float = 0.05  # learning rate of the gains and weights
     # units: k bottleneck units per layer out of the bank's N*r (docs/METHOD.md)
@@ -98,8 +93,13 @@ class TrainConfig:
             raise bad(f"unknown method {self.method!r}; one of {METHODS}")
         if self.estimator is not None and self.estimator not in ESTIMATORS:
             raise bad(f"estimator {self.estimator!r} is not one of {ESTIMATORS}")
-        if self.method == "units" and self.estimator == "gumbel":
-            raise bad("estimator 'gumbel' applies to hard only; units take softmax or identity")
+        spec = ProfileKind(self.method).spec
+        if self.estimator is not None and spec.estimators and self.estimator not in spec.estimators:
+            takers = [kind.value for kind in ProfileKind if self.estimator in kind.spec.estimators]
+            raise bad(
+                f"estimator {self.estimator!r} applies to {', '.join(takers)} only; "
+                f"{self.method} takes {' or '.join(spec.estimators)}"
+            )
         for name in ("epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -142,32 +142,31 @@ class TrainConfig:
             raise bad("min_confidence, oos_label and fallback_label need abstention on (abstain=True)")
 
     def resolved_estimator(self) -> str:
-        """The straight-through surrogate: the paper's softmax for hard masks, the identity for
-        units (every unit's score gets its gradient, so a dropped unit can come back)."""
+        """The straight-through surrogate: the kind's default (the paper's softmax for hard masks,
+        the identity for units) unless one is given."""
         if self.estimator is not None:
             return self.estimator
-        return "identity" if self.method == "units" else "softmax"
+        return ProfileKind(self.method).spec.default_estimator
 
     def resolved_gain_init(self) -> float:
-        """The gains' starting value: a units adapter starts at a fraction of one bank adapter's
-        strength, which at full strength all but replaces the encoder's features (docs/METHOD.md)."""
+        """The gains' starting value: the kind's default (a units adapter starts at a fraction of
+        one bank adapter's strength, docs/METHOD.md) unless one is given."""
         if self.gain_init is not None:
             return self.gain_init
-        return UNITS_GAIN_INIT if self.method == "units" else 1.0
+        return ProfileKind(self.method).spec.default_gain_init
 
     def check_bank(self, num_adapters: int, bottleneck: int) -> None:
         """Refuse a ``k`` the bank cannot give: at most N adapters (hard), N*r units (units)."""
-        if self.method not in ("hard", "units"):
+        spec = ProfileKind(self.method).spec
+        if not spec.selects:
             return
         k = self.resolved_k(num_adapters, bottleneck)
-        pool, what = (
-            (num_adapters * bottleneck, "N*r units") if self.method == "units" else (num_adapters, "N")
-        )
+        pool, what = spec.selection_pool(num_adapters, bottleneck)
         if not 1 <= k <= pool:
             raise XPeftError("bad_argument", f"k={k} must be between 1 and {what}={pool}")
 
     def resolved_k(self, num_adapters: int, bottleneck: int = 1) -> int:
-        """k as given, else the method's default: N // 10 adapters (hard), 4 * r units (units)."""
+        """k as given, else the kind's default: N // 10 adapters (hard), 4 * r units (units)."""
         if self.k is not None:
             return self.k
-        return 4 * bottleneck if self.method == "units" else max(1, num_adapters // 10)
+        return ProfileKind(self.method).spec.default_k(num_adapters, bottleneck)

@@ -24,9 +24,9 @@ from xpeft.profiles.abstain import (
     pick_operating_point,
     row_scores,
 )
-from xpeft.profiles.data import DataError, Dataset
 from xpeft.profiles.profile import Profile
-from xpeft.profiles.train_config import CLASS_MEAN_SCORES, DEFAULT_MIN_CONFIDENCE, MIN_HOLDOUT, TrainConfig
+from xpeft.training.data import DataError, Dataset
+from xpeft.training.train_config import CLASS_MEAN_SCORES, DEFAULT_MIN_CONFIDENCE, MIN_HOLDOUT, TrainConfig
 
 __all__ = [
     "Scored",

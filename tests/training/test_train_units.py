@@ -8,9 +8,9 @@ import torch
 from xpeft.adapters.errors import XPeftError
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.kinds import ProfileKind
-from xpeft.profiles.train import TrainConfig, train_profile
+from xpeft.training.evaluate import evaluate
+from xpeft.training.train import TrainConfig, train_profile
 
 FAST = {"epochs": 4, "batch_size": 16, "max_length": 16}
 
@@ -41,7 +41,7 @@ def test_units_learn_and_serve_what_was_trained(encoder, bank, separable, option
 
 
 def test_tied_units_train_one_score_tensor(encoder, bank, separable):
-    from xpeft.profiles.trainable import Trainable
+    from xpeft.training.trainable import Trainable
 
     tied = Trainable("units", bank, 2, TrainConfig(method="units", tied=True, k=32))
     separate = Trainable("units", bank, 2, TrainConfig(method="units", k=32))

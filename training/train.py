@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder
 from xpeft.engine.runtime import MultiProfileModel
-from xpeft.profiles.abstain_fit import Split, check_training_data, fit_rule
-from xpeft.profiles.data import DataError, Dataset
-from xpeft.profiles.diagnostics import adapter_ratio, mask_overlap
 from xpeft.profiles.profile import Profile, ProfileKind
-from xpeft.profiles.train_config import METHODS, TrainConfig
-from xpeft.profiles.trainable import Trainable
+from xpeft.training.abstain_fit import Split, check_training_data, fit_rule
+from xpeft.training.data import DataError, Dataset
+from xpeft.training.diagnostics import adapter_ratio, mask_overlap
+from xpeft.training.train_config import METHODS, TrainConfig
+from xpeft.training.trainable import Trainable
 
 __all__ = ["METHODS", "TrainConfig", "TrainResult", "train_profile"]
 
@@ -82,7 +82,7 @@ def train_profile(
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(total, 1)))
     eval_every = config.eval_every or steps_per_epoch
-    frozen_features = config.method == "head_only"
+    frozen_features = trainable.frozen_features
     probe = encoder.tokenize(train.inputs[: config.batch_size], config.max_length)
     trainable.eval()
     diagnostics: dict = {"adapter_ratio_start": adapter_ratio(encoder, trainable.fused(), probe)}
@@ -165,8 +165,7 @@ def _temperature(config: TrainConfig, step: int, total: int) -> float:
 
 
 def _score_grad_norm(trainable: Trainable) -> float:
-    scores = dict.fromkeys([trainable.scores_down, trainable.scores_up])  # one tensor when tied
-    grads = [p.grad.float() for p in scores if p.grad is not None]
+    grads = [p.grad.float() for p in trainable.score_tensors() if p.grad is not None]
     return float(torch.cat([g.flatten() for g in grads]).norm()) if grads else 0.0
 
 

@@ -8,9 +8,9 @@ import torch
 from xpeft.adapters.errors import XPeftError
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.evaluate import evaluate
 from xpeft.profiles.profile import ProfileKind
-from xpeft.profiles.train import TrainConfig, train_profile
+from xpeft.training.evaluate import evaluate
+from xpeft.training.train import TrainConfig, train_profile
 
 FAST = {"epochs": 4, "batch_size": 16, "max_length": 16}
 
@@ -81,11 +81,11 @@ def test_one_name_per_kind_and_a_torch_free_config():
     import sys
 
     from xpeft.profiles.profile import ProfileKind
-    from xpeft.profiles.train_config import METHODS
+    from xpeft.training.train_config import METHODS
 
     assert sorted(METHODS) == sorted(kind.value for kind in ProfileKind)
     # the CLI builds its flags from TrainConfig without paying for torch
-    code = "import sys, xpeft.profiles.train_config; print('torch' in sys.modules)"
+    code = "import sys, xpeft.training.train_config; print('torch' in sys.modules)"
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     )
@@ -121,7 +121,7 @@ def test_hard_mask_options_train_and_serve_what_was_trained(encoder, bank, separ
 
 
 def test_temperature_schedule_and_unknown_estimator(encoder, bank, separable):
-    from xpeft.profiles.train import _temperature
+    from xpeft.training.train import _temperature
 
     config = TrainConfig(temperature=1.0, temperature_end=0.1)
     assert _temperature(config, 0, 11) == pytest.approx(1.0)

@@ -6,8 +6,8 @@ import torch
 from tqdm.auto import tqdm
 
 from xpeft.engine.runtime import MultiProfileModel
-from xpeft.profiles.data import DataError, Dataset
 from xpeft.profiles.profile import Profile
+from xpeft.training.data import DataError, Dataset
 
 
 def evaluate(

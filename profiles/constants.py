@@ -1,0 +1,17 @@
+"""The fixed names and bounds a profile file and its abstention rule are checked against.
+
+They live here, below the training package, because the format, the masks and the rule read
+them at serving time; :mod:`xpeft.training.train_config` re-exports them for the training
+settings. Importable without torch.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ABSTAIN_SCORES", "CLASS_MEAN_SCORES", "ESTIMATORS", "MAX_ABSTAIN_COST", "MAX_GAIN"]
+
+ESTIMATORS = ("softmax", "identity", "gumbel")  # the straight-through surrogates of a selection
+MAX_GAIN = 1024.0  # the largest gain a profile file may hold
+# abstention (docs/TRAINING.md): the scores a rule may read; those that need the class means
+ABSTAIN_SCORES = ("msp", "max_logit", "energy", "cosine")
+CLASS_MEAN_SCORES = ("cosine",)
+MAX_ABSTAIN_COST = 0.02  # with OOS examples: held-out in-scope accuracy the chosen point may give up
