@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,3 +208,21 @@ def admin_headers() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def reader_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {READER}"}
+
+
+@pytest.fixture
+def start_server(bank_path: Path, tmp_path: Path) -> Iterator[Callable[[str, dict[str, str]], ServerProcess]]:
+    """``start_server(name, env)``: a real ``xpeft serve`` on loopback with the session's bank and
+    these ``XPEFT_*`` settings, ready when returned; every one started is stopped when the test ends."""
+    started: list[ServerProcess] = []
+
+    def start(name: str, env: dict[str, str]) -> ServerProcess:
+        server = ServerProcess(name, env, bank_path, tmp_path / f"{name}.log")
+        started.append(server)
+        server.start()
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

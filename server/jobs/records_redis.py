@@ -4,6 +4,7 @@
     {P}:jobdata:<id>   string  the examples (JSON); deleted when the job ends
     {P}:jobs           zset    every job id, score 0 (ids sort by creation time): paging
     {P}:jobs:active    set     queued and running ids
+    {P}:jobs:ended     hash    terminal state -> how many jobs ended in it (never expires)
 
 Each change runs under WATCH/MULTI, so concurrent writers retry instead of interleaving.
 """
@@ -41,6 +42,7 @@ class RedisJobStore(JobStore):
         self._data = f"{tag}:jobdata:"
         self.index = f"{tag}:jobs"
         self.active = f"{tag}:jobs:active"
+        self.ended = f"{tag}:jobs:ended"
         self._redis = redis.Redis.from_url(
             url, socket_timeout=5, socket_connect_timeout=5, **({"password": password} if password else {})
         )
@@ -81,6 +83,7 @@ class RedisJobStore(JobStore):
                     if raw is None:
                         return None
                     record = load_record(job_id, raw)
+                    before = record["state"]  # fn may change the record in place
                     new = fn(record)
                     if new is None:
                         return record
@@ -89,6 +92,8 @@ class RedisJobStore(JobStore):
                     if new["state"] not in ACTIVE:
                         pipe.srem(self.active, job_id)
                         pipe.delete(self._data + job_id)
+                        if before in ACTIVE:
+                            pipe.hincrby(self.ended, new["state"], 1)
                     pipe.execute()
                     return new
                 except redis.WatchError:
@@ -121,6 +126,10 @@ class RedisJobStore(JobStore):
     def active_ids(self) -> builtins.list[str]:
         members = self._redis.smembers(self.active)
         return sorted(i.decode() if isinstance(i, bytes) else str(i) for i in members)
+
+    def ended_counts(self) -> dict[str, int]:
+        raw = self._redis.hgetall(self.ended)
+        return {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
 
     def close(self) -> None:
         self._redis.close()

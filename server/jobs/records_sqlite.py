@@ -25,6 +25,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS job_ends (
+    state TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
 """
 
 
@@ -86,6 +90,7 @@ class SQLiteJobStore(JobStore):
                 db.execute("ROLLBACK")
                 return None
             record = load_record(job_id, row[0])
+            before = record["state"]  # fn may change the record in place
             new = fn(record)
             if new is None:
                 db.execute("ROLLBACK")
@@ -97,6 +102,12 @@ class SQLiteJobStore(JobStore):
                 + " WHERE id = ?",
                 (new["state"], json.dumps(new), time.time(), job_id),
             )
+            if ended and before in ACTIVE:
+                db.execute(
+                    "INSERT INTO job_ends (state, count) VALUES (?, 1)"
+                    " ON CONFLICT (state) DO UPDATE SET count = count + 1",
+                    (new["state"],),
+                )
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
@@ -115,6 +126,9 @@ class SQLiteJobStore(JobStore):
     def active_ids(self) -> builtins.list[str]:
         rows = self._db().execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY id", ACTIVE).fetchall()
         return [r[0] for r in rows]
+
+    def ended_counts(self) -> dict[str, int]:
+        return dict(self._db().execute("SELECT state, count FROM job_ends").fetchall())
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
