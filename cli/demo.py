@@ -149,12 +149,24 @@ def train_examples(encoder: AdapterEncoder, bank: AdapterBank, work: Path) -> di
         data = load_dataset(str(files("xpeft.profiles.examples") / name))
         result = train_profile(encoder, bank, data, config)
         paths[profile_id] = work / f"{profile_id}.xpm"
-        size = xpm.save(result.profile, paths[profile_id])
+        xpm.save(result.profile, paths[profile_id])
         say(
             f"trained {profile_id!r} on {len(data)} examples, labels {result.profile.labels}: "
-            f"{size} bytes, {result.seconds:.1f} s, train accuracy {result.history[-1]['train_accuracy']:.2f}"
+            f"{file_bytes(paths[profile_id].read_bytes())}, {result.seconds:.1f} s, "
+            f"train accuracy {result.history[-1]['train_accuracy']:.2f}"
+            + "".join(f"; {note}" for note in result.notes)
         )
     return paths
+
+
+def file_bytes(data: bytes) -> str:
+    """A profile file's size and what it is spent on (``xpeft info`` shows the same parts)."""
+    from xpeft.profiles.format_sizes import size_parts
+
+    parts = size_parts(data)
+    names = (("selection", "units"), ("head", "head"), ("rule", "abstention rule"), ("extras", "gains"))
+    spent = ", ".join(f"{label} {parts[key]:,}" for key, label in names if parts[key])
+    return f"{parts['total']:,} bytes ({spent}, header {parts['header']:,})"
 
 
 def batch_metrics(url: str) -> dict[str, float]:

@@ -23,6 +23,7 @@ from xpeft.adapters.encoder import SUPPORTED_LAYOUTS, load_encoder
 from xpeft.adapters.errors import BankError, ModelError
 from xpeft.cli.main import main
 from xpeft.profiles.data import Dataset
+from xpeft.profiles.format_sizes import size_parts
 from xpeft.profiles.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
 
@@ -135,6 +136,9 @@ def test_family_trains_and_serves_mixed_batches_like_single_rows(
     assert model.bank.model_name == str(folder.resolve())
     trained = model.load_profile(profile_path)
     assert trained.abstain is not None  # the shipped default: a rule included
+    parts = size_parts(profile_path.read_bytes())
+    assert parts["rule"] > 2 * len(trained.labels) * HIDDEN  # its class means, C x d in fp16
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     other = random_profile(model.bank, "units", seed=7, labels=["x", "y", "z"])
 
     short = ["the film was wonderful", "awful"]
