@@ -368,7 +368,7 @@ async def _job_ends(request: Request) -> dict[str, int] | None:
     """The job store's counts of ended jobs; ``None`` (the series left out of this scrape) while
     the store does not answer: a scrape never fails for it, and readiness reports the store."""
     try:
-        return await asyncio.to_thread(lambda: job_service(request).jobs().ended_counts())
+        return await asyncio.to_thread(job_service(request).ended_counts)
     except Exception as exc:  # any store client's error: the scrape goes on without the series
         log.debug("metrics: job counts unavailable: %s", exc)
         return None
