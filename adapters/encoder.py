@@ -151,12 +151,17 @@ class AdapterEncoder(nn.Module):
 
     @property
     def max_tokens(self) -> int:
-        """The most tokens one input may have: the encoder's positions (and its tokenizer's own limit)."""
+        """The most tokens one input may have: the encoder's positions (and its tokenizer's own limit).
+
+        RoBERTa, XLM-R and MPNet number positions from their padding index + 1, so two of their
+        514 positions are never a token's: their position table names its ``padding_idx``."""
         config: Any = self.model.config
-        candidates = [
-            getattr(config, "max_position_embeddings", None),
-            getattr(self.tokenizer, "model_max_length", None),
-        ]
+        positions = getattr(config, "max_position_embeddings", None)
+        table = getattr(getattr(self.model, "embeddings", None), "position_embeddings", None)
+        padding_idx = getattr(table, "padding_idx", None)
+        if isinstance(positions, int) and isinstance(padding_idx, int):
+            positions -= padding_idx + 1
+        candidates = [positions, getattr(self.tokenizer, "model_max_length", None)]
         usable = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]  # 1e30: "no limit"
         return min(usable) if usable else 512
 

@@ -201,3 +201,24 @@ def test_a_bank_refuses_an_encoder_other_than_its_own(words: set[str], tmp_path:
     with pytest.raises(BankError) as err:
         MultiProfileModel.load(bank_path, model=str(electra), device="cpu")
     assert err.value.code == "bank_mismatch"
+
+
+def test_inputs_never_outgrow_the_position_table(words: set[str], tmp_path: Path) -> None:
+    """RoBERTa-style models number positions from their padding index + 1: with a tokenizer that
+    sets no limit of its own, the longest input still fits the table, and runs."""
+    folder = model_folder(tmp_path / "roberta", "roberta", words, **FAMILIES["roberta"])
+    config = (folder / "tokenizer_config.json").read_text()
+    (folder / "tokenizer_config.json").write_text(
+        config.replace(f'"model_max_length": {POSITIONS}', '"model_max_length": 1e30')
+    )
+    encoder = load_encoder(str(folder))
+    pad = encoder.model.config.pad_token_id
+    assert encoder.tokenizer.model_max_length > 10**6
+    assert encoder.max_tokens == POSITIONS + 2 - (pad + 1)
+    long_text = " ".join(sorted(words) * 20)
+    enc = encoder.tokenize([long_text], max_length=10_000)
+    assert enc["input_ids"].shape[1] == encoder.max_tokens
+    with torch.no_grad():
+        assert torch.isfinite(encoder(enc)).all()
+    bert = load_encoder(str(model_folder(tmp_path / "bert", "bert", words)))
+    assert bert.max_tokens == POSITIONS  # no padding index in BERT's position table
