@@ -7,6 +7,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from xpeft.adapters.errors import XPeftError
@@ -50,6 +51,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bench.eval.targets import Shipped
 
     command = shlex.join(["python", "-m", "bench.eval", *args.argv])
+    if args.sizes is None:
+        args.sizes = str(Path(args.results).parent / "sizes.json")
     shipped = Shipped(args.shipped_method, args.shipped_variant or "default")
     path = write_report(
         args.results, args.out, img_dir=args.img_dir, command=command, shipped=shipped, sizes_path=args.sizes
@@ -129,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sizes",
-        default="bench/eval/results/sizes.json",
-        help="sizes of the shipped default (python -m bench.eval sizes) for the size sections",
+        default=None,
+        help="sizes of the shipped default (python -m bench.eval sizes) for the size sections "
+        "(default: sizes.json beside --results)",
     )
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("sizes", help="bytes of the profiles `xpeft train` writes by default, per label count")

@@ -122,8 +122,10 @@ def sizes(res: Results, shipped: Shipped, shipped_sizes: dict | None = None) -> 
     mine = [r for r in res.runs if r["method"] == shipped.method and r["variant"] == shipped.variant]
     two = [r["bytes"]["total"] for r in mine if r["n_labels"] == 2]
     whole = "whole .xpm, abstention off as the runs trained"
-    if shipped_sizes is not None and shipped.variant == "default":
-        default = [row for row in shipped_sizes["sizes"] if row["method"] == shipped.method]
+    default = (
+        [] if shipped_sizes is None else [r for r in shipped_sizes["sizes"] if r["method"] == shipped.method]
+    )
+    if shipped.variant == "default" and any(row["labels"] == 2 for row in default):
         two = [row["bytes"]["total"] for row in default if row["labels"] == 2]
         whole = "whole .xpm as `xpeft train` writes it, abstention rule included"
     selection = [r["bytes"]["selection"] + r["bytes"]["extras"] for r in mine]
