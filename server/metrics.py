@@ -39,6 +39,33 @@ MAX_PROFILE_SERIES = 64  # profiles with their own abstention series; the rest s
 disable_created_metrics()  # process-wide in prometheus_client; the server's registries are its only ones
 
 
+class JobEnds(Collector):
+    """``xpeft_train_jobs_ended_total{state}``: jobs that ended, by terminal state, counted by the
+    job store itself (whichever process ended them: a trainer, a reaper, a replica), so every
+    replica reports the same deployment-wide counts. The server reads them from the store before
+    each scrape (:meth:`update`); a scrape while the store does not answer leaves them out."""
+
+    NAME = "xpeft_train_jobs_ended"
+    HELP = "training jobs that ended, by state (succeeded, failed, cancelled), counted by the job store"
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] | None = None
+
+    def update(self, counts: dict[str, int] | None) -> None:
+        self.counts = counts
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self.NAME, self.HELP, labels=["state"])]
+
+    def collect(self) -> list[Metric]:
+        if self.counts is None:
+            return []
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["state"])
+        for state in JOB_ENDS:
+            family.add_metric([state], self.counts.get(state, 0))
+        return [family]
+
+
 class Metrics:
     """Every metric the server exports; ``registry`` is what ``GET /metrics`` renders."""
 
@@ -185,30 +212,3 @@ class Metrics:
 
     def set_queue_depth_source(self, source: Callable[[], float]) -> None:
         self.queue_depth.set_function(source)
-
-
-class JobEnds(Collector):
-    """``xpeft_train_jobs_ended_total{state}``: jobs that ended, by terminal state, counted by the
-    job store itself (whichever process ended them: a trainer, a reaper, a replica), so every
-    replica reports the same deployment-wide counts. The server reads them from the store before
-    each scrape (:meth:`update`); a scrape while the store does not answer leaves them out."""
-
-    NAME = "xpeft_train_jobs_ended"
-    HELP = "training jobs that ended, by state (succeeded, failed, cancelled), counted by the job store"
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] | None = None
-
-    def update(self, counts: dict[str, int] | None) -> None:
-        self.counts = counts
-
-    def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(self.NAME, self.HELP, labels=["state"])]
-
-    def collect(self) -> list[Metric]:
-        if self.counts is None:
-            return []
-        family = CounterMetricFamily(self.NAME, self.HELP, labels=["state"])
-        for state in JOB_ENDS:
-            family.add_metric([state], self.counts.get(state, 0))
-        return [family]

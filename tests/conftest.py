@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,14 +210,16 @@ def reader_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {READER}"}
 
 
-@pytest.fixture
-def start_server(bank_path: Path, tmp_path: Path) -> Iterator[Callable[[str, dict[str, str]], ServerProcess]]:
-    """``start_server(name, env)``: a real ``xpeft serve`` on loopback with the session's bank and
-    these ``XPEFT_*`` settings, ready when returned; every one started is stopped when the test ends."""
+@pytest.fixture(scope="module")
+def serve(bank_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``serve(name, env)``: a real ``xpeft serve`` on loopback with ``env``'s ``XPEFT_*`` settings,
+    started and ready; every server a module started stops at its end. For tests that need settings
+    no shared server has."""
+    logs = tmp_path_factory.mktemp("serve-logs")
     started: list[ServerProcess] = []
 
     def start(name: str, env: dict[str, str]) -> ServerProcess:
-        server = ServerProcess(name, env, bank_path, tmp_path / f"{name}.log")
+        server = ServerProcess(name, dict(env), bank_path, logs / f"{name}.log")
         started.append(server)
         server.start()
         server.wait_ready()

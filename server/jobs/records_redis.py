@@ -4,9 +4,10 @@
     {P}:jobdata:<id>   string  the examples (JSON); deleted when the job ends
     {P}:jobs           zset    every job id, score 0 (ids sort by creation time): paging
     {P}:jobs:active    set     queued and running ids
-    {P}:jobs:ended     hash    terminal state -> how many jobs ended in it (never expires)
 
 Each change runs under WATCH/MULTI, so concurrent writers retry instead of interleaving.
+``{P}:jobs:ended`` (a hash, never expiring) counts the jobs that ended in each terminal state,
+in the same transaction as each job's last change.
 """
 
 from __future__ import annotations
@@ -90,10 +91,10 @@ class RedisJobStore(JobStore):
                     pipe.multi()
                     pipe.set(key, json.dumps(new), px=self._ttl_ms)
                     if new["state"] not in ACTIVE:
+                        if before in ACTIVE:  # this change ends the job: count it
+                            pipe.hincrby(self.ended, new["state"], 1)
                         pipe.srem(self.active, job_id)
                         pipe.delete(self._data + job_id)
-                        if before in ACTIVE:
-                            pipe.hincrby(self.ended, new["state"], 1)
                     pipe.execute()
                     return new
                 except redis.WatchError:

@@ -17,6 +17,7 @@ from pathlib import Path
 from xpeft.server.jobs.records import ACTIVE, JobStore, TooManyJobs, Update, load_record, readable_jobs
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS job_ends (state TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -25,10 +26,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
-CREATE TABLE IF NOT EXISTS job_ends (
-    state TEXT PRIMARY KEY,
-    count INTEGER NOT NULL
-);
 """
 
 
@@ -96,18 +93,18 @@ class SQLiteJobStore(JobStore):
                 db.execute("ROLLBACK")
                 return record
             ended = new["state"] not in ACTIVE
+            if ended and before in ACTIVE:  # this change ends the job: count it
+                db.execute(
+                    "INSERT INTO job_ends (state, count) VALUES (?, 1)"
+                    " ON CONFLICT (state) DO UPDATE SET count = count + 1",
+                    (new["state"],),
+                )
             db.execute(
                 "UPDATE jobs SET state = ?, record = ?, updated_at = ?"
                 + (", data = NULL" if ended else "")
                 + " WHERE id = ?",
                 (new["state"], json.dumps(new), time.time(), job_id),
             )
-            if ended and before in ACTIVE:
-                db.execute(
-                    "INSERT INTO job_ends (state, count) VALUES (?, 1)"
-                    " ON CONFLICT (state) DO UPDATE SET count = count + 1",
-                    (new["state"],),
-                )
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")

@@ -189,9 +189,9 @@ def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
 
 
 def test_prometheus_answers_every_dashboard_query_and_alert_from_a_real_server(
-    start_server, prometheus, tmp_path: Path, profile_bytes, separable
+    serve, prometheus, tmp_path: Path, profile_bytes, separable
 ) -> None:
-    server = start_server(
+    server = serve(
         "monitored",
         {
             "XPEFT_SQLITE_PATH": str(tmp_path / "profiles.sqlite3"),
