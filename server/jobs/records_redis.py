@@ -43,11 +43,11 @@ class RedisJobStore(JobStore):
         self._data = f"{tag}:jobdata:"
         self.index = f"{tag}:jobs"
         self.active = f"{tag}:jobs:active"
-        self.ended = f"{tag}:jobs:ended"
         self._redis = redis.Redis.from_url(
             url, socket_timeout=5, socket_connect_timeout=5, **({"password": password} if password else {})
         )
         self._ttl_ms = int(ttl_s * 1000)
+        self.ended = "{" + prefix + "}:jobs:ended"
         self._create = self._redis.register_script(_CREATE)
 
     def create(self, record: dict, data: bytes, max_active: int | None = None) -> None:
