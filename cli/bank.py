@@ -9,7 +9,7 @@ from typing import Any
 from xpeft.adapters.errors import XPeftError
 from xpeft.cli.output import positive_int, print_json
 
-MODEL_HELP = "encoder: minilm (the bundled MiniLM-L6), a model folder or a hub id"
+MODEL_HELP = "encoder: minilm (the bundled MiniLM-L6), a model folder or a hub id (families: docs/INSTALL.md)"
 
 
 def cmd_create(args: argparse.Namespace) -> None:

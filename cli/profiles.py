@@ -159,7 +159,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         data = Path(args.file).read_bytes()
     except OSError as exc:
         raise XPeftError("not_found", f"cannot read {args.file}: {exc.strerror}") from exc
-    print_json(xpm.read_info(data).as_dict())
+    from xpeft.profiles.format_sizes import size_parts
+
+    print_json({**xpm.read_info(data).as_dict(), "bytes_by_part": size_parts(data)})
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

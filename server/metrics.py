@@ -21,16 +21,50 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from xpeft.engine.metrics import EngineMetrics
 from xpeft.server.errors import StoreUnavailable
 
 T = TypeVar("T")
 
+# Label values every replica exports from the start, at 0: a rate or ratio over them (the
+# dashboard's panels, the alerts) then has a series to compute before the first event.
+STORE_OPS = ("get", "get_record", "put", "delete", "list", "ping", "seq", "versions")
+CACHE_EVENTS = ("hit", "miss", "eviction")
+JOB_ENDS = ("succeeded", "failed", "cancelled")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MAX_PROFILE_SERIES = 64  # profiles with their own abstention series; the rest share "other"
 disable_created_metrics()  # process-wide in prometheus_client; the server's registries are its only ones
+
+
+class JobEnds(Collector):
+    """``xpeft_train_jobs_ended_total{state}``: jobs that ended, by terminal state, counted by the
+    job store itself (whichever process ended them: a trainer, a reaper, a replica), so every
+    replica reports the same deployment-wide counts. The server reads them from the store before
+    each scrape (:meth:`update`); a scrape while the store does not answer leaves them out."""
+
+    NAME = "xpeft_train_jobs_ended"
+    HELP = "training jobs that ended, by state (succeeded, failed, cancelled), counted by the job store"
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] | None = None
+
+    def update(self, counts: dict[str, int] | None) -> None:
+        self.counts = counts
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self.NAME, self.HELP, labels=["state"])]
+
+    def collect(self) -> list[Metric]:
+        if self.counts is None:
+            return []
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["state"])
+        for state in JOB_ENDS:
+            family.add_metric([state], self.counts.get(state, 0))
+        return [family]
 
 
 class Metrics:
@@ -141,6 +175,18 @@ class Metrics:
             registry=r,
         )
         self._abstaining: set[str] = set()
+        self.job_ends = JobEnds()
+        r.register(self.job_ends)
+        for op in STORE_OPS:
+            self.store_errors.labels(op)
+        for cache in ("profile", "fused"):
+            for event in CACHE_EVENTS:
+                self.cache_events.labels(cache, event)
+        for reason in ("in_flight", "draining"):
+            self.admission_refused.labels(reason)
+        for event in ("queued", "refused", "cancelled"):
+            self.train_jobs.labels(event)
+        self.abstentions.labels("other")
 
     def count_abstentions(self, profile_id: str, count: int) -> None:
         """Count one request's abstentions under a bounded number of profile series."""

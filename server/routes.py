@@ -19,7 +19,7 @@ from xpeft.engine.batcher import Job, Overloaded
 from xpeft.engine.fair import TooCostly
 from xpeft.server.auth import require_admin, require_profile_access, require_reader
 from xpeft.server.conditional import PRECONDITION_RESPONSES, not_modified, write_condition
-from xpeft.server.deps import ProfileIdPath, check_profile_id, server_state
+from xpeft.server.deps import ProfileIdPath, check_profile_id, job_service, server_state
 from xpeft.server.errors import ApiError, allowed_methods, etag
 from xpeft.server.middleware import START_KEY
 from xpeft.server.model import kernel_report
@@ -369,4 +369,16 @@ async def readyz(request: Request) -> dict:
 )
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
-    return Response(generate_latest(server_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    state = server_state(request)
+    state.metrics.job_ends.update(await _job_ends(request))
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _job_ends(request: Request) -> dict[str, int] | None:
+    """The job store's counts of ended jobs; ``None`` (the series left out of this scrape) while
+    the store does not answer: a scrape never fails for it, and readiness reports the store."""
+    try:
+        return await asyncio.to_thread(job_service(request).ended_counts)
+    except Exception as exc:  # any store client's error: the scrape goes on without the series
+        log.debug("metrics: job counts unavailable: %s", exc)
+        return None

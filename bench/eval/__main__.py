@@ -1,4 +1,4 @@
-"""``python -m bench.eval run|report|pack-model``: the quality benchmark's command line."""
+"""``python -m bench.eval run|report|sizes|pack-model``: the quality benchmark's command line."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from xpeft.adapters.errors import XPeftError
@@ -50,8 +51,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bench.eval.targets import Shipped
 
     command = shlex.join(["python", "-m", "bench.eval", *args.argv])
+    if args.sizes is None:
+        args.sizes = str(Path(args.results).parent / "sizes.json")
     shipped = Shipped(args.shipped_method, args.shipped_variant or "default")
-    path = write_report(args.results, args.out, img_dir=args.img_dir, command=command, shipped=shipped)
+    path = write_report(
+        args.results, args.out, img_dir=args.img_dir, command=command, shipped=shipped, sizes_path=args.sizes
+    )
     print(f"wrote {path}")
     if args.method_doc or args.readme:
         from bench.eval import method_doc, summary
@@ -63,8 +68,28 @@ def cmd_report(args: argparse.Namespace) -> int:
             text = method_doc.block(res, args.results, command)
             print(f"wrote {method_doc.fill(args.method_doc, text)}")
         if args.readme:
-            text = summary.block(res, args.results, command, doc=args.out, shipped=shipped)
+            from bench.eval import sizes
+
+            text = summary.block(
+                res,
+                args.results,
+                command,
+                doc=args.out,
+                shipped=shipped,
+                shipped_sizes=sizes.read(args.sizes),
+                sizes_path=args.sizes,
+            )
             print(f"wrote {method_doc.fill(args.readme, text, 'summary')}")
+    return 0
+
+
+def cmd_sizes(args: argparse.Namespace) -> int:
+    from bench.eval.sizes import run
+
+    labels = [int(n) for n in _names(args.labels) or []]
+    if not labels or min(labels) < 2:
+        raise XPeftError("bad_argument", "--labels takes label counts of 2 or more, e.g. 2,3,6,15")
+    print(f"wrote {run(args.out, labels, args.model)}")
     return 0
 
 
@@ -105,7 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the variant equal to the library's defaults (default: default)",
     )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="sizes of the shipped default (python -m bench.eval sizes) for the size sections "
+        "(default: sizes.json beside --results)",
+    )
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("sizes", help="bytes of the profiles `xpeft train` writes by default, per label count")
+    p.add_argument("--out", default="bench/eval/results/sizes.json")
+    p.add_argument("--labels", default="2,3,6,15", help="comma-separated label counts")
+    p.add_argument("--model", default="minilm", help="encoder alias or folder")
+    p.set_defaults(func=cmd_sizes)
     p = sub.add_parser("pack-model", help="copy the encoder with fp16-stored weights (for gpu.sh)")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="minilm")

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.eval import abstention_report
+from bench.eval import abstention_report, sizes
 from bench.eval.analysis import (
     MIN_ADAPTER_GAIN,
     Results,
@@ -113,8 +113,8 @@ def _mask_pays(res: Results) -> list[str]:
     return out
 
 
-def _targets(res: Results, shipped: Shipped) -> list[str]:
-    rows = [[t.name, t.measured, f"**{t.verdict}**"] for t in all_targets(res, shipped)]
+def _targets(res: Results, shipped: Shipped, shipped_sizes: dict | None = None) -> list[str]:
+    rows = [[t.name, t.measured, f"**{t.verdict}**"] for t in all_targets(res, shipped, shipped_sizes)]
     return [
         "## 3. Targets",
         "",
@@ -164,19 +164,19 @@ def _variants(res: Results) -> list[str]:
     return out
 
 
-def _sizes(res: Results) -> list[str]:
+def _sizes(res: Results, shipped_sizes: dict | None = None, sizes_path: str = "") -> list[str]:
     by: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in res.runs:
         if r["variant"] == "default":
             by[(r["method"], r["n_labels"])].append(r["bytes"])
     rows = []
-    for (method, labels), sizes in sorted(by.items()):
+    for (method, labels), found in sorted(by.items()):
         med = {
-            k: statistics.median(s[k] for s in sizes)
+            k: statistics.median(s[k] for s in found)
             for k in ("total", "selection", "head", "extras", "header")
         }
         rows.append(
-            [f"`{method}`", labels, len(sizes)]
+            [f"`{method}`", labels, len(found)]
             + [f"{med[k]:,.0f}" for k in ("total", "selection", "extras", "head", "header")]
         )
     header = [
@@ -192,7 +192,13 @@ def _sizes(res: Results) -> list[str]:
     return [
         "## 5. Profile sizes",
         "",
-        "Median bytes of the `.xpm` file by method and label count (default variant).",
+        *sizes.section(shipped_sizes, sizes_path),
+        "",
+        "### The evaluation's runs",
+        "",
+        "Median bytes of the `.xpm` file by method and label count (default variant), as the runs "
+        "trained them: abstention off, so without the rule (the abstention runs aside, whose rule "
+        "counts in their total only).",
         "",
         table(header, rows) if rows else NOT_RUN,
     ]
@@ -288,6 +294,8 @@ def render(
     img_rel: str,
     plots: dict[str, str | None],
     shipped: Shipped | None = None,
+    shipped_sizes: dict | None = None,
+    sizes_path: str = "",
 ) -> str:
     if not res.runs:
         head = ["# Evaluation: X-PEFT profiles against their baselines", ""]
@@ -298,9 +306,9 @@ def render(
         parts.append([f"![accuracy by task group]({img_rel}/main.png)"])
     parts += [
         _mask_pays(res),
-        _targets(res, shipped or Shipped()),
+        _targets(res, shipped or Shipped(), shipped_sizes),
         _variants(res),
-        _sizes(res),
+        _sizes(res, shipped_sizes, sizes_path),
         _diagnostics(res),
     ]
     curves = ["## 7. Training curves", ""]
@@ -324,6 +332,7 @@ def write_report(
     img_dir: str | Path | None = None,
     command: str = "",
     shipped: Shipped | None = None,
+    sizes_path: str | Path | None = None,
 ) -> Path:
     results, out = Path(results), Path(out)
     img = Path(img_dir) if img_dir else out.parent / "img" / "eval"
@@ -337,7 +346,16 @@ def write_report(
     img_rel = os.path.relpath(img, out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        render(res, str(results), command or "python -m bench.eval report", img_rel, plots, shipped),
+        render(
+            res,
+            str(results),
+            command or "python -m bench.eval report",
+            img_rel,
+            plots,
+            shipped,
+            sizes.read(sizes_path),
+            str(sizes_path or ""),
+        ),
         encoding="utf-8",
     )
     return out

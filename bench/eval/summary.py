@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-import statistics
-
+from bench.eval import sizes
 from bench.eval.analysis import Results, group_summary, mask_pays
 from bench.eval.markdown import NOT_RUN, interval, table
 from bench.eval.targets import Shipped
@@ -18,23 +17,17 @@ def _acc(res: Results, task: str, method: str, bank: str, variant: str = "defaul
     return NOT_RUN if summary is None else f"{summary.mean * 100:.1f}"
 
 
-def _bytes(res: Results, shipped: Shipped, labels: int) -> int | None:
-    sizes = [
-        r["bytes"]["total"]
-        for r in res.runs
-        if (r["method"], r["variant"], r["n_labels"]) == (shipped.method, shipped.variant, labels)
-    ]
-    return int(statistics.median(sizes)) if sizes else None
-
-
 def block(
     res: Results,
     results_path: str,
     command: str,
     doc: str = "docs/EVALUATION.md",
     shipped: Shipped | None = None,
+    shipped_sizes: dict | None = None,
+    sizes_path: str = "bench/eval/results/sizes.json",
 ) -> str:
-    """``shipped``: the method and variant that equal the library's current defaults."""
+    """``shipped``: the method and variant that equal the library's current defaults;
+    ``shipped_sizes``: ``python -m bench.eval sizes``'s measurement of the files they write."""
     shipped = shipped or Shipped()
     paper = shipped.method != "hard" or shipped.variant != "default"
     header = ["task group", "`head_only`", "`single_adapter`"]
@@ -60,13 +53,6 @@ def block(
             NOT_RUN if helps is None else "yes" if helps else "no",
         ]
         rows.append(row)
-    sizes = []
-    for labels in sorted({r["n_labels"] for r in res.runs}):
-        mine_b, single = _bytes(res, shipped, labels), _bytes(res, Shipped("single_adapter"), labels)
-        if mine_b and single:
-            sizes.append(
-                f"{labels} labels: {mine_b:,} bytes against {single:,} ({single / mine_b:,.0f}× smaller)"
-            )
     return "\n".join(
         [
             f"Accuracy % on each task's scored split (mean over seeds; groups averaged over their "
@@ -75,10 +61,6 @@ def block(
             "",
             table(header, rows),
             "",
-            f"Median `.xpm` size of a shipped {shipped.name} profile against a `single_adapter` one: "
-            + "; ".join(sizes)
-            + "."
-            if sizes
-            else "",
+            sizes.readme_line(shipped_sizes, sizes_path, shipped.method),
         ]
     )

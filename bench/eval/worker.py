@@ -21,10 +21,11 @@ from bench.eval.banks import Donor, donor_texts, resolve, train_donor
 from bench.eval.config import EvalConfig, TrainedBankSpec
 from bench.eval.plan import RunSpec
 from bench.eval.tasks import EvalProfile, TaskData, texts
-from xpeft.adapters.bank import TENSOR_NAMES, AdapterBank
+from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
+from xpeft.profiles.format_sizes import size_parts
 from xpeft.profiles.profile import Profile
 from xpeft.training.evaluate import evaluate
 from xpeft.training.train import TrainConfig, train_profile
@@ -54,26 +55,13 @@ def hardware(device: torch.device) -> dict[str, Any]:
     }
 
 
-SELECTION_SECTIONS = {"mask_down", "mask_up", "unit_down", "unit_up", "weights_down", "weights_up"}
-HEAD_SECTIONS = {"head_weight", "head_bias"}
-RULE_SECTIONS = {"abstain_rule", "class_means"}
-
-
 def profile_sizes(profile: Profile, blob: bytes) -> dict[str, int]:
-    """The ``.xpm`` total and its parts, from the file's own sections: selection (masks, units,
-    soft weights or the adapter), head, header + framing (magic, version, lengths, JSON header,
-    checksum), and extras: every other section (gains, per-adapter weights, output scales)."""
-    info = xpm.read_info(blob)
-    parts = {"selection": 0, "head": 0, "extras": 0}
-    for s in xpm.info_sections(info):
-        own = s.name in SELECTION_SECTIONS or s.name in TENSOR_NAMES
-        part = "selection" if own else "head" if s.name in HEAD_SECTIONS else "extras"
-        if s.name in RULE_SECTIONS:  # the abstention rule: its sections, reported on their own
-            parts["rule"] = parts.get("rule", 0) + s.nbytes
-            continue
-        parts[part] += s.nbytes
-    framing = len(blob) - sum(parts.values())
-    return {"total": len(blob), **parts, "header": framing}
+    """The ``.xpm`` total and its parts (:func:`~xpeft.profiles.format_sizes.size_parts`); the
+    abstention rule's part only where the profile has one, as the results have always recorded."""
+    parts = size_parts(blob)
+    if not parts["rule"]:
+        del parts["rule"]
+    return parts
 
 
 def _curve(history: list[dict[str, Any]]) -> list[list[float]]:

@@ -167,6 +167,12 @@ class JobStore(abc.ABC):
         """Ids of queued and running jobs."""
 
     @abc.abstractmethod
+    def ended_counts(self) -> dict[str, int]:
+        """How many jobs ended in each terminal state since the store began (counted in the same
+        transaction as each job's last change, so a count is never lost or doubled; records
+        expire, these counts do not): what ``xpeft_train_jobs_ended_total`` exports."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
     # -- state machine ---------------------------------------------------------------------

@@ -10,6 +10,8 @@
                                per-tenant cap are deleted as its new jobs come
 
 Each change runs under WATCH/MULTI, so concurrent writers retry instead of interleaving.
+``{P}:jobs:ended`` (a hash, never expiring) counts the jobs that ended in each terminal state,
+in the same transaction as each job's last change.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class RedisJobStore(JobStore):
             url, socket_timeout=5, socket_connect_timeout=5, **({"password": password} if password else {})
         )
         self._ttl_ms = int(ttl_s * 1000)
+        self.ended = "{" + prefix + "}:jobs:ended"
         self._create = self._redis.register_script(_CREATE)
 
     def _tenant_active(self, tenant: str) -> str:
@@ -185,12 +188,15 @@ class RedisJobStore(JobStore):
                     if raw is None:
                         return None
                     record = load_record(job_id, raw)
+                    before = record["state"]  # fn may change the record in place
                     new = fn(record)
                     if new is None:
                         return record
                     pipe.multi()
                     pipe.set(key, dump_record(new), px=self._ttl_ms)
                     if new["state"] not in ACTIVE:
+                        if before in ACTIVE:  # this change ends the job: count it
+                            pipe.hincrby(self.ended, new["state"], 1)
                         pipe.srem(self.active, job_id)
                         pipe.srem(self._tenant_active(new.get("tenant", "")), job_id)
                         pipe.delete(self._data + job_id)
@@ -226,6 +232,10 @@ class RedisJobStore(JobStore):
     def active_ids(self) -> builtins.list[str]:
         members = self._redis.smembers(self.active)
         return sorted(i.decode() if isinstance(i, bytes) else str(i) for i in members)
+
+    def ended_counts(self) -> dict[str, int]:
+        raw = self._redis.hgetall(self.ended)
+        return {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
 
     def close(self) -> None:
         self._redis.close()

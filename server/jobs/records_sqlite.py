@@ -17,6 +17,7 @@ from xpeft.server.jobs import records
 from xpeft.server.jobs.records import ACTIVE, JobStore, TooManyJobs, Update, load_record, readable_jobs
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS job_ends (state TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -117,11 +118,18 @@ class SQLiteJobStore(JobStore):
                 db.execute("ROLLBACK")
                 return None
             record = load_record(job_id, row[0])
+            before = record["state"]  # fn may change the record in place
             new = fn(record)
             if new is None:
                 db.execute("ROLLBACK")
                 return record
             ended = new["state"] not in ACTIVE
+            if ended and before in ACTIVE:  # this change ends the job: count it
+                db.execute(
+                    "INSERT INTO job_ends (state, count) VALUES (?, 1)"
+                    " ON CONFLICT (state) DO UPDATE SET count = count + 1",
+                    (new["state"],),
+                )
             db.execute(
                 "UPDATE jobs SET state = ?, record = ?, updated_at = ?"
                 + (", data = NULL" if ended else "")
@@ -167,6 +175,9 @@ class SQLiteJobStore(JobStore):
     def active_ids(self) -> builtins.list[str]:
         rows = self._db().execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY id", ACTIVE).fetchall()
         return [r[0] for r in rows]
+
+    def ended_counts(self) -> dict[str, int]:
+        return dict(self._db().execute("SELECT state, count FROM job_ends").fetchall())
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -141,6 +141,13 @@ class JobService:
         records, next_cursor = self.jobs().list(cursor, limit)
         return [self._checked(r) for r in records], next_cursor
 
+    def ended_counts(self) -> dict[str, int] | None:
+        """Jobs ended by state (the metric ``xpeft_train_jobs_ended_total``); ``None`` while the
+        embedded store's file does not exist, so a scrape never creates one."""
+        if not self.settings.jobs_url() and not self.settings.sqlite_path.exists():
+            return None
+        return self.jobs().ended_counts()
+
     def cancel(self, job_id: str) -> dict | None:
         return self.jobs().cancel(job_id)
 

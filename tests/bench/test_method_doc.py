@@ -66,11 +66,24 @@ def test_readme_summary_names_gain_cost_and_bytes():
         ):
             run = _run(method, seed, 0.1) | {"accuracy": acc, "n_labels": 2, "bytes": {"total": size}}
             rows.append(run)
-    text = summary(Results(rows), "r.jsonl", "cmd")
+    # sizes: what `python -m bench.eval sizes` measured of the default files, not the runs' own
+    parts = {"selection": 150, "head": 1540, "rule": 1570, "extras": 0, "header": 240}
+    measured = {
+        "type": "sizes",
+        "sizes": [
+            {"labels": 2, "method": "hard", "abstain": "cosine", "bytes": {"total": 3500, **parts}},
+            {"labels": 2, "method": "single_adapter", "abstain": "cosine", "bytes": {"total": 229500}},
+        ],
+    }
+    text = summary(Results(rows), "r.jsonl", "cmd", shipped_sizes=measured, sizes_path="s.json")
     assert "| SST-2 | 81.0 | 86.0 | 83.5 |" in text  # means over the two seeds
     assert "+2.50 [" in text and "(n=2)" in text  # hard - head_only, paired over seeds
     assert "| 50% |" in text  # (83.5 - 81) / (86 - 81)
-    assert "2 labels: 1,900 bytes against 227,000 (119× smaller)" in text
+    assert "abstention rule: `cosine` scores" in text and "from `s.json`" in text
+    wanted = "2 labels: 3,500 bytes (masks/units 150, head 1,540, rule 1,570, header 240) against 229,500"
+    assert wanted + " for `single_adapter` (66× smaller)" in text
+    assert "1,900 bytes" not in text  # the runs' sizes (abstention off) are not what ships
+    assert "python -m bench.eval sizes" in summary(Results(rows), "r.jsonl", "cmd")  # none yet: how to
 
 
 def test_readme_summary_shows_the_shipped_variant_beside_the_paper_setting():

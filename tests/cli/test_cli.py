@@ -88,6 +88,9 @@ def test_bank_train_info_eval_predict(workdir):
     for key in ("format_version", "kind", "bytes", "num_layers", "num_adapters", "k", "bank_id", "labels"):
         assert key in info
     assert (info["kind"], info["k"], info["num_adapters"], info["bank_id"]) == ("hard", 4, 16, bank.bank_id)
+    parts = info["bytes_by_part"]  # what the file's bytes are spent on: the parts add up to it
+    assert parts["total"] == info["bytes"] == sum(v for k, v in parts.items() if k != "total")
+    assert parts["head"] == 2 * (len(info["labels"]) * info["hidden_size"] + len(info["labels"]))
     assert info["labels"] == ["neg", "pos"]
     metrics = json.loads(
         run(

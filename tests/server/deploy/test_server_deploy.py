@@ -272,3 +272,31 @@ def test_cluster_compose_file_passes_config_and_points_every_xpeft_service_at_th
         settings = Settings(**{k[6:].lower(): v for k, v in env.items() if not k.endswith("_FILE")})
         assert settings.redis_cluster and settings.jobs_url() == "redis://redis:6379/0"
     assert "--cluster-enabled yes" in " ".join(services["redis-node-0"]["entrypoint"])
+
+
+def test_monitoring_profile_scrapes_every_replica_with_the_repository_files() -> None:
+    """`docker compose --profile monitoring`: Prometheus scrapes exactly the serving replicas and
+    loads deploy/prometheus/alerts.yml; Grafana gets the dashboard, its password from a secret,
+    and a port on loopback only. Nothing of it starts without the profile."""
+    compose = _compose()
+    services = compose["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["profiles"] == grafana["profiles"] == ["monitoring"]
+    mounts = {}
+    for svc in (prometheus, grafana):
+        for volume in svc["volumes"]:
+            source, target = volume.split(":")[:2]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+                mounts[target] = source
+    assert mounts["/etc/prometheus/alerts.yml"] == "./deploy/prometheus/alerts.yml"
+    scrape = yaml.safe_load((ROOT / mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    assert scrape["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    (job,) = scrape["scrape_configs"]
+    assert job["job_name"] == "xpeft"  # what the alert rules select
+    (targets,) = [c["targets"] for c in job["static_configs"]]
+    assert sorted(targets) == sorted(f"{name}:8000" for name in _replicas(compose))
+    assert set(prometheus["networks"]) == {"frontend"}  # reaches the replicas, not Redis
+    assert mounts["/var/lib/grafana/dashboards/xpeft.json"] == "./deploy/grafana/xpeft.json"
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert all(str(port).startswith("127.0.0.1:") for port in grafana["ports"])

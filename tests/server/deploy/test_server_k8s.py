@@ -268,3 +268,19 @@ def test_redis_cluster_overlay_points_servers_and_trainers_at_the_cluster(base) 
         assert settings["XPEFT_JOBS_REDIS_URL"] == env(base[("Deployment", name)])["XPEFT_REDIS_URL"]
     for obj in cluster.values():
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+def test_monitoring_ships_with_the_base(base) -> None:
+    """Prometheus finds the server pods by their scrape annotations (on the container's port, at
+    /metrics), and the alert rules and dashboard ride along as ConfigMaps: the repository's files,
+    byte for byte, the dashboard labelled for Grafana's sidecar."""
+    server = base[("Deployment", "xpeft-server")]
+    annotations = server["spec"]["template"]["metadata"]["annotations"]
+    ports = {p["containerPort"] for p in container(server)["ports"]}
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) in ports
+    rules = base[("ConfigMap", "xpeft-prometheus-rules")]
+    assert rules["data"] == {"alerts.yml": (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()}
+    dashboard = base[("ConfigMap", "xpeft-grafana-dashboard")]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"] == {"xpeft.json": (ROOT / "deploy" / "grafana" / "xpeft.json").read_text()}
