@@ -8,7 +8,7 @@ and hands every profile's weights to :meth:`predict_batch`. Nothing here calls b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +75,11 @@ class MultiProfileModel:
         self._unit_table: UnitTable | None = None  # the bank as rows of units, once a units profile is served
         #: replays the forward from CUDA graphs when set (the server's worker sets it, see graphs.py)
         self.graphs: GraphRunner | None = None
+        #: runs the encoder of a served batch when set (the server sets one of xpeft.engine.backends
+        #: at start); None: the eager encoder itself, as training and the offline API run it
+        self.backend: (
+            Callable[[dict[str, torch.Tensor], FusedAdapters, torch.Tensor | None], torch.Tensor] | None
+        ) = None
 
     @classmethod
     def load(
@@ -263,6 +268,7 @@ class MultiProfileModel:
         ``token_ids``, each at its row's profile's length), padded here instead of tokenized.
         """
         enc = self.encoder
+        encode = self.backend or enc
         if token_ids is not None:
             encodings = enc.collate(token_ids)
         else:
@@ -273,12 +279,12 @@ class MultiProfileModel:
             if self.graphs is not None and self.graphs.weights is pool.weights:
                 pooled = self.graphs(encodings, slot_rows)
             else:
-                pooled = enc(encodings, pool.weights, slot_rows)
+                pooled = encode(encodings, pool.weights, slot_rows)
             heads, biases = pool.heads[slot_rows], pool.head_bias[slot_rows]
         else:
             row_index = torch.as_tensor(list(rows), dtype=torch.long).to(enc.device)
             batch = FusedAdapters.cat(list(fused))
-            pooled = enc(encodings, batch, row_index if batch.num_profiles > 1 else None)
+            pooled = encode(encodings, batch, row_index if batch.num_profiles > 1 else None)
             heads, biases = self._heads(profiles)
             heads, biases = heads[row_index], biases[row_index]
         return torch.bmm(heads, pooled.float().unsqueeze(-1)).squeeze(-1) + biases, pooled

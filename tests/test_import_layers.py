@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "adapters": "adapters",
     "profiles": "profiles",
+    "engine": "engine",
     "server": "server",
     "client": "client",
     "cli": "cli",
@@ -34,7 +35,8 @@ ORDER = list(LAYERS)
 ALLOWED: dict[str, tuple[str, ...]] = {
     "adapters": ("xpeft.adapters",),
     "profiles": ("xpeft.adapters", "xpeft.profiles"),
-    "server": ("xpeft.adapters", "xpeft.profiles", "xpeft.server"),
+    "engine": ("xpeft.adapters", "xpeft.profiles", "xpeft.engine"),
+    "server": ("xpeft.adapters", "xpeft.profiles", "xpeft.engine", "xpeft.server"),
     "client": ("xpeft.adapters.errors", "xpeft.server.wire", "xpeft.client"),
     "cli": tuple(f"xpeft.{layer}" for layer in LAYERS),
 }

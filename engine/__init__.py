@@ -1,0 +1,1 @@
+"""The serving engine: runtime, encoder backends, slot pool, model worker and micro-batcher."""

@@ -1,0 +1,260 @@
+"""ONNX Runtime backends: the exported encoder with the per-row adapters inside the graph.
+
+The graph's inputs are the batch's token tensors, the slot pool's four ``(L, S, ...)`` adapter
+tensors and each row's slot id; its output is the mean-pooled ``(B, d)`` embedding. The adapters
+are applied in the graph exactly as :func:`~xpeft.adapters.layer.apply_adapters` does in torch
+(the same module is exported), so a profile's weights never pass through the quantizer.
+
+Every call binds the inputs to the torch tensors' own memory (IOBinding): the pool is never
+copied, and a pool that was reallocated (or a transient pool of a few slots) is simply bound
+anew on its next call. The output is written straight into a torch tensor.
+
+Export runs once per machine: the graph is kept in a cache folder under a key of the encoder's
+``model_id``, the adapter shapes and the exporter's version; a fresh process loads it from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xpeft.adapters.encoder import AdapterEncoder
+from xpeft.adapters.fusion import FusedAdapters
+from xpeft.engine.backends.base import BackendError, default_cache_dir
+
+log = logging.getLogger("xpeft.engine.backends")
+
+#: Bump when the exported graph changes meaning (inputs, outputs, adapter math): old caches are unused.
+GRAPH_VERSION = 1
+OPSET = 18
+WEIGHT_NAMES = ("down", "down_bias", "up", "up_bias")
+_NUMPY_TYPES = {torch.float32: "float32", torch.int64: "int64"}
+
+
+class _PooledWithAdapters(nn.Module):
+    """What is exported: token tensors, the pool's adapter tensors and the slot ids in, pooled out."""
+
+    def __init__(self, encoder: AdapterEncoder, token_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.token_names = token_names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        k = len(self.token_names)
+        encodings = dict(zip(self.token_names, inputs[:k], strict=True))
+        down, down_bias, up, up_bias, rows = inputs[k:]
+        return self.encoder(encodings, FusedAdapters(down, down_bias, up, up_bias), rows)
+
+
+def _token_names(encoder: AdapterEncoder) -> tuple[str, ...]:
+    """The tensors the tokenizer gives (some models take no ``token_type_ids``)."""
+    return tuple(sorted(encoder.tokenize(["a"], 8)))
+
+
+def cache_key(encoder: AdapterEncoder, bottleneck: int) -> str:
+    """The export's folder name: the encoder's content id and every input that changes the graph."""
+    import onnxruntime
+
+    token_names = _token_names(encoder)
+    parts = [
+        encoder.model_id,
+        f"L{encoder.num_layers}",
+        f"d{encoder.hidden_size}",
+        f"r{bottleneck}",
+        str(encoder.dtype),
+        ",".join(token_names),
+        f"torch{torch.__version__}",
+        f"ort{onnxruntime.__version__}",
+        f"opset{OPSET}",
+        f"v{GRAPH_VERSION}",
+    ]
+    digest = hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
+    return f"{encoder.model_id}-r{bottleneck}-{digest}"
+
+
+def export_graph(encoder: AdapterEncoder, bottleneck: int, path: Path) -> None:
+    """Export the encoder with per-row adapters to ``path`` (one ``.onnx`` file, weights inside).
+
+    Batch, sequence and slot count are dynamic axes. The TorchScript exporter traces the one path
+    a pool of several slots takes (``index_select`` + ``baddbmm``), which serves a pool of one slot
+    as well; the export uses eager attention, which traces into plain ONNX ops.
+    """
+    token_names = _token_names(encoder)
+    L, d, r, S, T = encoder.num_layers, encoder.hidden_size, bottleneck, 3, 8
+    g = torch.Generator().manual_seed(0)
+    tokens = encoder.tokenize(["an example input", "another one, a little longer"], T)
+    example = (
+        *(tokens[n] for n in token_names),
+        torch.randn(L, S, d, r, generator=g) * 0.01,
+        torch.randn(L, S, r, generator=g) * 0.01,
+        torch.randn(L, S, r, d, generator=g) * 0.01,
+        torch.randn(L, S, d, generator=g) * 0.01,
+        torch.tensor([2, 0]),  # rows of two slots of three
+    )
+    axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in token_names}
+    axes.update({n: {1: "slots"} for n in WEIGHT_NAMES})
+    axes.update({"rows": {0: "batch"}, "pooled": {0: "batch"}})
+    config: Any = encoder.model.config
+    attention = getattr(config, "_attn_implementation", None)
+    module = _PooledWithAdapters(encoder, token_names).eval()
+    try:
+        if attention is not None:
+            config._attn_implementation = "eager"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on the branches the trace fixes
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                input_names=[*token_names, *WEIGHT_NAMES, "rows"],
+                output_names=["pooled"],
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                dynamo=False,
+            )
+    finally:
+        if attention is not None:
+            config._attn_implementation = attention
+
+
+def quantize_graph(source: Path, target: Path) -> None:
+    """Dynamic int8 quantization of the frozen encoder's weight matrices only.
+
+    Only a ``MatMul`` whose second input is a stored weight (an initializer) is quantized: the
+    adapters' matrices are graph inputs, and attention's products are of two activations, so
+    both stay fp32. Weights are quantized per output channel: per tensor, MiniLM's pooled
+    embeddings drift several times further from the fp32 ones.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(source), load_external_data=False)
+    stored = {t.name for t in model.graph.initializer}
+    frozen = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in stored]
+    if not frozen:
+        raise BackendError("backend_export", "no weight MatMul in the exported encoder to quantize")
+    quantize_dynamic(
+        str(source),
+        str(target),
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=frozen,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+
+
+def cached_graph(encoder: AdapterEncoder, bottleneck: int, int8: bool, cache_dir: Path | None) -> Path:
+    """The graph file for ``encoder``, exported (and quantized) into the cache on first use.
+
+    Each file is written under a temporary name in its folder and renamed into place, so a reader
+    never sees half a graph and two processes exporting at once leave one whole file.
+    """
+    folder = (cache_dir or default_cache_dir()) / cache_key(encoder, bottleneck)
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = folder / "encoder.onnx"
+    if not fp32.exists():
+        log.info("exporting the encoder to ONNX: %s", fp32)
+        _write_atomically(fp32, lambda tmp: export_graph(encoder, bottleneck, tmp))
+    if not int8:
+        return fp32
+    quantized = folder / "encoder.int8.onnx"
+    if not quantized.exists():
+        log.info("quantizing the exported encoder to int8: %s", quantized)
+        _write_atomically(quantized, lambda tmp: quantize_graph(fp32, tmp))
+    return quantized
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=path.parent))
+    try:
+        tmp = scratch / path.name
+        try:
+            write(tmp)
+        except BackendError:
+            raise
+        except Exception as exc:  # the exporters raise many types; the caller gets one
+            raise BackendError("backend_export", f"cannot build {path.name}: {exc}") from exc
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class OnnxBackend:
+    """ONNX Runtime on the CPU: the encoder graph, the pool's tensors bound in place each call."""
+
+    def __init__(self, encoder: AdapterEncoder, path: Path, int8: bool, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        self.name = "onnx-int8" if int8 else "onnx"
+        self.path = path
+        self.encoder = encoder
+        self.token_names = _token_names(encoder)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        # Threads that spin between batches would take the cores the tokenizer and server need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def build(
+        cls,
+        encoder: AdapterEncoder,
+        int8: bool = False,
+        threads: int | None = None,
+        cache_dir: Path | None = None,
+        bottleneck: int | None = None,
+    ) -> OnnxBackend:
+        """The backend for ``encoder``: its graph from the cache, exported there on first use.
+
+        ``bottleneck``: the adapters' ``r`` (the graph takes any; it only names the cache entry,
+        default ``d / 16``).
+        """
+        if encoder.device.type != "cpu" or encoder.dtype != torch.float32:
+            raise BackendError(
+                "backend_unavailable",
+                f"ONNX backends run an fp32 encoder on the CPU, not {encoder.dtype} on {encoder.device}",
+            )
+        r = bottleneck or max(1, encoder.hidden_size // 16)
+        return cls(encoder, cached_graph(encoder, r, int8, cache_dir), int8, threads)
+
+    def __call__(
+        self, encodings: dict[str, torch.Tensor], weights: FusedAdapters, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        first = encodings[self.token_names[0]]
+        batch = first.shape[0]
+        if rows is None:  # one profile: every row reads slot 0
+            rows = torch.zeros(batch, dtype=torch.long)
+        inputs = [
+            *(encodings[n].to(torch.long) for n in self.token_names),
+            *weights.tensors(),
+            rows.to(torch.long),
+        ]
+        names = [*self.token_names, *WEIGHT_NAMES, "rows"]
+        inputs = [t.contiguous() for t in inputs]  # no copy for the pool's tensors: they are contiguous
+        out = torch.empty(batch, self.encoder.hidden_size, dtype=torch.float32)
+        binding = self.session.io_binding()
+        for name, tensor in zip(names, inputs, strict=True):
+            _bind(binding.bind_input, name, tensor)
+        _bind(binding.bind_output, "pooled", out)
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+def _bind(bind: Any, name: str, tensor: torch.Tensor) -> None:
+    """Bind ``tensor``'s own memory (it must stay alive until the run returns: the caller holds it)."""
+    import numpy as np
+
+    if tensor.dtype not in _NUMPY_TYPES:
+        raise BackendError("backend_input", f"{name} is {tensor.dtype}; the graph takes float32 and int64")
+    bind(name, "cpu", 0, np.dtype(_NUMPY_TYPES[tensor.dtype]), tuple(tensor.shape), tensor.data_ptr())
