@@ -31,7 +31,7 @@ class EncoderBackend(Protocol):
     name: str
 
     def __call__(
-        self, encodings: dict[str, torch.Tensor], weights: FusedAdapters, rows: torch.Tensor | None
+        self, encodings: dict[str, torch.Tensor], weights: FusedAdapters | None, rows: torch.Tensor | None
     ) -> torch.Tensor: ...
 
 

@@ -41,7 +41,8 @@ _NUMPY_TYPES = {torch.float32: "float32", torch.int64: "int64"}
 
 
 class _PooledWithAdapters(nn.Module):
-    """What is exported: token tensors, the pool's adapter tensors and the slot ids in, pooled out."""
+    """What is exported: token tensors, the pool's adapter tensors and the slot ids in, pooled out
+    (without the adapter inputs: the plain encoder, which benchmarks compare against)."""
 
     def __init__(self, encoder: AdapterEncoder, token_names: tuple[str, ...]) -> None:
         super().__init__()
@@ -51,6 +52,8 @@ class _PooledWithAdapters(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         k = len(self.token_names)
         encodings = dict(zip(self.token_names, inputs[:k], strict=True))
+        if len(inputs) == k:
+            return self.encoder(encodings)
         down, down_bias, up, up_bias, rows = inputs[k:]
         return self.encoder(encodings, FusedAdapters(down, down_bias, up, up_bias), rows)
 
@@ -81,8 +84,9 @@ def cache_key(encoder: AdapterEncoder, bottleneck: int) -> str:
     return f"{encoder.model_id}-r{bottleneck}-{digest}"
 
 
-def export_graph(encoder: AdapterEncoder, bottleneck: int, path: Path) -> None:
-    """Export the encoder with per-row adapters to ``path`` (one ``.onnx`` file, weights inside).
+def export_graph(encoder: AdapterEncoder, bottleneck: int, path: Path, adapters: bool = True) -> None:
+    """Export the encoder with per-row adapters to ``path`` (one ``.onnx`` file, weights inside);
+    ``adapters=False``: the plain encoder, token tensors in, pooled out.
 
     Batch, sequence and slot count are dynamic axes. The TorchScript exporter traces the one path
     a pool of several slots takes (``index_select`` + ``baddbmm``), which serves a pool of one slot
@@ -92,17 +96,20 @@ def export_graph(encoder: AdapterEncoder, bottleneck: int, path: Path) -> None:
     L, d, r, S, T = encoder.num_layers, encoder.hidden_size, bottleneck, 3, 8
     g = torch.Generator().manual_seed(0)
     tokens = encoder.tokenize(["an example input", "another one, a little longer"], T)
-    example = (
-        *(tokens[n] for n in token_names),
+    pool = (
         torch.randn(L, S, d, r, generator=g) * 0.01,
         torch.randn(L, S, r, generator=g) * 0.01,
         torch.randn(L, S, r, d, generator=g) * 0.01,
         torch.randn(L, S, d, generator=g) * 0.01,
         torch.tensor([2, 0]),  # rows of two slots of three
     )
+    example = (*(tokens[n] for n in token_names), *(pool if adapters else ()))
+    names = [*token_names, *((*WEIGHT_NAMES, "rows") if adapters else ())]
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in token_names}
-    axes.update({n: {1: "slots"} for n in WEIGHT_NAMES})
-    axes.update({"rows": {0: "batch"}, "pooled": {0: "batch"}})
+    if adapters:
+        axes.update({n: {1: "slots"} for n in WEIGHT_NAMES})
+        axes["rows"] = {0: "batch"}
+    axes["pooled"] = {0: "batch"}
     config: Any = encoder.model.config
     attention = getattr(config, "_attn_implementation", None)
     module = _PooledWithAdapters(encoder, token_names).eval()
@@ -115,7 +122,7 @@ def export_graph(encoder: AdapterEncoder, bottleneck: int, path: Path) -> None:
                 module,
                 example,
                 str(path),
-                input_names=[*token_names, *WEIGHT_NAMES, "rows"],
+                input_names=names,
                 output_names=["pooled"],
                 dynamic_axes=axes,
                 opset_version=OPSET,
@@ -135,13 +142,24 @@ def quantize_graph(source: Path, target: Path) -> None:
     embeddings drift several times further from the fp32 ones.
     """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(source), load_external_data=False)
     stored = {t.name for t in model.graph.initializer}
     frozen = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in stored]
     if not frozen:
         raise BackendError("backend_export", "no weight MatMul in the exported encoder to quantize")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice on image models' pre-processing there
+    try:
+        _quantize(source, target, frozen)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(source: Path, target: Path, frozen: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     quantize_dynamic(
         str(source),
         str(target),
@@ -152,7 +170,9 @@ def quantize_graph(source: Path, target: Path) -> None:
     )
 
 
-def cached_graph(encoder: AdapterEncoder, bottleneck: int, int8: bool, cache_dir: Path | None) -> Path:
+def cached_graph(
+    encoder: AdapterEncoder, bottleneck: int, int8: bool, cache_dir: Path | None, adapters: bool = True
+) -> Path:
     """The graph file for ``encoder``, exported (and quantized) into the cache on first use.
 
     Each file is written under a temporary name in its folder and renamed into place, so a reader
@@ -160,13 +180,14 @@ def cached_graph(encoder: AdapterEncoder, bottleneck: int, int8: bool, cache_dir
     """
     folder = (cache_dir or default_cache_dir()) / cache_key(encoder, bottleneck)
     folder.mkdir(parents=True, exist_ok=True)
-    fp32 = folder / "encoder.onnx"
+    stem = "encoder" if adapters else "plain"
+    fp32 = folder / f"{stem}.onnx"
     if not fp32.exists():
         log.info("exporting the encoder to ONNX: %s", fp32)
-        _write_atomically(fp32, lambda tmp: export_graph(encoder, bottleneck, tmp))
+        _write_atomically(fp32, lambda tmp: export_graph(encoder, bottleneck, tmp, adapters))
     if not int8:
         return fp32
-    quantized = folder / "encoder.int8.onnx"
+    quantized = folder / f"{stem}.int8.onnx"
     if not quantized.exists():
         log.info("quantizing the exported encoder to int8: %s", quantized)
         _write_atomically(quantized, lambda tmp: quantize_graph(fp32, tmp))
@@ -191,11 +212,14 @@ def _write_atomically(path: Path, write: Any) -> None:
 class OnnxBackend:
     """ONNX Runtime on the CPU: the encoder graph, the pool's tensors bound in place each call."""
 
-    def __init__(self, encoder: AdapterEncoder, path: Path, int8: bool, threads: int | None) -> None:
+    def __init__(
+        self, encoder: AdapterEncoder, path: Path, int8: bool, threads: int | None, adapters: bool = True
+    ) -> None:
         import onnxruntime as ort
 
         self.name = "onnx-int8" if int8 else "onnx"
         self.path = path
+        self.adapters = adapters
         self.encoder = encoder
         self.token_names = _token_names(encoder)
         options = ort.SessionOptions()
@@ -214,11 +238,13 @@ class OnnxBackend:
         threads: int | None = None,
         cache_dir: Path | None = None,
         bottleneck: int | None = None,
+        adapters: bool = True,
     ) -> OnnxBackend:
         """The backend for ``encoder``: its graph from the cache, exported there on first use.
 
         ``bottleneck``: the adapters' ``r`` (the graph takes any; it only names the cache entry,
-        default ``d / 16``).
+        default ``d / 16``). ``adapters=False``: the plain encoder, which ignores the weights it
+        is given (for benchmarks).
         """
         if encoder.device.type != "cpu" or encoder.dtype != torch.float32:
             raise BackendError(
@@ -226,21 +252,21 @@ class OnnxBackend:
                 f"ONNX backends run an fp32 encoder on the CPU, not {encoder.dtype} on {encoder.device}",
             )
         r = bottleneck or max(1, encoder.hidden_size // 16)
-        return cls(encoder, cached_graph(encoder, r, int8, cache_dir), int8, threads)
+        return cls(encoder, cached_graph(encoder, r, int8, cache_dir, adapters), int8, threads, adapters)
 
     def __call__(
-        self, encodings: dict[str, torch.Tensor], weights: FusedAdapters, rows: torch.Tensor | None
+        self, encodings: dict[str, torch.Tensor], weights: FusedAdapters | None, rows: torch.Tensor | None
     ) -> torch.Tensor:
-        first = encodings[self.token_names[0]]
-        batch = first.shape[0]
-        if rows is None:  # one profile: every row reads slot 0
-            rows = torch.zeros(batch, dtype=torch.long)
-        inputs = [
-            *(encodings[n].to(torch.long) for n in self.token_names),
-            *weights.tensors(),
-            rows.to(torch.long),
-        ]
-        names = [*self.token_names, *WEIGHT_NAMES, "rows"]
+        batch = encodings[self.token_names[0]].shape[0]
+        inputs = [encodings[n].to(torch.long) for n in self.token_names]
+        names = list(self.token_names)
+        if self.adapters:
+            if weights is None:
+                raise BackendError("backend_input", "this graph applies adapters: give it the pool's weights")
+            if rows is None:  # one profile: every row reads slot 0
+                rows = torch.zeros(batch, dtype=torch.long)
+            inputs += [*weights.tensors(), rows.to(torch.long)]
+            names += [*WEIGHT_NAMES, "rows"]
         inputs = [t.contiguous() for t in inputs]  # no copy for the pool's tensors: they are contiguous
         out = torch.empty(batch, self.encoder.hidden_size, dtype=torch.float32)
         binding = self.session.io_binding()

@@ -21,7 +21,7 @@ class TorchBackend:
         self.encoder = encoder
 
     def __call__(
-        self, encodings: dict[str, torch.Tensor], weights: FusedAdapters, rows: torch.Tensor | None
+        self, encodings: dict[str, torch.Tensor], weights: FusedAdapters | None, rows: torch.Tensor | None
     ) -> torch.Tensor:
         return self.encoder(encodings, weights, rows)
 
