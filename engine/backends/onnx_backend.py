@@ -179,7 +179,10 @@ def cached_graph(
     never sees half a graph and two processes exporting at once leave one whole file.
     """
     folder = (cache_dir or default_cache_dir()) / cache_key(encoder, bottleneck)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackendError("backend_cache", f"cannot use the export cache {folder}: {exc.strerror}") from exc
     stem = "encoder" if adapters else "plain"
     fp32 = folder / f"{stem}.onnx"
     if not fp32.exists():

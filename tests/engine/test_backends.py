@@ -210,3 +210,23 @@ def test_torch_serves_through_the_encoder_itself(encoder, bank, tmp_path) -> Non
         assert client.get("/readyz").json()["detail"]["backend"] == "torch"
         assert 'xpeft_backend_info{backend="torch",setting="torch"} 1.0' in client.get("/metrics").text
     assert model.backend is None
+
+
+@needs_onnx
+def test_auto_falls_back_to_torch_where_a_named_backend_stops_the_start(
+    encoder, bank, tmp_path, caplog
+) -> None:
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("")
+    model = MultiProfileModel(encoder, bank)
+    settings = Settings(backend="auto", backend_cache=not_a_folder, sqlite_path=tmp_path / "p.sqlite3")
+    with (
+        caplog.at_level(logging.WARNING, logger="xpeft.server"),
+        TestClient(create_app(settings, model)) as client,
+    ):
+        assert client.get("/readyz").json()["detail"]["backend"] == "torch"
+    assert any("backend onnx-int8 cannot run" in r.getMessage() for r in caplog.records)
+    named = Settings(backend="onnx", backend_cache=not_a_folder, sqlite_path=tmp_path / "q.sqlite3")
+    with pytest.raises(BackendError, match="export cache") as err, TestClient(create_app(named, model)):
+        pass
+    assert err.value.code == "backend_cache"
