@@ -10,7 +10,7 @@ copied, and a pool that was reallocated (or a transient pool of a few slots) is 
 anew on its next call. The output is written straight into a torch tensor.
 
 Export runs once per machine: the graph is kept in a cache folder under a key of the encoder's
-``model_id``, the adapter shapes and the exporter's version; a fresh process loads it from there.
+``model_id`` (architecture, shapes and weights) and the exporter's versions; a fresh process loads it from there.
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ def _token_names(encoder: AdapterEncoder) -> tuple[str, ...]:
     return tuple(sorted(encoder.tokenize(["a"], 8)))
 
 
-def cache_key(encoder: AdapterEncoder, bottleneck: int) -> str:
-    """The export's folder name: the encoder's content id and every input that changes the graph."""
+def cache_key(encoder: AdapterEncoder) -> str:
+    """The export's folder name: the encoder's content id (its architecture, shapes and weights)
+    and every other input that changes the graph. The adapters' bottleneck is a dynamic axis, so
+    banks of any reduction factor share one graph."""
     import onnxruntime
 
     token_names = _token_names(encoder)
@@ -72,7 +74,6 @@ def cache_key(encoder: AdapterEncoder, bottleneck: int) -> str:
         encoder.model_id,
         f"L{encoder.num_layers}",
         f"d{encoder.hidden_size}",
-        f"r{bottleneck}",
         str(encoder.dtype),
         ",".join(token_names),
         f"torch{torch.__version__}",
@@ -81,19 +82,19 @@ def cache_key(encoder: AdapterEncoder, bottleneck: int) -> str:
         f"v{GRAPH_VERSION}",
     ]
     digest = hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
-    return f"{encoder.model_id}-r{bottleneck}-{digest}"
+    return f"{encoder.model_id}-{digest}"
 
 
-def export_graph(encoder: AdapterEncoder, bottleneck: int, path: Path, adapters: bool = True) -> None:
+def export_graph(encoder: AdapterEncoder, path: Path, adapters: bool = True) -> None:
     """Export the encoder with per-row adapters to ``path`` (one ``.onnx`` file, weights inside);
     ``adapters=False``: the plain encoder, token tensors in, pooled out.
 
-    Batch, sequence and slot count are dynamic axes. The TorchScript exporter traces the one path
+    Batch, sequence, slot count and the adapters' bottleneck are dynamic axes. The TorchScript exporter traces the one path
     a pool of several slots takes (``index_select`` + ``baddbmm``), which serves a pool of one slot
     as well; the export uses eager attention, which traces into plain ONNX ops.
     """
     token_names = _token_names(encoder)
-    L, d, r, S, T = encoder.num_layers, encoder.hidden_size, bottleneck, 3, 8
+    L, d, r, S, T = encoder.num_layers, encoder.hidden_size, max(1, encoder.hidden_size // 16), 3, 8
     g = torch.Generator().manual_seed(0)
     tokens = encoder.tokenize(["an example input", "another one, a little longer"], T)
     pool = (
@@ -107,7 +108,14 @@ def export_graph(encoder: AdapterEncoder, bottleneck: int, path: Path, adapters:
     names = [*token_names, *((*WEIGHT_NAMES, "rows") if adapters else ())]
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in token_names}
     if adapters:
-        axes.update({n: {1: "slots"} for n in WEIGHT_NAMES})
+        axes.update(
+            {
+                "down": {1: "slots", 3: "bottleneck"},
+                "down_bias": {1: "slots", 2: "bottleneck"},
+                "up": {1: "slots", 2: "bottleneck"},
+                "up_bias": {1: "slots"},
+            }
+        )
         axes["rows"] = {0: "batch"}
     axes["pooled"] = {0: "batch"}
     config: Any = encoder.model.config
@@ -170,15 +178,13 @@ def _quantize(source: Path, target: Path, frozen: list[str]) -> None:
     )
 
 
-def cached_graph(
-    encoder: AdapterEncoder, bottleneck: int, int8: bool, cache_dir: Path | None, adapters: bool = True
-) -> Path:
+def cached_graph(encoder: AdapterEncoder, int8: bool, cache_dir: Path | None, adapters: bool = True) -> Path:
     """The graph file for ``encoder``, exported (and quantized) into the cache on first use.
 
     Each file is written under a temporary name in its folder and renamed into place, so a reader
     never sees half a graph and two processes exporting at once leave one whole file.
     """
-    folder = (cache_dir or default_cache_dir()) / cache_key(encoder, bottleneck)
+    folder = (cache_dir or default_cache_dir()) / cache_key(encoder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -187,7 +193,7 @@ def cached_graph(
     fp32 = folder / f"{stem}.onnx"
     if not fp32.exists():
         log.info("exporting the encoder to ONNX: %s", fp32)
-        _write_atomically(fp32, lambda tmp: export_graph(encoder, bottleneck, tmp, adapters))
+        _write_atomically(fp32, lambda tmp: export_graph(encoder, tmp, adapters))
     if not int8:
         return fp32
     quantized = folder / f"{stem}.int8.onnx"
@@ -240,13 +246,11 @@ class OnnxBackend:
         int8: bool = False,
         threads: int | None = None,
         cache_dir: Path | None = None,
-        bottleneck: int | None = None,
         adapters: bool = True,
     ) -> OnnxBackend:
         """The backend for ``encoder``: its graph from the cache, exported there on first use.
 
-        ``bottleneck``: the adapters' ``r`` (the graph takes any; it only names the cache entry,
-        default ``d / 16``). ``adapters=False``: the plain encoder, which ignores the weights it
+        ``adapters=False``: the plain encoder, which ignores the weights it
         is given (for benchmarks).
         """
         if encoder.device.type != "cpu" or encoder.dtype != torch.float32:
@@ -254,8 +258,7 @@ class OnnxBackend:
                 "backend_unavailable",
                 f"ONNX backends run an fp32 encoder on the CPU, not {encoder.dtype} on {encoder.device}",
             )
-        r = bottleneck or max(1, encoder.hidden_size // 16)
-        return cls(encoder, cached_graph(encoder, r, int8, cache_dir, adapters), int8, threads, adapters)
+        return cls(encoder, cached_graph(encoder, int8, cache_dir, adapters), int8, threads, adapters)
 
     def __call__(
         self, encodings: dict[str, torch.Tensor], weights: FusedAdapters | None, rows: torch.Tensor | None

@@ -17,7 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from xpeft.adapters.bank import AdapterBank
+from xpeft.adapters.bank import AdapterBank, create_random_bank
 from xpeft.adapters.encoder import AdapterEncoder
 from xpeft.adapters.errors import XPeftError
 from xpeft.cli.serve import build_settings, register
@@ -157,16 +157,27 @@ def test_rows_of_one_slot_and_a_pool_of_one(name, model, served, cache_dir, back
 
 
 @needs_onnx
-def test_the_export_is_cached_once_per_encoder_and_shape(model, cache_dir, backends) -> None:
-    from xpeft.engine.backends.onnx_backend import OnnxBackend, cache_key
+def test_the_export_is_cached_once_and_takes_any_bottleneck(model, encoder, cache_dir, backends) -> None:
+    from xpeft.engine.backends.onnx_backend import OnnxBackend
 
     first = _backend("onnx", model, cache_dir, backends)
     stamp = first.path.stat().st_mtime_ns
     again = OnnxBackend.build(model.encoder, cache_dir=cache_dir)
     assert again.path == first.path and again.path.stat().st_mtime_ns == stamp  # loaded, not re-exported
-    assert cache_key(model.encoder, 24) != cache_key(model.encoder, 48)
     assert model.encoder.model_id in first.path.parent.name
     assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".export-")]
+    # a bank of another reduction factor (r = 48, not 24) runs through the same graph
+    other = create_random_bank(
+        encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=6, reduction_factor=8, seed=3
+    )
+    wide = MultiProfileModel(encoder, other)
+    profile = random_profile(other, "units", seed=1)
+    ref = wide.predict(profile, TEXTS)
+    wide.backend = again
+    ours = wide.predict(profile, TEXTS)
+    assert other.bottleneck == 48
+    for a, b in zip(ref, ours, strict=True):
+        assert a.label == b.label and abs(a.score - b.score) < EXACT_TOLERANCE
 
 
 def test_a_bad_backend_name_is_a_typed_settings_error() -> None:
