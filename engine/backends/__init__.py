@@ -14,6 +14,8 @@ mean-pools; they differ only in how the frozen encoder runs:
 - ``onnx-int8``: the same graph with the frozen encoder's weight matrices quantized to int8
   (dynamic quantization); the adapters, whose weights are graph inputs, stay fp32.
 
+``auto`` serves with ``onnx`` on a CPU (when ONNX Runtime is installed) and ``torch`` elsewhere.
+
 Training never uses a backend: it runs the exact fp32 torch encoder, so a profile file serves the
 same on any of them.
 """
@@ -52,13 +54,15 @@ __all__ = [
 def resolve_backend(setting: str, device_type: str) -> BackendName:
     """The backend ``setting`` names on a device of ``device_type``.
 
-    ``auto``: ``torch`` on a GPU; on a CPU ``onnx-int8`` when ONNX Runtime is installed (the fastest
-    measured whose accuracy holds, docs/BENCHMARKS.md), else ``torch``. A backend that cannot run on
-    the device is refused with a clear error rather than silently replaced.
+    ``auto``: ``torch`` on a GPU; on a CPU ``onnx`` when ONNX Runtime is installed, else ``torch``.
+    ``onnx`` gives torch's answers to float rounding; the int8 backends are faster but changed the
+    label of several percent of the rows of trained profiles (``python -m bench.backends accuracy``),
+    so they are chosen by name only. A backend that cannot run on the device is refused with a clear
+    error rather than silently replaced.
     """
     if setting == "auto":
         if device_type == "cpu" and have_onnxruntime():
-            return "onnx-int8"
+            return "onnx"
         return "torch"
     if setting not in BACKENDS:
         raise BackendError("bad_backend", f"unknown backend {setting!r}; one of auto, {', '.join(BACKENDS)}")
