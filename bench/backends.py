@@ -65,7 +65,7 @@ def plain_backend(name: str, encoder: AdapterEncoder, threads: int, cache: Path 
         return TorchInt8Backend(encoder)
     from xpeft.engine.backends.onnx_backend import OnnxBackend
 
-    return OnnxBackend.build(encoder, name == "onnx-int8", threads, cache, adapters=False)
+    return OnnxBackend.build(encoder, name, threads, cache, adapters=False)
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:

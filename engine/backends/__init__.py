@@ -12,7 +12,9 @@ mean-pools; they differ only in how the frozen encoder runs:
 - ``onnx``: ONNX Runtime running the exported encoder, with the adapter application inside the
   graph and the pool's tensors bound as inputs without a copy;
 - ``onnx-int8``: the same graph with the frozen encoder's weight matrices quantized to int8
-  (dynamic quantization); the adapters, whose weights are graph inputs, stay fp32.
+  (dynamic quantization); the adapters, whose weights are graph inputs, stay fp32;
+- ``onnx-int8-block``: as ``onnx-int8``, but weights and activations quantized in blocks of 128
+  values (ONNX Runtime's ``MatMulNBits``), which drifts much less.
 
 ``auto`` serves with ``onnx`` on a CPU (when ONNX Runtime is installed) and ``torch`` elsewhere.
 
@@ -55,8 +57,8 @@ def resolve_backend(setting: str, device_type: str) -> BackendName:
     """The backend ``setting`` names on a device of ``device_type``.
 
     ``auto``: ``torch`` on a GPU; on a CPU ``onnx`` when ONNX Runtime is installed, else ``torch``.
-    ``onnx`` gives torch's answers to float rounding; the int8 backends are faster but changed the
-    label of several percent of the rows of trained profiles (``python -m bench.backends accuracy``),
+    ``onnx`` gives torch's answers to float rounding; the int8 backends may be faster but changed
+    the label of some rows of trained profiles (``python -m bench.backends accuracy``),
     so they are chosen by name only. A backend that cannot run on the device is refused with a clear
     error rather than silently replaced.
     """
@@ -100,4 +102,4 @@ def build_backend(
         return TorchInt8Backend(encoder)
     from xpeft.engine.backends.onnx_backend import OnnxBackend
 
-    return OnnxBackend.build(encoder, int8=chosen == "onnx-int8", threads=threads, cache_dir=cache_dir)
+    return OnnxBackend.build(encoder, chosen, threads=threads, cache_dir=cache_dir)

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
     from xpeft.adapters.fusion import FusedAdapters
 
 #: A backend that runs; ``auto`` picks one of them per device (:func:`resolve_backend`).
-BackendName = Literal["torch", "torch-int8", "onnx", "onnx-int8"]
+BackendName = Literal["torch", "torch-int8", "onnx", "onnx-int8", "onnx-int8-block"]
 #: What the ``XPEFT_BACKEND`` setting takes.
-BackendSetting = Literal["auto", "torch", "torch-int8", "onnx", "onnx-int8"]
+BackendSetting = Literal["auto", "torch", "torch-int8", "onnx", "onnx-int8", "onnx-int8-block"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
 
 
