@@ -58,7 +58,7 @@ def resolve_backend(setting: str, device_type: str) -> BackendName:
 
     ``auto``: ``torch`` on a GPU; on a CPU ``onnx`` when ONNX Runtime is installed, else ``torch``.
     ``onnx`` gives torch's answers to float rounding; the int8 backends may be faster but changed
-    the label of some rows of trained profiles (``python -m bench.backends accuracy``),
+    the label of some rows of trained profiles (``python -m bench.eval.backends accuracy``),
     so they are chosen by name only. A backend that cannot run on the device is refused with a clear
     error rather than silently replaced.
     """

@@ -37,7 +37,7 @@ from xpeft.server.settings import Settings
 #: int8 backends: the largest difference of one logit from torch's (the random heads' logits here
 #: are O(1)), and the least share of rows whose predicted label agrees with torch's. Random heads
 #: leave many rows with their top two logits closer than that difference, so labels flip on those
-#: near-ties; bench/backends.py --accuracy measures trained profiles. Block-wise int8 drifts least;
+#: near-ties; python -m bench.eval.backends accuracy measures trained profiles. Block-wise int8 drifts least;
 #: torch-int8 quantizes the activations per tensor with a reduced range and drifts furthest.
 INT8_LOGIT_TOLERANCE = {"onnx-int8-block": 0.1, "onnx-int8": 0.25, "torch-int8": 0.4}
 INT8_LABEL_AGREEMENT = {"onnx-int8-block": 0.9, "onnx-int8": 0.75, "torch-int8": 0.6}

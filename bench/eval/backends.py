@@ -1,13 +1,13 @@
 """Encoder backends on the CPU: their speed, and whether trained profiles score the same on them.
 
-``python -m bench.backends speed`` (writes ``bench/results/backends.json``): seq/s of batches of 32
+``python -m bench.eval.backends speed`` (writes ``bench/results/backends.json``): seq/s of batches of 32
 texts on each backend (``torch``, ``torch-int8``, ``onnx``, ``onnx-int8``), for the plain encoder
 and for the encoder with per-row adapters read from a pool of 32 warm slots (``single``: every row
 one slot; ``mixed``: each row its own slot). Backends and cases take turns round by round, in a
 rotating order, so a busy machine slows them alike; each reports the min / median / max of its
 rounds and its median's ratio to torch eager's in the same case and run.
 
-``python -m bench.backends accuracy`` (writes ``bench/results/backends-accuracy.json``): for the
+``python -m bench.eval.backends accuracy`` (writes ``bench/results/backends-accuracy.json``): for the
 shipped kind (``units``) on the quality benchmark's discriminating single-profile tasks (SST-2,
 TREC-6, MR, SICK-E, CR), train a profile with the exact fp32 torch encoder, using the benchmark's
 own training settings (``bench/eval/cpu.json``; ``--train-size`` / ``--dev-size`` cut the data),
