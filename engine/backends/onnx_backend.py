@@ -16,6 +16,7 @@ Export runs once per machine: the graph is kept in a cache folder under a key of
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -80,6 +81,7 @@ def cache_key(encoder: AdapterEncoder) -> str:
         f"ort{onnxruntime.__version__}",
         f"opset{OPSET}",
         f"v{GRAPH_VERSION}",
+        json.dumps(QUANTIZER_SETTINGS, sort_keys=True),
     ]
     digest = hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
     return f"{encoder.model_id}-{digest}"
@@ -145,7 +147,11 @@ def export_graph(encoder: AdapterEncoder, path: Path, adapters: bool = True) -> 
 #: output channel, activations per tensor at run time) and ``block`` (``MatMulNBits`` with 8 bits:
 #: weights and, at run time, activations in blocks of 128 along the inner dimension).
 QUANTIZATIONS = {"onnx": None, "onnx-int8": "dynamic", "onnx-int8-block": "block"}
-BLOCK_SIZE = 128
+#: Each scheme's quantizer settings; they are part of the cache key, so a change re-quantizes.
+QUANTIZER_SETTINGS: dict[str, dict[str, Any]] = {
+    "dynamic": {"weight_type": "QInt8", "per_channel": True},
+    "block": {"block_size": 128, "is_symmetric": True, "accuracy_level": 4, "bits": 8},
+}
 
 
 def quantize_graph(source: Path, target: Path, scheme: str = "dynamic") -> None:
@@ -185,8 +191,10 @@ def _quantize(source: Path, target: Path, frozen: list[str]) -> None:
         str(target),
         op_types_to_quantize=["MatMul"],
         nodes_to_quantize=frozen,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
+        **{
+            **QUANTIZER_SETTINGS["dynamic"],
+            "weight_type": getattr(QuantType, QUANTIZER_SETTINGS["dynamic"]["weight_type"]),
+        },
     )
 
 
@@ -197,12 +205,7 @@ def _quantize_blocks(model: Any, target: Path, frozen: list[str]) -> None:
     )
 
     # accuracy_level 4: int8 products of the blocks (VNNI where the CPU has it), fp32 accumulation
-    settings: dict[str, Any] = {
-        "block_size": BLOCK_SIZE,
-        "is_symmetric": True,
-        "accuracy_level": 4,
-        "bits": 8,
-    }
+    settings = QUANTIZER_SETTINGS["block"]
     quantizer = MatMulNBitsQuantizer(
         model, nodes_to_include=frozen, algo_config=DefaultWeightOnlyQuantConfig(**settings), **settings
     )

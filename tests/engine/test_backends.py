@@ -157,8 +157,10 @@ def test_rows_of_one_slot_and_a_pool_of_one(name, model, served, cache_dir, back
 
 
 @needs_onnx
-def test_the_export_is_cached_once_and_takes_any_bottleneck(model, encoder, cache_dir, backends) -> None:
-    from xpeft.engine.backends.onnx_backend import OnnxBackend
+def test_the_export_is_cached_once_and_takes_any_bottleneck(
+    model, encoder, cache_dir, backends, monkeypatch
+) -> None:
+    from xpeft.engine.backends.onnx_backend import QUANTIZER_SETTINGS, OnnxBackend, cache_key
 
     first = _backend("onnx", model, cache_dir, backends)
     stamp = first.path.stat().st_mtime_ns
@@ -166,6 +168,10 @@ def test_the_export_is_cached_once_and_takes_any_bottleneck(model, encoder, cach
     assert again.path == first.path and again.path.stat().st_mtime_ns == stamp  # loaded, not re-exported
     assert model.encoder.model_id in first.path.parent.name
     assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".export-")]
+    # other quantizer settings are another cache entry, never the graph quantized the old way
+    key = cache_key(model.encoder)
+    monkeypatch.setitem(QUANTIZER_SETTINGS, "dynamic", {"weight_type": "QInt8", "per_channel": False})
+    assert cache_key(model.encoder) != key
     # a bank of another reduction factor (r = 48, not 24) runs through the same graph
     other = create_random_bank(
         encoder.num_layers, encoder.hidden_size, encoder.model_id, num_adapters=6, reduction_factor=8, seed=3
