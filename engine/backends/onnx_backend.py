@@ -171,16 +171,19 @@ def quantize_graph(source: Path, target: Path, scheme: str = "dynamic") -> None:
     frozen = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in stored]
     if not frozen:
         raise BackendError("backend_export", "no weight MatMul in the exported encoder to quantize")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs advice on image models' pre-processing there
+    # the quantizers log advice on image models' pre-processing (root) and a line per node skipped
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         if scheme == "block":
             _quantize_blocks(model, target, frozen)
         else:
             _quantize(source, target, frozen)
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _quantize(source: Path, target: Path, frozen: list[str]) -> None:
