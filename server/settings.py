@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     backend: BackendSetting = Field(
         "auto",
         description="what runs the encoder of a served batch: torch, torch-int8, onnx, onnx-int8, "
-        "onnx-int8-block (CPU only; the onnx ones need the cpu-fast extra), or auto (onnx on a CPU when ONNX Runtime "
+        "onnx-int8-block (CPU only; the onnx ones need the cpu-fast extra), or auto (onnx-int8 on a CPU when ONNX Runtime "
         "is installed, else torch); adapters and heads stay fp32; chosen once, at start",
     )
     backend_cache: Path | None = Field(

@@ -16,7 +16,7 @@ mean-pools; they differ only in how the frozen encoder runs:
 - ``onnx-int8-block``: as ``onnx-int8``, but weights and activations quantized in blocks of 128
   values (ONNX Runtime's ``MatMulNBits``), which drifts much less.
 
-``auto`` serves with ``onnx`` on a CPU (when ONNX Runtime is installed) and ``torch`` elsewhere.
+``auto`` serves with ``onnx-int8`` on a CPU (when ONNX Runtime is installed) and ``torch`` elsewhere.
 
 Training never uses a backend: it runs the exact fp32 torch encoder, so a profile file serves the
 same on any of them.
@@ -56,15 +56,14 @@ __all__ = [
 def resolve_backend(setting: str, device_type: str) -> BackendName:
     """The backend ``setting`` names on a device of ``device_type``.
 
-    ``auto``: ``torch`` on a GPU; on a CPU ``onnx`` when ONNX Runtime is installed, else ``torch``.
-    ``onnx`` gives torch's answers to float rounding; the int8 backends may be faster but changed
-    the label of some rows of trained profiles (``python -m bench.eval.backends accuracy``),
-    so they are chosen by name only. A backend that cannot run on the device is refused with a clear
-    error rather than silently replaced.
+    ``auto``: ``torch`` on a GPU; on a CPU ``onnx-int8`` when ONNX Runtime is installed, else
+    ``torch``: of the backends whose trained profiles score as torch's do within the seeds' noise
+    (``python -m bench.eval.backends accuracy``), the fastest measured. A backend that cannot run
+    on the device is refused with a clear error rather than silently replaced.
     """
     if setting == "auto":
         if device_type == "cpu" and have_onnxruntime():
-            return "onnx"
+            return "onnx-int8"
         return "torch"
     if setting not in BACKENDS:
         raise BackendError("bad_backend", f"unknown backend {setting!r}; one of auto, {', '.join(BACKENDS)}")

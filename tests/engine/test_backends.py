@@ -201,7 +201,7 @@ def test_a_bad_backend_name_is_a_typed_settings_error() -> None:
         resolve_backend("onnx-int8", "cuda")
     assert isinstance(err.value, XPeftError) and err.value.code == "backend_unavailable"
     assert resolve_backend("auto", "cuda") == "torch"
-    assert resolve_backend("auto", "cpu") == ("onnx" if have_onnxruntime() else "torch")
+    assert resolve_backend("auto", "cpu") == ("onnx-int8" if have_onnxruntime() else "torch")
 
 
 @needs_onnx
@@ -242,7 +242,7 @@ def test_auto_falls_back_to_torch_where_a_named_backend_stops_the_start(
         TestClient(create_app(settings, model)) as client,
     ):
         assert client.get("/readyz").json()["detail"]["backend"] == "torch"
-    assert any("backend onnx cannot run" in r.getMessage() for r in caplog.records)
+    assert any("backend onnx-int8 cannot run" in r.getMessage() for r in caplog.records)
     named = Settings(backend="onnx", backend_cache=not_a_folder, sqlite_path=tmp_path / "q.sqlite3")
     with pytest.raises(BackendError, match="export cache") as err, TestClient(create_app(named, model)):
         pass
