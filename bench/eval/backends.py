@@ -7,6 +7,8 @@ one slot; ``mixed``: each row its own slot). Backends and cases take turns round
 rotating order, so a busy machine slows them alike; each reports the min / median / max of its
 rounds and its median's ratio to torch eager's in the same case and run.
 
+``python -m bench.eval.backends report`` prints both as markdown tables.
+
 ``python -m bench.eval.backends accuracy`` (writes ``bench/results/backends-accuracy.json``): for the
 shipped kind (``units``) on the quality benchmark's discriminating single-profile tasks (SST-2,
 TREC-6, MR, SICK-E, CR), train a profile with the exact fp32 torch encoder, using the benchmark's
@@ -231,11 +233,55 @@ def _score(model: MultiProfileModel, backend: EncoderBackend | None, profile, de
     return {"accuracy": right / len(labels), "labels": labels}
 
 
+def report(speed_path: Path, accuracy_path: Path) -> str:
+    """Markdown tables of the two JSON files (those present), for docs/BENCHMARKS.md."""
+    lines: list[str] = []
+    if speed_path.exists():
+        data = json.loads(speed_path.read_text())
+        lines += [
+            f"Encoder backends, batches of {data['batch']} texts ({data['tokens']} tokens), "
+            f"{data['threads']} threads, {data['rounds']} rounds on {data['hardware']['cpu']} "
+            f"(`python -m bench.eval.backends speed`): seq/s, median (min-max), and the median's ratio "
+            "to torch in the same case.",
+            "",
+            "| backend | case | seq/s | ratio to torch |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in data["results"]:
+            s = r["seq_per_s"]
+            ratio = f"{r['ratio_to_torch']:.2f}" if r["ratio_to_torch"] else "-"
+            lines.append(
+                f"| {r['backend']} | {r['case']} | {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) | {ratio} |"
+            )
+        lines.append("")
+    if accuracy_path.exists():
+        data = json.loads(accuracy_path.read_text())
+        trained = f"{data['train_size']} training examples" if data["train_size"] else "the config's data"
+        scored = f"{data['dev_size']} scored" if data["dev_size"] else "the config's scored rows"
+        sizes = f"{trained}, {scored}"
+        lines += [
+            f"Units profiles trained on the exact encoder ({sizes}), scored on each backend "
+            "(`python -m bench.eval.backends accuracy`): accuracy minus torch's, in points, mean "
+            "over the seeds with its 95% t-interval, and the share of labels equal to torch's.",
+            "",
+            "| task | backend | seeds | accuracy difference | 95% interval | same label |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in data["summary"]:
+            low, high = r["interval_95"]
+            interval = "-" if low is None else f"{100 * low:+.1f} to {100 * high:+.1f}"
+            lines.append(
+                f"| {r['group']} | {r['backend']} | {r['seeds']} | {100 * r['accuracy_difference']:+.1f} "
+                f"| {interval} | {100 * r['label_agreement']:.1f}% |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["speed", "accuracy"])
+    parser.add_argument("mode", choices=["speed", "accuracy", "report"])
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
@@ -256,6 +302,9 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=None, help="default: the config's")
     parser.add_argument("--dev-size", type=int, default=None, help="default: the config's")
     args = parser.parse_args()
+    if args.mode == "report":
+        print(report(Path("bench/results/backends.json"), Path("bench/results/backends-accuracy.json")))
+        return
     args.out = args.out or Path(f"bench/results/backends{'' if args.mode == 'speed' else '-accuracy'}.json")
     _write(args.out, speed(args) if args.mode == "speed" else accuracy(args))
     print(f"wrote {args.out}")
