@@ -1,1 +1,2 @@
-"""xpeft.engine: the serving engine: runtime, slot pool, model worker and micro-batcher; no HTTP."""
+"""xpeft.engine: the serving engine: runtime, encoder backends, slot pool, model worker and
+micro-batcher; no HTTP."""

@@ -10,7 +10,7 @@ transient pool of one batch's profiles (:meth:`transient_batch`). There is no ot
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +83,11 @@ class MultiProfileModel:
         self._unit_table: UnitTable | None = None  # the bank as rows of units, once a units profile is served
         #: replays the forward from CUDA graphs when set (the model worker sets it, see graphs.py)
         self.graphs: GraphRunner | None = None
+        #: runs the encoder of a served batch when set (the server sets one of xpeft.engine.backends
+        #: at start); None: the eager encoder itself, as training and the offline API run it
+        self.backend: (
+            Callable[[dict[str, torch.Tensor], FusedAdapters, torch.Tensor | None], torch.Tensor] | None
+        ) = None
 
     @property
     def kernels(self) -> KernelChoice:
@@ -263,6 +268,7 @@ class MultiProfileModel:
         here instead of tokenized.
         """
         enc = self.encoder
+        encode = self.backend or enc
         if token_ids is not None:
             encodings = enc.collate(token_ids)
         else:
@@ -272,7 +278,7 @@ class MultiProfileModel:
         if self.graphs is not None and self.graphs.weights is pool.weights:
             pooled = self.graphs(encodings, slot_rows)
         else:
-            pooled = enc(encodings, pool.weights, slot_rows)
+            pooled = encode(encodings, pool.weights, slot_rows)
         heads, biases = pool.heads[slot_rows], pool.head_bias[slot_rows]
         return torch.bmm(heads, pooled.float().unsqueeze(-1)).squeeze(-1) + biases, pooled
 

@@ -37,7 +37,7 @@ from xpeft.server.middleware import (
     RequestIdMiddleware,
     redact_access_log,
 )
-from xpeft.server.model import build_model, kernel_report, load_bank
+from xpeft.server.model import attach_backend, backend_name, build_model, kernel_report, load_bank
 from xpeft.server.routes import router
 from xpeft.server.schemas import ErrorBody, PredictRequest
 from xpeft.server.settings import Settings
@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
             model.kernels = KernelChoice.parse(
                 settings.kernels
             )  # what build_model does for a model it builds
+            attach_backend(model, settings)
             worker.attach(
                 model, settings.cuda_graphs, settings.max_batch_size, batcher, settings.max_batch_tokens
             )
@@ -193,6 +194,7 @@ async def _load_model(state: ServerState) -> None:
     try:
         built = await loop.run_in_executor(state.worker.executor, build_model, state.settings, state.bank)
         settings = state.settings
+        await loop.run_in_executor(state.worker.executor, attach_backend, built, settings)
         await loop.run_in_executor(
             state.worker.executor,
             state.worker.attach,
@@ -210,13 +212,15 @@ async def _load_model(state: ServerState) -> None:
 
 
 def _model_ready(state: ServerState, model: MultiProfileModel) -> None:
-    """Say so: the readiness gauge, the kernels' info gauge and one log line."""
+    """Say so: the readiness gauge, the kernels' and backend's info gauges and one log line."""
     report = kernel_report(model)
     state.metrics.kernels.labels(**report).set(1)
+    backend = backend_name(model)
+    state.metrics.backend.labels(backend=backend, setting=state.settings.backend).set(1)
     state.metrics.model_ready.set(1)
     log.info(
         "model ready: encoder %s on %s, bank %s (L=%d N=%d), batches of at most %d rows and %d tokens, "
-        "kernels %s (XPEFT_KERNELS=%s, running: %s)",
+        "kernels %s (XPEFT_KERNELS=%s, running: %s), backend %s (XPEFT_BACKEND=%s)",
         model.encoder.name,
         model.encoder.device,
         state.bank.bank_id,
@@ -227,4 +231,6 @@ def _model_ready(state: ServerState, model: MultiProfileModel) -> None:
         report["chosen"],
         report["setting"],
         report["running"],
+        backend,
+        state.settings.backend,
     )

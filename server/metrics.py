@@ -160,6 +160,12 @@ class Metrics:
             ["setting", "chosen", "running"],
             registry=r,
         )
+        self.backend = Gauge(
+            "xpeft_backend_info",
+            "1 once the model is loaded, labelled with the encoder backend serving and XPEFT_BACKEND",
+            ["backend", "setting"],
+            registry=r,
+        )
         self.train_jobs = Counter(
             "xpeft_train_jobs_total",
             "training jobs through this replica: queued (202), refused (too_many_jobs), cancelled",

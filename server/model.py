@@ -7,6 +7,7 @@ settings name, else the bank's own at its pinned revision, else the embedded def
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,10 +17,20 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import encoder_for_bank
 from xpeft.adapters.errors import XPeftError
 from xpeft.adapters.kernels import KernelChoice
+from xpeft.engine.backends import BackendError, build_backend, resolve_backend
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.server.settings import Settings
 
-__all__ = ["DTYPES", "build_model", "check_readable", "kernel_report", "load_bank"]
+__all__ = [
+    "DTYPES",
+    "attach_backend",
+    "backend_name",
+    "build_model",
+    "check_readable",
+    "kernel_report",
+    "load_bank",
+]
+log = logging.getLogger("xpeft.server")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,3 +69,28 @@ def kernel_report(model: MultiProfileModel) -> dict[str, str]:
     """What ``/readyz``, the start-up log and ``xpeft_kernels_info`` say of the model's kernels: the
     setting, the kernels it chose, and those that run on its device (CUDA with Triton only)."""
     return model.kernels.report(model.encoder.device)
+
+
+def attach_backend(model: MultiProfileModel, settings: Settings) -> str:
+    """Build the encoder backend ``settings.backend`` names for ``model`` (once, at start: an ONNX
+    backend exports its graph on the first start of a machine) and serve through it.
+
+    A backend named outright that cannot run refuses the start; ``auto`` falls back to torch,
+    saying why in the log. Returns the backend's name.
+    """
+    device = model.encoder.device.type
+    chosen = resolve_backend(settings.backend, device)
+    try:
+        backend = build_backend(chosen, model.encoder, settings.torch_threads, settings.backend_cache)
+    except BackendError as exc:
+        if settings.backend != "auto":
+            raise
+        log.warning("backend %s cannot run (%s); serving with torch", chosen, exc.message)
+        backend = build_backend("torch", model.encoder)
+    model.backend = None if backend.name == "torch" else backend  # torch: the encoder itself
+    return backend.name
+
+
+def backend_name(model: MultiProfileModel) -> str:
+    """The name of the backend ``model`` serves with (``torch`` when none is attached)."""
+    return str(getattr(model.backend, "name", "torch"))

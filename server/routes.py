@@ -22,7 +22,7 @@ from xpeft.server.conditional import PRECONDITION_RESPONSES, not_modified, write
 from xpeft.server.deps import ProfileIdPath, check_profile_id, job_service, server_state
 from xpeft.server.errors import ApiError, allowed_methods, etag
 from xpeft.server.middleware import START_KEY
-from xpeft.server.model import kernel_report
+from xpeft.server.model import backend_name, kernel_report
 from xpeft.server.schemas import (
     BodyError,
     ErrorBody,
@@ -352,6 +352,7 @@ async def readyz(request: Request) -> dict:
             "model": model.encoder.name,
             "device": str(model.encoder.device),
             "kernels": kernel_report(model),
+            "backend": backend_name(model),
         },
     }
 

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The profile-id pattern (app.py checks ids with it); a tenant prefix is a valid id itself.
 from xpeft.adapters.kernel_policy import parse_policy
+from xpeft.engine.backends import BackendSetting
 from xpeft.server.wire import DEFAULT_MAX_INPUTS, PROFILE_ID_PATTERN
 
 _PROFILE_ID = re.compile(PROFILE_ID_PATTERN)
@@ -41,6 +42,17 @@ class Settings(BaseSettings):
         "auto",
         description="Triton kernels on CUDA: auto (those measured faster), off, all, or a list such as "
         "apply,gather; chosen once, when the model is built",
+    )
+    backend: BackendSetting = Field(
+        "auto",
+        description="what runs the encoder of a served batch: torch, torch-int8, onnx, onnx-int8, "
+        "onnx-int8-block (CPU only; the onnx ones need the cpu-fast extra), or auto (onnx-int8 on a CPU when ONNX Runtime "
+        "is installed, else torch); adapters and heads stay fp32; chosen once, at start",
+    )
+    backend_cache: Path | None = Field(
+        None,
+        description="folder of exported encoder graphs (the onnx backends); default "
+        "$XDG_CACHE_HOME/xpeft/backends",
     )
 
     # where to listen (used by `xpeft serve`)

@@ -19,6 +19,9 @@ from pathlib import Path
 # Tests never reach a model hub: a name that is not a local folder fails at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# In-process apps serve with the torch encoder, so served answers equal the offline model's
+# (tests/engine/test_backends.py names the other backends outright).
+os.environ.setdefault("XPEFT_BACKEND", "torch")
 
 import pytest  # noqa: E402
 import redis  # noqa: E402

@@ -175,7 +175,10 @@ class ServerProcess:
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("XPEFT_")}
-        env.update({"XPEFT_TORCH_THREADS": "1", "XPEFT_LOG_LEVEL": "warning", **self.env})
+        # torch backend: tests compare served answers with the offline (torch) model; pass XPEFT_BACKEND to change
+        env.update(
+            {"XPEFT_TORCH_THREADS": "1", "XPEFT_LOG_LEVEL": "warning", "XPEFT_BACKEND": "torch", **self.env}
+        )
         cmd = [
             sys.executable,
             "-m",
