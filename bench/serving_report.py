@@ -175,11 +175,10 @@ def single_block(single: dict | None, budgets: dict | None = None) -> list[str]:
         b = budgets["config"]
         out += [
             f"Token budget (`XPEFT_MAX_BATCH_TOKENS`), one server each: command `{budgets.get('command')}`, "
-            f"{b['rounds']} round(s) of {b['seconds']:.0f} s per client count, the same texts and plain "
-            "encoder. Budgets of 256 and 512 tokens come out ahead of the large ones (whose batches fill to "
-            "64 rows at 128 clients); the CPU default is 512, batches of about 14 short texts. Rounds on shared cores vary "
-            "(the plain encoder's own column shows by how much), so read the ratios, which pair each "
-            "server round with a plain round next to it.",
+            f"{b['rounds']} round(s) of {b['seconds']:.0f} s per client count, the same texts and baselines. "
+            + _best_budgets(budgets)
+            + " Rounds vary with what else the machine runs (the baselines' own columns show by how much), "
+            "so read the ratios, which pair each server round with baseline rounds next to it.",
             "",
             *_single_table(budgets, None),
         ]
@@ -196,6 +195,22 @@ def single_block(single: dict | None, budgets: dict | None = None) -> list[str]:
             "",
         ]
     return out
+
+
+def _best_budgets(budgets: dict) -> str:
+    """Which budget gave the best ratio at each client count, from the sweep's own runs."""
+    best: dict[int, dict] = {}
+    for r in budgets["runs"]:
+        if r["clients"] not in best or r["ratio"] > best[r["clients"]]["ratio"]:
+            best[r["clients"]] = r
+    return (
+        "Best ratio: "
+        + "; ".join(
+            f"{r['budget']} tokens at {clients} clients ({r['ratio']:.3f}, batches of {r.get('mean_rows', 0):.1f} rows)"
+            for clients, r in sorted(best.items())
+        )
+        + "."
+    )
 
 
 def _mmm(spread: dict | None) -> str:

@@ -69,10 +69,12 @@ class Job:
 BatchRunner = Callable[[Sequence[Job]], Awaitable[list[list[Prediction]]]]
 JobPreparer = Callable[[Job], Awaitable[None]]
 
-#: The default token budget of a batch on each kind of device: on a CPU a forward costs about
-#: the same per row from 8 rows up, and smaller batches let one batch's HTTP work overlap the
-#: next one's forward; a GPU wants the large batches text-embeddings-inference defaults to.
-DEFAULT_BATCH_TOKENS = {"cpu": 512, "cuda": 16384}
+#: The default token budget of a batch on each kind of device. On a CPU, 2048 padded tokens (about
+#: 50 short texts): with the int8 ONNX backend, a forward of 14 rows costs more per row than one of
+#: 40, and the budget sweep in docs/BENCHMARKS.md (``bench.load.single --budgets``) found 2048 and
+#: 4096 ahead of 512 at 128 clients and level at 32; a GPU wants the large batches
+#: text-embeddings-inference defaults to.
+DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
 
 
 def batch_token_budget(setting: int, device_type: str) -> int:

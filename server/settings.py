@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         0,
         ge=0,
-        description="padded tokens per forward (rows times the longest input); 0: 512 on a CPU, 16384 on a GPU",
+        description="padded tokens per forward (rows times the longest input); 0: 2048 on a CPU, 16384 on a GPU",
     )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="queued requests before 503 overloaded")

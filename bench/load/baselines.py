@@ -3,10 +3,10 @@
 Each baseline runs the same texts as the server, in the same rounds (interleaved with them), and
 reports sequences per second:
 
-- ``torch``: the plain transformers encoder in torch eager fp32, batches of 32, mean-pooled;
-- ``onnx-int8``: the same encoder exported to ONNX and dynamically quantized to int8 (weights per
-  output channel), run by ONNX Runtime with spinning threads off: the fastest plain forward a
-  CPU offers here, and so the one the server's ratio is taken against;
+- ``torch``: the plain encoder in torch eager fp32, batches of 32, mean-pooled;
+- ``onnx-int8`` (or any other backend name): the same encoder through that backend of
+  xpeft.engine.backends, exported without its adapter inputs: ONNX Runtime with int8 weights is
+  the fastest plain forward a CPU offers here, and so the one the server's ratio is taken against;
 - ``infinity``: the Infinity embeddings server (``infinity-emb``, ONNX Runtime engine) over HTTP,
   loaded by wrk exactly as the server is: one text per request, embeddings only. It runs from its
   own virtualenv (``--infinity-bin``) on the model exported by optimum (``--infinity-model``,
@@ -18,11 +18,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
-import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import torch
@@ -39,27 +37,23 @@ class Baseline(Protocol):
     def run(self, texts: list[str], seconds: float) -> dict: ...
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+class Plain:
+    """The plain encoder (no adapters, no heads) on one backend, batches of ``batch`` texts in order,
+    tokenized as the server tokenizes them, for about ``seconds``: ``torch`` is torch eager fp32,
+    ``onnx-int8`` the server's own ONNX export of the encoder without its adapter inputs, weights
+    quantized to int8 per output channel, ONNX Runtime with spinning threads off."""
 
+    def __init__(self, name: str, device: str, batch: int, threads: int) -> None:
+        from xpeft.adapters.encoder import load_encoder
 
-class _Batches:
-    """Batches of ``batch`` texts in order, tokenized as the server would, for about ``seconds``."""
-
-    name = "plain"
-
-    def __init__(self, batch: int) -> None:
-        from transformers import AutoTokenizer
-
-        from xpeft.adapters.encoder import default_model_dir
-
-        self.path = default_model_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        self.name = name
         self.batch = batch
+        self.encoder = load_encoder(device=device)
+        self.forward: Any = self.encoder
+        if name != "torch":
+            from xpeft.engine.backends.onnx_backend import OnnxBackend
 
-    def forward(self, enc: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+            self.forward = OnnxBackend.build(self.encoder, name, threads, None, adapters=False)
 
     @torch.no_grad()
     def run(self, texts: list[str], seconds: float) -> dict:
@@ -67,69 +61,10 @@ class _Batches:
         while time.perf_counter() - start < seconds:
             chunk = [texts[(i + j) % len(texts)] for j in range(self.batch)]
             i += self.batch
-            enc = self.tokenizer(
-                chunk, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
-            )
-            self.forward(dict(enc))
+            self.forward(self.encoder.tokenize(chunk, MAX_LENGTH), None, None).cpu()
             rows += len(chunk)
         wall = time.perf_counter() - start
         return {"rows": rows, "wall_s": wall, "sequences_per_s": rows / wall}
-
-
-class PlainTorch(_Batches):
-    """The plain transformers encoder, torch eager fp32 (the server's own runtime before backends)."""
-
-    name = "torch"
-
-    def __init__(self, device: str, batch: int) -> None:
-        super().__init__(batch)
-        from transformers import AutoModel
-
-        self.device = device
-        self.model = AutoModel.from_pretrained(str(self.path)).to(device).eval()
-
-    def forward(self, enc: dict[str, torch.Tensor]) -> None:
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        _pool(self.model(**enc).last_hidden_state, enc["attention_mask"]).cpu()
-
-
-class PlainOnnxInt8(_Batches):
-    """The plain encoder exported to ONNX, int8 weights (dynamic, per channel), ONNX Runtime."""
-
-    name = "onnx-int8"
-
-    def __init__(self, batch: int, threads: int, workdir: Path) -> None:
-        super().__init__(batch)
-        import onnxruntime as ort
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(str(self.path), attn_implementation="eager").eval()
-        fp32, int8 = workdir / "plain.onnx", workdir / "plain.int8.onnx"
-        example = self.tokenizer(["an example", "another example text"], padding=True, return_tensors="pt")
-        self.names = list(example)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                tuple(example[n] for n in self.names),
-                str(fp32),
-                input_names=self.names,
-                output_names=["hidden"],
-                dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*self.names, "hidden"]},
-                opset_version=18,
-                dynamo=False,
-            )
-        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
-
-    def forward(self, enc: dict[str, torch.Tensor]) -> None:
-        (hidden,) = self.session.run(None, {n: enc[n].numpy() for n in self.names})
-        _pool(torch.from_numpy(hidden), enc["attention_mask"])
 
 
 class Infinity:
@@ -186,13 +121,5 @@ class Infinity:
 
 
 def plain_baselines(device: str, batch: int, threads: int, names: list[str]) -> list[Baseline]:
-    """The plain-encoder baselines ``names`` asks for (``torch``, ``onnx-int8``)."""
-    out: list[Baseline] = []
-    for name in names:
-        if name == "torch":
-            out.append(PlainTorch(device, batch))
-        elif name == "onnx-int8":
-            out.append(PlainOnnxInt8(batch, threads, Path(tempfile.mkdtemp(prefix="xpeft-plain-onnx-"))))
-        else:
-            raise SystemExit(f"unknown baseline {name!r} (torch, onnx-int8)")
-    return out
+    """The plain-encoder baselines ``names`` asks for (``torch``, ``onnx``, ``onnx-int8``, ...)."""
+    return [Plain(name, device, batch, threads) for name in names]
