@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         "texts": source,
         "hardware": hardware(),
         "generator": "wrk",
-        "command": "python -m bench.load.single" + (f" {' '.join(argv)}" if argv else ""),
+        "command": shown_command(argv),
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="xpeft-single-") as tmp:
@@ -239,6 +239,19 @@ def _serve_and_measure(
                 )
             if flame is not None and budget == config.budgets[0]:
                 result["profile"] = profile_server(server, lines, config.clients[0], config.seconds, flame)
+
+
+def shown_command(argv: list[str] | None) -> str:
+    """The command as the report shows it: the Infinity install's own paths replaced by what they
+    are, so the doc names no folder of the machine that ran it."""
+    words = list(argv or [])
+    for flag, shown in (
+        ("--infinity-bin", "INFINITY_VENV/bin/infinity_emb"),
+        ("--infinity-model", "MODEL_ONNX_DIR"),
+    ):
+        if flag in words[:-1]:
+            words[words.index(flag) + 1] = shown
+    return " ".join(["python -m bench.load.single", *words])
 
 
 def request_lines(work: Path, ids: list[str], texts: list[str], per_request: int) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common.processes import RedisServer, ServerProcess, bearer
+from testsupport.processes import RedisServer, ServerProcess, bearer
 
 ADMIN = "fair-admin-token-4c2e91"
 HEAVY, LIGHT = "fair-acme-token-7b1d30", "fair-beta-token-e58a2f"
