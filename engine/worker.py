@@ -37,6 +37,9 @@ class ModelWorker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-model")
         self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-tokenize")
         self._stopped = False
+        #: requests waiting for the tokenizer thread, and whether a call of it is under way
+        self._to_tokenize: list[tuple[Job, asyncio.Future[None]]] = []
+        self._tokenizing: asyncio.Task[None] | None = None
         if torch_threads:
             self.executor.submit(torch.set_num_threads, torch_threads).result()
 
@@ -88,16 +91,69 @@ class ModelWorker:
 
     async def prepare(self, job: Job) -> None:
         """Tokenize ``job``'s inputs on the tokenizer thread (the batcher's ``prepare`` step); before
-        the model is loaded they stay untokenized and the forward tokenizes them."""
-        model = self.model
-        if model is None or self._stopped:  # shutting down: the queue's drain answers it
+        the model is loaded they stay untokenized and the forward tokenizes them.
+
+        Requests that arrive while the tokenizer runs wait for its next call, which takes them all
+        at once: one hop to the thread and one tokenizer call per group rather than per request.
+        """
+        if self.model is None or self._stopped:  # shutting down: the queue's drain answers it
             return
-        max_length = job.entry.profile.max_length
-        job.token_ids = await asyncio.get_running_loop().run_in_executor(
-            self.tokenizer, model.encoder.token_ids, job.inputs, max_length
-        )
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._to_tokenize.append((job, done))
+        if self._tokenizing is None:
+            self._tokenizing = loop.create_task(self._tokenize_waiting())
+        await done
+
+    async def _tokenize_waiting(self) -> None:
+        """Tokenize the waiting requests, group by group, until none waits."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._to_tokenize and self.model is not None and not self._stopped:
+                group, self._to_tokenize = self._to_tokenize, []
+                jobs = [job for job, _ in group]
+                try:
+                    ids = await loop.run_in_executor(self.tokenizer, token_ids_of, self.model, jobs)
+                except Exception:  # an input the tokenizer refuses fails its own request only
+                    await self._tokenize_alone(group)
+                    continue
+                for (job, done), each in zip(group, ids, strict=True):
+                    job.token_ids = each
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._tokenizing = None
+            for _, done in self._to_tokenize:  # stopped: they run untokenized (or are drained)
+                if not done.done():
+                    done.set_result(None)
+            self._to_tokenize = []
+
+    async def _tokenize_alone(self, group: list[tuple[Job, asyncio.Future[None]]]) -> None:
+        loop = asyncio.get_running_loop()
+        for job, done in group:
+            try:
+                (job.token_ids,) = await loop.run_in_executor(self.tokenizer, token_ids_of, self.model, [job])
+            except Exception as exc:
+                if not done.done():
+                    done.set_exception(exc)
+            else:
+                if not done.done():
+                    done.set_result(None)
 
     def shutdown(self) -> None:
         self._stopped = True
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.tokenizer.shutdown(wait=False, cancel_futures=True)
+
+
+def token_ids_of(model: MultiProfileModel | None, jobs: Sequence[Job]) -> list[list[dict[str, list[int]]]]:
+    """Each job's inputs' token ids, each at its profile's length, from one tokenizer call."""
+    assert model is not None
+    inputs = [text for job in jobs for text in job.inputs]
+    lengths = [job.entry.profile.max_length for job in jobs for _ in job.inputs]
+    flat = model.encoder.token_ids(inputs, lengths)
+    out, start = [], 0
+    for job in jobs:
+        out.append(flat[start : start + len(job.inputs)])
+        start += len(job.inputs)
+    return out

@@ -209,3 +209,43 @@ def test_worker_tokenizes_requests_on_its_own_thread_and_predicts_the_same(
         for g, w in zip(g_rows, w_rows, strict=True):
             assert g.label == w.label and g.score == pytest.approx(w.score, abs=1e-5)
     worker.shutdown()
+
+
+def test_requests_arriving_together_share_one_tokenizer_call_and_a_refused_one_fails_alone(
+    encoder, bank, profile_bytes
+) -> None:
+    """Requests that wait while the tokenizer runs are tokenized in one call; an input the
+    tokenizer refuses fails only its own request, the others of its group are still tokenized."""
+    model = MultiProfileModel(encoder, bank)
+    worker = ModelWorker(FusedCache(10**8, VersionFloors()))
+    worker.model = model
+    entry = CachedProfile("a", 1, xpm.decode(profile_bytes(0, "units"), bank))
+    calls: list[int] = []
+    real = encoder.token_ids
+
+    def token_ids(inputs, lengths):  # type: ignore[no-untyped-def]
+        calls.append(len(inputs))
+        if any(x == "refuse me" for x in inputs):
+            raise ValueError("the tokenizer refuses it")
+        return real(inputs, lengths)
+
+    encoder.token_ids = token_ids  # type: ignore[method-assign]
+    try:
+
+        async def prepared() -> tuple[list[Job], list[BaseException | None]]:
+            jobs = [Job(entry, t, None) for t in (["one"], ["two", "three"], ["four"])]  # type: ignore[arg-type]
+            together = await asyncio.gather(*(worker.prepare(j) for j in jobs), return_exceptions=True)
+            bad = Job(entry, ["five", "refuse me"], None)  # type: ignore[arg-type]
+            good = Job(entry, ["six"], None)  # type: ignore[arg-type]
+            apart = await asyncio.gather(worker.prepare(bad), worker.prepare(good), return_exceptions=True)
+            return [*jobs, bad, good], [*together, *apart]
+
+        jobs, errors = asyncio.run(prepared())
+    finally:
+        encoder.token_ids = real  # type: ignore[method-assign]
+        worker.shutdown()
+    assert calls[0] == 4  # the first three requests: one call for their four inputs
+    assert errors[:3] == [None, None, None] and all(j.token_ids for j in jobs[:3])
+    assert [len(j.token_ids or ()) for j in jobs[:3]] == [1, 2, 1]
+    assert isinstance(errors[3], ValueError) and jobs[3].token_ids is None  # the refused one alone
+    assert errors[4] is None and jobs[4].token_ids and len(jobs[4].token_ids) == 1
