@@ -102,13 +102,23 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.metrics = metrics or EngineMetrics()
         self.prepare = prepare
-        #: padded tokens per batch; 0: rows only (the server sets it once the model's device is known)
+        self._queue: FairQueue[Job] = FairQueue()
         self.max_batch_tokens = max_batch_tokens
         #: one request's padded tokens, above which it is refused (0: no bound)
         self.max_request_tokens = max_request_tokens
-        self._queue: FairQueue[Job] = FairQueue()
         self._preparing: dict[asyncio.Task[None], Job] = {}
         self._arrived = asyncio.Event()
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Padded tokens per batch; 0: rows only (the server sets it once the model's device is known)."""
+        return self._max_batch_tokens
+
+    @max_batch_tokens.setter
+    def max_batch_tokens(self, tokens: int) -> None:
+        self._max_batch_tokens = tokens
+        # a turn's credit is one batch, so a part (at most one batch) is served in one turn
+        self._queue.quantum = tokens or self.max_batch_size * 512
 
     @property
     def depth(self) -> int:
@@ -153,8 +163,6 @@ class MicroBatcher:
         except TooCostly as exc:
             self._fail(job, exc)
             return
-        # a turn's credit is one batch, so a part (at most one batch) is served in one turn
-        self._queue.quantum = self.max_batch_tokens or self.max_batch_size * 512
         self._queue.append(job, self.max_batch_tokens, self.max_batch_size)
         self._arrived.set()
 
