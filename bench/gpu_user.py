@@ -6,7 +6,7 @@ beyond the encoder folder and, for the smoke run, fewer epochs:
 
 1. ``xpeft bank create`` for the encoder; labelled data written as a ``.tsv``;
 2. ``xpeft train`` offline, with the defaults (a units profile and its abstention rule, the
-   ``cosine`` score, fitted on the held-out rows), on the machine's default device;
+   default score, fitted on the held-out rows), on the machine's default device;
 3. ``xpeft serve`` (SQLite store, its embedded trainer), ``xpeft upload`` of that profile;
 4. ``xpeft train --url --id``: a second profile trained by the server's training service;
 5. ``POST /profiles/{id}/predict`` for both, with and without a request's ``min_confidence``,

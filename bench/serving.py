@@ -249,7 +249,7 @@ def http_vs_offline(
             with httpx.Client(base_url=server.url, timeout=120, trust_env=False) as client:
                 for i in range(profiles):
                     pid = f"h{i:04d}"
-                    data = xpm.encode(with_cosine_rule(make_profiles(model.bank, 1, seed=500 + i)[0], i))
+                    data = xpm.encode(with_default_rule(make_profiles(model.bank, 1, seed=500 + i)[0], i))
                     client.put(
                         f"/profiles/{pid}", content=data, headers={"content-type": "application/octet-stream"}
                     ).raise_for_status()
@@ -295,12 +295,13 @@ def http_vs_offline(
     return result
 
 
-def with_cosine_rule(profile, seed: int):
-    """``profile`` with an abstention rule of the default score (``cosine``), as training gives it."""
+def with_default_rule(profile, seed: int):
+    """``profile`` with an abstention rule of the default score, as training gives it."""
     from xpeft.profiles.synthetic import random_rule
+    from xpeft.training.train_config import DEFAULT_ABSTAIN_SCORE
 
     profile.abstain = random_rule(
-        profile.num_labels, seed=seed, score="cosine", hidden_size=profile.hidden_size
+        profile.num_labels, seed=seed, score=DEFAULT_ABSTAIN_SCORE, hidden_size=profile.hidden_size
     )
     return profile
 

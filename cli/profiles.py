@@ -13,7 +13,14 @@ from xpeft.adapters.errors import XPeftError
 from xpeft.cli import jobs
 from xpeft.cli.output import parse_inputs, positive_int, print_json, writable_target
 from xpeft.cli.remote import TOKEN_HELP
-from xpeft.training.train_config import ABSTAIN_FIELDS, ABSTAIN_SCORES, ESTIMATORS, METHODS, TrainConfig
+from xpeft.training.train_config import (
+    ABSTAIN_FIELDS,
+    ABSTAIN_SCORES,
+    DEFAULT_ABSTAIN_RATE,
+    ESTIMATORS,
+    METHODS,
+    TrainConfig,
+)
 
 # TrainConfig fields that `xpeft train` sets from flags of the same name
 TRAIN_FLAGS = (
@@ -130,11 +137,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if eval_data is not None:
         summary["eval_accuracy"] = result.history[-1].get("eval_accuracy")
     rule = result.profile.abstain
-    summary["abstain"] = (
-        {"score": rule.score, "min_confidence": rule.min_confidence, "fallback": rule.fallback}
-        if rule is not None
-        else None
-    )
+    summary["abstain"] = rule.summary() if rule is not None else None
     if result.notes:
         summary["notes"] = result.notes
     print_json(summary)
@@ -161,7 +164,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         raise XPeftError("not_found", f"cannot read {args.file}: {exc.strerror}") from exc
     from xpeft.profiles.format_sizes import size_parts
 
-    print_json({**xpm.read_info(data).as_dict(), "bytes_by_part": size_parts(data)})
+    info = xpm.read_info(data).as_dict()
+    rule = xpm.decode(data).abstain if info["abstain"] else None
+    print_json({**info, "bytes_by_part": size_parts(data), "rule": rule.summary() if rule else None})
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -316,7 +321,8 @@ def _abstain_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     _min_confidence(
         p,
         d.min_confidence,
-        "the rule's operating point in [0, 1] (default: picked on --oos-label rows, else 0.05)",
+        "the rule's operating point in [0, 1] (default: picked on --oos-label rows, else the point "
+        f"where at most {DEFAULT_ABSTAIN_RATE * 100:g}%% of in-scope rows abstain, placed on the held-out rows)",
     )
     p.add_argument(
         "--oos-label", default=d.oos_label, help="rows with this label are out-of-scope examples, not a class"

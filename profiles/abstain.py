@@ -7,6 +7,13 @@ examples that scored lower. That makes the operating point ``min_confidence`` a 
 rule stores the score at :data:`KNOT_QUANTILES` (fp16 in the ``.xpm`` file) and maps any score
 between two knots linearly. A row whose confidence is below ``min_confidence`` abstains.
 
+The default score, ``blend``, adds the row's largest logit (weighted to the cosine's spread) to
+its cosine against each class mean's *signs*: one bit per dimension, 48 bytes a label on a
+384-wide encoder where fp16 means cost 768, at the same separation (docs/ABSTENTION.md has the
+measurements). The default operating point is conformal: the ``k``-th lowest held-out score with
+``k = floor(rate * (n + 1))``, so a new in-scope row abstains with probability at most ``rate``;
+a rule calibrated on too few rows for that (``k = 0``) does not abstain by default.
+
 Pure tensor arithmetic, no encoder: fitting a rule to a trained profile lives in
 :mod:`xpeft.training.abstain_fit`, applying it to a batch in :mod:`xpeft.engine.runtime`.
 """
@@ -19,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.constants import ABSTAIN_SCORES, CLASS_MEAN_SCORES, MAX_ABSTAIN_COST
+from xpeft.profiles.constants import ABSTAIN_SCORES, CLASS_MEAN_SCORES, MAX_ABSTAIN_COST, SIGN_SCORES
 
 __all__ = [
     "ABSTAIN_SCORES",
@@ -27,6 +34,7 @@ __all__ = [
     "KNOT_QUANTILES",
     "AbstainRule",
     "auroc",
+    "conformal_rank",
     "knots_of",
     "pick_operating_point",
     "row_scores",
@@ -52,16 +60,24 @@ KNOT_QUANTILES = (
     1.0,
 )
 FP16_MAX = 65504.0
+FP16_TINY = 2.0**-24  # the smallest positive fp16: a point just above confidence 0
+RULE_VALUES = {4: len(KNOT_QUANTILES) + 1, 5: len(KNOT_QUANTILES) + 3}  # abstain_rule, per format version
 # Operating points tried when OOS examples choose one (the largest that keeps the in-scope cost).
 CANDIDATE_POINTS = tuple(i / 200 for i in range(101))  # 0, 0.005, ..., 0.5
 
 
 def row_scores(
-    score: str, logits: torch.Tensor, pooled: torch.Tensor | None = None, means: torch.Tensor | None = None
+    score: str,
+    logits: torch.Tensor,
+    pooled: torch.Tensor | None = None,
+    means: torch.Tensor | None = None,
+    weight: float = 0.0,
 ) -> torch.Tensor:
     """``(B,)`` scores, higher meaning more in scope: ``msp`` (max softmax probability),
     ``max_logit``, ``energy`` (log-sum-exp of the logits, the negated free energy), ``cosine``
-    (the largest cosine similarity of the pooled embedding to a class mean; needs both)."""
+    (the largest cosine similarity of the pooled embedding to a class mean), ``blend`` (the
+    largest cosine to a class mean's sign vector, plus ``weight`` times the largest logit).
+    The class-vector scores need ``pooled`` and ``means`` (unit rows, or +-1 rows for blend)."""
     logits = logits.float()
     if score == "msp":
         return torch.softmax(logits, dim=-1).amax(dim=-1)
@@ -69,12 +85,36 @@ def row_scores(
         return logits.amax(dim=-1)
     if score == "energy":
         return torch.logsumexp(logits, dim=-1)
-    if score == "cosine":
+    if score in CLASS_MEAN_SCORES:
         if pooled is None or means is None:
-            raise ValueError("the cosine score needs pooled embeddings and class means")
+            raise ValueError(f"the {score} score needs pooled embeddings and class vectors")
         unit = torch.nn.functional.normalize(pooled.float(), dim=-1)
-        return (unit @ means.float().T).amax(dim=-1)
+        cosine = (unit @ means.float().T).amax(dim=-1)
+        if score == "cosine":
+            return cosine
+        return cosine / math.sqrt(means.shape[-1]) + weight * logits.amax(dim=-1)
     raise ValueError(f"unknown score {score!r}; one of {ABSTAIN_SCORES}")
+
+
+def sign_vectors(means: torch.Tensor) -> torch.Tensor:
+    """``(C, d)`` +-1 rows: the signs of class means (zero counts as +1), what a file's bits hold."""
+    return torch.where(means >= 0, 1.0, -1.0)
+
+
+def blend_weight(cosine: torch.Tensor, max_logit: torch.Tensor) -> float:
+    """The weight that gives the largest logit the cosine's spread on the same rows, so neither
+    term drowns the other (0 where the logits do not vary), as the file stores it (fp16)."""
+    spread = float(max_logit.float().std()) if max_logit.numel() > 1 else 0.0
+    if not math.isfinite(spread) or spread <= 0:
+        return 0.0
+    weight = float(cosine.float().std()) / spread
+    return float(torch.tensor(min(weight, FP16_MAX)).to(torch.float16)) if math.isfinite(weight) else 0.0
+
+
+def conformal_rank(n: int, rate: float) -> int:
+    """``k``: a new row exchangeable with ``n`` held-out rows falls below the ``k``-th lowest of
+    them with probability ``k / (n + 1)``, at most ``rate``. 0 when ``n`` is too small."""
+    return math.floor(rate * (n + 1) + 1e-9)
 
 
 def knots_of(scores: torch.Tensor) -> torch.Tensor:
@@ -118,20 +158,61 @@ class AbstainRule:
     knots: torch.Tensor  # (len(KNOT_QUANTILES),) non-decreasing
     min_confidence: float
     fallback: str | None = None
-    class_means: torch.Tensor | None = None  # (C, d) unit vectors, for the cosine score
+    # (C, d): unit class means (cosine) or their signs as +-1 (blend)
+    class_means: torch.Tensor | None = None
+    weight: float = 0.0  # blend: what the largest logit weighs against the cosine
+    calibrated_on: int | None = None  # held-out rows behind the knots (None: a file that predates it)
     # per device: (knots, class_means) as they were when copied, then their copies and the quantiles
     _copies: dict[torch.device, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
+    def format_version(self) -> int:
+        """The oldest file version that holds this rule: 4 for the rules it always held."""
+        return 5 if self.score in SIGN_SCORES or self.calibrated_on is not None else 4
+
+    @property
     def nbytes(self) -> int:
-        means = 0 if self.class_means is None else self.class_means.numel() * 2
-        return (len(KNOT_QUANTILES) + 1) * 2 + means
+        """Bytes of the rule's sections in a file."""
+        means = 0
+        if self.class_means is not None:
+            bits = 1 if self.score in SIGN_SCORES else 16
+            means = (self.class_means.numel() * bits + 7) // 8
+        return RULE_VALUES[self.format_version] * 2 + means
+
+    def summary(self) -> dict[str, object]:
+        """What ``xpeft train`` and ``xpeft info`` show of the rule."""
+        out: dict[str, object] = {
+            "score": self.score,
+            "min_confidence": self.min_confidence,
+            "fallback": self.fallback,
+            "calibrated_on": self.calibrated_on,
+        }
+        if self.min_confidence == 0 and self.calibrated_on is not None:
+            out["note"] = (
+                f"calibrated on {self.calibrated_on} held-out examples: too few for a default "
+                "operating point, so rows abstain only where a request sets min_confidence"
+            )
+        return out
+
+    def stored(self) -> torch.Tensor:
+        """The ``abstain_rule`` section: the knots and the operating point; from version 5 also
+        the held-out count (0: unknown) and the blend weight."""
+        values = [*self.knots.float().tolist(), self.min_confidence]
+        if self.format_version >= 5:
+            values += [float(min(self.calibrated_on or 0, FP16_MAX)), self.weight]
+        return torch.tensor(values)
+
+    def scores(self, logits: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B,)`` raw scores of rows, on the logits' device."""
+        _, means, _ = self.on(logits.device)
+        return row_scores(self.score, logits, pooled, means, self.weight)
 
     def confidence(self, logits: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B,)`` confidences of rows with these logits (and pooled embeddings, for cosine), on
-        the logits' device: the rule's own tensors are decoded on the host and go there once."""
+        """``(B,)`` confidences of rows with these logits (and pooled embeddings, for the
+        class-vector scores), on the logits' device: the rule's own tensors are decoded on the host
+        and go there once."""
         knots, means, quantiles = self.on(logits.device)
-        return confidence(knots, row_scores(self.score, logits, pooled, means), quantiles)
+        return confidence(knots, row_scores(self.score, logits, pooled, means, self.weight), quantiles)
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The knots, the class means and :data:`KNOT_QUANTILES` on ``device``: copied at the first
@@ -144,6 +225,18 @@ class AbstainRule:
             self._copies[device] = held
         return held[2], held[3], held[4]
 
+    def conformal_point(self, held_scores: torch.Tensor, rate: float) -> float | None:
+        """The operating point at which a new in-scope row abstains with probability at most
+        ``rate`` (:func:`conformal_rank`): the confidence of the ``k``-th lowest held-out score,
+        raised just above 0 for ``k = 1`` so that rows below the lowest one abstain. None where
+        the held-out rows are too few for ``rate``."""
+        k = conformal_rank(held_scores.numel(), rate)
+        if k < 1:
+            return None
+        threshold = held_scores.float().sort().values[k - 1 : k]
+        point = float(confidence(self.knots.float(), threshold)[0])
+        return max(point, FP16_TINY)
+
     @classmethod
     def from_stored(
         cls,
@@ -153,13 +246,22 @@ class AbstainRule:
         means: torch.Tensor | None,
         labels: list[str],
     ) -> AbstainRule:
-        """The rule a file holds (the knots then the point; class means as unit rows), checked."""
+        """The rule a file holds (:meth:`stored`; class means as unit rows, or as bits for the
+        sign scores), checked."""
         if means is not None:
-            if not bool(((means.float().norm(dim=-1) - 1).abs() < 1e-2).all()):
+            if score in SIGN_SCORES:
+                means = sign_vectors(means.float() - 0.5)
+            elif not bool(((means.float().norm(dim=-1) - 1).abs() < 1e-2).all()):
                 raise XPeftError("bad_argument", "class_means rows must be unit vectors")
             means = means.float()
         stored = stored.float()
-        rule = cls(score, stored[:-1], float(stored[-1]), fallback, means)
+        knots, rest = stored[: len(KNOT_QUANTILES)], stored[len(KNOT_QUANTILES) :].tolist()
+        count = rest[1] if len(rest) > 1 else 0.0
+        if count < 0 or count != int(count):
+            raise XPeftError("bad_argument", f"the rule's held-out count must be a whole number, got {count}")
+        count = int(count)
+        weight = float(rest[2]) if len(rest) > 2 else 0.0
+        rule = cls(score, knots, float(rest[0]), fallback, means, weight, count or None)
         rule.check(labels)
         return rule
 
@@ -176,12 +278,20 @@ class AbstainRule:
             raise XPeftError("bad_argument", f"fallback label {self.fallback!r} is not one of {labels}")
         if (self.score in CLASS_MEAN_SCORES) != (self.class_means is not None):
             raise XPeftError(
-                "bad_argument", f"the {self.score} score needs class means exactly when it reads them"
+                "bad_argument", f"the {self.score} score needs class vectors exactly when it reads them"
             )
+        if self.class_means is not None and self.class_means.shape[0] != len(labels):
+            raise XPeftError("bad_argument", "the rule needs one class vector per label")
         if self.knots.shape != (len(KNOT_QUANTILES),) or not bool(torch.isfinite(self.knots).all()):
             raise XPeftError("bad_argument", "the rule's knots must be finite")
         if bool((self.knots[1:] < self.knots[:-1]).any()):
             raise XPeftError("bad_argument", "the rule's knots must be non-decreasing")
+        if not (math.isfinite(self.weight) and 0.0 <= self.weight <= FP16_MAX):
+            raise XPeftError("bad_argument", f"the rule's weight must be finite and >= 0, got {self.weight}")
+        if self.weight and self.score not in SIGN_SCORES:
+            raise XPeftError("bad_argument", f"the {self.score} score has no weight")
+        if self.calibrated_on is not None and not 0 < self.calibrated_on <= FP16_MAX:
+            raise XPeftError("bad_argument", f"calibrated_on={self.calibrated_on} is out of range")
 
 
 def check_min_confidence(value: object) -> float:

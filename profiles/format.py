@@ -23,8 +23,10 @@ signed bytes; indices: each in the fewest bits that hold ``N*r - 1``, big-endian
     single_adapter  down (L,d,r), down_bias (L,r), up (L,r,d), up_bias (L,d)
     head_only       nothing
     every kind      head_weight (C,d), head_bias (C)
-    with a rule     abstain_rule: the 16 knots then the operating point (17 floats); for the
-                    cosine score also class_means (C,d floats, unit rows)
+    with a rule     abstain_rule: the 16 knots then the operating point (17 floats); from
+                    version 5 also the held-out count (0: unknown) and the blend weight (19);
+                    for the cosine score also class_means (C,d floats, unit rows); for the
+                    blend score class_signs (C*d bits: 1 where a class mean is >= 0)
 
 Version 2 adds three optional header fields for hard profiles: ``scale_power`` (a selected
 adapter weighs ``1 / k**p``), ``gains`` and ``values`` (booleans: those sections are present). A
@@ -33,7 +35,9 @@ only read version 1 keep serving it. Version 3 adds the units kind, with its hea
 ``tied`` and ``out_scale`` (booleans); a hard profile is still written as version 1 or 2, so a
 server that reads only those keeps serving it. Version 4 adds the abstention rule: header fields
 ``abstain`` (the score's name) and ``fallback`` (a label, optional), and the sections above; a
-profile without a rule keeps the version it had. All four versions are read. Framing and header checks live in
+profile without a rule keeps the version it had. Version 5 adds the ``blend`` score and the
+rule's held-out count; a rule without either is still written as version 4. All five versions
+are read. Framing and header checks live in
 :mod:`xpeft.profiles.format_header`; each kind's own sections, and their decode checks, in its
 module of :mod:`xpeft.profiles.kinds`; this module puts them together.
 """
@@ -47,7 +51,7 @@ import torch
 
 from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.abstain import CLASS_MEAN_SCORES, KNOT_QUANTILES, AbstainRule
+from xpeft.profiles.abstain import RULE_VALUES, SIGN_SCORES, AbstainRule
 from xpeft.profiles.format_codecs import Section, pack, quantize_rows, unpack
 from xpeft.profiles.format_header import (
     ABSTAIN_VERSION,
@@ -93,24 +97,27 @@ def sections(
     C: int,
     k: int,
     abstain: str | None = None,
+    version: int = FORMAT_VERSION,
     **options: object,
 ) -> list[Section]:
     """What a profile of ``kind`` stores, in file order: the kind's own sections (its module in
     :mod:`xpeft.profiles.kinds` says them, given its optional header fields ``options``), then
-    the head and the abstention rule of every kind."""
-    return _sections(kind, Shape(L, N, d, r, C, k), abstain, options)
+    the head and the abstention rule of every kind (its layout follows the file's ``version``)."""
+    return _sections(kind, Shape(L, N, d, r, C, k), abstain, options, version)
 
 
 def _sections(
-    kind: ProfileKind, shape: Shape, abstain: str | None, options: Mapping[str, object]
+    kind: ProfileKind, shape: Shape, abstain: str | None, options: Mapping[str, object], version: int
 ) -> list[Section]:
     C, d = shape.C, shape.d
     out = KINDS[kind].sections(shape, options)
     out += [Section("head_weight", "f16", (C, d)), Section("head_bias", "f16", (C,))]
-    if abstain is not None:  # the knots and the operating point; the class means for their scores
-        out.append(Section("abstain_rule", "f16", (len(KNOT_QUANTILES) + 1,)))
-        if abstain in CLASS_MEAN_SCORES:
+    if abstain is not None:  # the knots and the operating point; the class vectors of their scores
+        out.append(Section("abstain_rule", "f16", (RULE_VALUES[min(version, 5)],)))
+        if abstain == "cosine":
             out.append(Section("class_means", "f16", (C, d)))
+        elif abstain in SIGN_SCORES:
+            out.append(Section("class_signs", "bits", (C, d)))
     return out
 
 
@@ -118,18 +125,18 @@ def info_sections(info: ProfileInfo) -> list[Section]:
     """The sections of the file ``info`` describes, in file order."""
     i = info
     shape = Shape(i.num_layers, i.num_adapters, i.hidden_size, i.bottleneck, len(i.labels), i.k)
-    return _sections(i.profile_kind, shape, i.abstain, i.options)
+    return _sections(i.profile_kind, shape, i.abstain, i.options, i.format_version)
 
 
 # -- writing ---------------------------------------------------------------------------------
 def _stored(profile: Profile, section: Section) -> torch.Tensor:
     """The tensor a section stores, as the profile holds it."""
     name = section.name
-    if name == "abstain_rule" and profile.abstain is not None:
-        rule = profile.abstain
-        return torch.cat([rule.knots.float(), torch.tensor([rule.min_confidence])])
-    if name == "class_means" and profile.abstain is not None and profile.abstain.class_means is not None:
-        return profile.abstain.class_means
+    rule = profile.abstain
+    if name == "abstain_rule" and rule is not None:
+        return rule.stored()
+    if name in ("class_means", "class_signs") and rule is not None and rule.class_means is not None:
+        return rule.class_means > 0 if name == "class_signs" else rule.class_means
     if name in ("head_weight", "head_bias"):
         return getattr(profile, name)
     tensor = profile.spec.stored(profile.state, section, profile.shape) if profile.state is not None else None
@@ -162,16 +169,17 @@ def encode(profile: Profile) -> bytes:
         header["abstain"] = profile.abstain.score
         if profile.abstain.fallback is not None:
             header["fallback"] = profile.abstain.fallback
-        version = ABSTAIN_VERSION
-    payload = b"".join(pack(s, _stored(profile, s)) for s in _sections_of(header))
+        version = max(version, ABSTAIN_VERSION, profile.abstain.format_version)
+    payload = b"".join(pack(s, _stored(profile, s)) for s in _sections_of(header, version))
     return frame(version, header, payload)
 
 
-def _sections_of(h: dict) -> list[Section]:
+def _sections_of(h: dict, version: int) -> list[Section]:
     """The sections a header declares (``kind`` as a :class:`ProfileKind` or its wire name)."""
     kind = h["kind"] if isinstance(h["kind"], ProfileKind) else KINDS_BY_WIRE_NAME[h["kind"]]
     shape = Shape(h["L"], h["N"], h["d"], h["r"], len(h["labels"]), h["k"])
-    return _sections(kind, shape, h.get("abstain"), {name: h[name] for name in HEADER_FIELDS if name in h})
+    options = {name: h[name] for name in HEADER_FIELDS if name in h}
+    return _sections(kind, shape, h.get("abstain"), options, version)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -179,7 +187,7 @@ def _read(data: bytes) -> tuple[ProfileInfo, bytes]:
     version, raw_header, payload, crc_ok = split(data)
     try:
         h = parse_header(raw_header, version)
-        need = sum(s.nbytes for s in _sections_of(h))
+        need = sum(s.nbytes for s in _sections_of(h, version))
     except ProfileFormatError:
         if crc_ok:
             raise
@@ -224,7 +232,7 @@ def _tensors(info: ProfileInfo, payload: bytes) -> dict[str, torch.Tensor]:
     for s in info_sections(info):
         raw = payload[offset : offset + s.nbytes]
         offset += s.nbytes
-        out[s.name] = unpack(s, raw, info.k)
+        out[s.name] = unpack(s, raw, None if s.name == "class_signs" else info.k)
     return out
 
 
@@ -260,7 +268,11 @@ def _decode_rule(info: ProfileInfo, t: dict[str, torch.Tensor]) -> AbstainRule:
     assert info.abstain is not None
     try:
         return AbstainRule.from_stored(
-            info.abstain, t["abstain_rule"], info.fallback, t.get("class_means"), info.labels
+            info.abstain,
+            t["abstain_rule"],
+            info.fallback,
+            t.get("class_means", t.get("class_signs")),
+            info.labels,
         )
     except XPeftError as exc:
         raise ProfileFormatError("bad_payload", exc.message) from None

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from xpeft.profiles.constants import ABSTAIN_SCORES
+from xpeft.profiles.constants import ABSTAIN_SCORES, SIGN_SCORES
 from xpeft.profiles.format_errors import ERROR_CODES, ProfileFormatError
 from xpeft.profiles.kinds import HEADER_FIELDS, KINDS, KINDS_BY_WIRE_NAME, WIRE_NAMES, ProfileKind
 from xpeft.profiles.text import TextError, check_text
@@ -24,9 +24,10 @@ if TYPE_CHECKING:  # only the annotations of check_compatible: the header needs 
     from xpeft.profiles.profile import Profile
 
 MAGIC = b"\x89XPM"
-FORMAT_VERSION = 4  # the newest version this build writes
-READ_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # the newest version this build writes
+READ_VERSIONS = (1, 2, 3, 4, 5)
 ABSTAIN_VERSION = 4  # the first version that holds an abstention rule
+SIGN_VERSION = 5  # the first that holds the blend score (and the rule's held-out count)
 PREFIX = struct.Struct("<4sHH")
 CRC = struct.Struct("<I")
 # Bounds on declared shapes: far above any real encoder, far below anything that hurts.
@@ -126,6 +127,10 @@ def _check_abstain(header: dict, version: int) -> None:
     if header["abstain"] not in ABSTAIN_SCORES:
         raise ProfileFormatError(
             "bad_header", f"abstain={header['abstain']!r} is not one of {ABSTAIN_SCORES}"
+        )
+    if header["abstain"] in SIGN_SCORES and version < SIGN_VERSION:
+        raise ProfileFormatError(
+            "bad_header", f"the {header['abstain']} score needs format version {SIGN_VERSION}"
         )
     fallback = header.get("fallback")
     if fallback is not None and fallback not in header["labels"]:

@@ -10,7 +10,7 @@ SELECTION_SECTIONS = frozenset(
     {"mask_down", "mask_up", "unit_down", "unit_up", "weights_down", "weights_up", *TENSOR_NAMES}
 )
 HEAD_SECTIONS = frozenset({"head_weight", "head_bias"})
-RULE_SECTIONS = frozenset({"abstain_rule", "class_means"})
+RULE_SECTIONS = frozenset({"abstain_rule", "class_means", "class_signs"})
 
 
 def size_parts(data: bytes) -> dict[str, int]:

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from xpeft.adapters.bank import AdapterBank
-from xpeft.profiles.abstain import AbstainRule, knots_of
+from xpeft.profiles.abstain import AbstainRule, knots_of, sign_vectors
+from xpeft.profiles.constants import CLASS_MEAN_SCORES, SIGN_SCORES
 from xpeft.profiles.kinds import Shape
 from xpeft.profiles.profile import Profile, ProfileKind
 
@@ -56,11 +57,15 @@ def random_rule(
     hidden_size: int = 0,
 ) -> AbstainRule:
     """A valid abstention rule: knots of seeded scores in ``[1/C, 1]``; for ``cosine``, also
-    seeded unit class means of ``hidden_size`` (what a trained rule costs to apply)."""
+    seeded unit class means of ``hidden_size``, for ``blend`` their signs and a weight (what a
+    trained rule costs to apply)."""
     g = torch.Generator().manual_seed(seed)
     held = 1 / num_labels + (1 - 1 / num_labels) * torch.rand(200, generator=g)
-    means = None
-    if score == "cosine":
+    means, weight = None, 0.0
+    if score in CLASS_MEAN_SCORES:
         means = torch.nn.functional.normalize(torch.randn(num_labels, hidden_size, generator=g), dim=-1)
         means = means.to(torch.float16).float()
-    return AbstainRule(score, knots_of(held), min_confidence, fallback, means)
+    count = None  # as files before version 5 hold them
+    if score in SIGN_SCORES and means is not None:
+        means, weight, count = sign_vectors(means), 0.25, len(held)
+    return AbstainRule(score, knots_of(held), min_confidence, fallback, means, weight, count)

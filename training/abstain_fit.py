@@ -9,28 +9,35 @@ the operating point.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from xpeft.adapters.errors import XPeftError
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles.abstain import (
     AbstainRule,
+    blend_weight,
     check_min_confidence,
+    conformal_rank,
     knots_of,
     pick_operating_point,
     row_scores,
+    sign_vectors,
 )
+from xpeft.profiles.constants import SIGN_SCORES
 from xpeft.profiles.profile import Profile
 from xpeft.training.data import DataError, Dataset
-from xpeft.training.train_config import CLASS_MEAN_SCORES, DEFAULT_MIN_CONFIDENCE, MIN_HOLDOUT, TrainConfig
+from xpeft.training.train_config import CLASS_MEAN_SCORES, DEFAULT_ABSTAIN_RATE, MIN_HOLDOUT, TrainConfig
 
 __all__ = [
     "Scored",
     "Split",
+    "calibration_note",
     "check_training_data",
     "class_means",
     "fit_rule",
@@ -165,13 +172,18 @@ def rule_from(
     min_confidence: float | None = None,
     fallback: str | None = None,
 ) -> AbstainRule:
-    """:func:`fit_rule` on rows already scored (``fit`` only for the class-mean scores)."""
-    means = None
+    """:func:`fit_rule` on rows already scored (``fit`` only for the class-vector scores)."""
+    means, weight = None, 0.0
     if score in CLASS_MEAN_SCORES:
         assert fit is not None and fit.labels is not None
         means = class_means(fit.pooled, fit.labels, profile.num_labels)
+        if score in SIGN_SCORES:
+            means = sign_vectors(means)
+            cosine = row_scores(score, fit.logits, fit.pooled, means)  # weight 0: the cosine alone
+            weight = blend_weight(cosine, fit.logits.float().amax(-1))
+    held_scores = row_scores(score, held.logits, held.pooled, means, weight)
     rule = AbstainRule(
-        score, knots_of(row_scores(score, held.logits, held.pooled, means)), 0.0, fallback, means
+        score, knots_of(held_scores), 0.0, fallback, means, weight, calibrated_on=len(held_scores)
     )
     if min_confidence is not None:
         rule.min_confidence = check_min_confidence(min_confidence)
@@ -182,8 +194,26 @@ def rule_from(
         rule.min_confidence = pick_operating_point(
             held_conf, correct, rule.confidence(oos.logits, oos.pooled)
         )
-    else:
-        rule.min_confidence = DEFAULT_MIN_CONFIDENCE
+    else:  # conformal: rounded down to what the file stores, so no more rows abstain than promised
+        point = rule.conformal_point(held_scores, DEFAULT_ABSTAIN_RATE) or 0.0
+        stored = np.float16(point)
+        rule.min_confidence = float(np.nextafter(stored, np.float16(0)) if stored > point else stored)
     rule.min_confidence = float(torch.tensor(rule.min_confidence).to(torch.float16))  # as stored
     rule.check(profile.labels)
     return rule
+
+
+def calibration_note(rule: AbstainRule | None, config: TrainConfig) -> str | None:
+    """What a user should know where the default operating point could not be placed: too few
+    held-out rows for the default rate, so the profile abstains only where a request asks."""
+    if rule is None or rule.calibrated_on is None or config.min_confidence is not None or config.oos_label:
+        return None
+    if conformal_rank(rule.calibrated_on, DEFAULT_ABSTAIN_RATE) >= 1:
+        return None
+    need = math.ceil(1 / DEFAULT_ABSTAIN_RATE) - 1
+    return (
+        f"the abstention rule is calibrated on {rule.calibrated_on} held-out examples, too few to "
+        f"place the default {DEFAULT_ABSTAIN_RATE:.1%} operating point (it needs {need}): the "
+        "profile does not abstain unless a request sets min_confidence; train on more data or "
+        "raise holdout"
+    )

@@ -20,7 +20,7 @@ from xpeft.adapters.bank import AdapterBank
 from xpeft.adapters.encoder import AdapterEncoder
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles.profile import Profile, ProfileKind
-from xpeft.training.abstain_fit import Split, check_training_data, fit_rule
+from xpeft.training.abstain_fit import Split, calibration_note, check_training_data, fit_rule
 from xpeft.training.data import DataError, Dataset
 from xpeft.training.diagnostics import adapter_ratio, mask_overlap
 from xpeft.training.train_config import METHODS, TrainConfig
@@ -145,6 +145,8 @@ def train_profile(
         profile.abstain = fit_rule(
             model, profile, split, config.abstain_score, config.min_confidence, config.fallback_label
         )
+        note = calibration_note(profile.abstain, config)
+        notes += [note] if note else []
     return TrainResult(
         profile=profile,
         history=history,

@@ -137,7 +137,8 @@ def test_family_trains_and_serves_mixed_batches_like_single_rows(
     trained = model.load_profile(profile_path)
     assert trained.abstain is not None  # the shipped default: a rule included
     parts = size_parts(profile_path.read_bytes())
-    assert parts["rule"] > 2 * len(trained.labels) * HIDDEN  # its class means, C x d in fp16
+    # the blend rule: knots, point, held-out count and weight (19 fp16), and C x d sign bits
+    assert parts["rule"] == 19 * 2 + (len(trained.labels) * HIDDEN + 7) // 8
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     other = random_profile(model.bank, "units", seed=7, labels=["x", "y", "z"])
 

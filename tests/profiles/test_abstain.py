@@ -29,7 +29,7 @@ from xpeft.profiles.synthetic import random_profile, random_rule
 from xpeft.training.abstain_fit import Scored, rule_from, split_for_rule
 from xpeft.training.data import Dataset
 from xpeft.training.train import TrainConfig, train_profile
-from xpeft.training.train_config import DEFAULT_ABSTAIN_SCORE, DEFAULT_MIN_CONFIDENCE
+from xpeft.training.train_config import DEFAULT_ABSTAIN_SCORE
 
 GOOD = ["wonderful", "excellent", "delightful", "brilliant", "lovely", "superb", "great", "charming"]
 BAD = ["awful", "terrible", "dreadful", "horrible", "boring", "dismal", "lousy", "painful"]
@@ -145,8 +145,9 @@ def test_training_fits_a_rule_that_catches_off_topic_inputs(trained, model) -> N
     cosine = rule_from(served, "cosine", scored, Scored.of(model, served, trained.split.fit))
     assert cosine.class_means is not None and cosine.class_means.shape == (2, model.encoder.hidden_size)
     assert torch.allclose(cosine.class_means.norm(dim=-1), torch.ones(2), atol=1e-2)
-    msp = rule_from(served, "msp", scored)  # no OOS examples given: the default point
-    assert msp.class_means is None and msp.min_confidence == pytest.approx(DEFAULT_MIN_CONFIDENCE, abs=1e-3)
+    msp = rule_from(served, "msp", scored)  # no OOS examples given: the conformal default point
+    # 12 held-out rows cannot place a 1% point: the rule abstains only where a request asks
+    assert msp.class_means is None and msp.min_confidence == 0.0 and msp.calibrated_on == 12
 
 
 def test_small_data_trains_without_a_rule_and_says_so(encoder, bank, separable) -> None:
@@ -197,7 +198,7 @@ def test_a_rule_round_trips_and_costs_at_most_64_bytes(bank, model) -> None:
     profile = _with_rule(bank, model, fallback="neg")
     blob = xpm.encode(profile)
     plain = xpm.encode(dataclasses.replace(profile, abstain=None))
-    assert xpm.read_info(plain).format_version == 1 and xpm.read_info(blob).format_version == 4
+    assert xpm.read_info(plain).format_version == 1 and xpm.read_info(blob).format_version == 5
     assert len(blob) - len(plain) <= 64 + len('"fallback":"neg",')  # the fallback is the user's own bytes
     back = xpm.decode(blob, bank)
     assert back.abstain is not None and back.abstain.fallback == "neg" and back.abstain.score == "msp"
@@ -222,8 +223,8 @@ def _reframe(blob: bytes, edit, version: int | None = None) -> bytes:
 
 
 def _repayload(blob: bytes, rule_values: list[float]) -> bytes:
-    """The file with its stored rule (knots then point) replaced, checksum redone."""
-    n = (len(KNOT_QUANTILES) + 1) * 2
+    """The file with its stored rule (knots, point, held-out count, weight) replaced, checksum redone."""
+    n = (len(KNOT_QUANTILES) + 3) * 2
     body = blob[:-4]
     body = body[:-n] + torch.tensor(rule_values, dtype=torch.float16).numpy().tobytes()
     return body + struct.pack("<I", zlib.crc32(body))
@@ -241,8 +242,11 @@ def test_damaged_rules_are_refused_with_codes(bank, model) -> None:
             _reframe(blob, lambda h: (h.pop("abstain"), h.update(fallback="neg"))),
             "bad_header",
         ),
-        "point above 1": (_repayload(blob, knots + [1.5]), "bad_payload"),
-        "falling knots": (_repayload(blob, knots[::-1] + [0.05]), "bad_payload"),
+        "point above 1": (_repayload(blob, knots + [1.5, 16, 0]), "bad_payload"),
+        "falling knots": (_repayload(blob, knots[::-1] + [0.05, 16, 0]), "bad_payload"),
+        "fractional count": (_repayload(blob, knots + [0.05, 16.5, 0]), "bad_payload"),
+        "negative count": (_repayload(blob, knots + [0.05, -3, 0]), "bad_payload"),
+        "weight on msp": (_repayload(blob, knots + [0.05, 16, 0.5]), "bad_payload"),
     }
     for name, (data, code) in cases.items():
         with pytest.raises(ProfileFormatError) as info:
