@@ -15,17 +15,24 @@ def backend_tables(speed_path: Path, accuracy_path: Path) -> list[str]:
         lines += [
             f"Encoder backends, batches of {data['batch']} texts ({data['tokens']} tokens), "
             f"{data['threads']} threads, {data['rounds']} rounds on {data['hardware']['cpu']} "
-            f"(`python -m bench.eval.backends speed`): seq/s, median (min-max), and the median's ratio "
-            "to torch in the same case.",
+            f"(`{data.get('command', 'python -m bench.eval.backends speed')}`): seq/s, median (min-max), "
+            "the median's ratio to torch in the same case, and to the same backend's plain encoder."
+            + (
+                f" `cold`: each batch first fuses its {data['batch']} rows' profiles, none of them fused "
+                f"before, from a bank of {data['cold_adapters']} adapters."
+                if data.get("cold_adapters")
+                else ""
+            ),
             "",
-            "| backend | case | seq/s | ratio to torch |",
-            "| --- | --- | --- | --- |",
+            "| backend | case | seq/s | ratio to torch | ratio to its plain encoder |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for r in data["results"]:
             s = r["seq_per_s"]
             ratio = f"{r['ratio_to_torch']:.2f}" if r["ratio_to_torch"] else "-"
+            own = f"{r['ratio_to_plain']:.2f}" if r.get("ratio_to_plain") else "-"
             lines.append(
-                f"| {r['backend']} | {r['case']} | {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) | {ratio} |"
+                f"| {r['backend']} | {r['case']} | {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) | {ratio} | {own} |"
             )
         lines.append("")
     if accuracy_path.exists():

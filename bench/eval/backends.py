@@ -3,7 +3,9 @@
 ``python -m bench.eval.backends speed`` (writes ``bench/results/backends.json``): seq/s of batches of 32
 texts on each backend (``torch``, ``torch-int8``, ``onnx``, ``onnx-int8``), for the plain encoder
 and for the encoder with per-row adapters read from a pool of 32 warm slots (``single``: every row
-one slot; ``mixed``: each row its own slot). Backends and cases take turns round by round, in a
+one slot; ``mixed``: each row its own slot); with ``--cold-adapters N``, also ``cold``: each batch
+first fuses its rows' profiles (every row its own, none fused before in that round) from a bank of
+N adapters into the pool's slots, as a server does for profiles its pool does not hold. Backends and cases take turns round by round, in a
 rotating order, so a busy machine slows them alike; each reports the min / median / max of its
 rounds and its median's ratio to torch eager's in the same case and run.
 
@@ -47,7 +49,8 @@ from xpeft.profiles.synthetic import random_profile
 from xpeft.training.train import train_profile
 
 GROUPS = ("sst2", "trec6", "mr", "sick_e", "cr")
-CASES = ("plain", "single", "mixed")
+CASES = ("plain", "single", "mixed", "cold")
+COLD_SETS = 4  # batches of distinct profiles the cold case cycles through
 SENTENCE = (
     "the film was a quiet and moving study of grief with a lovely score but the second half drags on "
     "far too long and the ending feels rushed which is a shame given how good the cast is throughout"
@@ -88,14 +91,20 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     names = available(args.backends)
     served = {n: build_backend(n, encoder, args.threads, args.cache) for n in names}
     plain = {n: plain_backend(n, encoder, args.threads, args.cache) for n in names}
+    cases = [c for c in CASES if c != "cold" or args.cold_adapters]
+    cold = _ColdBatches(encoder, args.cold_adapters, args.batch) if args.cold_adapters else None
 
     def forward(name: str, case: str) -> None:
         if case == "plain":
             plain[name](encodings, None, None)
+        elif case == "cold":
+            assert cold is not None
+            served[name](encodings, cold.next_pool(), rows["mixed_all"])
         else:
             served[name](encodings, pool.weights, rows[case])
 
-    cells = [(n, c) for n in names for c in CASES]
+    rows["mixed_all"] = torch.arange(args.batch)
+    cells = [(n, c) for n in names for c in cases]
     with torch.no_grad():
         for cell in cells:  # warm-up: first calls allocate and plan
             forward(*cell)
@@ -110,6 +119,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     for name, case in cells:
         values = rates[(name, case)]
         base = statistics.median(rates[("torch", case)]) if "torch" in names else None
+        own_plain = statistics.median(rates[(name, "plain")])
         med = statistics.median(values)
         results.append(
             {
@@ -117,12 +127,15 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
                 "case": case,
                 "seq_per_s": {"min": min(values), "median": med, "max": max(values)},
                 "ratio_to_torch": med / base if base else None,
+                "ratio_to_plain": med / own_plain,
             }
         )
     return {
         "kind": "backends-speed",
         "model": args.model,
         "batch": args.batch,
+        "cold_adapters": args.cold_adapters or None,
+        "command": shown_command(sys.argv[1:]),
         "tokens": int(encodings["input_ids"].shape[1]),
         "slots": args.slots,
         "rounds": args.rounds,
@@ -131,6 +144,43 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "hardware": hardware(),
         "results": results,
     }
+
+
+def shown_command(argv: list[str]) -> str:
+    """The command as a report shows it: without the options that name local paths."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--cache", "--out"):
+            skip = True
+            continue
+        if not arg.startswith(("--cache=", "--out=")):
+            shown.append(arg)
+    return " ".join(["python -m bench.eval.backends", *shown])
+
+
+class _ColdBatches:
+    """The cold case's work: per batch, fuse ``rows`` new units profiles (one per row) from a
+    bank of ``adapters`` into a pool of ``rows`` slots, cycling over :data:`COLD_SETS` sets."""
+
+    def __init__(self, encoder: AdapterEncoder, adapters: int, rows: int) -> None:
+        from bench.eval.config import RandomBankSpec
+
+        bank = random_bank(encoder, RandomBankSpec(num_adapters=adapters, seed=1))
+        self.model = MultiProfileModel(encoder, bank)
+        self.pool = SlotPool(rows, bank.num_layers, bank.hidden_size, bank.bottleneck)
+        self.sets = [
+            [random_profile(bank, "units", seed=1000 * s + i) for i in range(rows)] for s in range(COLD_SETS)
+        ]
+        self.turn = 0
+
+    def next_pool(self) -> torch.Tensor:
+        profiles = self.sets[self.turn % COLD_SETS]
+        self.turn += 1
+        self.model.fuse_into_pool(self.pool, range(len(profiles)), profiles)
+        return self.pool.weights
 
 
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:
@@ -248,6 +298,12 @@ def main() -> None:
     # speed
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument(
+        "--cold-adapters",
+        type=int,
+        default=0,
+        help="also time cold batches from a bank of this many adapters",
+    )
     parser.add_argument("--words", type=int, default=16, help="words per text")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15)
