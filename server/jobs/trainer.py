@@ -175,6 +175,8 @@ def _train_and_store(ctx: TrainerContext, record: dict, progress: _Progress) -> 
     result = train_profile(model.encoder, ctx.bank, train, config, progress=False, on_step=progress.on_step)
     result.profile.meta["model_name"] = ctx.settings.model or ctx.bank.model_name
     out: dict = {"stored": True, "seconds": round(result.seconds, 2), "examples": len(train)}
+    if result.notes:  # what a user should know: no rule fitted, or one too small to calibrate
+        out["notes"] = result.notes
     if held_out is not None:
         progress.phase("evaluating")
         out["eval_examples"] = len(held_out)
