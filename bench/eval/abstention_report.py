@@ -16,6 +16,7 @@ from typing import Any
 
 from bench.eval.markdown import table
 from xpeft.profiles.abstain import ABSTAIN_SCORES, CLASS_MEAN_SCORES
+from xpeft.profiles.constants import SIGN_SCORES
 from xpeft.training.train_config import DEFAULT_ABSTAIN_RATE, DEFAULT_ABSTAIN_SCORE
 
 TASK = "clinc_oos"
@@ -33,6 +34,15 @@ def _complete(runs: list[Row]) -> tuple[list[str], dict[tuple[str, int], dict[st
     for r in rows:
         by[(r["profile"], r["seed"])][r["method"]] = r
     return methods, {k: v for k, v in by.items() if set(v) == set(methods)}
+
+
+def measured(pairs: dict[tuple[str, int], dict[str, Row]], methods: list[str]) -> list[str]:
+    """The scores every run measured: runs from before a score existed leave it out."""
+    return [
+        s
+        for s in ABSTAIN_SCORES
+        if all(s in rows[m]["abstention"]["scores"] for rows in pairs.values() for m in methods)
+    ]
 
 
 def _summary(pairs: dict[tuple[str, int], dict[str, Row]], method: str, value: Callable[[Row], float]):
@@ -97,7 +107,7 @@ def section(runs: list[Row]) -> list[str]:
             [
                 [f"`{s}`"]
                 + [_fmt(_summary(pairs, m, lambda a, s=s: a["scores"][s]["auroc"]["test"])) for m in methods]
-                for s in ABSTAIN_SCORES
+                for s in measured(pairs, methods)
             ],
         ),
         "",
@@ -111,7 +121,7 @@ def section(runs: list[Row]) -> list[str]:
 
 def _without_oos(pairs: dict, methods: list[str], points: list[str]) -> list[str]:
     rows = []
-    for s in ABSTAIN_SCORES:
+    for s in measured(pairs, methods):
         p = choose_point(pairs, methods, s, points)
         for m in methods:
             rows.append(
@@ -145,7 +155,7 @@ def _without_oos(pairs: dict, methods: list[str], points: list[str]) -> list[str
 
 def _with_oos(pairs: dict, methods: list[str]) -> list[str]:
     rows = []
-    for s in ABSTAIN_SCORES:
+    for s in measured(pairs, methods):
         for m in methods:
             rows.append(
                 [
@@ -182,10 +192,16 @@ def _with_oos(pairs: dict, methods: list[str]) -> list[str]:
 
 def _bytes(pairs: dict, methods: list[str]) -> list[str]:
     rows = []
-    for s in ABSTAIN_SCORES:
+    for s in measured(pairs, methods):
         added = [r[m]["abstention"]["scores"][s]["file_bytes_added"] for r in pairs.values() for m in methods]
         labels = sorted({r[m]["n_labels"] for r in pairs.values() for m in methods})
-        note = "class means (C × d fp16) included" if s in CLASS_MEAN_SCORES else "no class means"
+        note = "no class means"
+        if s in CLASS_MEAN_SCORES:
+            note = (
+                "class-mean signs (C × d bits) included"
+                if s in SIGN_SCORES
+                else "class means (C × d fp16) included"
+            )
         rows.append([f"`{s}`", f"{statistics.median(added):.0f}", f"{min(added)}–{max(added)}", note])
     return [
         "### Bytes the rule adds to a profile file",
