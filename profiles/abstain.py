@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 import torch
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.constants import ABSTAIN_SCORES, CLASS_MEAN_SCORES, MAX_ABSTAIN_COST, SIGN_SCORES
+from xpeft.profiles.constants import (
+    ABSTAIN_SCORES,
+    CLASS_MEAN_SCORES,
+    DEFAULT_ABSTAIN_RATE,
+    MAX_ABSTAIN_COST,
+    SIGN_SCORES,
+)
 
 __all__ = [
     "ABSTAIN_SCORES",
@@ -187,7 +193,10 @@ class AbstainRule:
             "fallback": self.fallback,
             "calibrated_on": self.calibrated_on,
         }
-        if self.min_confidence == 0 and self.calibrated_on is not None:
+        too_few = (
+            self.calibrated_on is not None and conformal_rank(self.calibrated_on, DEFAULT_ABSTAIN_RATE) < 1
+        )
+        if self.min_confidence == 0 and too_few:
             out["note"] = (
                 f"calibrated on {self.calibrated_on} held-out examples: too few for a default "
                 "operating point, so rows abstain only where a request sets min_confidence"

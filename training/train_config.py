@@ -11,7 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from xpeft.adapters.errors import XPeftError
-from xpeft.profiles.constants import ABSTAIN_SCORES, CLASS_MEAN_SCORES, ESTIMATORS, MAX_ABSTAIN_COST, MAX_GAIN
+from xpeft.profiles.constants import (
+    ABSTAIN_SCORES,
+    CLASS_MEAN_SCORES,
+    DEFAULT_ABSTAIN_RATE,
+    ESTIMATORS,
+    MAX_ABSTAIN_COST,
+    MAX_GAIN,
+)
 from xpeft.profiles.kinds import METHODS, ProfileKind, applies_to
 
 __all__ = [
@@ -30,9 +37,6 @@ __all__ = [
 
 # as far and near misses separate as the fp16 cosine, at 1 bit a class-mean entry (docs/ABSTENTION.md)
 DEFAULT_ABSTAIN_SCORE = "blend"
-# the default operating point: a new in-scope row abstains with probability at most this (conformal;
-# docs/ABSTENTION.md has the rates it gives on every task's test split)
-DEFAULT_ABSTAIN_RATE = 0.01
 MIN_HOLDOUT = 10  # fewer held-out examples than this calibrate no rule
 # the TrainConfig fields of the abstention rule (the CLI and the training service take all of them)
 ABSTAIN_FIELDS = ("abstain", "abstain_score", "holdout", "min_confidence", "oos_label", "fallback_label")

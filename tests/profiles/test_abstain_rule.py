@@ -171,6 +171,7 @@ def test_a_profile_with_enough_rows_abstains_by_default(bank) -> None:
     profile = random_profile(bank, "head_only", seed=0, labels=["a", "b"])
     rule = rule_from(profile, "max_logit", Scored(held, torch.zeros(n, 4), torch.zeros(n, dtype=torch.long)))
     assert 0 < rule.min_confidence < 0.01 and "note" not in rule.summary()
+    assert "note" not in dataclasses.replace(rule, min_confidence=0.0).summary()  # the user's own 0
     below, at = torch.tensor([[-1.01, -9.0]]), torch.tensor([[-0.99, -9.0]])
     assert bool(rule.confidence(below) < rule.min_confidence)
     assert not bool(rule.confidence(at) < rule.min_confidence)
