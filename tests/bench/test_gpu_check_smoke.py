@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import serving, serving_report  # noqa: E402
 from bench.common.wrk import wrk_result  # noqa: E402
+from xpeft.profiles.profile import ProfileKind  # noqa: E402
 from xpeft.training.train_config import ABSTAIN_SCORES, DEFAULT_ABSTAIN_SCORE  # noqa: E402
 
 
@@ -36,7 +37,8 @@ def test_cpu_quick_run_checks_and_times_the_serving_path(tmp_path, monkeypatch) 
     assert [c["path"] for c in runtime_checks] == ["cold", "warm", "warm again"]
     assert all(c["passed"] and c["labels_equal"] for c in runtime_checks)
     # a profile of every kind under no rule and under each score, every rule's confidence compared
-    assert all(c["profiles"] == 25 and c["confidence_missing"] == 0 for c in runtime_checks)
+    every = len(ProfileKind) * (1 + len(ABSTAIN_SCORES))
+    assert all(c["profiles"] == every and c["confidence_missing"] == 0 for c in runtime_checks)
     assert all(set(c["confidence_err"]) == set(ABSTAIN_SCORES) for c in runtime_checks)
     rows = [r for r in report["runtime"] if "ratio_to_base" in r]
     assert {(r["variant"], r["distinct"]) for r in rows} >= {
