@@ -38,6 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         deadline_seconds=args.deadline_seconds,
         only_variants=_names(args.only_variants),
         only_tasks=_names(args.only_tasks),
+        only_methods=_names(args.only_methods),
         work_dir=args.work_dir,
         progress=not args.no_progress,
         argv=["python", "-m", "bench.eval", *args.argv],
@@ -112,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-seconds", type=float, default=None, help="start no run that would end later")
     p.add_argument("--only-variants", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--only-tasks", default=None, help="comma-separated task names (default: all)")
-    p.add_argument("--data-root", default="../shared/data", help="folder holding sst2/, rte/, clinc150/")
+    p.add_argument(
+        "--only-methods",
+        default=None,
+        help="comma-separated method names, e.g. head_only,single_adapter,units (default: all)",
+    )
+    p.add_argument("--data-root", default="../shared/data", help="folder holding sst2/, clinc150/, ...")
     p.add_argument("--model", default=None, help="encoder alias or folder (default: the config's)")
     p.add_argument("--device", default=None, help="cpu, cuda, auto (default: the config's)")
     p.add_argument("--work-dir", default="bench/eval/.work", help="cache of built banks (git-ignored)")

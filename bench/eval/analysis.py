@@ -1,6 +1,6 @@
 """From result rows to the numbers the report prints: group means, paired differences, targets.
 
-Multi-profile groups (CLINC domains, few-shot, customers) are averaged over their profiles per
+Multi-profile groups (CLINC domains, few-shot, customers, TweetEval stance) are averaged over their profiles per
 seed first, then summarised over seeds; a seed that lacks some of the group's profiles is left
 out of that summary (and counted), so a grid stopped early never mixes partial means in.
 """
@@ -28,6 +28,9 @@ TITLES = {
     "clinc_domain": "CLINC domains",
     "clinc_customers": "Customers",
     "clinc_oos": "CLINC domains, rule held out (abstention runs)",
+    "tweeteval_hate": "TweetEval hate",
+    "tweeteval_emoji": "TweetEval emoji (20 classes)",
+    "tweeteval_stance": "TweetEval stance",
 }
 
 

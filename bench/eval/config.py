@@ -28,6 +28,9 @@ TASK_KINDS = (
     "clinc_fewshot",
     "clinc_customers",
     "clinc_oos",
+    "tweeteval_hate",
+    "tweeteval_emoji",
+    "tweeteval_stance",
 )
 BANK_KINDS = ("random", "trained")
 BASELINES = ("head_only", "single_adapter")  # read no bank: one run per (profile, seed)
@@ -60,7 +63,8 @@ class TaskSpec:
     epochs: int = 3
     batch_size: int = 32
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this task
-    profiles: tuple[str, ...] = ()  # CLINC domain kinds: only these domains (default: all ten)
+    # CLINC domain kinds: only these domains (default: all ten); tweeteval_stance: only these targets
+    profiles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

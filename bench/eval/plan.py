@@ -39,21 +39,27 @@ def build_plan(
     data: TaskData,
     only_variants: Sequence[str] | None = None,
     only_tasks: Sequence[str] | None = None,
+    only_methods: Sequence[str] | None = None,
 ) -> list[RunSpec]:
-    """Every run of the config, in the order they should run."""
+    """Every run of the config, in the order they should run; the ``only_*`` names narrow it
+    (``only_methods`` lets a costly method sit out a task group without a config of its own)."""
     for given, known, what in (
         (only_variants, [v.name for v in config.variants], "variant"),
         (only_tasks, [t.name for t in config.tasks], "task"),
+        (only_methods, list(config.methods), "method"),
     ):
         unknown = sorted(set(given or ()) - set(known))
         if unknown:
             raise ConfigError(f"no {what} named {unknown} in the config; it has {known}")
-    names = {t.name: data.profile_names(t) for t in config.tasks}
+    # only the selected tasks' data must be present
+    names = {t.name: data.profile_names(t) for t in config.tasks if not only_tasks or t.name in only_tasks}
     plan: list[RunSpec] = []
     for v in config.variants:
         if only_variants and v.name not in only_variants:
             continue
-        cells = _cells(v.methods, v.banks or config.banks)
+        cells = [
+            c for c in _cells(v.methods, v.banks or config.banks) if not only_methods or c[0] in only_methods
+        ]
         for seed in v.seeds or config.seeds:
             for task in config.tasks:
                 if (v.tasks and task.name not in v.tasks) or (only_tasks and task.name not in only_tasks):

@@ -63,7 +63,7 @@ def _main_table(res: Results) -> list[str]:
         "## 1. Main table",
         "",
         "Accuracy % on each task's scored split (SST-2 and the CLINC groups: their dev sets; TREC-6, MR, "
-        "SICK-E, SUBJ and CR: their test sets), mean ± sample std over "
+        "SICK-E, SUBJ, CR and the TweetEval groups: their test sets), mean ± sample std over "
         "training seeds, the seed count in brackets. Groups of "
         "several profiles are averaged over their profiles per seed first. The baselines read no bank, "
         "so they have one column each.",

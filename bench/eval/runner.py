@@ -110,6 +110,7 @@ class Runner:
         deadline_seconds: float | None = None,
         only_variants: Sequence[str] | None = None,
         only_tasks: Sequence[str] | None = None,
+        only_methods: Sequence[str] | None = None,
         work_dir: str | Path = "bench/eval/.work",
         progress: bool = True,
         argv: Sequence[str] = (),
@@ -121,7 +122,7 @@ class Runner:
         self.store = BankStore(work_dir)
         self.start = time.monotonic()
         self.deadline = self.start + deadline_seconds if deadline_seconds else None
-        self.only = (only_variants, only_tasks)
+        self.only = (only_variants, only_tasks, only_methods)
         self.progress = progress and sys.stderr.isatty()
         self.session = f"{socket.gethostname()}-{int(time.time())}"
         self.seconds: dict[tuple[str, str], list[float]] = defaultdict(list)

@@ -15,6 +15,7 @@ from bench.eval.config import ConfigError, TaskSpec
 from xpeft.training.data import Dataset, load_dataset
 
 CLINC = "clinc150"
+STANCE = "tweeteval_stance"  # one folder per target: five small customers of one task
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ FILE_TASKS = {
     "sick_e": FileTask("sick_e", True, "test.tsv"),
     "subj": FileTask("subj", False, "test.tsv"),
     "cr": FileTask("cr", False, "test.tsv"),
+    "tweeteval_hate": FileTask("tweeteval_hate", False, "test.tsv"),
+    "tweeteval_emoji": FileTask("tweeteval_emoji", False, "test.tsv"),
 }
 
 
@@ -103,10 +106,38 @@ class TaskData:
             raise ConfigError(f"no CLINC domain folders at {folder} (is --data-root right?)")
         return sorted(p.name for p in folder.iterdir() if (p / "train.tsv").is_file())
 
+    def _need(self, spec: TaskSpec, *relative: str) -> None:
+        """Fail at plan time, not in every run, when a task's files are not under the data root."""
+        missing = [r for r in relative if not (self.root / r).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{spec.name}: no {', '.join(missing)} under {self.root} (is --data-root right?)"
+            )
+
+    def stance_targets(self) -> list[str]:
+        """The TweetEval stance targets present: folders holding both a train and a test file."""
+        folder = self.root / STANCE
+        if not folder.is_dir():
+            raise ConfigError(f"no TweetEval stance target folders at {folder} (is --data-root right?)")
+        return sorted(
+            p.name for p in folder.iterdir() if (p / "train.tsv").is_file() and (p / "test.tsv").is_file()
+        )
+
     def profile_names(self, spec: TaskSpec) -> list[str]:
         """The task's profiles, cheaply (no data is read for the single-profile tasks)."""
         if spec.kind in FILE_TASKS:
+            task = FILE_TASKS[spec.kind]
+            self._need(spec, f"{task.folder}/train.tsv", f"{task.folder}/{task.scored}")
             return [spec.kind]
+        if spec.kind == STANCE:
+            targets = self.stance_targets()
+            unknown = sorted(set(spec.profiles) - set(targets))
+            if unknown or not targets:
+                raise ConfigError(
+                    f"{spec.name}: no TweetEval stance target(s) {unknown or 'at all'} with train.tsv and "
+                    f"test.tsv under {self.root / STANCE}; there are {targets}"
+                )
+            return [t for t in targets if not spec.profiles or t in spec.profiles]
         if spec.kind == "clinc_customers":
             assert spec.count is not None
             width = len(str(spec.count - 1))
@@ -123,6 +154,9 @@ class TaskData:
             task = FILE_TASKS[spec.kind]
             train = self.file(f"{task.folder}/train.tsv", task.pair)
             dev = self.file(f"{task.folder}/{task.scored}", task.pair)
+        elif spec.kind == STANCE:
+            train = self.file(f"{STANCE}/{name}/train.tsv")
+            dev = self.file(f"{STANCE}/{name}/test.tsv")  # scored on test, as the TweetEval paper reports
         elif spec.kind == "clinc_customers":
             everything = self.file(f"{CLINC}/train.tsv")
             index = int(name[1:])
