@@ -22,6 +22,7 @@ from typing import Any
 
 from bench.eval.markdown import table
 from xpeft.adapters.errors import XPeftError
+from xpeft.profiles.constants import CLASS_MEAN_SCORES, SIGN_SCORES
 
 DEFAULT_LABELS = (2, 3, 6, 15)
 BASELINE = "single_adapter"  # the paper's baseline, measured beside the shipped default
@@ -158,9 +159,19 @@ def readme_line(sizes: dict[str, Any] | None, path: str, method: str = "units") 
         parts.append(text)
     return (
         f"`.xpm` size of what `xpeft train` writes by default (`{method}`, with its abstention rule: "
-        f"`{_rule_names(sizes, method)}` scores, class means C·d in fp16), from `{path}` by "
+        f"`{_rule_names(sizes, method)}` scores, {_rule_stores(sizes, method)}), from `{path}` by "
         f"`python -m bench.eval sizes`: " + "; ".join(parts) + "."
     )
+
+
+def _rule_stores(sizes: dict[str, Any], method: str) -> str:
+    """What the measured rules keep per label, in words."""
+    names = {str(row["abstain"]) for row in sizes["sizes"] if row["method"] == method}
+    if names & set(SIGN_SCORES):
+        return "the signs of the class means, C·d bits"
+    if names & set(CLASS_MEAN_SCORES):
+        return "class means C·d in fp16"
+    return "no class means"
 
 
 def _rule_names(sizes: dict[str, Any], method: str) -> str:
