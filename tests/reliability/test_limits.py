@@ -96,6 +96,7 @@ def test_a_stalled_body_gets_408_after_the_body_timeout(fleet, limits, method, p
     answer, took = _stalled_request(fleet.limits.port, head, b'{"inputs": ["')
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"error":"request_timeout"' in answer and b"connection: close" in answer.lower()
-    assert 1.0 <= took < 1.0 + 2.0
+    # at the deadline: an event loop may fire a timer up to its clock's resolution early (seen: 0.9998 s)
+    assert 1.0 - 0.05 <= took < 1.0 + 2.0
     assert limits.get("/healthz").status_code == 200  # the server is fine and nothing was stored
     assert limits.get("/profiles/lim-slow", headers=bearer(ADMIN)).status_code == 404
