@@ -185,6 +185,12 @@ class AbstainRule:
             means = (self.class_means.numel() * bits + 7) // 8
         return RULE_VALUES[self.format_version] * 2 + means
 
+    @property
+    def too_few_to_calibrate(self) -> bool:
+        """Held out on too few rows to place the default operating point (:func:`conformal_rank`
+        of :data:`DEFAULT_ABSTAIN_RATE` is 0); False where the count is unknown."""
+        return self.calibrated_on is not None and conformal_rank(self.calibrated_on, DEFAULT_ABSTAIN_RATE) < 1
+
     def summary(self) -> dict[str, object]:
         """What ``xpeft train`` and ``xpeft info`` show of the rule."""
         out: dict[str, object] = {
@@ -210,11 +216,6 @@ class AbstainRule:
         if self.format_version >= 5:
             values += [float(min(self.calibrated_on or 0, FP16_MAX)), self.weight]
         return torch.tensor(values)
-
-    def scores(self, logits: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B,)`` raw scores of rows, on the logits' device."""
-        _, means, _ = self.on(logits.device)
-        return row_scores(self.score, logits, pooled, means, self.weight)
 
     def confidence(self, logits: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` confidences of rows with these logits (and pooled embeddings, for the

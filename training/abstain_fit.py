@@ -23,7 +23,6 @@ from xpeft.profiles.abstain import (
     AbstainRule,
     blend_weight,
     check_min_confidence,
-    conformal_rank,
     knots_of,
     pick_operating_point,
     row_scores,
@@ -206,9 +205,7 @@ def rule_from(
 def calibration_note(rule: AbstainRule | None, config: TrainConfig) -> str | None:
     """What a user should know where the default operating point could not be placed: too few
     held-out rows for the default rate, so the profile abstains only where a request asks."""
-    if rule is None or rule.calibrated_on is None or config.min_confidence is not None or config.oos_label:
-        return None
-    if conformal_rank(rule.calibrated_on, DEFAULT_ABSTAIN_RATE) >= 1:
+    if rule is None or not rule.too_few_to_calibrate or config.min_confidence is not None or config.oos_label:
         return None
     need = math.ceil(1 / DEFAULT_ABSTAIN_RATE) - 1
     return (
