@@ -24,6 +24,25 @@ SST2_DEV = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
 BUNDLED = REPO / "profiles" / "examples" / "sentiment.tsv"
 
 
+def shown_command(module: str, argv: list[str] | None, hidden: dict[str, str | None]) -> str:
+    """``python -m module argv`` as a report shows it, so a doc names no folder of the machine that
+    ran it: the value of each flag in ``hidden`` (``--flag value`` or ``--flag=value``) replaced by
+    what it is, or the flag left out where that is None."""
+    words = []
+    for word in argv or []:  # --flag=value as two words, as argparse reads it
+        flag = word.split("=", 1)[0]
+        words += word.split("=", 1) if "=" in word and flag in hidden else [word]
+    for flag, shown in hidden.items():
+        while flag in words[:-1]:
+            at = words.index(flag)
+            if shown is None:
+                del words[at : at + 2]
+                continue
+            words[at + 1] = shown
+            break
+    return " ".join(["python -m " + module, *words])
+
+
 # -- inputs -----------------------------------------------------------------------------------
 def load_texts(path: str) -> tuple[list[str], str]:
     """Sentences for the requests: SST-2 dev when ../shared/data has it, else the bundled examples."""

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from bench.common.backend_tables import backend_tables
-from bench.common.runs import hardware
+from bench.common.runs import hardware, shown_command
 from bench.eval.banks import random_bank
 from bench.eval.config import load_config
 from bench.eval.plan import RunSpec
@@ -135,7 +135,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "batch": args.batch,
         "cold_adapters": args.cold_adapters or None,
-        "command": shown_command(sys.argv[1:]),
+        "command": shown_command("bench.eval.backends", sys.argv[1:], {"--cache": None, "--out": None}),
         "tokens": int(encodings["input_ids"].shape[1]),
         "slots": args.slots,
         "rounds": args.rounds,
@@ -144,21 +144,6 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "hardware": hardware(),
         "results": results,
     }
-
-
-def shown_command(argv: list[str]) -> str:
-    """The command as a report shows it: without the options that name local paths."""
-    shown, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--cache", "--out"):
-            skip = True
-            continue
-        if not arg.startswith(("--cache=", "--out=")):
-            shown.append(arg)
-    return " ".join(["python -m bench.eval.backends", *shown])
 
 
 class _ColdBatches:

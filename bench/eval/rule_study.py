@@ -42,7 +42,7 @@ from xpeft.adapters.bank import create_random_bank
 from xpeft.adapters.encoder import load_encoder
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles import format as xpm
-from xpeft.profiles.abstain import auroc
+from xpeft.profiles.abstain import auroc, conformal_rank
 from xpeft.training.abstain_fit import Scored, rule_from
 from xpeft.training.data import Dataset
 from xpeft.training.train import TrainConfig, train_profile
@@ -295,7 +295,7 @@ def scores(d: int) -> dict[str, tuple[float, int, Callable]]:
 
 
 def empirical(held: torch.Tensor, alpha: float) -> float:
-    """Today's rule: the held-out scores' ``alpha`` quantile, linearly interpolated."""
+    """The rule before: the held-out scores' ``alpha`` quantile, linearly interpolated."""
     return float(torch.quantile(held.double(), alpha))
 
 
@@ -303,7 +303,7 @@ def conformal(held: torch.Tensor, alpha: float) -> float:
     """The ``k``-th smallest held-out score, ``k = floor(alpha * (n + 1))``: a new in-scope
     row (exchangeable with the held-out ones) falls below it with probability at most
     ``k / (n + 1) <= alpha``. With ``k = 0`` no threshold keeps that promise: none abstains."""
-    k = math.floor(alpha * (held.numel() + 1))
+    k = conformal_rank(held.numel(), alpha)
     if k < 1:
         return -math.inf
     return float(held.sort().values[k - 1])
@@ -316,12 +316,8 @@ def _sets(run: dict) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def _rates(run: dict, build: Callable, threshold_of: Callable) -> dict[str, float]:
-    sets = _sets(run)
-    c = len(run["labels"])
-    score = build(sets["fit"], c)
-    s = {k: score(v["logits"], v["pooled"]) for k, v in sets.items()}
-    t = threshold_of(s["held"])
+def _rates(sets: dict, s: dict[str, torch.Tensor], t: float) -> dict[str, float]:
+    """One calibration's threshold ``t`` on a run's scored rows ``s``."""
     test = sets["test"]
     right = test["logits"].argmax(-1) == test["labels"]
     keep = s["test"] >= t
@@ -336,43 +332,33 @@ def _rates(run: dict, build: Callable, threshold_of: Callable) -> dict[str, floa
     return out
 
 
-def _standin_auroc(run: dict, build: Callable) -> float:
+def _standin_auroc(sets: dict, score: Score, s: dict[str, torch.Tensor]) -> float:
     """AUROC of the held-out rows against themselves as stand-in near misses (each scored
     without its own class): what training data alone says about near misses."""
-    sets = _sets(run)
-    score = build(sets["fit"], len(run["labels"]))
     held = sets["held"]
-    inside = score(held["logits"], held["pooled"])
-    standin = score(held["logits"], held["pooled"], held["labels"])
-    return 100 * auroc(inside, standin)
+    return 100 * auroc(s["held"], score(held["logits"], held["pooled"], held["labels"]))
 
 
-def _at_cost(run: dict, build: Callable, cost: float) -> dict[str, float]:
+def _at_cost(sets: dict, s: dict[str, torch.Tensor], cost: float) -> dict[str, float]:
     """Recall at the test split's own largest threshold whose in-scope accuracy cost is within
     ``cost`` points: the score's ceiling at the target cost, no calibration error."""
-    sets = _sets(run)
-    score = build(sets["fit"], len(run["labels"]))
     test = sets["test"]
-    s_in = score(test["logits"], test["pooled"])
     right = test["logits"].argmax(-1) == test["labels"]
-    order = s_in.sort().values
     best = -math.inf
-    for t in order.tolist() + [math.inf]:
-        lost = 100 * float((right & (s_in < t)).float().mean())
+    for t in s["test"].sort().values.tolist() + [math.inf]:
+        lost = 100 * float((right & (s["test"] < t)).float().mean())
         if lost > cost:
             break
         best = t
-    out = {}
-    for name in ("near", "far"):
-        if name in sets:
-            s = score(sets[name]["logits"], sets[name]["pooled"])
-            out[f"{name}_recall"] = 100 * float((s < best).float().mean())
-    return out
+    return {
+        f"{name}_recall": 100 * float((s[name] < best).float().mean())
+        for name in ("near", "far")
+        if name in s
+    }
 
 
-def _shipped(run: dict) -> dict[str, float]:
+def _shipped(run: dict, sets: dict) -> dict[str, float]:
     """The library's own default rule (score and operating point), fitted as training fits it."""
-    sets = _sets(run)
     c = len(run["labels"])
     profile = SimpleNamespace(num_labels=c, labels=[str(i) for i in range(c)])
     scored = {k: Scored(v["logits"], v["pooled"], v["labels"]) for k, v in sets.items()}
@@ -399,6 +385,7 @@ def analyze(args: argparse.Namespace) -> None:
         raise SystemExit(f"no stored runs in {args.work_dir}; run collect first")
     d = runs[0]["sets"]["test"]["pooled"].shape[1]
     candidates = scores(d)
+    run_sets = [_sets(run) for run in runs]
     calibrations: dict[str, Callable[[torch.Tensor], float]] = {
         f"{name} {alpha:g}": (lambda held, f=f, a=alpha: f(held, a))
         for name, f in (("empirical", empirical), ("conformal", conformal))
@@ -417,12 +404,14 @@ def analyze(args: argparse.Namespace) -> None:
     }
     for name, (per_label, fixed, build) in candidates.items():
         entry: dict[str, Any] = {"bytes_per_label": per_label, "bytes_fixed": fixed, "runs": []}
-        for run in runs:
+        for run, sets in zip(runs, run_sets, strict=True):
+            score = build(sets["fit"], len(run["labels"]))  # each run's rows scored once
+            s = {k: score(v["logits"], v["pooled"]) for k, v in sets.items()}
             row = {"profile": run["profile"], "seed": run["seed"], "labels": len(run["labels"])}
-            row["calibrations"] = {c: _rates(run, build, f) for c, f in calibrations.items()}
-            row["standin_auroc"] = _standin_auroc(run, build)
+            row["calibrations"] = {c: _rates(sets, s, f(s["held"])) for c, f in calibrations.items()}
+            row["standin_auroc"] = _standin_auroc(sets, score, s)
             if "near" in run["sets"]:
-                row["at_cost"] = {str(c): _at_cost(run, build, c) for c in (1.0, 2.0)}
+                row["at_cost"] = {str(c): _at_cost(sets, s, c) for c in (1.0, 2.0)}
             entry["runs"].append(row)
         result["scores"][name] = entry
         print(name, flush=True)
@@ -434,9 +423,9 @@ def analyze(args: argparse.Namespace) -> None:
                 "profile": r["profile"],
                 "seed": r["seed"],
                 "held": len(r["sets"]["held"]["logits"]),
-                **_shipped(r),
+                **_shipped(r, sets),
             }
-            for r in runs
+            for r, sets in zip(runs, run_sets, strict=True)
         ],
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

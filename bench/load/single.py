@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common.runs import hardware, load_texts, machine_busy
+from bench.common.runs import hardware, load_texts, machine_busy, shown_command
 from bench.common.server import ServerProcess, batch_stats, minilm_bank
 from bench.common.wrk import run_wrk, store_profiles
 from bench.load.baselines import Baseline, Infinity, plain_baselines
@@ -71,6 +71,11 @@ class Config:
     infinity: bool = False  # Infinity over HTTP beside them (--infinity-bin, --infinity-model)
 
 
+# the Infinity install's own paths, as the report shows them
+HIDDEN_PATHS: dict[str, str | None] = {
+    "--infinity-bin": "INFINITY_VENV/bin/infinity_emb",
+    "--infinity-model": "MODEL_ONNX_DIR",
+}
 QUICK = {"profiles": 8, "clients": [8], "seconds": 3.0, "rounds": 1}
 
 
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         "texts": source,
         "hardware": hardware(),
         "generator": "wrk",
-        "command": shown_command(argv),
+        "command": shown_command("bench.load.single", argv, HIDDEN_PATHS),
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="xpeft-single-") as tmp:
@@ -239,19 +244,6 @@ def _serve_and_measure(
                 )
             if flame is not None and budget == config.budgets[0]:
                 result["profile"] = profile_server(server, lines, config.clients[0], config.seconds, flame)
-
-
-def shown_command(argv: list[str] | None) -> str:
-    """The command as the report shows it: the Infinity install's own paths replaced by what they
-    are, so the doc names no folder of the machine that ran it."""
-    words = list(argv or [])
-    for flag, shown in (
-        ("--infinity-bin", "INFINITY_VENV/bin/infinity_emb"),
-        ("--infinity-model", "MODEL_ONNX_DIR"),
-    ):
-        if flag in words[:-1]:
-            words[words.index(flag) + 1] = shown
-    return " ".join(["python -m bench.load.single", *words])
 
 
 def request_lines(work: Path, ids: list[str], texts: list[str], per_request: int) -> Path:
