@@ -153,6 +153,8 @@ class MicroBatcher:
             log.exception("a request failed in the tokenizer")
             self._fail(job, exc)
             return
+        finally:  # no longer being tokenized: counted once (as queued, or not at all) from here on
+            self._preparing.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         if not job.future.done():  # the client may have gone while it was tokenized
             job.tokenized = time.perf_counter()
             self._enqueue(job)

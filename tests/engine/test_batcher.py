@@ -247,6 +247,32 @@ def test_a_request_the_tokenizer_refuses_fails_alone_and_counts_until_then() -> 
     asyncio.run(body())
 
 
+def test_a_tokenized_request_counts_once_as_it_queues() -> None:
+    """The moment a request leaves the tokenizer for the queue, the depth (what admission and the
+    queue gauge read) counts it once, not as both queued and still being tokenized."""
+
+    async def body() -> None:
+        runner = Recorder()
+        runner.release.clear()
+        batcher = MicroBatcher(runner, 64, 10.0, 100, prepare=Tokens())
+        seen: list[tuple[int, int]] = []
+        enqueue = batcher._enqueue
+
+        def watched(job: Job) -> None:
+            enqueue(job)
+            seen.append((batcher.depth, batcher._queue.requests))
+
+        batcher._enqueue = watched  # type: ignore[method-assign]
+        futures = [batcher.submit(entry(f"p{i}"), ["x"]) for i in range(3)]
+        await asyncio.sleep(0.05)
+        # three requests wait throughout: the depth stays 3 while they move from tokenizer to queue
+        assert seen == [(3, 1), (3, 2), (3, 3)]
+        for future in futures:
+            future.cancel()
+
+    asyncio.run(body())
+
+
 def test_shutdown_answers_requests_still_being_tokenized() -> None:
     async def body() -> None:
         gate = asyncio.Event()
