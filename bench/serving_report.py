@@ -176,7 +176,9 @@ def single_block(single: dict | None, budgets: dict | None = None) -> list[str]:
         f"{c['plain_batch']} on torch eager fp32 and on ONNX Runtime int8, and Infinity (embeddings only, "
         "ONNX Runtime engine) under the same wrk load when it was given. Figures are min / median / max "
         "over the rounds; ratios pair medians of the same rounds, `ratio` against the fastest plain "
-        "encoder; `other load` is the largest busy share of the machine outside the server in any round, "
+        "encoder; `loop ms per request` is the CPU time of the server's main thread (the event loop: HTTP, "
+        "routing, the predict handler, batching) per request, median of the rounds; `other load` is the "
+        "largest busy share of the machine outside the server in any round, "
         f"in cores. Targets: `ratio` at least {target} against the fastest plain encoder"
         + (f", and at least {TARGETS['cpu']['http_infinity']}x Infinity's throughput." if infinity else "."),
         "",
@@ -215,6 +217,14 @@ def single_block(single: dict | None, budgets: dict | None = None) -> list[str]:
             *[f"| {t['share']:.1%} | `{t['frame']}` |" for t in profile["top"][:12]],
             "",
         ]
+        if profile.get("threads"):
+            out += [
+                "Samples by thread: "
+                + ", ".join(f"`{name}` {share:.1%}" for name, share in profile["threads"].items())
+                + ". ONNX Runtime's own worker threads are not Python threads and do not appear; a "
+                "thread waiting on its queue (`_worker`, `thread.py:81`) is idle, though py-spy counts it.",
+                "",
+            ]
     return out
 
 
@@ -234,6 +244,13 @@ def _best_budgets(budgets: dict) -> str:
     )
 
 
+def _loop_ms(run: dict) -> str:
+    """The event loop's CPU milliseconds per request (median of the rounds); runs before it was
+    measured have none."""
+    value = run.get("loop_ms_per_request")
+    return "" if value is None else f"{value:.2f}"
+
+
 def _mmm(spread: dict | None) -> str:
     return "" if not spread else f"{spread['min']:.0f} / {spread['median']:.0f} / {spread['max']:.0f}"
 
@@ -246,12 +263,13 @@ def _single_table(single: dict, target: float | None) -> list[str]:
         + "".join(f"{n} seq/s | " for n in names)
         + "ratio | vs fastest | "
         + "".join(f"vs {n} | " for n in names)
-        + "target met | p50 ms | p99 ms | p99/p50 | non-2xx | rows per batch | worker busy | other load |",
+        + "target met | p50 ms | p99 ms | p99/p50 | non-2xx | rows per batch | worker busy | "
+        + "loop ms per request | other load |",
         "| ---: | ---: | ---: | "
         + "---: | " * len(names)
         + "---: | --- | "
         + "---: | " * len(names)
-        + "--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        + "--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         p50, p99 = r.get("p50_ms", 0.0), r.get("p99_ms", 0.0)
@@ -262,7 +280,7 @@ def _single_table(single: dict, target: float | None) -> list[str]:
             f"| {r['clients']} | {r.get('budget', '')} | {served} | {base}{r['ratio']:.3f} | "
             f"{r.get('fastest') or 'plain'} | {ratios}{_met(r['ratio'], target)} | {p50:.0f} | {p99:.0f} | "
             f"{p99 / p50 if p50 else 0:.2f} | {r.get('non_2xx', '')} | {r.get('mean_rows', 0):.1f} | "
-            f"{r.get('worker_busy', 0):.0%} | {r.get('other_busy', 0):.2f} |"
+            f"{r.get('worker_busy', 0):.0%} | {_loop_ms(r)} | {r.get('other_busy', 0):.2f} |"
         )
     return [*out, ""]
 

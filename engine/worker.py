@@ -34,6 +34,8 @@ class ModelWorker:
         self.fused_cache = fused_cache
         self.metrics = metrics or EngineMetrics()
         self.model: MultiProfileModel | None = None
+        #: where the model runs (``cpu``, ``cuda``), read once: per request it would walk the parameters
+        self.device_type = "unknown"
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-model")
         self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xpeft-tokenize")
         self._stopped = False
@@ -61,6 +63,7 @@ class ModelWorker:
         )
         wanted = pool is not None and graphs_wanted(cuda_graphs, enc.device)
         model.graphs = GraphRunner(enc, pool.weights, max_batch) if wanted and pool is not None else None
+        self.device_type = enc.device.type
         self.model = model
 
     def _fill(self, held: Reservation, profiles: Sequence[Profile]) -> SlotBatch:

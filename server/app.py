@@ -27,6 +27,7 @@ from xpeft.server import telemetry
 from xpeft.server.auth import Authorizer, check_exposure
 from xpeft.server.cache import ProfileCache
 from xpeft.server.errors import ApiError, install_error_handlers
+from xpeft.server.fastpath import PredictFastPath
 from xpeft.server.jobs.service import JobService
 from xpeft.server.metrics import Metrics
 from xpeft.server.middleware import (
@@ -133,8 +134,12 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
             worker.shutdown()
 
     # Swagger UI and ReDoc from files in the package, not a CDN: /docs works on an offline network.
+    # FastAPI's own OpenTelemetry hooks look up the global providers on every request; the
+    # server's tracing (server/telemetry.py) turns them on only when tracing is wanted.
+    traced = telemetry.wanted(settings)
     app = FastAPIOffline(
         static_url="/docs/assets",
+        telemetry={"tracing": traced, "metrics": traced, "logs": traced},
         title="xpeft",
         version=_package_version(),
         lifespan=lifespan,
@@ -153,6 +158,7 @@ def create_app(settings: Settings | None = None, model: MultiProfileModel | None
     app.state.server = state
     app.state.jobs = jobs = JobService(settings)
     install_error_handlers(app)
+    app.add_middleware(PredictFastPath, fastapi_app=app)  # innermost: predicts skip the router
     app.add_middleware(
         BodyLimitMiddleware,
         max_profile_bytes=settings.max_profile_bytes,

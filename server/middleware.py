@@ -12,9 +12,10 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -134,15 +135,15 @@ class BodyLimitMiddleware:
                     return
         received = 0
         body_done = False
-        deadline = time.monotonic() + self.body_timeout_s
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def limited_receive() -> Message:
             nonlocal received, body_done
             if body_done:  # later calls wait for a disconnect: no deadline on those
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+                message = await _by(deadline, receive())
+            except (TimeoutError, asyncio.TimeoutError):
                 raise BodyTimeout(self.body_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -152,6 +153,16 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+async def _by(when: float, work: Awaitable[Message]) -> Message:
+    """``work``, cancelled at the loop's time ``when``: in the caller's own task where Python has
+    ``asyncio.timeout_at`` (3.11), rather than in a new task per call as ``wait_for`` runs it."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout_at(when):
+            return await work
+    remaining = max(0.0, when - asyncio.get_running_loop().time())  # pragma: no cover - Python 3.10
+    return await asyncio.wait_for(work, remaining)  # pragma: no cover
 
 
 class Admission:

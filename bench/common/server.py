@@ -46,9 +46,11 @@ def rss_bytes(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (its threads included) from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process (its threads included) from /proc/<pid>/stat, or of
+    one of its threads (``thread``: its id; the process id is the main thread's)."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -136,6 +138,10 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
+
+    def loop_cpu_seconds(self) -> float:
+        """The main thread's CPU seconds: the event loop's (HTTP, routing, batching), not the model's."""
+        return cpu_seconds(self.pid, self.pid)
 
     def metrics(self) -> dict[str, float]:
         return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10, trust_env=False).text)

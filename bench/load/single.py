@@ -96,23 +96,39 @@ def profile_server(server: ServerProcess, lines: Path, clients: int, seconds: fl
         run_wrk(server.url, lines, clients, seconds)
         spy.wait(timeout=seconds + 60)
     raw = svg.with_suffix(".txt")
-    total, top = top_frames(raw.read_text())
+    collapsed = raw.read_text()
+    total, top = top_frames(collapsed)
     raw.unlink()
-    return {"svg": svg.name, "samples": total, "top": top}
+    return {"svg": svg.name, "samples": total, "top": top, "threads": thread_shares(collapsed)}
+
+
+def _stacks(collapsed: str) -> list[tuple[str, list[str], int]]:
+    """``(thread, frames, count)`` per line of py-spy's collapsed stacks, thread ids dropped."""
+    out = []
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack:
+            frames = stack.split(";")
+            out.append((re.sub(r"^thread \(\w+\): ", "", frames[0]), frames, int(count)))
+    return out
+
+
+def thread_shares(collapsed: str) -> dict[str, float]:
+    """Each thread's share of the samples on CPU (a thread name's numbered copies apart)."""
+    counts: dict[str, int] = {}
+    for thread, _, count in _stacks(collapsed):
+        counts[thread] = counts.get(thread, 0) + count
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
 def top_frames(collapsed: str, limit: int = 25) -> tuple[int, list[dict]]:
     """py-spy's collapsed stacks (``thread;frame;...;leaf count`` per line): the sample count and the
     (thread, leaf frame) pairs with the largest shares, thread ids dropped."""
     counts: dict[str, int] = {}
-    for line in collapsed.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        frames = stack.split(";")
-        thread = re.sub(r"^thread \(\w+\): ", "", frames[0])
+    for thread, frames, count in _stacks(collapsed):
         key = f"{thread} | {frames[-1]}"
-        counts[key] = counts.get(key, 0) + int(count)
+        counts[key] = counts.get(key, 0) + count
     total = sum(counts.values())
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
     return total, [{"frame": k, "share": v / total} for k, v in ranked]
@@ -272,10 +288,14 @@ def measure(
     rounds = []
     for r in range(config.rounds):
         before = server.metrics()
-        cpu0, busy0 = server.cpu_seconds(), machine_busy()
+        cpu0, loop0, busy0 = server.cpu_seconds(), server.loop_cpu_seconds(), machine_busy()
         served = run_wrk(server.url, lines, clients, config.seconds)
         cpu, busy = server.cpu_seconds() - cpu0, machine_busy()
         served["server_cpu_s"] = cpu
+        # the event loop's CPU per request: HTTP, routing, validation, batching (not the forward)
+        served["loop_ms_per_request"] = (
+            (server.loop_cpu_seconds() - loop0) * 1000 / max(1, served["requests"])
+        )
         # the machine's busy CPU seconds outside the server, per second of the round: near 0 when
         # only the server and wrk ran
         served["other_busy"] = (
@@ -292,7 +312,9 @@ def measure(
         log(
             f"{clients} clients, round {r}: wrk {served['sequences_per_s']:.1f} seq/s "
             f"(p50 {served['latency'].get('p50_ms', 0):.0f} ms, batches of "
-            f"{served['server_batches'].get('mean_rows', 0):.1f} rows, other load {served['other_busy']:.2f} cores), "
+            f"{served['server_batches'].get('mean_rows', 0):.1f} rows, worker busy "
+            f"{served['server_batches'].get('worker_busy', 0):.0%}, loop {served['loop_ms_per_request']:.2f} ms "
+            f"per request, other load {served['other_busy']:.2f} cores), "
             + ", ".join(f"{k} {v['sequences_per_s']:.1f} seq/s" for k, v in base.items())
         )
     served = _spread([x["wrk"]["sequences_per_s"] for x in rounds])
@@ -319,6 +341,7 @@ def measure(
         "non_2xx": sum(x["wrk"]["non_2xx"] + x["wrk"]["socket_errors"] for x in rounds),
         "mean_rows": med(lambda w: w["server_batches"].get("mean_rows", 0.0)),
         "worker_busy": med(lambda w: w["server_batches"].get("worker_busy", 0.0)),
+        "loop_ms_per_request": med(lambda w: w["loop_ms_per_request"]),
         "other_busy": max(x["wrk"]["other_busy"] for x in rounds),
     }
 
