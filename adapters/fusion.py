@@ -182,12 +182,11 @@ def fuse_unit_weights(
 
 @dataclass
 class UnitTable:
-    """The bank as rows of units, layer-major: ``down (L*N*r, d)`` (each unit's down column as a
-    row), ``down_bias (L*N*r,)``, ``up (L*N*r, d)``; built once per bank and device, so a gather
-    reads contiguous rows."""
+    """The bank as rows of units, layer-major: ``down_and_bias (L*N*r, d + 1)`` (each unit's down
+    column as a row, its down bias appended, so that one gather reads both) and ``up (L*N*r, d)``;
+    built once per bank and device, so a gather reads contiguous rows."""
 
-    down: torch.Tensor
-    down_bias: torch.Tensor
+    down_and_bias: torch.Tensor
     up: torch.Tensor
     num_layers: int
     bottleneck: int
@@ -195,9 +194,9 @@ class UnitTable:
     @classmethod
     def of(cls, bank: AdapterBank) -> UnitTable:
         L, N, d, r = bank.down.shape
+        down = bank.down.permute(0, 1, 3, 2).reshape(L * N * r, d)
         return cls(
-            down=bank.down.permute(0, 1, 3, 2).reshape(L * N * r, d).contiguous(),
-            down_bias=bank.down_bias.reshape(L * N * r).contiguous(),
+            down_and_bias=torch.cat([down, bank.down_bias.reshape(L * N * r, 1)], dim=1).contiguous(),
             up=bank.up.reshape(L * N * r, d).contiguous(),
             num_layers=L,
             bottleneck=r,
@@ -205,7 +204,7 @@ class UnitTable:
 
     @property
     def units_per_layer(self) -> int:
-        return self.down.shape[0] // self.num_layers
+        return self.up.shape[0] // self.num_layers
 
 
 def fuse_units(
@@ -220,33 +219,42 @@ def fuse_units(
 
     ``index_* (U, L, k)`` unit ids within their layer (the same k for every profile of the call),
     ``scale (U,)`` each profile's unit weight, ``gains (U, L)``, ``out_scale (U, L, d)`` or None.
-    One bag per (profile, layer, position): reads ``2 * U * L * k`` rows of the table, never the
+    One bag per (layer, profile, position): reads ``2 * U * L * k`` rows of the table, never the
     whole bank, and never materialises them (a gather then a sum copied every row first, 5-10x
     slower on a CPU; docs/BENCHMARKS.md).
+
+    Cold batches fuse many profiles at once, so the output is written as few times as possible:
+    the bags come out layer-major, the layer's gain rides in each up unit's weight, and the down
+    side is returned as a transposed view (``down`` and ``down_bias`` share one gather), which
+    the copy into the slot pool reads in place. Callers that need contiguous tensors make them.
     """
     U, L, k = index_down.shape
-    r, d = table.bottleneck, table.down.shape[1]
-    w = scale.to(table.down.dtype).view(U, 1, 1).expand(U, L, k)
-    down, down_bias = _unit_bags(index_down, w, table, (table.down, table.down_bias.unsqueeze(1)))
-    (up,) = _unit_bags(index_up, w, table, (table.up,))
-    down = down.view(U, L, r, d).permute(1, 0, 3, 2)
-    up = up.view(U, L, r, d).transpose(0, 1)
-    up = _unit_output(up, gains.to(up.dtype), None if out_scale is None else out_scale.to(up.dtype))
-    up_bias = torch.zeros(L, U, d, dtype=up.dtype, device=up.device)
-    return FusedAdapters(
-        down.contiguous(), down_bias.view(U, L, r).transpose(0, 1).contiguous(), up.contiguous(), up_bias
-    )
+    r, d = table.bottleneck, table.up.shape[1]
+    dtype = table.up.dtype
+    w = scale.to(dtype).view(U, 1, 1).expand(U, L, k)
+    (down_and_bias,) = _unit_bags(index_down, w, table, (table.down_and_bias,))
+    (up,) = _unit_bags(index_up, w * gains.to(dtype).view(U, L, 1), table, (table.up,))
+    down_and_bias = down_and_bias.view(L, U, r, d + 1)
+    up = up.view(L, U, r, d)
+    if out_scale is not None:
+        up = up * out_scale.to(dtype).transpose(0, 1).unsqueeze(2)
+    up_bias = torch.zeros(L, U, d, dtype=dtype, device=up.device)
+    return FusedAdapters(down_and_bias[..., :d].transpose(2, 3), down_and_bias[..., d], up, up_bias)
 
 
 def _unit_bags(
     index: torch.Tensor, weight: torch.Tensor, table: UnitTable, rows: tuple[torch.Tensor, ...]
 ) -> list[torch.Tensor]:
-    """Sum ``weight``-times the selected rows of each table of ``rows`` into ``(U*L*r, ...)`` bags:
-    bag ``(u, l, j)`` holds the units of profile u, layer l, position j (an empty bag is zero)."""
+    """Sum ``weight``-times the selected rows of each table of ``rows`` into ``(L*U*r, ...)`` bags,
+    layer-major: bag ``(l, u, j)`` holds the units of layer l, profile u, position j (an empty bag
+    is zero)."""
     U, L, k = index.shape
     r, P = table.bottleneck, table.units_per_layer
     device = index.device
-    bag = (torch.arange(U * L, device=device).view(U, L, 1) * r + index % r).flatten()
+    layer_major = torch.arange(L, device=device).view(1, L, 1) * U + torch.arange(U, device=device).view(
+        U, 1, 1
+    )
+    bag = (layer_major * r + index % r).flatten()
     order = torch.argsort(bag, stable=True)
     ids = (index + torch.arange(L, device=device).view(1, L, 1) * P).flatten()[order]
     offsets = torch.searchsorted(bag[order], torch.arange(U * L * r, device=device))

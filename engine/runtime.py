@@ -140,7 +140,9 @@ class MultiProfileModel:
         enc = self.encoder
         groups = self._fused_groups(profiles)
         if len(groups) == 1 and groups[0][0] == list(range(len(profiles))):
-            return groups[0][1]  # one call fused them all, in order: its output is the batch's weights
+            # one call fused them all, in order: its output is the batch's weights (a gather of
+            # units returns a view of its down side, which a forward binding memory cannot take)
+            return FusedAdapters(*(t.contiguous() for t in groups[0][1].tensors()))
         out = FusedAdapters.zeros(
             self.bank.num_layers,
             self.bank.hidden_size,

@@ -120,6 +120,26 @@ def test_units_gather_equals_the_dense_training_fusion(encoder, bank):
         assert got.down.abs().sum() > 0
 
 
+def test_units_fused_into_scattered_slots_equal_the_batch_fusion(encoder, bank):
+    """The cold path copies a units gather (its down side a transposed view) straight into the
+    pool's slots, in any order: each slot then holds what fusing its profile alone gives."""
+    model = MultiProfileModel(encoder, bank)
+    makes = [{"k": 48}, {"k": 48, "out_scale": True}, {"k": 48, "tied": True}]
+    profiles = [
+        xpm.decode(xpm.encode(random_profile(bank, ProfileKind.UNITS, seed=40 + i, **m)), bank)
+        for i, m in enumerate(makes)
+    ]
+    pool = SlotPool(6, bank.num_layers, bank.hidden_size, bank.bottleneck)
+    slots = [5, 0, 3]
+    model.fuse_into_pool(pool, slots, profiles)
+    for slot, p in zip(slots, profiles, strict=True):
+        alone = model.fuse_batch([p])
+        assert all(t.is_contiguous() for t in alone.tensors())
+        for pool_t, want in zip(pool.weights.tensors(), alone.tensors(), strict=True):
+            torch.testing.assert_close(pool_t[:, slot : slot + 1], want, atol=0, rtol=0)
+    assert (pool.weights.up[:, 5] - pool.weights.up[:, 0]).abs().max() > 1e-4  # the profiles differ
+
+
 def test_hard_gather_equals_the_gemm_over_the_bank(encoder, bank):
     """Hard profiles fused by reading their selected adapters are the GEMM's weights, whatever their
     scale exponent, gains or per-adapter weights, and a batch mixing them predicts the same."""
