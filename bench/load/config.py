@@ -31,6 +31,7 @@ class Config:
     memory_sample_keys: int = 500
     seed: int = 0
     torch_threads: int = 1
+    backend: str = "auto"  # the encoder backend of the servers (XPEFT_BACKEND) and of the offline model
     redis_url: str = "redis://127.0.0.1:6379/13"
     texts: str = ""
     server_env: dict[str, str] = field(

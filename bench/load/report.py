@@ -133,7 +133,8 @@ def _throughput(result: dict, img: dict[str, str]) -> list[str]:
         "the load, through the server's own batch step (`ModelWorker.run`: its fused-weight cache, of the "
         "same capacity, in front of `MultiProfileModel.predict_batch`), in consecutive batches of the mean "
         "size the server formed in the HTTP pass just before, so its batches hold the same mix of distinct "
-        "profiles (compare the two 'profiles / batch' columns); HTTP and offline passes alternate.",
+        "profiles (compare the two 'profiles / batch' columns), on the same encoder backend as the "
+        f"servers (`{result.get('backend', 'torch')}`); HTTP and offline passes alternate.",
         "",
         "| pass | requests | requests/s | sequences/s | p50 ms | p95 ms | p99 ms | rows / batch | "
         "profiles / batch | fused hits | server CPU ms / seq | load-gen CPU ms / seq | other processes (CPUs) | "

@@ -51,6 +51,7 @@ from bench.load.phases import memory_phase, throughput_phase
 from bench.load.report import write_report
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.profiles.synthetic import random_profile
+from xpeft.server.model import attach_backend
 from xpeft.server.settings import Settings
 
 
@@ -122,7 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
         "git": git_state(),
     }
     torch.set_num_threads(config.torch_threads)  # the offline model; the servers get XPEFT_TORCH_THREADS
-    config.server_env = {**config.server_env, "XPEFT_TORCH_THREADS": str(config.torch_threads)}
+    config.server_env = {
+        **config.server_env,
+        "XPEFT_TORCH_THREADS": str(config.torch_threads),
+        "XPEFT_BACKEND": config.backend,
+    }
     with tempfile.TemporaryDirectory(prefix="xpeft-load-") as tmp:
         workdir = Path(tmp)
         log(
@@ -132,6 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
         encoder, bank = minilm_bank(config.adapters, config.seed)
         bank_path = bank.save(workdir / "bank.safetensors")
         model = MultiProfileModel(encoder, bank)
+        # the offline passes run the encoder backend the servers run, chosen by the same setting
+        result["backend"] = attach_backend(
+            model, Settings(backend=config.backend, torch_threads=config.torch_threads)
+        )
         texts, source = load_texts(config.texts)
         config.texts = source
         start = time.perf_counter()
