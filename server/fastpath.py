@@ -12,6 +12,7 @@ they would through the router.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
@@ -43,7 +44,7 @@ class PredictFastPath:
         route = next(
             r
             for r in router.routes
-            if isinstance(r, APIRoute) and r.path == PREDICT_PATH and "POST" in r.methods
+            if isinstance(r, APIRoute) and r.path == PREDICT_PATH and "POST" in (r.methods or ())
         )
         self.route = route
         self.endpoint: Endpoint = route.endpoint
@@ -80,5 +81,6 @@ class PredictFastPath:
                 break
             handler = handlers.get(cls)
             if handler is not None:
-                return await handler(request, exc)  # type: ignore[no-any-return]
+                response = handler(request, exc)  # the app's handlers are all async
+                return await response if inspect.isawaitable(response) else response
         raise exc
