@@ -120,7 +120,7 @@ Requests/sec:    333.11
 
 
 def test_profile_top_frames_and_the_single_text_tables() -> None:
-    from bench.load.single import top_frames
+    from bench.load.single import thread_shares, top_frames
 
     collapsed = (
         "thread (0x7f01): xpeft-model_0;run (worker.py:9);forward (linear.py:134) 30\n"
@@ -131,6 +131,7 @@ def test_profile_top_frames_and_the_single_text_tables() -> None:
     assert total == 60
     assert top[0] == {"frame": "xpeft-model_0 | forward (linear.py:134)", "share": 50 / 60}
     assert top[1]["frame"] == "MainThread | send (h11.py:5)"
+    assert thread_shares(collapsed) == {"xpeft-model_0": 50 / 60, "MainThread": 10 / 60}
     run = {
         "clients": 128,
         "budget": 512,
@@ -150,6 +151,7 @@ def test_profile_top_frames_and_the_single_text_tables() -> None:
         "non_2xx": 0,
         "mean_rows": 14.0,
         "worker_busy": 0.95,
+        "loop_ms_per_request": 0.3,
         "python_generator": {"sequences_per_s": 120.0},
     }
     config = {"threads": 0, "profiles": 32, "seconds": 15, "rounds": 3, "plain_batch": 32, "clients": [128]}
@@ -158,19 +160,26 @@ def test_profile_top_frames_and_the_single_text_tables() -> None:
         "hardware": {"cpu": "some CPU", "usable_cpus": 2},
         "command": "python -m bench.load.single",
         "runs": [run],
-        "profile": {"svg": "serving-flame.svg", "samples": 60, "top": top},
+        "profile": {
+            "svg": "serving-flame.svg",
+            "samples": 60,
+            "top": top,
+            "threads": thread_shares(collapsed),
+        },
     }
     budgets = {
         **single,
         "command": "python -m bench.load.single --budgets 512",
-        "runs": [{**run, "ratio": 0.7}],
+        "runs": [{k: v for k, v in {**run, "ratio": 0.7}.items() if k != "loop_ms_per_request"}],
     }
     text = "\n".join(serving_report.single_block(single, budgets))
     row = (
         "| 128 | 512 | 170 / 180 / 190 | 150 / 160 / 170 | 190 / 200 / 210 | 0.900 | onnx-int8 | 1.125 | 0.900 | "
-        "yes | 100 | 250 | 2.50 | 0 | 14.0 | 95% | 0.05 |"
+        "yes | 100 | 250 | 2.50 | 0 | 14.0 | 95% | 0.30 | 0.05 |"
     )
     assert row in text
+    assert "| 14.0 | 95% |  | 0.05 |" in text  # a run from before the loop's CPU was measured
+    assert "Samples by thread: `xpeft-model_0` 83.3%, `MainThread` 16.7%." in text
     assert "| 0.700 | onnx-int8 | 1.125 | 0.900 |  |" in text  # the sweep has no target column filled
     assert "img/serving-flame.svg" in text and "`xpeft-model_0 | forward (linear.py:134)`" in text
 
