@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +32,7 @@ START_KEY = "xpeft.start"
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@+=/-]{1,128}")
 _REQUEST_ID_BYTES = REQUEST_ID_HEADER.lower().encode()
 NOSNIFF = (b"x-content-type-options", b"nosniff")
+_T = TypeVar("_T")
 
 
 class RequestIdMiddleware:
@@ -142,7 +143,7 @@ class BodyLimitMiddleware:
             if body_done:  # later calls wait for a disconnect: no deadline on those
                 return await receive()
             try:
-                message = await _by(deadline, receive())
+                message = await by_deadline(deadline, receive())
             except (TimeoutError, asyncio.TimeoutError):
                 raise BodyTimeout(self.body_timeout_s) from None
             if message["type"] == "http.request":
@@ -155,9 +156,10 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def _by(when: float, work: Awaitable[Message]) -> Message:
-    """``work``, cancelled at the loop's time ``when``: in the caller's own task where Python has
-    ``asyncio.timeout_at`` (3.11), rather than in a new task per call as ``wait_for`` runs it."""
+async def by_deadline(when: float, work: Awaitable[_T]) -> _T:
+    """``work``, cancelled at the loop's time ``when`` (``TimeoutError``): in the caller's own task
+    where Python has ``asyncio.timeout_at`` (3.11), rather than in a new task per call as
+    ``wait_for`` runs it. The body deadline here and the predict route's deadline both use it."""
     if sys.version_info >= (3, 11):
         async with asyncio.timeout_at(when):
             return await work

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import pydantic_core
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -24,7 +22,7 @@ from xpeft.server.auth import require_admin, require_profile_access, require_rea
 from xpeft.server.conditional import PRECONDITION_RESPONSES, not_modified, write_condition
 from xpeft.server.deps import ProfileIdPath, check_profile_id, job_service, server_state
 from xpeft.server.errors import ApiError, allowed_methods, etag
-from xpeft.server.middleware import START_KEY
+from xpeft.server.middleware import START_KEY, by_deadline
 from xpeft.server.model import backend_name, kernel_report
 from xpeft.server.schemas import (
     BodyError,
@@ -43,7 +41,6 @@ if TYPE_CHECKING:
     from xpeft.server.state import ServerState
 
 log = logging.getLogger("xpeft.server")
-_T = TypeVar("_T")
 
 router = APIRouter()
 _OCTET_BODY = {
@@ -229,7 +226,10 @@ async def predict(request: Request, profile_id: str = ProfileIdPath) -> Response
     tenant = state.auth.tenant_key(request, profile_id)
     computing = time.perf_counter()
     try:  # one deadline for all of it: store lookup, queue and forward
-        answer, job = await _within(timeout, _predict(state, profile_id, inputs, min_confidence, tenant))
+        answer, job = await by_deadline(
+            asyncio.get_running_loop().time() + timeout,
+            _predict(state, profile_id, inputs, min_confidence, tenant),
+        )
     except (TimeoutError, asyncio.TimeoutError) as exc:
         raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from exc
     except TooCostly as exc:
@@ -239,15 +239,6 @@ async def predict(request: Request, profile_id: str = ProfileIdPath) -> Response
         media_type="application/json",
         headers=_timing_headers(request, state, job, inputs, computing),
     )
-
-
-async def _within(seconds: float, work: Coroutine[None, None, _T]) -> _T:
-    """``work``, cancelled after ``seconds``: in the request's own task where Python has
-    ``asyncio.timeout`` (3.11), rather than in a task of its own as ``wait_for`` runs it."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await work
-    return await asyncio.wait_for(work, seconds)  # pragma: no cover - Python 3.10
 
 
 async def _predict(
@@ -274,16 +265,7 @@ async def _predict(
         "profile": profile_id,
         "version": entry.version,
         # PredictionOut's fields in its order; confidence is null without a rule
-        "predictions": [
-            {
-                "label": p.label,
-                "score": p.score,
-                "scores": p.scores,
-                "abstained": p.abstained,
-                "confidence": p.confidence,
-            }
-            for p in predictions
-        ],
+        "predictions": [{**p.as_dict(), "confidence": p.confidence} for p in predictions],
     }
     return answer, job
 

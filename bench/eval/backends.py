@@ -208,14 +208,12 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
             print(json.dumps(runs[-1]), file=sys.stderr)
-            report = _accuracy_report(args, runs, names)
+            report = _accuracy_report(args, runs)
             _write(args.out, report)
     return report
 
 
-def _accuracy_report(
-    args: argparse.Namespace, runs: list[dict[str, Any]], names: list[str]
-) -> dict[str, Any]:
+def _accuracy_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "kind": "backends-accuracy",
         "model": args.model,
