@@ -182,11 +182,14 @@ def fuse_unit_weights(
 
 @dataclass
 class UnitTable:
-    """The bank as rows of units, layer-major: ``down_and_bias (L*N*r, d + 1)`` (each unit's down
-    column as a row, its down bias appended, so that one gather reads both) and ``up (L*N*r, d)``;
-    built once per bank and device, so a gather reads contiguous rows."""
+    """The bank as rows of units, layer-major: ``down (L*N*r, d)`` (each unit's down column as a
+    row), ``down_bias (L*N*r,)`` and ``up (L*N*r, d)``; built once per bank and device, so a gather
+    reads contiguous rows. The bias stays apart: appended to its column, it would make rows of
+    d + 1 numbers, which put every row but the first off the alignment of ``embedding_bag``'s vector
+    loads."""
 
-    down_and_bias: torch.Tensor
+    down: torch.Tensor
+    down_bias: torch.Tensor
     up: torch.Tensor
     num_layers: int
     bottleneck: int
@@ -194,9 +197,9 @@ class UnitTable:
     @classmethod
     def of(cls, bank: AdapterBank) -> UnitTable:
         L, N, d, r = bank.down.shape
-        down = bank.down.permute(0, 1, 3, 2).reshape(L * N * r, d)
         return cls(
-            down_and_bias=torch.cat([down, bank.down_bias.reshape(L * N * r, 1)], dim=1).contiguous(),
+            down=bank.down.permute(0, 1, 3, 2).reshape(L * N * r, d).contiguous(),
+            down_bias=bank.down_bias.reshape(L * N * r).contiguous(),
             up=bank.up.reshape(L * N * r, d).contiguous(),
             num_layers=L,
             bottleneck=r,
@@ -224,39 +227,52 @@ def fuse_units(
     slower on a CPU; docs/BENCHMARKS.md).
 
     Cold batches fuse many profiles at once, so the output is written as few times as possible:
-    the bags come out layer-major, the layer's gain rides in each up unit's weight, and the down
-    side is returned as a transposed view (``down`` and ``down_bias`` share one gather), which
-    the copy into the slot pool reads in place. Callers that need contiguous tensors make them.
+    the bags come out layer-major and the layer's gain rides in each up unit's weight. The down
+    side is returned as a transposed view, which the copy into the slot pool reads in place.
+    Callers that need contiguous tensors make them.
     """
     U, L, k = index_down.shape
     r, d = table.bottleneck, table.up.shape[1]
     dtype = table.up.dtype
     w = scale.to(dtype).view(U, 1, 1).expand(U, L, k)
-    (down_and_bias,) = _unit_bags(index_down, w, table, (table.down_and_bias,))
-    (up,) = _unit_bags(index_up, w * gains.to(dtype).view(U, L, 1), table, (table.up,))
-    down_and_bias = down_and_bias.view(L, U, r, d + 1)
-    up = up.view(L, U, r, d)
+    down_bags = _UnitBags(index_down, w, table)
+    down = down_bags.sum(table.down).view(L, U, r, d)
+    down_bias = down_bags.sum_scalars(table.down_bias).view(L, U, r)
+    up = _UnitBags(index_up, w * gains.to(dtype).view(U, L, 1), table).sum(table.up).view(L, U, r, d)
     if out_scale is not None:
         up = up * out_scale.to(dtype).transpose(0, 1).unsqueeze(2)
     up_bias = torch.zeros(L, U, d, dtype=dtype, device=up.device)
-    return FusedAdapters(down_and_bias[..., :d].transpose(2, 3), down_and_bias[..., d], up, up_bias)
+    return FusedAdapters(down.transpose(2, 3), down_bias, up, up_bias)
 
 
-def _unit_bags(
-    index: torch.Tensor, weight: torch.Tensor, table: UnitTable, rows: tuple[torch.Tensor, ...]
-) -> list[torch.Tensor]:
-    """Sum ``weight``-times the selected rows of each table of ``rows`` into ``(L*U*r, ...)`` bags,
-    layer-major: bag ``(l, u, j)`` holds the units of layer l, profile u, position j (an empty bag
-    is zero)."""
-    U, L, k = index.shape
-    r, P = table.bottleneck, table.units_per_layer
-    device = index.device
-    layer_major = torch.arange(L, device=device).view(1, L, 1) * U + torch.arange(U, device=device).view(
-        U, 1, 1
-    )
-    bag = (layer_major * r + index % r).flatten()
-    order = torch.argsort(bag, stable=True)
-    ids = (index + torch.arange(L, device=device).view(1, L, 1) * P).flatten()[order]
-    offsets = torch.searchsorted(bag[order], torch.arange(U * L * r, device=device))
-    psw = weight.flatten()[order]
-    return [F.embedding_bag(ids, t, offsets, mode="sum", per_sample_weights=psw.to(t.dtype)) for t in rows]
+class _UnitBags:
+    """The bags of one projection's selections, layer-major: bag ``(l, u, j)`` holds the units of
+    layer l, profile u, position j, each with its weight (an empty bag sums to zero).
+
+    Each (profile, layer) row of k units is put in position order by a batched sort of its own
+    k positions, then the rows are laid out layer-major: no global sort of all ``U * L * k`` ids.
+    """
+
+    def __init__(self, index: torch.Tensor, weight: torch.Tensor, table: UnitTable) -> None:
+        U, L, k = index.shape
+        r, P = table.bottleneck, table.units_per_layer
+        device = index.device
+        position, order = torch.sort(index % r, dim=-1, stable=True)
+        layers = torch.arange(L, device=device).view(L, 1, 1)
+        layer_major = layers * U + torch.arange(U, device=device).view(1, U, 1)
+        self.ids = (index.gather(-1, order).transpose(0, 1) + layers * P).flatten()
+        self.weights = weight.gather(-1, order).transpose(0, 1).flatten()
+        bag = (layer_major * r + position.transpose(0, 1)).flatten()
+        counts = torch.bincount(bag, minlength=L * U * r)
+        self.offsets = torch.cumsum(counts, 0) - counts
+
+    def sum(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(L*U*r, width)``: each bag's weighted sum of its units' rows of ``rows``."""
+        return F.embedding_bag(
+            self.ids, rows, self.offsets, mode="sum", per_sample_weights=self.weights.to(rows.dtype)
+        )
+
+    def sum_scalars(self, values: torch.Tensor) -> torch.Tensor:
+        """``(L*U*r,)``: each bag's weighted sum of its units' entries of ``values`` (the same bags
+        over rows of one number: the same order of addition on every device)."""
+        return self.sum(values.view(-1, 1)).view(-1)

@@ -135,6 +135,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "batch": args.batch,
         "cold_adapters": args.cold_adapters or None,
+        "cold_fusion": cold.fusion_summary() if cold else None,
         "command": shown_command("bench.eval.backends", sys.argv[1:], {"--cache": None, "--out": None}),
         "tokens": int(encodings["input_ids"].shape[1]),
         "slots": args.slots,
@@ -160,12 +161,27 @@ class _ColdBatches:
             [random_profile(bank, "units", seed=1000 * s + i) for i in range(rows)] for s in range(COLD_SETS)
         ]
         self.turn = 0
+        self.fusion_ms: list[float] = []  # each timed batch's fuse_into_pool, alone
 
     def next_pool(self) -> torch.Tensor:
         profiles = self.sets[self.turn % COLD_SETS]
         self.turn += 1
+        start = time.perf_counter()
         self.model.fuse_into_pool(self.pool, range(len(profiles)), profiles)
+        self.fusion_ms.append(1000 * (time.perf_counter() - start))
         return self.pool.weights
+
+    def fusion_summary(self) -> dict[str, Any]:
+        """The fusion's share of a cold batch: its time (the warm-up calls left out) and the bytes
+        of unit rows it reads, ``2 * U * L * k`` rows of d numbers."""
+        times = self.fusion_ms[COLD_SETS:] or self.fusion_ms
+        profile = self.sets[0][0]
+        rows = 2 * len(self.sets[0]) * profile.num_layers * profile.k
+        return {
+            "ms": {"min": min(times), "median": statistics.median(times), "max": max(times)},
+            "unit_rows": rows,
+            "bytes_read": rows * profile.hidden_size * 4,
+        }
 
 
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:
