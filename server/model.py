@@ -18,6 +18,7 @@ from xpeft.adapters.encoder import encoder_for_bank
 from xpeft.adapters.errors import XPeftError
 from xpeft.adapters.kernels import KernelChoice
 from xpeft.engine.backends import BackendError, build_backend, resolve_backend
+from xpeft.engine.host_memory import retain_freed_memory
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.server.settings import Settings
 
@@ -76,9 +77,12 @@ def attach_backend(model: MultiProfileModel, settings: Settings) -> str:
     backend exports its graph on the first start of a machine) and serve through it.
 
     A backend named outright that cannot run refuses the start; ``auto`` falls back to torch,
-    saying why in the log. Returns the backend's name.
+    saying why in the log. On a CPU the process also keeps its freed host memory
+    (``XPEFT_RETAIN_HOST_MEMORY``, :mod:`xpeft.engine.host_memory`). Returns the backend's name.
     """
     device = model.encoder.device.type
+    if device == "cpu" and settings.retain_host_memory:
+        retain_freed_memory()
     chosen = resolve_backend(settings.backend, device)
     try:
         backend = build_backend(chosen, model.encoder, settings.torch_threads, settings.backend_cache)

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         "onnx-int8-block (CPU only; the onnx ones need the cpu-fast extra), or auto (onnx-int8 on a CPU when ONNX Runtime "
         "is installed, else torch); adapters and heads stay fp32; chosen once, at start",
     )
+    retain_host_memory: bool = Field(
+        True,
+        description="CPU: keep freed host memory in the process (glibc's malloc stops giving large "
+        "blocks back), so that a batch's buffers are not faulted in again; the resident size stays at its peak",
+    )
     backend_cache: Path | None = Field(
         None,
         description="folder of exported encoder graphs (the onnx backends); default "

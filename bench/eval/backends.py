@@ -43,6 +43,7 @@ from bench.eval.worker import Worker
 from xpeft.adapters.encoder import AdapterEncoder, load_encoder
 from xpeft.engine.backends import BACKENDS, EncoderBackend, build_backend, have_onnxruntime
 from xpeft.engine.backends.torch_backend import TorchBackend, TorchInt8Backend
+from xpeft.engine.host_memory import retain_freed_memory
 from xpeft.engine.runtime import MultiProfileModel
 from xpeft.engine.slots import SlotPool
 from xpeft.profiles.synthetic import random_profile
@@ -76,6 +77,7 @@ def plain_backend(name: str, encoder: AdapterEncoder, threads: int, cache: Path 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as the server does on a CPU (XPEFT_RETAIN_HOST_MEMORY)
     encoder = load_encoder(args.model, device="cpu")
     bank = random_bank(encoder, load_config(args.config).random_bank)
     model = MultiProfileModel(encoder, bank)
