@@ -18,6 +18,7 @@ from xpeft.training.train_config import (
     ABSTAIN_SCORES,
     DEFAULT_ABSTAIN_RATE,
     ESTIMATORS,
+    HEAD_INITS,
     METHODS,
     TrainConfig,
 )
@@ -40,6 +41,7 @@ TRAIN_FLAGS = (
     "tied",
     "out_scale",
     "lr_out_scale",
+    "head_init",
     "batch_size",
     "max_length",
     "seed",
@@ -248,6 +250,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--lr-out-scale", type=float, default=d.lr_out_scale, help="units: the output scaling vector's rate"
+    )
+    p.add_argument(
+        "--head-init",
+        choices=HEAD_INITS,
+        default=d.head_init,
+        help="the head's start: small random weights, or each label's mean embedding (one extra pass)",
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per training step")
     p.add_argument(

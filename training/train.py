@@ -77,6 +77,8 @@ def train_profile(
     device = encoder.device
     work_bank = bank.to(device, torch.float32)
     trainable = Trainable(config.method, work_bank, len(labels), config).to(device)
+    if config.head_init == "class_means":
+        _head_from_class_means(encoder, trainable, train, y_train, config)
     optimizer = torch.optim.AdamW(trainable.param_groups(), weight_decay=0.01)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -194,22 +196,45 @@ def _end_diagnostics(
 
 
 @torch.no_grad()
-def _accuracy(
-    encoder: AdapterEncoder,
-    trainable: Trainable,
-    data: Dataset,
-    y: torch.Tensor,
-    config: TrainConfig,
-    batch_size: int = 128,
-) -> float:
-    """Dev accuracy of the parameters as they are now (hard masks already exactly k-hot)."""
+def _head_from_class_means(
+    encoder: AdapterEncoder, trainable: Trainable, data: Dataset, y: torch.Tensor, config: TrainConfig
+) -> None:
+    """Start the head as a nearest-class-mean classifier on the starting features: label c's row is
+    its rows' mean embedding minus the mean of all rows, its bias puts that overall mean at 0, and
+    one scale gives the training rows' logits unit spread. A few epochs on small data then refine a
+    head that already separates the labels, instead of first finding them."""
+    pooled = _pooled(encoder, trainable, data, config).float().cpu()
+    num_labels = trainable.head.out_features
+    counts = torch.bincount(y, minlength=num_labels).clamp_min(1).unsqueeze(1)
+    means = torch.zeros(num_labels, pooled.shape[1]).index_add_(0, y, pooled) / counts
+    center = pooled.mean(0)
+    weight = means - center
+    spread = ((pooled - center) @ weight.T).std()
+    scale = 1.0 / float(spread) if float(spread) > 0 else 1.0
+    head = trainable.head
+    head.weight.copy_((weight * scale).to(head.weight))
+    head.bias.copy_((-(weight @ center) * scale).to(head.bias))
+
+
+@torch.no_grad()
+def _pooled(
+    encoder: AdapterEncoder, trainable: Trainable, data: Dataset, config: TrainConfig, batch_size: int = 128
+) -> torch.Tensor:
+    """The pooled embeddings of ``data`` under the parameters as they are now (eval mode)."""
     encoder.eval()
     trainable.eval()
     fused = trainable.fused()
-    correct = 0
+    parts = []
     for b in range(0, len(data), batch_size):
         enc = encoder.tokenize(data.inputs[b : b + batch_size], config.max_length)
-        pooled = encoder(enc, fused)
-        pred = trainable.head(pooled.float()).argmax(-1).cpu()
-        correct += int((pred == y[b : b + batch_size]).sum())
-    return correct / len(data)
+        parts.append(encoder(enc, fused))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def _accuracy(
+    encoder: AdapterEncoder, trainable: Trainable, data: Dataset, y: torch.Tensor, config: TrainConfig
+) -> float:
+    """Dev accuracy of the parameters as they are now (hard masks already exactly k-hot)."""
+    pred = trainable.head(_pooled(encoder, trainable, data, config).float()).argmax(-1).cpu()
+    return int((pred == y).sum()) / len(data)

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_ABSTAIN_RATE",
     "DEFAULT_ABSTAIN_SCORE",
     "ESTIMATORS",
+    "HEAD_INITS",
     "MAX_ABSTAIN_COST",
     "MAX_GAIN",
     "METHODS",
@@ -37,6 +38,7 @@ __all__ = [
 
 # as far and near misses separate as the fp16 cosine, at 1 bit a class-mean entry (docs/ABSTENTION.md)
 DEFAULT_ABSTAIN_SCORE = "blend"
+HEAD_INITS = ("normal", "class_means")
 MIN_HOLDOUT = 10  # fewer held-out examples than this calibrate no rule
 # the TrainConfig fields of the abstention rule (the CLI and the training service take all of them)
 ABSTAIN_FIELDS = ("abstain", "abstain_score", "holdout", "min_confidence", "oos_label", "fallback_label")
@@ -77,6 +79,9 @@ class TrainConfig:
     tied: bool = False  # one selection per unit for both projections, instead of one each
     out_scale: bool = False  # learn a per-layer output scaling vector (L*d numbers, int8 in the file)
     lr_out_scale: float = 0.01
+    # the head's start: "normal" (small random weights) or "class_means" (each label's mean
+    # embedding of the training rows, centred and scaled: one extra pass over the data)
+    head_init: str = "normal"
     # abstention: a rule calibrated on a held-out part of the training data (docs/TRAINING.md)
     abstain: bool = True
     abstain_score: str = DEFAULT_ABSTAIN_SCORE
@@ -120,6 +125,8 @@ class TrainConfig:
                 raise bad(f"{name} must be a finite number > 0, got {value}")
         if not 0.0 <= self.scale_power <= 4.0:
             raise bad(f"scale_power must lie in [0, 4], got {self.scale_power}")
+        if self.head_init not in HEAD_INITS:
+            raise bad(f"head_init {self.head_init!r} is not one of {HEAD_INITS}")
         if self.gain_init is not None and not 0.0 < self.gain_init <= MAX_GAIN:
             raise bad(f"gain_init must lie in (0, {MAX_GAIN:g}], got {self.gain_init}")
         self._validate_abstain(bad)
