@@ -262,9 +262,9 @@ class _UnitBags:
         layer_major = layers * U + torch.arange(U, device=device).view(1, U, 1)
         self.ids = (index.gather(-1, order).transpose(0, 1) + layers * P).flatten()
         self.weights = weight.gather(-1, order).transpose(0, 1).flatten()
-        bag = (layer_major * r + position.transpose(0, 1)).flatten()
-        counts = torch.bincount(bag, minlength=L * U * r)
-        self.offsets = torch.cumsum(counts, 0) - counts
+        bag = (layer_major * r + position.transpose(0, 1)).flatten()  # ascending: no sort needed
+        # where each bag starts (searchsorted, not bincount: no device sync on a GPU)
+        self.offsets = torch.searchsorted(bag, torch.arange(L * U * r, device=device))
 
     def sum(self, rows: torch.Tensor) -> torch.Tensor:
         """``(L*U*r, width)``: each bag's weighted sum of its units' rows of ``rows``."""

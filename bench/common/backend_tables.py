@@ -70,8 +70,14 @@ def _fusion_line(data: dict, backend: str = "onnx-int8", target: float = 0.85) -
     line = (
         f"The cold case's fusion alone (`fuse_into_pool`, every backend's cold batches): "
         f"{ms['median']:.1f} ms per batch ({ms['min']:.1f}-{ms['max']:.1f}), reading "
-        f"{fusion['unit_rows']:,} unit rows ({fusion['bytes_read'] / 1e6:.0f} MB of fp32) from the bank."
+        f"{fusion['unit_rows']:,} unit rows ({fusion['bytes_read'] / 1e6:.0f} MB of fp32) from the bank"
     )
+    if "page_faults" in fusion:
+        kept = "kept" if data.get("retain_host_memory", True) else "glibc's defaults for"
+        line += (
+            f", with {fusion['page_faults']:,.0f} page faults per batch (median; {kept} freed host memory)"
+        )
+    line += "."
     rate = {r["case"]: r["seq_per_s"]["median"] for r in data["results"] if r["backend"] == backend}
     if "plain" in rate and "mixed" in rate:
         batch = data["batch"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
 import sys
 import time
@@ -77,7 +78,8 @@ def plain_backend(name: str, encoder: AdapterEncoder, threads: int, cache: Path 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    retain_freed_memory()  # as the server does on a CPU (XPEFT_RETAIN_HOST_MEMORY)
+    if not args.default_malloc:
+        retain_freed_memory()  # as the server does on a CPU (XPEFT_RETAIN_HOST_MEMORY)
     encoder = load_encoder(args.model, device="cpu")
     bank = random_bank(encoder, load_config(args.config).random_bank)
     model = MultiProfileModel(encoder, bank)
@@ -138,6 +140,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "cold_adapters": args.cold_adapters or None,
         "cold_fusion": cold.fusion_summary() if cold else None,
+        "retain_host_memory": not args.default_malloc,
         "command": shown_command("bench.eval.backends", sys.argv[1:], {"--cache": None, "--out": None}),
         "tokens": int(encodings["input_ids"].shape[1]),
         "slots": args.slots,
@@ -164,23 +167,28 @@ class _ColdBatches:
         ]
         self.turn = 0
         self.fusion_ms: list[float] = []  # each timed batch's fuse_into_pool, alone
+        self.faults: list[int] = []  # and the page faults it took
 
     def next_pool(self) -> torch.Tensor:
         profiles = self.sets[self.turn % COLD_SETS]
         self.turn += 1
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         self.model.fuse_into_pool(self.pool, range(len(profiles)), profiles)
         self.fusion_ms.append(1000 * (time.perf_counter() - start))
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         return self.pool.weights
 
     def fusion_summary(self) -> dict[str, Any]:
         """The fusion's share of a cold batch: its time (the warm-up calls left out) and the bytes
         of unit rows it reads, ``2 * U * L * k`` rows of d numbers."""
         times = self.fusion_ms[COLD_SETS:] or self.fusion_ms
+        faults = self.faults[COLD_SETS:] or self.faults
         profile = self.sets[0][0]
         rows = 2 * len(self.sets[0]) * profile.num_layers * profile.k
         return {
             "ms": {"min": min(times), "median": statistics.median(times), "max": max(times)},
+            "page_faults": statistics.median(faults),
             "unit_rows": rows,
             "bytes_read": rows * profile.hidden_size * 4,
         }
@@ -341,6 +349,11 @@ def main() -> None:
         type=int,
         default=0,
         help="also time cold batches from a bank of this many adapters",
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's malloc thresholds (the server's XPEFT_RETAIN_HOST_MEMORY=false)",
     )
     parser.add_argument("--words", type=int, default=16, help="words per text")
     parser.add_argument("--max-length", type=int, default=128)
