@@ -1,12 +1,14 @@
 """Keep freed host memory in the serving process, so that each batch's buffers are not faulted in again.
 
 A cold batch on a CPU fuses its profiles' adapters into fresh tensors of some megabytes each
-(``embedding_bag`` has no output argument). glibc's malloc returns such blocks to the kernel when
-they are freed (an ``mmap`` per block, or a trim of the heap's top), so the next batch takes a page
-fault for every 4 KiB it writes: thousands per batch, which cost more than the gather itself on a
-virtual machine (docs/BENCHMARKS.md, Encoder backends). Two ``mallopt`` settings keep them: blocks
-up to the largest fixed mmap threshold come from the heap, and the heap is not trimmed below a
-gigabyte of free space. The resident size then stays at its peak, as with an arena allocator.
+(``embedding_bag`` has no output argument). Whether glibc's malloc gives such blocks back to the
+kernel when they are freed depends on the process's history: it starts by serving them with an
+``mmap`` each, unmapped on free, and raises that threshold only after freeing a large mapped block;
+it also trims its heap's top once the free space there passes twice that threshold. Where it gives
+them back, the next batch takes a page fault for every 4 KiB it writes. Two ``mallopt`` settings
+make the behaviour fixed instead: blocks up to the largest mmap threshold glibc accepts come from the
+heap, and the heap is not trimmed below a gigabyte of free space. The resident size then stays at
+its peak, as with an arena allocator.
 """
 
 from __future__ import annotations
