@@ -118,15 +118,15 @@ def test_missing_targets_and_folders_fail_clearly(
 
 
 def test_cpu_config_plans_the_tweeteval_runs(root: Path) -> None:
-    """The documented command's plan: 3 seeds x (hate + emoji + one profile per target) x 3 methods,
-    and the other tasks' data need not be there."""
+    """The documented command's plan: the config's seeds x (hate + emoji + one profile per target)
+    x 3 methods, and the other tasks' data need not be there."""
     config = load_config(REPO / "bench" / "eval" / "cpu.json")
     tasks = {t.name: t for t in config.tasks}
     assert (tasks["tweeteval_hate"].train_size, tasks["tweeteval_emoji"].train_size) == (1500, 2000)
     assert tasks["tweeteval_stance"].train_size is None and tasks["tweeteval_stance"].epochs == 5
     methods = ["head_only", "single_adapter", "units"]
     plan = build_plan(config, TaskData(root), ["default"], TWEET_TASKS, methods)
-    assert len(plan) == 3 * (1 + 1 + len(TARGETS)) * 3
+    assert len(plan) == len(config.seeds) * (1 + 1 + len(TARGETS)) * 3
     assert {s.method for s in plan} == set(methods) and {s.bank for s in plan} == {"none", "random"}
     assert {s.profile for s in plan if s.task == "tweeteval_stance"} == set(TARGETS)
     assert plan[0].key == "tweeteval_hate/tweeteval_hate/head_only/none/default/s0"
