@@ -59,6 +59,13 @@ def bank(encoder: AdapterEncoder) -> AdapterBank:
 
 
 @pytest.fixture(scope="session")
+def frozen_training() -> dict[str, float | int]:
+    """Training options under which nothing learns (every rate zero, one short epoch): the profile
+    a run writes is the one it started from."""
+    return {"lr_scores": 0.0, "lr_head": 0.0, "lr_gain": 0.0, "epochs": 1, "batch_size": 16, "max_length": 16}
+
+
+@pytest.fixture(scope="session")
 def separable() -> Dataset:
     """A small, clearly separable sentiment set the tests write themselves."""
     good = ["wonderful", "excellent", "delightful", "brilliant", "lovely", "superb", "great", "charming"]

@@ -160,21 +160,13 @@ def test_train_config_validation_names_the_setting():
             bad.validate()
 
 
-def test_a_class_means_head_separates_the_labels_before_any_step(encoder, bank, separable):
+def test_a_class_means_head_separates_the_labels_before_any_step(encoder, bank, separable, frozen_training):
     """With every rate at zero nothing trains, so the served head is the one training started from:
     from class means it already separates a separable task; from small random weights it does not."""
-    frozen = {
-        "lr_scores": 0.0,
-        "lr_head": 0.0,
-        "lr_gain": 0.0,
-        "epochs": 1,
-        "batch_size": 16,
-        "max_length": 16,
-    }
     model = MultiProfileModel(encoder, bank)
     scores = {}
     for init in ("normal", "class_means"):
-        config = TrainConfig(method="units", k=8, head_init=init, abstain=False, **frozen)
+        config = TrainConfig(method="units", k=8, head_init=init, abstain=False, **frozen_training)
         profile = train_profile(encoder, bank, separable, config, progress=False).profile
         scores[init] = evaluate(model, xpm.decode(xpm.encode(profile), bank), separable)["accuracy"]
         assert torch.isfinite(profile.head_weight).all() and torch.isfinite(profile.head_bias).all()

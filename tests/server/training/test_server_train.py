@@ -256,7 +256,7 @@ def test_jobs_page_newest_first(trainers, separable) -> None:
 
 
 def test_keep_if_better_keeps_the_current_version_unless_the_new_one_scores_as_well(
-    trainers, separable
+    trainers, separable, frozen_training
 ) -> None:
     url, body = trainers.r.url, examples(separable)
     first = httpx.post(
@@ -268,15 +268,7 @@ def test_keep_if_better_keeps_the_current_version_unless_the_new_one_scores_as_w
     version = first_done["result"]["version"]
     assert first_done["result"]["eval_accuracy"] >= 0.75, first_done  # six epochs on a separable set
     # nothing learns (every rate 0): the random head scores worse than the trained profile
-    frozen = {
-        "lr_scores": 0.0,
-        "lr_head": 0.0,
-        "lr_gain": 0.0,
-        "epochs": 1,
-        "batch_size": 16,
-        "max_length": 16,
-        "seed": 3,
-    }
+    frozen = {**frozen_training, "seed": 3}
     second = httpx.post(
         f"{url}/profiles/keep-1/train",
         json={"examples": body, "eval_fraction": 0.25, "keep_if_better": True, **frozen},
