@@ -20,6 +20,7 @@ from xpeft.training.train_config import (
     ESTIMATORS,
     HEAD_INITS,
     METHODS,
+    SCORE_OPTIMIZERS,
     TrainConfig,
 )
 
@@ -42,6 +43,7 @@ TRAIN_FLAGS = (
     "out_scale",
     "lr_out_scale",
     "head_init",
+    "score_optimizer",
     "batch_size",
     "max_length",
     "seed",
@@ -256,6 +258,13 @@ def register(subparsers: Any) -> None:
         choices=HEAD_INITS,
         default=d.head_init,
         help="the head's start: small random weights, or each label's mean embedding (one extra pass)",
+    )
+    p.add_argument(
+        "--score-optimizer",
+        choices=SCORE_OPTIMIZERS,
+        default=d.score_optimizer,
+        help="hard, soft, units: how the mask scores step (adam: each by its own scale; sgd: in "
+        "proportion to its gradient)",
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per training step")
     p.add_argument(

@@ -79,10 +79,12 @@ def train_profile(
     trainable = Trainable(config.method, work_bank, len(labels), config).to(device)
     if config.head_init == "class_means":
         _head_from_class_means(encoder, trainable, train, y_train, config)
-    optimizer = torch.optim.AdamW(trainable.param_groups(), weight_decay=0.01)
+    optimizers = _optimizers(trainable, config)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(total, 1)))
+    schedulers = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda s: max(0.0, 1.0 - s / max(total, 1))) for o in optimizers
+    ]
     eval_every = config.eval_every or steps_per_epoch
     frozen_features = trainable.frozen_features
     probe = encoder.tokenize(train.inputs[: config.batch_size], config.max_length)
@@ -115,12 +117,14 @@ def train_profile(
                     pooled = encoder(enc, trainable.fused())
                 logits = trainable.head(pooled.float())
                 loss = nn.functional.cross_entropy(logits, target)
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if "lr_scores" in spec.train_fields:  # a method that trains mask scores
                     grad_norms.append(_score_grad_norm(trainable))
-                optimizer.step()
-                scheduler.step()
+                for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+                    optimizer.step()
+                    scheduler.step()
                 step += 1
                 seen += len(index)
                 correct += int((logits.argmax(-1) == target).sum())
@@ -158,6 +162,34 @@ def train_profile(
         split=split,
         notes=notes,
     )
+
+
+def _optimizers(trainable: Trainable, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """AdamW for every parameter; with ``score_optimizer="sgd"`` the mask scores step apart.
+
+    Adam moves every score by about its rate whatever its gradient's size, so a unit whose gradient
+    is small but steady climbs as fast as one that matters. The SGD path scales each layer's score
+    gradient to unit RMS (the rate keeps Adam's meaning on average) and averages it over about 10
+    steps (momentum 0.9, dampening 0.9): a score then moves in proportion to its gradient.
+    """
+    groups = trainable.param_groups()
+    if config.score_optimizer == "adam":
+        return [torch.optim.AdamW(groups, weight_decay=0.01)]
+    scores = trainable.score_tensors()
+    ids = {id(t) for t in scores}
+    for t in scores:
+        t.register_hook(_unit_rms_rows)
+    rest = [g for g in groups if not any(id(p) in ids for p in g["params"])]
+    by_scores = [g for g in groups if any(id(p) in ids for p in g["params"])]
+    return [
+        torch.optim.AdamW(rest, weight_decay=0.01),
+        torch.optim.SGD(by_scores, lr=config.lr_scores, momentum=0.9, dampening=0.9),
+    ]
+
+
+def _unit_rms_rows(grad: torch.Tensor) -> torch.Tensor:
+    """Each layer's (row's) score gradient at unit root-mean-square."""
+    return grad / grad.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-20)
 
 
 def _temperature(config: TrainConfig, step: int, total: int) -> float:

@@ -33,12 +33,14 @@ __all__ = [
     "MAX_ABSTAIN_COST",
     "MAX_GAIN",
     "METHODS",
+    "SCORE_OPTIMIZERS",
     "TrainConfig",
 ]
 
 # as far and near misses separate as the fp16 cosine, at 1 bit a class-mean entry (docs/ABSTENTION.md)
 DEFAULT_ABSTAIN_SCORE = "blend"
 HEAD_INITS = ("normal", "class_means")
+SCORE_OPTIMIZERS = ("adam", "sgd")
 MIN_HOLDOUT = 10  # fewer held-out examples than this calibrate no rule
 # the TrainConfig fields of the abstention rule (the CLI and the training service take all of them)
 ABSTAIN_FIELDS = ("abstain", "abstain_score", "holdout", "min_confidence", "oos_label", "fallback_label")
@@ -61,6 +63,10 @@ class TrainConfig:
     max_length: int = 128
     temperature: float = 1.0  # softmax temperature for soft masks and the STE's backward
     score_init_std: float = 0.01  # seeded random scores: the initial top-k is a random draw
+    # how the mask scores step: "adam" (each score by its own gradient's running scale) or "sgd"
+    # (each layer's gradient scaled to unit RMS, then an average over ~10 steps: a score moves in
+    # proportion to its gradient, as in edge-popup)
+    score_optimizer: str = "adam"
     seed: int = 0
     dropout: bool = True  # the frozen encoder's own dropout stays on while training
     eval_every: int = 0  # steps between dev evaluations for training curves (0: once per epoch)
@@ -125,6 +131,8 @@ class TrainConfig:
                 raise bad(f"{name} must be a finite number > 0, got {value}")
         if not 0.0 <= self.scale_power <= 4.0:
             raise bad(f"scale_power must lie in [0, 4], got {self.scale_power}")
+        if self.score_optimizer not in SCORE_OPTIMIZERS:
+            raise bad(f"score_optimizer {self.score_optimizer!r} is not one of {SCORE_OPTIMIZERS}")
         if self.head_init not in HEAD_INITS:
             raise bad(f"head_init {self.head_init!r} is not one of {HEAD_INITS}")
         if self.gain_init is not None and not 0.0 < self.gain_init <= MAX_GAIN:

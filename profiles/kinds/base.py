@@ -46,7 +46,7 @@ __all__ = [
 # an all-zero adapter.
 FUSIONS = ("gather", "mix", "units", "own", "none")
 # TrainConfig fields read by every kind that trains scores, and by every kind that selects k
-SCORE_FIELDS = ("lr_scores", "temperature", "temperature_end", "score_init_std")
+SCORE_FIELDS = ("lr_scores", "temperature", "temperature_end", "score_init_std", "score_optimizer")
 SELECT_FIELDS = ("k", "estimator", "gain_init", "lr_gain")
 
 

@@ -62,8 +62,44 @@ def test_units_default_k_is_four_bottlenecks(bank):
         ({"method": "units", "gain": False}, "gain applies to hard"),
         ({"method": "units", "scale_power": 0.5}, "scale_power applies to hard"),
         ({"method": "units", "lr_out_scale": -1.0}, "lr_out_scale"),
+        ({"method": "units", "score_optimizer": "rmsprop"}, "score_optimizer 'rmsprop' is not one of"),
+        ({"method": "head_only", "score_optimizer": "sgd"}, "score_optimizer applies to"),
     ],
 )
 def test_units_settings_are_checked(encoder, bank, separable, config, match):
     with pytest.raises(XPeftError, match=match):
         train_profile(encoder, bank, separable, TrainConfig(**config), progress=False)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_score_optimizer_first_step(bank, name):
+    """Adam's first step moves every score by its rate whatever its gradient; the SGD path moves
+    each score in proportion to its gradient, each layer's step at the rate in root mean square."""
+    from xpeft.training.train import _optimizers
+    from xpeft.training.trainable import Trainable
+
+    lr = 0.05
+    config = TrainConfig(method="units", k=32, lr_scores=lr, score_optimizer=name)
+    trainable = Trainable("units", bank, 2, config)
+    optimizers = _optimizers(trainable, config)
+    scores = trainable.score_tensors()
+    before = [s.detach().clone() for s in scores]
+    weights = [torch.randn_like(s) * torch.linspace(0.1, 10.0, s.shape[-1]) for s in scores]
+    loss = sum((w * s).sum() for w, s in zip(weights, scores, strict=True))
+    for o in optimizers:
+        o.zero_grad()
+    loss.backward()
+    for o in optimizers:
+        o.step()
+    for s, b, w in zip(scores, before, weights, strict=True):
+        step = (b - s.detach()).double()
+        if name == "adam":  # sign-like: every score moves by about lr
+            assert torch.allclose(step.abs(), torch.full_like(step, lr), rtol=1e-3)
+        else:
+            rms = w.double().pow(2).mean(-1, keepdim=True).sqrt()
+            assert torch.allclose(step, lr * w.double() / rms, rtol=1e-4, atol=1e-9)
+            assert torch.allclose(
+                step.pow(2).mean(-1).sqrt(), torch.full((s.shape[0],), lr, dtype=torch.double)
+            )
+    # the gain and the head still step with AdamW in both cases
+    assert any(isinstance(o, torch.optim.AdamW) for o in optimizers)
