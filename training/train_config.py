@@ -131,10 +131,9 @@ class TrainConfig:
                 raise bad(f"{name} must be a finite number > 0, got {value}")
         if not 0.0 <= self.scale_power <= 4.0:
             raise bad(f"scale_power must lie in [0, 4], got {self.scale_power}")
-        if self.score_optimizer not in SCORE_OPTIMIZERS:
-            raise bad(f"score_optimizer {self.score_optimizer!r} is not one of {SCORE_OPTIMIZERS}")
-        if self.head_init not in HEAD_INITS:
-            raise bad(f"head_init {self.head_init!r} is not one of {HEAD_INITS}")
+        for name, choices in (("score_optimizer", SCORE_OPTIMIZERS), ("head_init", HEAD_INITS)):
+            if getattr(self, name) not in choices:
+                raise bad(f"{name} {getattr(self, name)!r} is not one of {choices}")
         if self.gain_init is not None and not 0.0 < self.gain_init <= MAX_GAIN:
             raise bad(f"gain_init must lie in (0, {MAX_GAIN:g}], got {self.gain_init}")
         self._validate_abstain(bad)

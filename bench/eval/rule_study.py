@@ -682,26 +682,24 @@ def _conflict_lines(res: dict) -> list[str]:
     rows = []
     at_1: dict[str, float] = {}
     for name, e in res["scores"].items():
-        at_1[name] = statistics.fmean(
-            _per_seed(e["runs"], "near", lambda r: _dig(r, ("at_cost", "1.0", "near_recall")))
-        )
-        ceiling = [
-            _mean_interval(
-                _per_seed(e["runs"], "near", lambda r, c=c: _dig(r, ("at_cost", c, "near_recall")))
-            )
+        ceiling = {
+            c: _per_seed(e["runs"], "near", lambda r, c=c: _dig(r, ("at_cost", c, "near_recall")))
             for c in ("1.0", "2.0")
-        ]
+        }
+        at_1[name] = statistics.fmean(ceiling["1.0"])
         by: dict[str, list[float]] = {}
         for r in e["runs"]:
             by.setdefault(r["profile"], []).append(r["calibrations"]["conformal 0.01"]["abstained_in_scope"])
-        worst, profile = max((statistics.fmean(v), p) for p, v in by.items())
-        over = sum(statistics.fmean(v) > TARGETS["in_scope"] for v in by.values())
-        rows.append([name, *ceiling, f"{worst:.2f} ({profile.split(':')[-1]})", f"{over} of {len(by)}"])
+        means = {p: statistics.fmean(v) for p, v in by.items()}
+        worst, profile = max((m, p) for p, m in means.items())
+        over = sum(m > TARGETS["in_scope"] for m in means.values())
+        cells = [_mean_interval(v) for v in ceiling.values()]
+        rows.append([name, *cells, f"{worst:.2f} ({profile.split(':')[-1]})", f"{over} of {len(means)}"])
     best_name = max(at_1, key=lambda n: at_1[n])
     best_at_1 = at_1[best_name]
-    shipped = res["shipped"]["runs"]
-    abstained = statistics.fmean(r["abstained_in_scope"] for r in shipped if r["profile"].startswith("near"))
-    cost = statistics.fmean(r["accuracy_cost"] for r in shipped if r["profile"].startswith("near"))
+    near = [r for r in res["shipped"]["runs"] if r["profile"].startswith("near")]
+    abstained = statistics.fmean(r["abstained_in_scope"] for r in near)
+    cost = statistics.fmean(r["accuracy_cost"] for r in near)
     return [
         "## Why one default point cannot meet both abstention targets",
         "",
